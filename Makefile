@@ -1,0 +1,39 @@
+# payroll-gateway: `make run` starts the demo, `make test` runs the whole suite.
+# Both create .venv and install the pinned dependencies (requirements.lock) on first use.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_CURL := curl -sS -X POST http://127.0.0.1:8080/v1/reports -H 'Authorization: Bearer demo-key-746' -H 'Content-Type: application/json' --data @examples/report-drive-746.json
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@echo "Demo: SD Løn and KMD simulators run inside the gateway; data in .demo/"
+	@echo "Submit the sample report (in another terminal):"
+	@echo "  $(DEMO_CURL)"
+	@echo "Then look at it:"
+	@echo "  curl -sS http://127.0.0.1:8080/v1/reports/746/demo-746-1 -H 'Authorization: Bearer demo-key-746'"
+	@echo
+	$(PY) -m gateway serve --config examples/demo.toml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gateway adapters tests bench
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .hypothesis

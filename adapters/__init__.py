@@ -1,0 +1,1 @@
+"""Vendor adapters: one module per vendor integration, registered by entry point."""

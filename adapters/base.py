@@ -1,0 +1,434 @@
+"""The public plugin API: what an adapter is given, what it returns and what it raises.
+
+An adapter turns one canonical report into the vendor's payloads. It has three steps:
+
+- ``plan(report, delivered, settings) -> Plan``: pure. Given the report version to deliver
+  and what the gateway already delivered for earlier versions of the same report (its
+  *parts*), decide which vendor messages are needed. A part already delivered and
+  unchanged is never planned again.
+- ``render(report, message, settings) -> Payload``: pure. The exact bytes to send,
+  already validated against the vendor schema (raise :class:`InvalidPayload` if not).
+- ``send(payload, channel) -> Receipt``: I/O only. Post the bytes and interpret the
+  answer, raising one of the errors below when it is not a success.
+
+The errors are shaped by what the dispatcher does with them::
+
+    GatewayDeliveryError
+    ├── Transient      the request was not processed: retry later (optionally not before
+    │                  ``retry_after`` seconds)
+    ├── InDoubt        the request may have reached the vendor, no answer came: never
+    │                  resent blindly, reconciled first
+    ├── Rejected       the vendor said no: permanent, the vendor's reason is kept
+    └── InvalidPayload the payload failed the schema check: never sent, never retried
+
+An adapter imports this module and the libraries it needs; never the gateway's store,
+app or dispatcher.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, time
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
+
+import aiohttp
+
+__all__ = [
+    "Adapter",
+    "Channel",
+    "DeliveredPart",
+    "DeliveryError",
+    "Employee",
+    "InDoubt",
+    "InvalidPayload",
+    "Kind",
+    "Message",
+    "Payload",
+    "Plan",
+    "Receipt",
+    "ReadsBack",
+    "Rejected",
+    "Report",
+    "Response",
+    "Route",
+    "Transient",
+    "VendorSettings",
+    "mask_cpr",
+    "post",
+    "retry_after_seconds",
+]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Kind(enum.StrEnum):
+    DRIVE = "drive"
+    VACATION = "vacation"
+
+
+# ---------------------------------------------------------------------------------------
+# The canonical report (DESIGN.md §2), as typed values.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Employee:
+    cpr: str = field(repr=False)
+    employment_id: str
+    employment_type: int | None = None
+    extra_number: int | None = None
+    institution: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    from_: str | None = None
+    to: str | None = None
+    via: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One version of a report, already validated against ``schemas/``."""
+
+    kind: Kind
+    municipality: str
+    report_id: str
+    version: int
+    employee: Employee
+    cancelled: bool = False
+    # drive
+    drive_date: date | None = None
+    distance_km: Decimal | None = None
+    wage_code: str | None = None
+    wage_code_optional: str | None = None
+    approved_by_cpr: str | None = field(default=None, repr=False)
+    account: str | None = None
+    license_plate: str | None = None
+    purpose: str | None = None
+    route: Route | None = None
+    sixty_days_rule: bool = False
+    # vacation
+    start_date: date | None = None
+    end_date: date | None = None
+    start_time: time | None = None
+    end_time: time | None = None
+    vacation_type: str | None = None
+    child_number: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        """Build from a canonical JSON object that passed the JSON Schema."""
+        emp = data["employee"]
+        route = data.get("route")
+        return cls(
+            kind=Kind(data["kind"]),
+            municipality=data["municipality"],
+            report_id=data["report_id"],
+            version=int(data.get("version", 1)),
+            employee=Employee(
+                cpr=emp["cpr"],
+                employment_id=emp["employment_id"],
+                employment_type=emp.get("employment_type"),
+                extra_number=emp.get("extra_number"),
+                institution=emp.get("institution"),
+            ),
+            cancelled=bool(data.get("cancelled", False)),
+            drive_date=_date(data.get("drive_date")),
+            distance_km=_decimal(data.get("distance_km")),
+            wage_code=data.get("wage_code"),
+            wage_code_optional=data.get("wage_code_optional") or None,
+            approved_by_cpr=data.get("approved_by_cpr"),
+            account=data.get("account") or None,
+            license_plate=data.get("license_plate") or None,
+            purpose=data.get("purpose") or None,
+            route=None
+            if route is None
+            else Route(route.get("from"), route.get("to"), tuple(route.get("via", ()))),
+            sixty_days_rule=bool(data.get("sixty_days_rule", False)),
+            start_date=_date(data.get("start_date")),
+            end_date=_date(data.get("end_date")),
+            start_time=_time(data.get("start_time")),
+            end_time=_time(data.get("end_time")),
+            vacation_type=data.get("vacation_type"),
+            child_number=data.get("child_number"),
+        )
+
+    @property
+    def cprs(self) -> tuple[str, ...]:
+        """Every CPR number in this report (for masking anything derived from it)."""
+        return tuple(c for c in (self.employee.cpr, self.approved_by_cpr) if c)
+
+
+def _date(value: str | None) -> date | None:
+    return None if value is None else date.fromisoformat(value)
+
+
+def _time(value: str | None) -> time | None:
+    return None if value is None else time.fromisoformat(value)
+
+
+def _decimal(value: str | float | int | None) -> Decimal | None:
+    # str() first: a JSON float such as 12.3 must become Decimal("12.3"), not its binary value.
+    return None if value is None else Decimal(str(value))
+
+
+_CPR_RE = re.compile(r"(?<!\d)(\d{6})-?(\d{4})(?!\d)")
+
+
+def mask_cpr(text: str, cprs: Sequence[str] = ()) -> str:
+    """Replace CPR numbers in ``text`` with ``DDMMYY-xxxx``.
+
+    Known CPRs of the report are masked wherever they stand; any other ten-digit run
+    whose first six digits form a plausible DDMMYY date is masked too.
+    """
+    for cpr in cprs:
+        if cpr:
+            text = text.replace(cpr, cpr[:6] + "-xxxx")
+    return _CPR_RE.sub(_mask_match, text)
+
+
+def _mask_match(m: re.Match[str]) -> str:
+    day, month = int(m.group(1)[:2]), int(m.group(1)[2:4])
+    if (1 <= day <= 31 or 61 <= day <= 91) and 1 <= month <= 12:
+        return m.group(1) + "-xxxx"
+    return m.group(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Settings an adapter receives (built by gateway/settings.py from the TOML file).
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VendorSettings:
+    """One tenant's connection to one vendor endpoint."""
+
+    endpoint: str = ""
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    institution: str | None = None
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    cert_file: str | None = None
+    key_file: str | None = None
+    ca_file: str | None = None
+    # adapter-specific keys (e.g. KMD senderService, type-code overrides, ClientID)
+    options: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+
+
+# ---------------------------------------------------------------------------------------
+# What plan/render/send exchange.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One vendor call the plan asks for.
+
+    ``part`` is a stable key of the part of the report this message affects (for
+    example ``"wage_code"`` and ``"wage_code_optional"`` for SD, ``"absence:1"`` for KMD).
+    ``fields`` are the values render needs; after a successful send the gateway records
+    them as what the vendor now holds for that part (or forgets the part if ``deletes``).
+    """
+
+    part: str
+    operation: str
+    fields: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    deletes: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveredPart:
+    """What the gateway recorded as delivered for one part of a report."""
+
+    part: str
+    version: int
+    fields: Mapping[str, Any]
+    vendor_reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The messages to send for one report version, in order.
+
+    An empty plan with ``not_applicable`` set ends the delivery in ``not_applicable``;
+    with ``correction_required`` set it waits for an operator; an empty plan with
+    neither means everything is already delivered.
+    """
+
+    messages: tuple[Message, ...] = ()
+    not_applicable: str | None = None
+    correction_required: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    body: bytes
+    content_type: str
+    headers: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    path: str = ""  # appended to the endpoint, for vendors with several resources
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A vendor's acceptance of one payload."""
+
+    vendor_reference: str | None
+    status: int | None = None
+    body: bytes = b""
+    warning: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Errors, shaped by what the dispatcher does with them (see module docstring).
+# ---------------------------------------------------------------------------------------
+
+
+class DeliveryError(Exception):
+    """Base of the errors an adapter's render or send raises."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: bytes = b"") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.body = body
+
+
+class Transient(DeliveryError):
+    """Not processed by the vendor; retry later."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        body: bytes = b"",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, body=body)
+        self.retry_after = retry_after
+
+
+class InDoubt(DeliveryError):
+    """Sent, but no answer: the vendor may or may not hold it."""
+
+
+class Rejected(DeliveryError):
+    """The vendor refused the payload: permanent."""
+
+
+class InvalidPayload(DeliveryError):
+    """The payload fails the vendor schema: it is never sent."""
+
+
+# ---------------------------------------------------------------------------------------
+# Transport: the I/O an adapter's send uses, with errors translated in one place.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """The injected transport for one tenant's vendor endpoint."""
+
+    session: aiohttp.ClientSession
+    settings: VendorSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+async def post(channel: Channel, payload: Payload, url: str | None = None) -> Response:
+    """POST a payload; translate transport failures into Transient or InDoubt.
+
+    Before the request left (connection refused, DNS, connect timeout, TLS handshake):
+    :class:`Transient`. After it may have left (read timeout, reset, disconnect):
+    :class:`InDoubt`.
+    """
+    s = channel.settings
+    target = url if url is not None else s.endpoint + payload.path
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout,
+        sock_read=s.read_timeout,
+    )
+    headers = {"Content-Type": payload.content_type, **payload.headers}
+    if s.username:
+        # aiohttp 3.14 deprecates BasicAuth (a warning, an error under our pytest settings)
+        headers["Authorization"] = aiohttp.encode_basic_auth(s.username, s.password or "")
+    try:
+        async with channel.session.post(
+            target, data=payload.body, headers=headers, timeout=timeout
+        ) as resp:
+            body = await resp.read()
+            return Response(resp.status, dict(resp.headers), body)
+    except aiohttp.ConnectionTimeoutError as exc:
+        raise Transient(f"connect timeout after {s.connect_timeout:g} s") from exc
+    except (aiohttp.ClientConnectorError, aiohttp.ClientSSLError) as exc:
+        raise Transient(f"could not connect: {exc.__class__.__name__}: {exc}") from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise InDoubt(f"no answer within {s.read_timeout:g} s after sending") from exc
+    except aiohttp.ClientError as exc:
+        raise InDoubt(f"connection lost after sending: {exc.__class__.__name__}: {exc}") from exc
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The ``Retry-After`` header as seconds (delta form only), or None."""
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# The plug-in contract.
+# ---------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    name: str
+    kinds: frozenset[Kind]
+    #: schema files (relative to the project's ``schemas/`` folder) that must exist
+    schema_files: tuple[str, ...]
+
+    def plan(
+        self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings
+    ) -> Plan: ...
+
+    def render(self, report: Report, message: Message, settings: VendorSettings) -> Payload: ...
+
+    async def send(self, payload: Payload, channel: Channel) -> Receipt: ...
+
+
+@runtime_checkable
+class ReadsBack(Protocol):
+    """Optional: an adapter whose vendor can be asked what it holds.
+
+    The dispatcher calls ``read_back`` to reconcile an ``in_doubt`` delivery and, when
+    ``reads_before_send`` is true, before every plan (vendors whose corrections are sent
+    as differences). It returns the parts the vendor actually holds for this report,
+    among the ``known`` ones the gateway recorded and the ``pending`` messages whose
+    outcome is unknown; the dispatcher replaces its record with them and plans again.
+    """
+
+    reads_before_send: bool
+
+    async def read_back(
+        self,
+        report: Report,
+        known: Sequence[DeliveredPart],
+        pending: Sequence[Message],
+        channel: Channel,
+    ) -> Sequence[DeliveredPart]: ...

@@ -1,0 +1,49 @@
+"""Adapters are found through the entry-point group ``payroll_gateway.adapters``.
+
+Loaded once at start-up into a name → adapter mapping and checked on registration: the
+name is unique, matches the entry point, and the adapter's schema files exist. A
+municipality adds a vendor by installing a package that declares such an entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from importlib.metadata import EntryPoint, entry_points
+from types import MappingProxyType
+
+from .base import Adapter
+from .soap import SCHEMAS_DIR
+
+GROUP = "payroll_gateway.adapters"
+
+
+class RegistryError(Exception):
+    """An adapter could not be registered; the message names it."""
+
+
+def load_adapters(disabled: Iterable[str] = ()) -> Mapping[str, Adapter]:
+    """Instantiate every registered adapter except the disabled ones."""
+    skip = set(disabled)
+    adapters: dict[str, Adapter] = {}
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        if ep.name in skip:
+            continue
+        if ep.name in adapters:
+            raise RegistryError(f"adapter {ep.name!r} is registered twice")
+        adapters[ep.name] = _instantiate(ep)
+    return MappingProxyType(adapters)
+
+
+def _instantiate(ep: EntryPoint) -> Adapter:
+    try:
+        adapter = ep.load()()
+    except Exception as exc:
+        raise RegistryError(f"adapter {ep.name!r} ({ep.value}) could not be loaded: {exc}") from exc
+    if not isinstance(adapter, Adapter):
+        raise RegistryError(f"adapter {ep.name!r} does not implement the Adapter protocol")
+    if adapter.name != ep.name:
+        raise RegistryError(f"adapter {ep.value} calls itself {adapter.name!r}, registered as {ep.name!r}")
+    for rel in adapter.schema_files:
+        if not (SCHEMAS_DIR / rel).is_file():
+            raise RegistryError(f"adapter {ep.name!r}: schema file schemas/{rel} is missing")
+    return adapter

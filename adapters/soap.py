@@ -1,0 +1,140 @@
+"""SOAP 1.1 codec shared by the SOAP adapters: zeep builds and parses, lxml validates.
+
+zeep is used as a codec only (no I/O); the private zeep calls it needs are kept here,
+behind two functions, so a zeep upgrade breaks one tested module. Untrusted XML (vendor
+replies, simulator requests) is parsed with a parser that loads no DTD, resolves no
+entities and touches no network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+from zeep import Client, Settings
+from zeep.exceptions import Fault, TransportError, XMLParseError
+from zeep.transports import Transport
+from zeep.wsdl.utils import etree_to_string
+
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+_PARSER = etree.XMLParser(
+    resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False,
+    remove_blank_text=False,
+)
+
+
+class UnsafeXML(ValueError):
+    """The document is not well-formed or carries a DTD."""
+
+
+def parse_xml(data: bytes) -> etree._Element:
+    """Parse untrusted XML: no DTD, no entities, no network."""
+    try:
+        root = etree.fromstring(data, parser=_PARSER)
+    except etree.XMLSyntaxError as exc:
+        raise UnsafeXML(f"not well-formed XML: {exc}") from exc
+    if root.getroottree().docinfo.doctype:
+        raise UnsafeXML("XML with a DOCTYPE is not accepted")
+    return root
+
+
+def load_schema(path: Path) -> etree.XMLSchema:
+    """Load a trusted XSD from the project's ``schemas/`` folder."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    return etree.XMLSchema(etree.parse(str(path), parser=parser))
+
+
+def body_payload(envelope: etree._Element) -> etree._Element:
+    """The first element inside ``soapenv:Body``."""
+    body = envelope.find(f"{{{SOAP_ENV}}}Body")
+    if body is None or len(body) == 0:
+        raise UnsafeXML("no SOAP Body payload")
+    return body[0]
+
+
+def schema_errors(schema: etree.XMLSchema, element: etree._Element) -> list[str]:
+    """Validation errors of ``element`` (empty when valid)."""
+    if schema.validate(element):
+        return []
+    return [f"line {e.line}: {e.message}" for e in schema.error_log]
+
+
+@dataclass(frozen=True, slots=True)
+class SoapFault:
+    code: str  # local part, e.g. "Client" or "Server"
+    string: str
+    detail: str
+
+
+def find_fault(envelope: etree._Element) -> SoapFault | None:
+    """The SOAP 1.1 fault in an envelope, if there is one."""
+    fault = envelope.find(f"{{{SOAP_ENV}}}Body/{{{SOAP_ENV}}}Fault")
+    if fault is None:
+        return None
+    code = (fault.findtext("faultcode") or "").strip()
+    detail_el = fault.find("detail")
+    detail = "" if detail_el is None else " ".join(
+        t.strip() for t in detail_el.itertext() if t.strip()
+    )
+    return SoapFault(
+        code=code.rpartition(":")[2],
+        string=(fault.findtext("faultstring") or "").strip(),
+        detail=detail,
+    )
+
+
+@dataclass(slots=True)
+class _ReplyShim:
+    """The attributes zeep's ``SoapBinding.process_reply`` reads from a response."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    content: bytes
+    encoding: str | None = "utf-8"
+
+
+class ZeepCodec:
+    """Builds request envelopes and parses replies for one WSDL, without I/O.
+
+    Build it once at start-up (it reads the WSDL from disk); it is stateless per call.
+    """
+
+    def __init__(self, wsdl: Path) -> None:
+        settings = Settings(
+            strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True,
+            forbid_external=True,
+        )
+        self._client = Client(str(wsdl), settings=settings, transport=Transport(cache=None))
+        self._binding = self._client.bind()._binding  # private: see module docstring
+
+    def build(self, operation: str, **values: Any) -> tuple[bytes, dict[str, str]]:
+        """The envelope bytes and HTTP headers (SOAPAction, Content-Type)."""
+        envelope, headers = self._binding._create(operation, (), values, client=self._client)
+        return etree_to_string(envelope), dict(headers)
+
+    def parse(self, operation: str, status: int, headers: Mapping[str, str], body: bytes) -> Any:
+        """The typed result; raises zeep ``Fault``/``TransportError``/``XMLParseError``."""
+        shim = _ReplyShim(status, headers, body)
+        return self._binding.process_reply(self._client, self._binding.get(operation), shim)
+
+
+__all__ = [
+    "Fault",
+    "SOAP_ENV",
+    "SCHEMAS_DIR",
+    "SoapFault",
+    "TransportError",
+    "UnsafeXML",
+    "XMLParseError",
+    "ZeepCodec",
+    "body_payload",
+    "find_fault",
+    "load_schema",
+    "parse_xml",
+    "schema_errors",
+]

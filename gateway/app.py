@@ -1,0 +1,137 @@
+"""The aiohttp application: intake API, health, metrics, OpenAPI; store and dispatcher as resources."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from adapters.base import Adapter, mask_cpr
+from adapters.registry import load_adapters
+
+from . import intake
+from .channels import Channels
+from .dispatcher import Dispatcher
+from .errors import GatewayError
+from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
+from .logs import correlation_id
+from .settings import Settings
+from .store import Store, open_store
+from .validation import SCHEMAS
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROBLEM = "application/problem+json"
+
+
+@web.middleware
+async def correlation(request: web.Request, handler: Handler) -> web.StreamResponse:
+    rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    token = correlation_id.set(rid[:64])
+    try:
+        response = await handler(request)
+        response.headers["X-Request-ID"] = rid[:64]
+        return response
+    finally:
+        correlation_id.reset(token)
+
+
+def problem_response(status: int, body: dict[str, object], headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM, headers=headers)
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as RFC 9457 problem+json; nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return problem_response(exc.status, exc.problem(request.path), exc.headers)
+    except web.HTTPRequestEntityTooLarge:
+        return problem_response(413, {"type": "about:blank", "title": "Payload too large", "status": 413,
+                                      "detail": "the body is too large", "instance": request.path})
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return problem_response(exc.status, {"type": "about:blank", "title": exc.reason, "status": exc.status,
+                                             "detail": exc.reason, "instance": request.path})
+    except Exception as exc:  # a bug: say so without details, log it masked
+        log.error("unhandled error on %s %s: %s", request.method, request.path, mask_cpr(repr(exc)))
+        return problem_response(500, {"type": "about:blank", "title": "Internal error", "status": 500,
+                                      "detail": "an internal error occurred; it has been logged",
+                                      "instance": request.path})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        ok = await asyncio.wait_for(request.app[APP_STORE].ping(), 2)
+    except Exception:
+        ok = False
+    return web.json_response({"status": "ready" if ok else "store unreachable"}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    counts = await request.app[APP_STORE].count_by_status()
+    lines = ["# HELP payroll_gateway_deliveries Deliveries by state.",
+             "# TYPE payroll_gateway_deliveries gauge"]
+    lines += [f'payroll_gateway_deliveries{{status="{s}"}} {n}' for s, n in sorted(counts.items())]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(text=(SCHEMAS / "openapi.json").read_text(encoding="utf-8"),
+                        content_type="application/json")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    adapters: Mapping[str, Adapter] | None = None,
+    run_dispatcher: bool = True,
+) -> web.Application:
+    app = web.Application(middlewares=[correlation, problems], client_max_size=settings.max_body_bytes)
+    app[APP_SETTINGS] = settings
+    app[APP_STORE] = store if store is not None else open_store(settings.store_url)
+    app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
+    app.add_routes(intake.routes)
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
+                    web.get("/metrics", metrics), web.get("/openapi.json", openapi)])
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_dispatcher_ctx(run_dispatcher))
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    await app[APP_STORE].open()
+    yield
+    await app[APP_STORE].aclose()
+
+
+def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        channels = Channels(app[APP_SETTINGS])
+        dispatcher = Dispatcher(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS], channels)
+        app[APP_DISPATCHER] = dispatcher
+        task = asyncio.create_task(dispatcher.run(), name="dispatcher") if run else None
+        yield
+        await dispatcher.aclose()
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("the dispatcher stopped with an error")
+        await channels.aclose()
+
+    return ctx

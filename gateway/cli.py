@@ -1,0 +1,314 @@
+"""The ``payroll-gateway`` command line (DESIGN.md §5).
+
+Every user error ends as one line on stderr and exit code 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from adapters.base import DeliveryError, Report, VendorSettings, mask_cpr
+
+from . import logs
+from .errors import ConfigError
+from .settings import Settings, hash_api_key, load, parse_listen, resolve_store_url
+from .simulators import SimulatorOptions
+
+SIMULATORS = {"sd": "sd", "kmd": "kmd", "kmd-engangsydelser": "engangsydelser"}
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, ConfigError) as exc:
+        print(f"payroll-gateway: {mask_cpr(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="payroll-gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (intake API and dispatcher)")
+    serve.add_argument("--config", required=True, type=Path)
+    serve.add_argument("--listen", help="HOST:PORT, overrides the file")
+    serve.add_argument("--store", help="store URL, overrides the file")
+    serve.set_defaults(func=cmd_serve)
+
+    sim = sub.add_parser("simulate", help="run a local stand-in for a vendor endpoint")
+    sim.add_argument("vendor", choices=sorted(SIMULATORS))
+    sim.add_argument("--port", type=int, required=True)
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--fail-rate", type=float, default=0.0)
+    sim.add_argument("--latency-ms", type=int, default=0)
+    sim.add_argument("--fault")
+    sim.add_argument("--seed", type=int)
+    sim.add_argument("--username")
+    sim.add_argument("--password-file", type=Path)
+    sim.add_argument("--tls-dir", type=Path, help="folder for generated dev certificates (KMD: mutual TLS)")
+    sim.set_defaults(func=cmd_simulate)
+
+    render = sub.add_parser("render", help="dry run: write the payloads an adapter would send")
+    render.add_argument("adapter")
+    render.add_argument("file", type=Path)
+    render.add_argument("--config", type=Path)
+    render.add_argument("--out", type=Path)
+    render.set_defaults(func=cmd_render)
+
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a new API key and the hash for the config file")
+    create.set_defaults(func=cmd_keys_create)
+
+    migrate = sub.add_parser("migrate", help="apply the store's migrations and exit")
+    migrate.add_argument("--config", type=Path)
+    migrate.add_argument("--store")
+    migrate.set_defaults(func=cmd_migrate)
+
+    audit = sub.add_parser("audit", help="audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the audit trail's hash chain")
+    verify.add_argument("--config", type=Path)
+    verify.add_argument("--store")
+    verify.set_defaults(func=cmd_audit_verify)
+    return parser
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load(args.config) if getattr(args, "config", None) else Settings()
+    if getattr(args, "listen", None):
+        host, port = parse_listen(args.listen, "--listen")
+        settings = replace(settings, listen_host=host, listen_port=port)
+    if getattr(args, "store", None):
+        settings = replace(settings, store_url=resolve_store_url(args.store, Path.cwd()))
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    logs.configure()
+    from .app import create_app  # imported here: the adapters load at app creation
+
+    try:
+        app = create_app(settings)
+    except Exception as exc:
+        raise CliError(f"cannot start: {exc}") from exc
+    asyncio.run(_serve(app, settings))
+    return 0
+
+
+async def _serve(app: web.Application, settings: Settings) -> None:
+    runners = [await _start_simulator(sim, settings) for sim in settings.simulators]
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
+    except OSError as exc:
+        raise CliError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}") from exc
+    print(f"payroll-gateway: intake API at http://{settings.listen_host}:{settings.listen_port}/v1/reports "
+          f"(store {settings.store_url.split('://')[0]}, {len(settings.tenants)} tenant(s))", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("payroll-gateway: stopping (finishing in-flight deliveries)", flush=True)
+    await runner.cleanup()
+    for sim_runner in runners:
+        await sim_runner.cleanup()
+
+
+async def _start_simulator(sim: Any, settings: Settings) -> web.AppRunner:
+    module = importlib.import_module(f"gateway.simulators.{SIMULATORS[sim.vendor]}")
+    options = SimulatorOptions(port=sim.port, username=sim.username, password=sim.password,
+                               fail_rate=sim.fail_rate, latency_ms=sim.latency_ms)
+    ssl_context = None
+    if hasattr(module, "ssl_context"):
+        from .devcerts import ensure_dev_certs
+
+        certs = ensure_dev_certs(settings.data_dir / "dev-certs")
+        options = replace(options, cert_file=str(certs.server_cert), key_file=str(certs.server_key),
+                          client_ca_file=str(certs.ca_file))
+        ssl_context = module.ssl_context(options)
+    runner = web.AppRunner(module.build_app(options), handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, options.host, options.port, ssl_context=ssl_context).start()
+    scheme = "https" if ssl_context else "http"
+    print(f"payroll-gateway: simulator {sim.vendor} at {scheme}://{options.host}:{options.port}/", flush=True)
+    return runner
+
+
+# -- simulate ----------------------------------------------------------------------------
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.fail_rate <= 1.0:
+        raise CliError("--fail-rate: must be between 0 and 1")
+    module = importlib.import_module(f"gateway.simulators.{SIMULATORS[args.vendor]}")
+    password = args.password_file.read_text().strip() if args.password_file else None
+    options = SimulatorOptions(host=args.host, port=args.port, fail_rate=args.fail_rate,
+                               latency_ms=args.latency_ms, fault=args.fault, seed=args.seed,
+                               username=args.username, password=password)
+    ssl_context = None
+    if hasattr(module, "ssl_context"):
+        if args.tls_dir is None:
+            raise CliError(f"--tls-dir: the {args.vendor} simulator needs a folder for its certificates")
+        from .devcerts import ensure_dev_certs
+
+        certs = ensure_dev_certs(args.tls_dir)
+        options = replace(options, cert_file=str(certs.server_cert), key_file=str(certs.server_key),
+                          client_ca_file=str(certs.ca_file))
+        ssl_context = module.ssl_context(options)
+    print(f"payroll-gateway: simulator {args.vendor} on {args.host}:{args.port}", flush=True)
+    web.run_app(module.build_app(options), host=args.host, port=args.port, ssl_context=ssl_context,
+                print=None, access_log=None)
+    return 0
+
+
+# -- render ------------------------------------------------------------------------------
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from adapters.registry import load_adapters
+
+    from .validation import normalise, validate_report
+
+    settings = _settings(args)
+    adapters = load_adapters()
+    if args.adapter not in adapters:
+        raise CliError(f"unknown adapter {args.adapter!r} (known: {', '.join(sorted(adapters))})")
+    adapter = adapters[args.adapter]
+    reports = _read_reports(args.file)
+    problems = [f"{args.file}: {e.pointer}: {e.message}" for i, r in enumerate(reports)
+                for e in validate_report(r, f"/{i}" if len(reports) > 1 else "")]
+    if problems:
+        raise CliError("; ".join(problems))
+    typed = [Report.from_dict(normalise(r)) for r in reports]
+    outputs = _render_all(adapter, typed, settings)
+    _write_outputs(outputs, args.out)
+    return 0
+
+
+def _read_reports(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: not valid JSON ({exc})") from exc
+    return data if isinstance(data, list) else [data]
+
+
+def _vendor(settings: Settings, report: Report, adapter: str) -> VendorSettings:
+    tenant = settings.tenants.get(report.municipality)
+    return tenant.vendors.get(adapter, VendorSettings()) if tenant else VendorSettings()
+
+
+def _render_all(adapter: Any, reports: list[Report], settings: Settings) -> list[tuple[str, bytes]]:
+    if hasattr(adapter, "render_file"):  # file-based adapters write one file for all reports
+        vendor = _vendor(settings, reports[0], adapter.name)
+        text, failures = adapter.render_file(reports, vendor)
+        for failure in failures:
+            print(f"payroll-gateway: not written: {mask_cpr(str(failure))}", file=sys.stderr)
+        return [("ind01.txt", text.encode("latin-1", errors="replace"))]
+    outputs: list[tuple[str, bytes]] = []
+    for report in reports:
+        vendor = _vendor(settings, report, adapter.name)
+        plan = adapter.plan(report, (), vendor)
+        if plan.not_applicable or plan.correction_required:
+            print(f"payroll-gateway: {report.report_id}: nothing to send: "
+                  f"{plan.not_applicable or plan.correction_required}", file=sys.stderr)
+        for message in plan.messages:
+            try:
+                payload = adapter.render(report, message, vendor)
+            except DeliveryError as exc:
+                raise CliError(f"{report.report_id}: {exc.message}") from exc
+            ext = "xml" if "xml" in payload.content_type else "json" if "json" in payload.content_type else "txt"
+            outputs.append((f"{len(outputs) + 1:04d}.{ext}", payload.body))
+    return outputs
+
+
+def _write_outputs(outputs: list[tuple[str, bytes]], out: Path | None) -> None:
+    if out is None:
+        for name, body in outputs:
+            sys.stdout.write(f"--- {name}\n{body.decode('utf-8', errors='replace')}\n")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for name, body in outputs:
+        (out / name).write_bytes(body)
+    print(f"payroll-gateway: wrote {len(outputs)} file(s) to {out}", file=sys.stderr)
+
+
+# -- keys, migrate, audit ----------------------------------------------------------------
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    key = "pgw_" + secrets.token_urlsafe(32)
+    print(f"API key (give it to the sending system; it is not stored): {key}")
+    print(f'config line:  api_key_hashes = ["{hash_api_key(key)}"]')
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    settings = _settings(args)
+
+    async def run() -> None:
+        store = open_store(settings.store_url)
+        await store.open()
+        await store.aclose()
+
+    asyncio.run(run())
+    print(f"payroll-gateway: store is up to date ({settings.store_url.split('://')[0]})")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit import verify_chain
+    from .store import open_store
+
+    settings = _settings(args)
+
+    async def run() -> tuple[int, int | None]:
+        store = open_store(settings.store_url)
+        await store.open()
+        try:
+            return verify_chain(await store.audit_chain())  # type: ignore[attr-defined]
+        finally:
+            await store.aclose()
+
+    count, broken = asyncio.run(run())
+    if broken is not None:
+        raise CliError(f"audit trail broken at event {broken} (of {count})")
+    print(f"payroll-gateway: audit trail intact ({count} events)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,306 @@
+"""The dispatcher: claim due deliveries under a lease, deliver each, record the outcome.
+
+claim → (read back) → plan → for each message: render (schema check) → mark the attempt
+started (committed) → send → record the attempt and the new state (one transaction).
+A request that may have left without an answer makes the delivery ``in_doubt``; it is
+never resent blindly. Nothing sleeps for a retry: ``next_attempt_at`` is persisted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from adapters.base import (
+    Adapter,
+    DeliveredPart,
+    DeliveryError,
+    InDoubt,
+    InvalidPayload,
+    Message,
+    Plan,
+    ReadsBack,
+    Receipt,
+    Rejected,
+    Report,
+    Transient,
+    mask_cpr,
+)
+
+from . import retry
+from .channels import Channels
+from .settings import Settings
+from .store import AttemptRecord, Job, Settle, Status, Store
+
+log = logging.getLogger(__name__)
+_BODY_LIMIT = 64 * 1024  # attempt bodies kept in the audit trail, per direction
+
+
+@dataclass(slots=True)
+class _Run:
+    """One delivery being worked on."""
+
+    job: Job
+    adapter: Adapter
+    report: Report
+
+    @property
+    def cprs(self) -> tuple[str, ...]:
+        return self.report.cprs
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        adapters: Mapping[str, Adapter],
+        settings: Settings,
+        channels: Channels,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.adapters = adapters
+        self.settings = settings
+        self.channels = channels
+        self.clock = clock
+        self.owner = f"gw-{uuid.uuid4().hex[:12]}"
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        # IND01 is written by file runs, not by per-message sends
+        self._sendable = tuple(n for n, a in adapters.items() if not getattr(a, "file_based", False))
+        self._readback = tuple(
+            n for n in self._sendable if isinstance(adapters[n], ReadsBack)
+        )
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """New work was committed: look now rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        await self._reclaim_at_start()
+        while not self._stopping:
+            free = self.settings.workers - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            jobs = await self._claim(free)
+            for job in jobs:
+                task = asyncio.create_task(self._guarded(job), name=f"delivery-{job.delivery_id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if not jobs:
+                await self._idle()
+
+    async def _reclaim_at_start(self) -> None:
+        try:
+            every = getattr(self.store, "single_process", False)
+            counts = await self.store.reclaim(self.clock(), every_lease=every)
+        except Exception:
+            log.exception("reclaiming leases at start failed; expired ones are reclaimed later")
+            return
+        if any(counts.values()):
+            log.warning("reclaimed leases at start: %s", counts)
+
+    async def _claim(self, limit: int) -> list[Job]:
+        try:
+            return await self.store.claim_due(
+                self.clock(), self.owner, self.settings.lease_seconds, limit,
+                self._sendable, self._readback,
+            )
+        except Exception:
+            log.exception("claiming due deliveries failed; trying again shortly")
+            return []
+
+    async def _idle(self) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.settings.poll_seconds)
+
+    async def aclose(self, grace: float = 10.0) -> None:
+        """Stop claiming; let in-flight deliveries finish for ``grace`` seconds."""
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()  # left in_flight: reclaimed (or in_doubt) at the next start
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def drain(self) -> None:
+        """Wait until every running delivery task is done (for tests and tools)."""
+        while self._tasks:
+            await asyncio.gather(*set(self._tasks), return_exceptions=True)
+
+    async def _guarded(self, job: Job) -> None:
+        try:
+            await self.deliver(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The store failed mid-delivery: the lease expires and the delivery is
+            # reclaimed (in_doubt if a request may have left). Nothing more to do here.
+            log.exception("delivery %s: could not record its outcome", job.delivery_id)
+
+    # -- one delivery --------------------------------------------------------------------
+
+    async def deliver(self, job: Job) -> None:
+        adapter = self.adapters[job.adapter]
+        run = _Run(job, adapter, Report.from_dict(job.report))
+        vendor = self.channels.vendor(job.municipality, job.adapter)
+        try:
+            delivered = await self._read_back_if_needed(run)
+        except DeliveryError as exc:
+            await self._read_back_failed(run, exc)
+            return
+        try:
+            plan = adapter.plan(run.report, delivered, vendor)
+        except DeliveryError as exc:
+            await self._settle_error(run, exc, attempted=False)
+            return
+        except Exception as exc:
+            await self._settle(run, Settle(Status.FAILED, last_error=f"adapter error while planning: {exc!r}"))
+            return
+        await self._execute(run, plan, delivered)
+
+    async def _read_back_if_needed(self, run: _Run) -> tuple[DeliveredPart, ...]:
+        job, adapter = run.job, run.adapter
+        if not isinstance(adapter, ReadsBack):
+            return job.delivered
+        if not (adapter.reads_before_send or job.previous_status == Status.IN_DOUBT):
+            return job.delivered
+        channel = self.channels.get(job.municipality, job.adapter)
+        held = tuple(await adapter.read_back(run.report, job.delivered, job.pending, channel))
+        await self.store.replace_parts(job.delivery_id, job.report_pk, job.adapter, held, self.clock())
+        return held
+
+    async def _read_back_failed(self, run: _Run, exc: DeliveryError) -> None:
+        """An in-doubt delivery stays in doubt until the vendor could be asked."""
+        if run.job.previous_status != Status.IN_DOUBT:
+            await self._settle_error(run, exc, attempted=False)
+            return
+        policy = self.settings.retry_for(run.job.municipality, run.job.adapter)
+        delay = retry.next_delay(policy, run.job.attempts + 1)
+        error = f"read-back failed, still in doubt: {mask_cpr(exc.message, run.cprs)}"
+        await self._settle(run, Settle(Status.IN_DOUBT, next_attempt_at=self.clock() + delay, last_error=error))
+
+    async def _execute(self, run: _Run, plan: Plan, delivered: tuple[DeliveredPart, ...]) -> None:
+        if plan.not_applicable:
+            await self._settle(run, Settle(Status.NOT_APPLICABLE, last_error=plan.not_applicable))
+            return
+        if plan.correction_required:
+            await self._settle(run, Settle(Status.CORRECTION_REQUIRED, last_error=plan.correction_required))
+            return
+        references = {p.part: p.vendor_reference for p in delivered}
+        if not plan.messages:
+            await self._settle(run, Settle(Status.DELIVERED, vendor_reference=_join(references)))
+            return
+        for index, message in enumerate(plan.messages):
+            last = index == len(plan.messages) - 1
+            ok = await self._send_one(run, message, references, last)
+            if not ok:
+                return
+
+    async def _send_one(
+        self, run: _Run, message: Message, references: dict[str, str | None], last: bool
+    ) -> bool:
+        job, adapter = run.job, run.adapter
+        vendor = self.channels.vendor(job.municipality, job.adapter)
+        try:
+            payload = adapter.render(run.report, message, vendor)
+        except InvalidPayload as exc:
+            await self._settle_error(run, exc, attempted=False)
+            return False
+        request = _text(payload.body, run.cprs)
+        attempt_id = await self.store.begin_attempt(job.delivery_id, message, request, self.clock())
+        started = time.monotonic()
+        try:
+            receipt = await adapter.send(payload, self.channels.get(job.municipality, job.adapter))
+        except DeliveryError as exc:
+            await self._record_failure(run, attempt_id, message, exc, started)
+            return False
+        except Exception as exc:  # unknown: the request may have left, so never guess "retry"
+            doubt = InDoubt(f"unexpected error while sending: {exc!r}")
+            await self._record_failure(run, attempt_id, message, doubt, started)
+            return False
+        await self._record_success(run, attempt_id, message, receipt, started, references, last)
+        return True
+
+    async def _record_success(
+        self, run: _Run, attempt_id: int, message: Message, receipt: Receipt, started: float,
+        references: dict[str, str | None], last: bool,
+    ) -> None:
+        if message.deletes:
+            references.pop(message.part, None)
+        else:
+            references[message.part] = receipt.vendor_reference
+        record = AttemptRecord(
+            "delivered", receipt.status, _ms(started), _text(receipt.body, run.cprs),
+            vendor_reference=receipt.vendor_reference, error=receipt.warning,
+        )
+        settle = None
+        if last:
+            settle = Settle(Status.DELIVERED, vendor_reference=_join(references),
+                            warning=receipt.warning, count_attempt=True)
+        job = run.job
+        await self.store.end_attempt(attempt_id, job.delivery_id, job.report_pk, job.adapter,
+                                     job.version, record, message, settle, self.clock())
+
+    async def _record_failure(
+        self, run: _Run, attempt_id: int, message: Message, exc: DeliveryError, started: float
+    ) -> None:
+        settle = self._settle_for(run, exc, attempted=True)
+        outcome = {Status.RETRY_SCHEDULED: "retry", Status.IN_DOUBT: "in_doubt"}.get(settle.status, "failed")
+        record = AttemptRecord(outcome, exc.status, _ms(started), _text(exc.body, run.cprs),
+                               error=mask_cpr(exc.message, run.cprs))
+        job = run.job
+        await self.store.end_attempt(attempt_id, job.delivery_id, job.report_pk, job.adapter,
+                                     job.version, record, message, settle, self.clock())
+        log.info("delivery %s %s: %s", job.delivery_id, settle.status, record.error)
+
+    def _settle_for(self, run: _Run, exc: DeliveryError, attempted: bool) -> Settle:
+        job, now = run.job, self.clock()
+        error = mask_cpr(exc.message, run.cprs)
+        if isinstance(exc, InvalidPayload):
+            return Settle(Status.FAILED, last_error=f"payload failed the vendor schema check, not sent: {error}")
+        if isinstance(exc, Rejected):
+            return Settle(Status.FAILED, last_error=error, count_attempt=attempted)
+        policy = self.settings.retry_for(job.municipality, job.adapter)
+        attempts = job.attempts + 1
+        if isinstance(exc, InDoubt):
+            delay = retry.next_delay(policy, attempts)
+            return Settle(Status.IN_DOUBT, next_attempt_at=now + delay, last_error=error, count_attempt=True)
+        assert isinstance(exc, Transient)
+        delay = retry.next_delay(policy, attempts, exc.retry_after, exc.status)
+        if retry.exhausted(policy, attempts, now + delay - job.created_at):
+            return Settle(Status.FAILED, count_attempt=True,
+                          last_error=f"retry policy exhausted after {attempts} attempts: {error}")
+        return Settle(Status.RETRY_SCHEDULED, next_attempt_at=now + delay, last_error=error, count_attempt=True)
+
+    async def _settle_error(self, run: _Run, exc: DeliveryError, attempted: bool) -> None:
+        await self._settle(run, self._settle_for(run, exc, attempted))
+
+    async def _settle(self, run: _Run, settle: Settle) -> None:
+        await self.store.settle(run.job.delivery_id, settle, self.clock(), f"delivery.{settle.status}")
+
+
+def _join(references: Mapping[str, str | None]) -> str | None:
+    refs = [r for _, r in sorted(references.items()) if r]
+    return ", ".join(refs) or None
+
+
+def _text(body: bytes, cprs: tuple[str, ...]) -> str:
+    """A body as stored in the audit trail: decoded, CPR-masked, bounded."""
+    text = body[:_BODY_LIMIT].decode("utf-8", errors="replace")
+    return mask_cpr(text, cprs)
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000, 2)

@@ -1,0 +1,165 @@
+"""The intake API (DESIGN.md §3): validate, store durably, answer 202 only after the commit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import UTC, datetime
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from .errors import (
+    BadRequest,
+    Conflict,
+    FieldError,
+    Forbidden,
+    InvalidReport,
+    NotFound,
+    PayloadTooLarge,
+    StoreUnavailable,
+    Unauthorized,
+)
+from .keys import APP_DISPATCHER, APP_SETTINGS, APP_STORE
+from .settings import Tenant
+from .store import ConflictingReport, NewReport, StoreError, Submitted
+from .validation import normalise, validate_report
+
+MAX_BATCH = 1000
+routes = web.RouteTableDef()
+
+
+def authenticate(request: web.Request) -> Tenant:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
+    tenant = request.app[APP_SETTINGS].tenant_for_key(key.strip())
+    if tenant is None:
+        raise Unauthorized("unknown API key")
+    return tenant
+
+
+async def read_json(request: web.Request) -> Any:
+    limit = request.app[APP_SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes") from exc
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc.__class__.__name__} at position "
+                         f"{getattr(exc, 'pos', getattr(exc, 'start', '?'))}") from exc
+
+
+def split_batch(body: Any) -> tuple[list[Any], str]:
+    """The reports of a body, and the pointer prefix of their positions."""
+    if isinstance(body, dict) and "reports" in body and "kind" not in body:
+        reports = body["reports"]
+        if not isinstance(reports, list) or not reports:
+            raise InvalidReport("'reports' must be a non-empty array",
+                                [FieldError("/reports", "must be a non-empty array")])
+        if len(reports) > MAX_BATCH:
+            raise InvalidReport(f"at most {MAX_BATCH} reports per request",
+                                [FieldError("/reports", f"must have at most {MAX_BATCH} items")])
+        return reports, "/reports/{}"
+    return [body], ""
+
+
+def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str) -> list[NewReport]:
+    """Validate every report (all errors at once) and prepare them for the store."""
+    errors: list[FieldError] = []
+    for i, data in enumerate(reports):
+        errors.extend(validate_report(data, pointer.format(i)))
+    if errors:
+        raise InvalidReport(f"{len(errors)} problem(s) in the submitted report(s)", errors)
+    for i, data in enumerate(reports):
+        if data["municipality"] != tenant.municipality:
+            raise Forbidden(f"this API key is not allowed for municipality {data['municipality']} "
+                            f"(at {pointer.format(i) or '/'}municipality)")
+    missing = [FieldError(f"{pointer.format(i)}/kind", f"municipality {tenant.municipality} has no route for '{d['kind']}'")
+               for i, d in enumerate(reports) if d["kind"] not in tenant.routes]
+    if missing:
+        raise InvalidReport("no payroll vendor is configured for this kind of report", missing)
+    return [_new_report(tenant, normalise(d)) for d in reports]
+
+
+def _new_report(tenant: Tenant, data: dict[str, Any]) -> NewReport:
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    body = json.loads(json.dumps(data))
+    employee_cpr = body["employee"].pop("cpr")
+    approved = body.pop("approved_by_cpr", None)
+    return NewReport(
+        municipality=data["municipality"],
+        report_id=data["report_id"],
+        version=data["version"],
+        kind=data["kind"],
+        employee_key=data["employee"]["employment_id"],
+        body=body,
+        employee_cpr=employee_cpr,
+        approved_by_cpr=approved,
+        content_hash=digest,
+        adapter=tenant.routes.get(data["kind"]),
+    )
+
+
+async def submit(request: web.Request, new: list[NewReport], pointer: str) -> web.Response:
+    try:
+        results = await request.app[APP_STORE].submit(new, time.time())
+    except ConflictingReport as exc:
+        errors = [FieldError(f"{pointer.format(i)}/version",
+                             "this version was already submitted with different content; send a new version")
+                  for i in exc.indexes]
+        raise Conflict("a report version was already submitted with different content", errors) from exc
+    except StoreError as exc:
+        raise StoreUnavailable("the report could not be stored; nothing was accepted, try again") from exc
+    if any(r.created for r in results):
+        request.app[APP_DISPATCHER].wake()
+    status = 202 if any(r.created for r in results) else 200
+    return web.json_response({"reports": [_submitted(r) for r in results]}, status=status)
+
+
+def _submitted(r: Submitted) -> dict[str, Any]:
+    return {"id": r.id, "municipality": r.municipality, "report_id": r.report_id,
+            "version": r.version, "status": r.status}
+
+
+@routes.post("/v1/reports")
+async def post_reports(request: web.Request) -> web.Response:
+    tenant = authenticate(request)
+    reports, pointer = split_batch(await read_json(request))
+    return await submit(request, to_new_reports(tenant, reports, pointer), pointer)
+
+
+@routes.get("/v1/reports/{municipality}/{report_id}")
+async def get_report(request: web.Request) -> web.Response:
+    tenant = authenticate(request)
+    municipality = request.match_info["municipality"]
+    if municipality != tenant.municipality:
+        raise Forbidden(f"this API key is not allowed for municipality {municipality}")
+    view = await request.app[APP_STORE].get_report(municipality, request.match_info["report_id"])
+    if view is None:
+        raise NotFound("no such report")
+    for v in view["versions"]:
+        v["report"]["employee"]["cpr"] = "xxxxxx-xxxx"
+        if v["report"]["kind"] == "drive":
+            v["report"]["approved_by_cpr"] = "xxxxxx-xxxx"
+    _iso_times(view)
+    latest = [d for d in view["deliveries"] if d["version"] == view["latest_version"]]
+    view["status"] = latest[-1]["status"] if latest else "not_routed"
+    return web.json_response(view)
+
+
+def _iso_times(value: Any) -> None:
+    """Store times are epoch seconds; the API shows ISO-8601 UTC."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in list(items):
+        if isinstance(key, str) and key.endswith("_at") and isinstance(item, (int, float)):
+            value[key] = datetime.fromtimestamp(item, UTC).isoformat(timespec="milliseconds")
+        else:
+            _iso_times(item)

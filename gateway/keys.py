@@ -1,0 +1,21 @@
+"""Typed application keys shared by the app's modules."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from adapters.base import Adapter
+
+from .settings import Settings
+from .store import Store
+
+if TYPE_CHECKING:
+    from .dispatcher import Dispatcher
+
+APP_SETTINGS = web.AppKey("settings", Settings)
+APP_STORE = web.AppKey("store", Store)
+APP_ADAPTERS = web.AppKey("adapters", Mapping[str, Adapter])
+APP_DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")

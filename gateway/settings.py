@@ -1,0 +1,321 @@
+"""One TOML file → one frozen dataclass tree, validated at start-up.
+
+Every problem is reported as one line naming the bad key (``tenants.746.routes.drive:
+unknown adapter 'x'``). Secrets are read from a file or an environment variable, never
+inline, and never appear in a ``repr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from adapters.base import VendorSettings
+
+from .errors import ConfigError
+
+KINDS = ("drive", "vacation")
+_SECRET_KEYS = ("password",)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    first_delay: float = 10.0
+    multiplier: float = 2.0
+    cap: float = 3600.0
+    jitter: float = 5.0
+    max_attempts: int = 200
+    max_age: float = 3 * 24 * 3600.0
+    retry_after_cap: float = 6 * 3600.0  # a vendor's Retry-After is honoured up to this
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    municipality: str
+    name: str
+    api_key_hashes: frozenset[str] = field(repr=False)
+    routes: Mapping[str, str]
+    vendors: Mapping[str, VendorSettings]
+    retry: Mapping[str, RetryPolicy]  # per adapter; falls back to the global policy
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorSettings:
+    vendor: str
+    port: int
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    fail_rate: float = 0.0
+    latency_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    store_url: str = "sqlite:///payroll-gateway.db"
+    data_dir: Path = Path(".")
+    max_body_bytes: int = 4 * 1024 * 1024
+    workers: int = 16
+    lease_seconds: float = 120.0
+    poll_seconds: float = 0.2
+    retry: RetryPolicy = RetryPolicy()
+    disabled_adapters: frozenset[str] = frozenset()
+    tenants: Mapping[str, Tenant] = field(default_factory=dict)
+    simulators: tuple[SimulatorSettings, ...] = ()
+
+    def tenant_for_key(self, api_key: str) -> Tenant | None:
+        digest = hash_api_key(api_key)
+        for tenant in self.tenants.values():
+            if digest in tenant.api_key_hashes:
+                return tenant
+        return None
+
+    def retry_for(self, municipality: str, adapter: str) -> RetryPolicy:
+        tenant = self.tenants.get(municipality)
+        return tenant.retry.get(adapter, self.retry) if tenant else self.retry
+
+
+def hash_api_key(api_key: str) -> str:
+    """API keys are long random strings, so a plain SHA-256 is the right hash."""
+    return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the TOML file; raise ConfigError with a one-line message."""
+    env = os.environ if env is None else env
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return _Reader(path.resolve().parent, env).settings(raw)
+
+
+_ALLOWED_TOP = {"server", "dispatcher", "retry", "adapters", "tenants", "simulators"}
+_RETRY_KEYS = {
+    "first_delay_seconds": "first_delay",
+    "multiplier": "multiplier",
+    "cap_seconds": "cap",
+    "jitter_seconds": "jitter",
+    "max_attempts": "max_attempts",
+    "max_age_hours": "max_age",
+    "retry_after_cap_seconds": "retry_after_cap",
+}
+_VENDOR_KEYS = {
+    "endpoint", "username", "password_file", "password_env", "institution",
+    "connect_timeout_seconds", "read_timeout_seconds", "cert_file", "key_file", "ca_file",
+    "options", "retry",
+}
+
+
+class _Reader:
+    def __init__(self, base: Path, env: Mapping[str, str]) -> None:
+        self.base = base
+        self.env = env
+
+    def settings(self, raw: dict[str, Any]) -> Settings:
+        _no_unknown(raw, _ALLOWED_TOP, "")
+        server = _table(raw, "server", "")
+        _no_unknown(server, {"listen", "store", "data_dir", "max_body_bytes"}, "server")
+        disp = _table(raw, "dispatcher", "")
+        _no_unknown(disp, {"workers", "lease_seconds", "poll_seconds"}, "dispatcher")
+        host, port = parse_listen(_get(server, "listen", str, "server", "127.0.0.1:8080"), "server.listen")
+        retry = self.retry(_table(raw, "retry", ""), "retry", RetryPolicy())
+        adapters = _table(raw, "adapters", "")
+        _no_unknown(adapters, {"disabled"}, "adapters")
+        disabled = frozenset(_get(adapters, "disabled", list, "adapters", []))
+        data_dir = self.path(_get(server, "data_dir", str, "server", "."))
+        return Settings(
+            listen_host=host,
+            listen_port=port,
+            store_url=resolve_store_url(
+                _get(server, "store", str, "server", "sqlite:///payroll-gateway.db"), self.base
+            ),
+            data_dir=data_dir,
+            max_body_bytes=_positive(server, "max_body_bytes", int, "server", 4 * 1024 * 1024),
+            workers=_positive(disp, "workers", int, "dispatcher", 16),
+            lease_seconds=float(_positive(disp, "lease_seconds", (int, float), "dispatcher", 120)),
+            poll_seconds=float(_positive(disp, "poll_seconds", (int, float), "dispatcher", 0.2)),
+            retry=retry,
+            disabled_adapters=disabled,
+            tenants=MappingProxyType(self.tenants(_table(raw, "tenants", ""), retry)),
+            simulators=self.simulators(_table(raw, "simulators", "")),
+        )
+
+    def path(self, value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else self.base / p
+
+    def retry(self, raw: dict[str, Any], where: str, default: RetryPolicy) -> RetryPolicy:
+        _no_unknown(raw, set(_RETRY_KEYS), where)
+        values: dict[str, Any] = {}
+        for key, attr in _RETRY_KEYS.items():
+            if key in raw:
+                number = _positive(raw, key, (int, float), where, 0)
+                values[attr] = number * 3600.0 if key == "max_age_hours" else number
+        policy = RetryPolicy(**{**_asdict(default), **values})
+        if policy.first_delay > policy.cap:
+            raise ConfigError(f"{where}.first_delay_seconds: larger than cap_seconds")
+        return policy
+
+    def tenants(self, raw: dict[str, Any], retry: RetryPolicy) -> dict[str, Tenant]:
+        tenants: dict[str, Tenant] = {}
+        for municipality, table in raw.items():
+            where = f"tenants.{municipality}"
+            if not re.fullmatch(r"[0-9]{3}", municipality):
+                raise ConfigError(f"{where}: a municipality code is 3 digits (kommunekode)")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: must be a table")
+            tenants[municipality] = self.tenant(municipality, table, where, retry)
+        return tenants
+
+    def tenant(self, municipality: str, raw: dict[str, Any], where: str, retry: RetryPolicy) -> Tenant:
+        _no_unknown(raw, {"name", "api_key_hashes", "routes", "vendors"}, where)
+        hashes = _get(raw, "api_key_hashes", list, where, [])
+        for i, h in enumerate(hashes):
+            if not isinstance(h, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", h):
+                raise ConfigError(
+                    f"{where}.api_key_hashes[{i}]: expected 'sha256:<64 hex>' "
+                    "(make one with: payroll-gateway keys create)"
+                )
+        routes = _table(raw, "routes", where)
+        _no_unknown(routes, set(KINDS), f"{where}.routes")
+        for kind, adapter in routes.items():
+            if not isinstance(adapter, str):
+                raise ConfigError(f"{where}.routes.{kind}: must be an adapter name")
+        vendors_raw = _table(raw, "vendors", where)
+        vendors, policies = {}, {}
+        for name, table in vendors_raw.items():
+            vwhere = f"{where}.vendors.{name}"
+            if not isinstance(table, dict):
+                raise ConfigError(f"{vwhere}: must be a table")
+            vendors[name] = self.vendor(table, vwhere)
+            policies[name] = self.retry(_table(table, "retry", vwhere), f"{vwhere}.retry", retry)
+        return Tenant(
+            municipality=municipality,
+            name=_get(raw, "name", str, where, municipality),
+            api_key_hashes=frozenset(hashes),
+            routes=MappingProxyType(dict(routes)),
+            vendors=MappingProxyType(vendors),
+            retry=MappingProxyType(policies),
+        )
+
+    def vendor(self, raw: dict[str, Any], where: str) -> VendorSettings:
+        if "password" in raw:
+            raise ConfigError(
+                f"{where}.password: secrets are not accepted inline; use password_file or password_env"
+            )
+        _no_unknown(raw, _VENDOR_KEYS, where)
+        files = {k: str(self.path(raw[k])) for k in ("cert_file", "key_file", "ca_file") if k in raw}
+        for key, value in files.items():
+            if not Path(value).is_file():
+                raise ConfigError(f"{where}.{key}: no such file: {raw[key]}")
+        return VendorSettings(
+            endpoint=_get(raw, "endpoint", str, where, ""),
+            username=_get(raw, "username", str, where, None),
+            password=self.secret(raw, where),
+            institution=_get(raw, "institution", str, where, None),
+            connect_timeout=float(_positive(raw, "connect_timeout_seconds", (int, float), where, 5)),
+            read_timeout=float(_positive(raw, "read_timeout_seconds", (int, float), where, 30)),
+            options=MappingProxyType(dict(_table(raw, "options", where))),
+            **files,
+        )
+
+    def secret(self, raw: dict[str, Any], where: str) -> str | None:
+        if "password_file" in raw:
+            path = self.path(_get(raw, "password_file", str, where, ""))
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{where}.password_file: cannot read {raw['password_file']}: {exc.strerror}") from exc
+        if "password_env" in raw:
+            name = _get(raw, "password_env", str, where, "")
+            if name not in self.env:
+                raise ConfigError(f"{where}.password_env: environment variable {name} is not set")
+            return self.env[name]
+        return None
+
+    def simulators(self, raw: dict[str, Any]) -> tuple[SimulatorSettings, ...]:
+        sims = []
+        for vendor, table in raw.items():
+            where = f"simulators.{vendor}"
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: must be a table")
+            _no_unknown(table, {"port", "username", "password_file", "password_env", "fail_rate", "latency_ms"}, where)
+            sims.append(
+                SimulatorSettings(
+                    vendor=vendor,
+                    port=_positive(table, "port", int, where, 0),
+                    username=_get(table, "username", str, where, None),
+                    password=self.secret(table, where),
+                    fail_rate=float(_get(table, "fail_rate", (int, float), where, 0.0)),
+                    latency_ms=int(_get(table, "latency_ms", int, where, 0)),
+                )
+            )
+        return tuple(sims)
+
+
+def _asdict(policy: RetryPolicy) -> dict[str, Any]:
+    return {name: getattr(policy, name) for name in policy.__slots__}
+
+
+def _no_unknown(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"{prefix}{key}: unknown setting (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(raw: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where + '.' if where else ''}{key}: must be a table")
+    return value
+
+
+def _get(raw: Mapping[str, Any], key: str, kind: Any, where: str, default: Any) -> Any:
+    if key not in raw:
+        return default
+    value = raw[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise ConfigError(f"{where + '.' if where else ''}{key}: expected {names}, got {value!r}")
+    return value
+
+
+def _positive(raw: Mapping[str, Any], key: str, kind: Any, where: str, default: Any) -> Any:
+    value = _get(raw, key, kind, where, default)
+    if value < 0 or (value == 0 and key not in ("port", "jitter_seconds")):
+        raise ConfigError(f"{where + '.' if where else ''}{key}: must be positive, got {value!r}")
+    return value
+
+
+def parse_listen(value: str, where: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def resolve_store_url(url: str, base: Path) -> str:
+    """Make a relative ``sqlite:///file.db`` relative to the config file's folder."""
+    if url.startswith("sqlite:////") or not url.startswith("sqlite:///"):
+        if not url.startswith(("sqlite:", "postgresql:", "postgres:")):
+            raise ConfigError(f"server.store: unsupported store URL {url!r} (sqlite:/// or postgresql://)")
+        return url
+    rel = url.removeprefix("sqlite:///")
+    return "sqlite:///" + str((base / rel).resolve()) if rel != ":memory:" else url

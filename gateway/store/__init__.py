@@ -1,0 +1,165 @@
+"""The store: reports, versions, deliveries, parts, attempts and the audit trail.
+
+One interface (:class:`Store`), engines behind it chosen by URL. Nothing engine-specific
+leaves this package: callers see the records below and the methods of ``Store``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from adapters.base import DeliveredPart, Message
+
+
+class Status(enum.StrEnum):
+    """Delivery states (DESIGN.md §6, contract)."""
+
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    RETRY_SCHEDULED = "retry_scheduled"
+    HELD = "held"
+    IN_DOUBT = "in_doubt"
+    CORRECTION_REQUIRED = "correction_required"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not_applicable"
+    SUPERSEDED = "superseded"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset(
+    {Status.DELIVERED, Status.FAILED, Status.NOT_APPLICABLE, Status.SUPERSEDED, Status.CANCELLED}
+)
+#: states of an earlier delivery that hold back later ones of the same employee
+BLOCKING = frozenset({Status.QUEUED, Status.IN_FLIGHT, Status.RETRY_SCHEDULED, Status.IN_DOUBT})
+
+
+class ConflictingReport(Exception):
+    """Same (municipality, report_id, version) as stored, different content."""
+
+    def __init__(self, indexes: Sequence[int]) -> None:
+        super().__init__(f"conflicting content at {list(indexes)}")
+        self.indexes = tuple(indexes)
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (connection lost, disk full, commit failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewReport:
+    """One validated, normalised report version as intake hands it to the store."""
+
+    municipality: str
+    report_id: str
+    version: int
+    kind: str
+    employee_key: str  # employment id: the ordering lane, never the CPR
+    body: Mapping[str, Any]  # canonical JSON without CPR numbers
+    employee_cpr: str = field(repr=False)
+    approved_by_cpr: str | None = field(repr=False)
+    content_hash: str
+    adapter: str | None  # the routed adapter, None when the tenant has no route for the kind
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    id: int
+    municipality: str
+    report_id: str
+    version: int
+    status: str
+    created: bool  # False when it was already stored with the same content
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A claimed delivery with everything the dispatcher needs to run it."""
+
+    delivery_id: int
+    report_pk: int
+    municipality: str
+    adapter: str
+    version: int
+    attempts: int
+    created_at: float
+    previous_status: str
+    report: Mapping[str, Any] = field(repr=False)  # canonical JSON with CPR numbers restored
+    delivered: tuple[DeliveredPart, ...] = ()
+    pending: tuple[Message, ...] = ()  # messages whose outcome is unknown (in doubt)
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    outcome: str  # delivered | retry | in_doubt | failed | invalid
+    http_status: int | None = None
+    latency_ms: float | None = None
+    response_body: str | None = None
+    error: str | None = None
+    vendor_reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """A delivery's new state."""
+
+    status: Status
+    next_attempt_at: float | None = None
+    last_error: str | None = None
+    vendor_reference: str | None = None
+    warning: str | None = None
+    count_attempt: bool = False
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def aclose(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def submit(self, reports: Sequence[NewReport], now: float) -> list[Submitted]: ...
+    async def get_report(self, municipality: str, report_id: str) -> dict[str, Any] | None: ...
+    async def reclaim(self, now: float, every_lease: bool) -> dict[str, int]: ...
+    async def claim_due(
+        self, now: float, owner: str, lease_seconds: float, limit: int,
+        adapters: Sequence[str], readback_adapters: Sequence[str],
+    ) -> list[Job]: ...
+    async def begin_attempt(
+        self, delivery_id: int, message: Message, request_body: str, now: float
+    ) -> int: ...
+    async def end_attempt(
+        self, attempt_id: int, delivery_id: int, report_pk: int, adapter: str, version: int,
+        record: AttemptRecord, message: Message, settle: Settle | None, now: float,
+    ) -> None: ...
+    async def settle(self, delivery_id: int, settle: Settle, now: float, event: str) -> None: ...
+    async def replace_parts(
+        self, delivery_id: int, report_pk: int, adapter: str, parts: Sequence[DeliveredPart],
+        now: float,
+    ) -> None: ...
+    async def count_by_status(self) -> dict[str, int]: ...
+
+
+def open_store(url: str) -> Store:
+    """The store engine for a SQLAlchemy-style URL."""
+    if url.startswith("sqlite:///"):
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(url.removeprefix("sqlite:///"))
+    raise StoreError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")
+
+
+__all__ = [
+    "AttemptRecord",
+    "BLOCKING",
+    "ConflictingReport",
+    "FINAL",
+    "Job",
+    "NewReport",
+    "Settle",
+    "Status",
+    "Store",
+    "StoreError",
+    "Submitted",
+    "open_store",
+]

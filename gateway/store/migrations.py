@@ -1,0 +1,101 @@
+"""Numbered schema migrations, applied in order at start-up (and by ``payroll-gateway migrate``).
+
+Each migration is plain SQL in the subset SQLite and PostgreSQL share. Times are epoch
+seconds (double precision). CPR numbers live only in ``report_cprs``, so encrypting them
+at rest later touches one table.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (
+        1,
+        "initial schema",
+        """
+CREATE TABLE reports (
+    id              INTEGER PRIMARY KEY,
+    municipality    TEXT NOT NULL,
+    report_id       TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    employee_key    TEXT NOT NULL,
+    latest_version  INTEGER NOT NULL,
+    created_at      DOUBLE PRECISION NOT NULL,
+    UNIQUE (municipality, report_id)
+);
+CREATE TABLE report_versions (
+    id              INTEGER PRIMARY KEY,
+    report_pk       INTEGER NOT NULL REFERENCES reports(id),
+    version         INTEGER NOT NULL,
+    content_hash    TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    received_at     DOUBLE PRECISION NOT NULL,
+    UNIQUE (report_pk, version)
+);
+CREATE TABLE report_cprs (
+    version_pk      INTEGER PRIMARY KEY REFERENCES report_versions(id),
+    employee_cpr    TEXT NOT NULL,
+    approved_by_cpr TEXT
+);
+CREATE TABLE deliveries (
+    id              INTEGER PRIMARY KEY,
+    version_pk      INTEGER NOT NULL REFERENCES report_versions(id),
+    report_pk       INTEGER NOT NULL REFERENCES reports(id),
+    municipality    TEXT NOT NULL,
+    adapter         TEXT NOT NULL,
+    employee_key    TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    status          TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at DOUBLE PRECISION NOT NULL,
+    lease_owner     TEXT,
+    lease_until     DOUBLE PRECISION,
+    last_error      TEXT,
+    vendor_reference TEXT,
+    warning         TEXT,
+    created_at      DOUBLE PRECISION NOT NULL,
+    updated_at      DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX deliveries_due ON deliveries (status, next_attempt_at);
+CREATE INDEX deliveries_lane ON deliveries (municipality, adapter, employee_key, id);
+CREATE INDEX deliveries_report ON deliveries (report_pk);
+CREATE TABLE parts (
+    report_pk       INTEGER NOT NULL REFERENCES reports(id),
+    adapter         TEXT NOT NULL,
+    part            TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    fields          TEXT NOT NULL,
+    vendor_reference TEXT,
+    updated_at      DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (report_pk, adapter, part)
+);
+CREATE TABLE attempts (
+    id              INTEGER PRIMARY KEY,
+    delivery_id     INTEGER NOT NULL REFERENCES deliveries(id),
+    part            TEXT NOT NULL,
+    operation       TEXT NOT NULL,
+    message         TEXT NOT NULL,
+    started_at      DOUBLE PRECISION NOT NULL,
+    finished_at     DOUBLE PRECISION,
+    outcome         TEXT,
+    http_status     INTEGER,
+    latency_ms      DOUBLE PRECISION,
+    request_body    TEXT,
+    response_body   TEXT,
+    error           TEXT
+);
+CREATE INDEX attempts_delivery ON attempts (delivery_id, id);
+CREATE TABLE audit_events (
+    id              INTEGER PRIMARY KEY,
+    at              DOUBLE PRECISION NOT NULL,
+    actor           TEXT NOT NULL,
+    event           TEXT NOT NULL,
+    report_pk       INTEGER,
+    delivery_id     INTEGER,
+    detail          TEXT NOT NULL,
+    prev_hash       TEXT NOT NULL,
+    hash            TEXT NOT NULL
+);
+CREATE INDEX audit_delivery ON audit_events (delivery_id);
+""",
+    ),
+)

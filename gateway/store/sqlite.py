@@ -1,0 +1,601 @@
+"""The embedded store: one SQLite file, WAL, ``synchronous=FULL``, one batching writer.
+
+All writes go through a single writer task that commits the operations queued while the
+previous commit ran in one transaction (group commit: TECH-NOTES §6). Each caller awaits
+its own operation's result, which is only delivered after the commit returned, so a
+caller that got a result knows it is durable. Reads use their own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from adapters.base import DeliveredPart, Message
+
+from ..audit import event_hash
+from . import (
+    BLOCKING,
+    AttemptRecord,
+    ConflictingReport,
+    Job,
+    NewReport,
+    Settle,
+    Status,
+    StoreError,
+    Submitted,
+)
+from .migrations import MIGRATIONS
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+_MAX_BATCH = 512
+_BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class SQLiteStore:
+    """Store engine on one SQLite file (one gateway process)."""
+
+    single_process = True
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._wpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._rpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self._last_hash = ""
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._wconn = await loop.run_in_executor(self._wpool, _connect, self.path)
+        await loop.run_in_executor(self._wpool, self._migrate)
+        self._rconn = await loop.run_in_executor(self._rpool, _connect, self.path)
+        self._queue = asyncio.Queue()
+        self._writer_task = asyncio.create_task(self._writer(), name="sqlite-writer")
+
+    async def aclose(self) -> None:
+        if self._writer_task is not None:
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+            self._writer_task = None
+        self._fail_queued(StoreError("store closed"))
+        loop = asyncio.get_running_loop()
+        for pool, conn in ((self._wpool, self._wconn), (self._rpool, self._rconn)):
+            if conn is not None:
+                await loop.run_in_executor(pool, conn.close)
+        self._wconn = self._rconn = None
+        self._wpool.shutdown(wait=False)
+        self._rpool.shutdown(wait=False)
+
+    def _migrate(self) -> None:
+        conn = self._wconn
+        assert conn is not None
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        for number, name, sql in MIGRATIONS:
+            if number in done:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, sql.split(";")):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))", (number, name)
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        row = conn.execute("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
+        self._last_hash = row[0] if row else ""
+
+    # -- the writer ----------------------------------------------------------------------
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._queue is None or self._writer_task is None or self._writer_task.done():
+            raise StoreError("the store's writer is not running")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, future))
+        return await future
+
+    async def _writer(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < _MAX_BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await loop.run_in_executor(self._wpool, self._apply, [op for op, _ in batch])
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(StoreError("store closed before commit"))
+                raise
+            for (_, fut), (ok, value) in zip(batch, results, strict=True):
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+    def _apply(self, ops: Sequence[Op]) -> list[tuple[bool, Any]]:
+        """Run ``ops`` in one transaction, each in its own savepoint; then commit."""
+        conn = self._wconn
+        assert conn is not None
+        saved_hash = self._last_hash
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in ops:
+                results.append(self._run_one(conn, op))
+            self._commit(conn)
+        except Exception as exc:  # the commit (or BEGIN) failed: nothing of the batch is durable
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._last_hash = saved_hash
+            error = StoreError(f"commit failed: {exc}")
+            return [(False, error)] * len(ops)
+        return results
+
+    def _run_one(self, conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:
+        conn.execute("SAVEPOINT op")
+        saved_hash = self._last_hash
+        try:
+            value = op(conn)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            self._last_hash = saved_hash
+            return False, exc
+        conn.execute("RELEASE op")
+        return True, value
+
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        conn.execute("COMMIT")
+
+    def _fail_queued(self, error: Exception) -> None:
+        while self._queue is not None and not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(error)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._rconn
+        if conn is None:
+            raise StoreError("store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._rpool, fn, conn)
+
+    # -- audit ---------------------------------------------------------------------------
+
+    def _audit(
+        self, conn: sqlite3.Connection, now: float, event: str, detail: dict[str, Any],
+        *, actor: str = "gateway", report_pk: int | None = None, delivery_id: int | None = None,
+    ) -> None:
+        """Append to the hash-chained audit trail, inside the caller's transaction."""
+        text = json.dumps(detail, sort_keys=True, default=str)
+        digest = event_hash(self._last_hash, now, actor, event, report_pk, delivery_id, text)
+        conn.execute(
+            "INSERT INTO audit_events (at, actor, event, report_pk, delivery_id, detail, prev_hash, hash)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (now, actor, event, report_pk, delivery_id, text, self._last_hash, digest),
+        )
+        self._last_hash = digest
+
+    # -- intake --------------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        return bool(await self._read(lambda c: c.execute("SELECT 1").fetchone()[0]))
+
+    async def submit(self, reports: Sequence[NewReport], now: float) -> list[Submitted]:
+        return await self._write(lambda conn: self._submit(conn, reports, now))
+
+    def _submit(self, conn: sqlite3.Connection, reports: Sequence[NewReport], now: float) -> list[Submitted]:
+        results: list[Submitted] = []
+        conflicts: list[int] = []
+        for index, new in enumerate(reports):
+            existing = conn.execute(
+                "SELECT v.id, v.content_hash FROM report_versions v JOIN reports r ON r.id = v.report_pk"
+                " WHERE r.municipality = ? AND r.report_id = ? AND v.version = ?",
+                (new.municipality, new.report_id, new.version),
+            ).fetchone()
+            if existing is not None:
+                if existing["content_hash"] != new.content_hash:
+                    conflicts.append(index)
+                    continue
+                results.append(self._existing(conn, existing["id"], new))
+                continue
+            results.append(self._insert(conn, new, now))
+        if conflicts:
+            raise ConflictingReport(conflicts)  # the savepoint rolls the whole batch back
+        return results
+
+    def _existing(self, conn: sqlite3.Connection, version_pk: int, new: NewReport) -> Submitted:
+        row = conn.execute("SELECT status FROM deliveries WHERE version_pk = ?", (version_pk,)).fetchone()
+        return Submitted(version_pk, new.municipality, new.report_id, new.version,
+                         row["status"] if row else "not_routed", created=False)
+
+    def _insert(self, conn: sqlite3.Connection, new: NewReport, now: float) -> Submitted:
+        report = conn.execute(
+            "SELECT id, latest_version FROM reports WHERE municipality = ? AND report_id = ?",
+            (new.municipality, new.report_id),
+        ).fetchone()
+        if report is None:
+            report_pk = conn.execute(
+                "INSERT INTO reports (municipality, report_id, kind, employee_key, latest_version, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (new.municipality, new.report_id, new.kind, new.employee_key, new.version, now),
+            ).lastrowid
+            latest = new.version
+        else:
+            report_pk, latest = report["id"], max(report["latest_version"], new.version)
+            conn.execute("UPDATE reports SET latest_version = ? WHERE id = ?", (latest, report_pk))
+        version_pk = conn.execute(
+            "INSERT INTO report_versions (report_pk, version, content_hash, body, received_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (report_pk, new.version, new.content_hash, json.dumps(new.body, sort_keys=True), now),
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO report_cprs (version_pk, employee_cpr, approved_by_cpr) VALUES (?, ?, ?)",
+            (version_pk, new.employee_cpr, new.approved_by_cpr),
+        )
+        self._audit(conn, now, "report.received", {"version": new.version, "kind": new.kind},
+                    report_pk=report_pk)
+        status = "not_routed"
+        if new.adapter is not None:
+            status = self._add_delivery(conn, new, report_pk, version_pk, latest, now)
+        assert version_pk is not None
+        return Submitted(version_pk, new.municipality, new.report_id, new.version, status, created=True)
+
+    def _add_delivery(
+        self, conn: sqlite3.Connection, new: NewReport, report_pk: int, version_pk: int,
+        latest: int, now: float,
+    ) -> str:
+        status = Status.QUEUED if new.version == latest else Status.SUPERSEDED
+        delivery_id = conn.execute(
+            "INSERT INTO deliveries (version_pk, report_pk, municipality, adapter, employee_key, version,"
+            " status, next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (version_pk, report_pk, new.municipality, new.adapter, new.employee_key, new.version,
+             status, now, now, now),
+        ).lastrowid
+        self._audit(conn, now, f"delivery.{status}", {"adapter": new.adapter, "version": new.version},
+                    report_pk=report_pk, delivery_id=delivery_id)
+        if status == Status.QUEUED:
+            self._supersede_older(conn, report_pk, new.adapter or "", new.version, now)
+        return status
+
+    def _supersede_older(self, conn: sqlite3.Connection, report_pk: int, adapter: str, version: int, now: float) -> None:
+        """A newer version replaces older ones that have not started (they are never sent)."""
+        rows = conn.execute(
+            "SELECT id, version FROM deliveries WHERE report_pk = ? AND adapter = ? AND version < ?"
+            " AND status IN (?, ?) AND attempts = 0",
+            (report_pk, adapter, version, Status.QUEUED, Status.RETRY_SCHEDULED),
+        ).fetchall()
+        for row in rows:
+            conn.execute(
+                "UPDATE deliveries SET status = ?, last_error = ?, updated_at = ? WHERE id = ?",
+                (Status.SUPERSEDED, f"superseded by version {version}", now, row["id"]),
+            )
+            self._audit(conn, now, "delivery.superseded", {"by_version": version},
+                        report_pk=report_pk, delivery_id=row["id"])
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def get_report(self, municipality: str, report_id: str) -> dict[str, Any] | None:
+        return await self._read(lambda conn: self._get_report(conn, municipality, report_id))
+
+    def _get_report(self, conn: sqlite3.Connection, municipality: str, report_id: str) -> dict[str, Any] | None:
+        report = conn.execute(
+            "SELECT * FROM reports WHERE municipality = ? AND report_id = ?", (municipality, report_id)
+        ).fetchone()
+        if report is None:
+            return None
+        versions = [
+            {"id": v["id"], "version": v["version"], "received_at": v["received_at"],
+             "report": json.loads(v["body"])}
+            for v in conn.execute(
+                "SELECT id, version, received_at, body FROM report_versions WHERE report_pk = ? ORDER BY version",
+                (report["id"],),
+            )
+        ]
+        deliveries = [
+            self._delivery_view(conn, d)
+            for d in conn.execute("SELECT * FROM deliveries WHERE report_pk = ? ORDER BY id", (report["id"],))
+        ]
+        return {"municipality": municipality, "report_id": report_id, "kind": report["kind"],
+                "latest_version": report["latest_version"], "versions": versions, "deliveries": deliveries}
+
+    def _delivery_view(self, conn: sqlite3.Connection, d: sqlite3.Row) -> dict[str, Any]:
+        status, held_by = d["status"], None
+        if status in (Status.QUEUED, Status.RETRY_SCHEDULED):
+            blocker = self._blocker(conn, d)
+            if blocker is not None:
+                status, held_by = Status.HELD, blocker
+        attempts = [
+            {k: a[k] for k in ("id", "part", "operation", "started_at", "finished_at", "outcome",
+                               "http_status", "latency_ms", "error", "request_body", "response_body")}
+            for a in conn.execute("SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", (d["id"],))
+        ]
+        view = {k: d[k] for k in ("id", "adapter", "version", "vendor_reference", "attempts",
+                                  "next_attempt_at", "last_error", "warning", "created_at", "updated_at")}
+        view.update(status=str(status), attempt_count=d["attempts"], attempts=attempts)
+        if held_by is not None:
+            view["held_by"] = held_by
+        return view
+
+    def _blocker(self, conn: sqlite3.Connection, d: sqlite3.Row) -> dict[str, Any] | None:
+        row = conn.execute(
+            f"SELECT d.id, d.status, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+            f" WHERE d.municipality = ? AND d.adapter = ? AND d.employee_key = ? AND d.id < ?"
+            f" AND d.status IN ({_BLOCKING_SQL}) ORDER BY d.id LIMIT 1",
+            (d["municipality"], d["adapter"], d["employee_key"], d["id"]),
+        ).fetchone()
+        if row is None:
+            return None
+        return {"delivery_id": row["id"], "report_id": row["report_id"], "status": row["status"],
+                "reason": f"waiting for delivery {row['id']} of the same employee ({row['status']})"}
+
+    async def count_by_status(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda c: c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
+        )
+        return {r[0]: r[1] for r in rows}
+
+    # -- dispatcher ----------------------------------------------------------------------
+
+    async def reclaim(self, now: float, every_lease: bool) -> dict[str, int]:
+        return await self._write(lambda conn: self._reclaim(conn, now, every_lease))
+
+    def _reclaim(self, conn: sqlite3.Connection, now: float, every_lease: bool) -> dict[str, int]:
+        """Take back work whose lease expired (or, at start of the only process, every lease).
+
+        A delivery with an attempt that started but never finished may have reached the
+        vendor: it becomes in_doubt. Any other goes back to the queue.
+        """
+        rows = conn.execute(
+            "SELECT id, report_pk, attempts FROM deliveries WHERE status = ?"
+            + ("" if every_lease else " AND lease_until < ?"),
+            (Status.IN_FLIGHT,) if every_lease else (Status.IN_FLIGHT, now),
+        ).fetchall()
+        counts = {"requeued": 0, "in_doubt": 0}
+        for row in rows:
+            open_attempt = conn.execute(
+                "SELECT id FROM attempts WHERE delivery_id = ? AND finished_at IS NULL", (row["id"],)
+            ).fetchone()
+            if open_attempt is not None:
+                self._reclaim_in_doubt(conn, row, open_attempt["id"], now)
+                counts["in_doubt"] += 1
+            else:
+                status = Status.RETRY_SCHEDULED if row["attempts"] else Status.QUEUED
+                conn.execute(
+                    "UPDATE deliveries SET status = ?, lease_owner = NULL, lease_until = NULL,"
+                    " next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                    (status, now, now, row["id"]),
+                )
+                self._audit(conn, now, "delivery.reclaimed", {"status": status},
+                            report_pk=row["report_pk"], delivery_id=row["id"])
+                counts["requeued"] += 1
+        return counts
+
+    def _reclaim_in_doubt(self, conn: sqlite3.Connection, row: sqlite3.Row, attempt_id: int, now: float) -> None:
+        reason = "the gateway stopped while a request may have been on its way to the vendor"
+        conn.execute(
+            "UPDATE attempts SET finished_at = ?, outcome = 'in_doubt', error = ? WHERE id = ?",
+            (now, reason, attempt_id),
+        )
+        conn.execute(
+            "UPDATE deliveries SET status = ?, lease_owner = NULL, lease_until = NULL, last_error = ?,"
+            " attempts = attempts + 1, next_attempt_at = ?, updated_at = ? WHERE id = ?",
+            (Status.IN_DOUBT, reason, now, now, row["id"]),
+        )
+        self._audit(conn, now, "delivery.in_doubt", {"reason": reason},
+                    report_pk=row["report_pk"], delivery_id=row["id"])
+
+    async def claim_due(
+        self, now: float, owner: str, lease_seconds: float, limit: int,
+        adapters: Sequence[str], readback_adapters: Sequence[str],
+    ) -> list[Job]:
+        return await self._write(
+            lambda conn: self._claim(conn, now, owner, lease_seconds, limit, adapters, readback_adapters)
+        )
+
+    def _claim(
+        self, conn: sqlite3.Connection, now: float, owner: str, lease_seconds: float, limit: int,
+        adapters: Sequence[str], readback_adapters: Sequence[str],
+    ) -> list[Job]:
+        if not adapters:
+            return []
+        marks = ",".join("?" * len(adapters))
+        rb_marks = ",".join("?" * len(readback_adapters)) or "''"
+        rows = conn.execute(
+            f"SELECT d.* FROM deliveries d WHERE d.next_attempt_at <= ? AND d.adapter IN ({marks})"
+            f" AND (d.status IN ('queued', 'retry_scheduled')"
+            f"      OR (d.status = 'in_doubt' AND d.adapter IN ({rb_marks})))"
+            f" AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.municipality = d.municipality"
+            f"   AND e.adapter = d.adapter AND e.employee_key = d.employee_key AND e.id < d.id"
+            f"   AND e.status IN ({_BLOCKING_SQL}))"
+            f" ORDER BY d.next_attempt_at, d.id LIMIT ?",
+            (now, *adapters, *readback_adapters, limit),
+        ).fetchall()
+        jobs = []
+        for row in rows:
+            conn.execute(
+                "UPDATE deliveries SET status = ?, lease_owner = ?, lease_until = ?, updated_at = ?"
+                " WHERE id = ?",
+                (Status.IN_FLIGHT, owner, now + lease_seconds, now, row["id"]),
+            )
+            jobs.append(self._job(conn, row))
+        return jobs
+
+    def _job(self, conn: sqlite3.Connection, row: sqlite3.Row) -> Job:
+        version = conn.execute(
+            "SELECT v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
+            " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ?",
+            (row["version_pk"],),
+        ).fetchone()
+        report = json.loads(version["body"])
+        report["employee"]["cpr"] = version["employee_cpr"]
+        if version["approved_by_cpr"] is not None:
+            report["approved_by_cpr"] = version["approved_by_cpr"]
+        delivered = tuple(
+            DeliveredPart(p["part"], p["version"], json.loads(p["fields"]), p["vendor_reference"])
+            for p in conn.execute(
+                "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part",
+                (row["report_pk"], row["adapter"]),
+            )
+        )
+        pending: tuple[Message, ...] = ()
+        if row["status"] == Status.IN_DOUBT:
+            pending = tuple(
+                _message(json.loads(a["message"]))
+                for a in conn.execute(
+                    "SELECT message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'",
+                    (row["id"],),
+                )
+            )
+        return Job(row["id"], row["report_pk"], row["municipality"], row["adapter"], row["version"],
+                   row["attempts"], row["created_at"], row["status"], report, delivered, pending)
+
+    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (delivery_id, message.part, message.operation, json.dumps(_message_json(message)),
+                 now, request_body),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+        return await self._write(op)
+
+    async def end_attempt(
+        self, attempt_id: int, delivery_id: int, report_pk: int, adapter: str, version: int,
+        record: AttemptRecord, message: Message, settle: Settle | None, now: float,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, latency_ms = ?,"
+                " response_body = ?, error = ? WHERE id = ?",
+                (now, record.outcome, record.http_status, record.latency_ms, record.response_body,
+                 record.error, attempt_id),
+            )
+            self._audit(conn, now, f"attempt.{record.outcome}",
+                        {"part": message.part, "operation": message.operation,
+                         "http_status": record.http_status, "error": record.error},
+                        report_pk=report_pk, delivery_id=delivery_id)
+            if record.outcome == "delivered":
+                self._record_part(conn, report_pk, adapter, version, message, record, now)
+            if settle is not None:
+                self._settle(conn, delivery_id, settle, now, f"delivery.{settle.status}", report_pk)
+
+        await self._write(op)
+
+    def _record_part(
+        self, conn: sqlite3.Connection, report_pk: int, adapter: str, version: int,
+        message: Message, record: AttemptRecord, now: float,
+    ) -> None:
+        if message.deletes:
+            conn.execute("DELETE FROM parts WHERE report_pk = ? AND adapter = ? AND part = ?",
+                         (report_pk, adapter, message.part))
+            return
+        conn.execute(
+            "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (report_pk, adapter, part) DO UPDATE SET"
+            " version = excluded.version, fields = excluded.fields,"
+            " vendor_reference = excluded.vendor_reference, updated_at = excluded.updated_at",
+            (report_pk, adapter, message.part, version, json.dumps(dict(message.fields), sort_keys=True),
+             record.vendor_reference, now),
+        )
+
+    async def settle(self, delivery_id: int, settle: Settle, now: float, event: str) -> None:
+        await self._write(lambda conn: self._settle(conn, delivery_id, settle, now, event, None))
+
+    def _settle(
+        self, conn: sqlite3.Connection, delivery_id: int, settle: Settle, now: float, event: str,
+        report_pk: int | None,
+    ) -> None:
+        conn.execute(
+            "UPDATE deliveries SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
+            " last_error = ?, vendor_reference = COALESCE(?, vendor_reference),"
+            " warning = COALESCE(?, warning), attempts = attempts + ?, lease_owner = NULL,"
+            " lease_until = NULL, updated_at = ? WHERE id = ?",
+            (settle.status, settle.next_attempt_at, settle.last_error, settle.vendor_reference,
+             settle.warning, int(settle.count_attempt), now, delivery_id),
+        )
+        detail = {"status": str(settle.status), "error": settle.last_error,
+                  "vendor_reference": settle.vendor_reference, "warning": settle.warning}
+        self._audit(conn, now, event, {k: v for k, v in detail.items() if v is not None},
+                    report_pk=report_pk, delivery_id=delivery_id)
+
+    async def replace_parts(
+        self, delivery_id: int, report_pk: int, adapter: str, parts: Sequence[DeliveredPart], now: float,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM parts WHERE report_pk = ? AND adapter = ?", (report_pk, adapter))
+            for p in parts:
+                conn.execute(
+                    "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (report_pk, adapter, p.part, p.version, json.dumps(dict(p.fields), sort_keys=True),
+                     p.vendor_reference, now),
+                )
+            conn.execute(
+                "UPDATE attempts SET outcome = 'in_doubt_reconciled' WHERE delivery_id = ?"
+                " AND outcome = 'in_doubt'", (delivery_id,),
+            )
+            self._audit(conn, now, "delivery.read_back", {"parts": [p.part for p in parts]},
+                        report_pk=report_pk, delivery_id=delivery_id)
+
+        await self._write(op)
+
+    async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]:
+        rows = await self._read(lambda c: c.execute(
+            "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", (report_pk, adapter)
+        ).fetchall())
+        return [DeliveredPart(r["part"], r["version"], json.loads(r["fields"]), r["vendor_reference"])
+                for r in rows]
+
+    async def audit_chain(self) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: c.execute("SELECT * FROM audit_events ORDER BY id").fetchall())
+        return [dict(r) for r in rows]
+
+
+def _message_json(message: Message) -> dict[str, Any]:
+    return {"part": message.part, "operation": message.operation,
+            "fields": dict(message.fields), "deletes": message.deletes}
+
+
+def _message(data: dict[str, Any]) -> Message:
+    return Message(data["part"], data["operation"], data["fields"], data["deletes"])
+
+
+__all__ = ["SQLiteStore"]

@@ -1,0 +1,146 @@
+"""Validation of canonical reports against ``schemas/``, with JSON pointers and no CPR echo.
+
+The JSON Schemas are the single source of truth; a few cross-field rules a schema cannot
+say well (end after start) are checked here. Messages never repeat the submitted value,
+so a CPR number in a wrong field is not echoed back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+
+from .errors import FieldError
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+_FILES = ("report-common.schema.json", "report-drive.schema.json", "report-vacation.schema.json")
+
+
+def _load_validators() -> dict[str, Draft202012Validator]:
+    resources = {}
+    for name in _FILES:
+        contents = json.loads((SCHEMAS / name).read_text(encoding="utf-8"))
+        resources[contents["$id"]] = Resource.from_contents(contents)
+    registry: Registry = Registry().with_resources(resources.items())
+    base = "https://payroll-gateway.example/schemas/"
+    return {
+        kind: Draft202012Validator(
+            resources[f"{base}report-{kind}.schema.json"].contents, registry=registry
+        )
+        for kind in ("drive", "vacation")
+    }
+
+
+_VALIDATORS = _load_validators()
+
+
+def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
+    """All problems of one report (empty when valid)."""
+    if not isinstance(data, dict):
+        return [FieldError(pointer or "/", "a report must be a JSON object")]
+    kind = data.get("kind")
+    if kind not in _VALIDATORS:
+        return [FieldError(f"{pointer}/kind", "must be 'drive' or 'vacation'")]
+    errors = [
+        FieldError(pointer + _pointer(e), _message(e))
+        for e in _leaves(_VALIDATORS[kind].iter_errors(data))
+    ]
+    if not errors:
+        errors = _cross_field(data, pointer)
+    return sorted(set(errors), key=lambda e: (e.pointer, e.message))
+
+
+def _leaves(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
+    """Prefer the specific errors inside oneOf/anyOf over the summary."""
+    for error in errors:
+        if error.context:
+            yield from _leaves(error.context)
+        else:
+            yield error
+
+
+def _pointer(error: ValidationError) -> str:
+    path = list(error.absolute_path)
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else ""
+        path.append(missing)
+    if error.validator == "unevaluatedProperties" or error.validator == "additionalProperties":
+        extra = _unexpected(error)
+        if extra:
+            path.append(extra)
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+def _unexpected(error: ValidationError) -> str:
+    instance, schema = error.instance, error.schema
+    if isinstance(instance, dict):
+        known = set(schema.get("properties", {}))
+        for key in instance:
+            if key not in known:
+                return str(key)
+    return ""
+
+
+def _message(error: ValidationError) -> str:
+    v, s = error.validator, error.validator_value
+    messages = {
+        "required": "is required",
+        "type": f"must be of type {' or '.join(s) if isinstance(s, list) else s}",
+        "pattern": f"does not have the required format ({error.schema.get('description', s)})",
+        "enum": f"must be one of: {', '.join(map(str, s))}" if isinstance(s, list) else "not allowed",
+        "const": f"must be {s!r}",
+        "minimum": f"must be at least {s}",
+        "maximum": f"must be at most {s}",
+        "minLength": f"must be at least {s} characters long",
+        "maxLength": f"must be at most {s} characters long",
+        "maxItems": f"must have at most {s} items",
+        "unevaluatedProperties": "is not a known field",
+        "additionalProperties": "is not a known field",
+    }
+    return messages.get(str(v), f"is not valid ({v})")
+
+
+def _cross_field(data: Mapping[str, Any], pointer: str) -> list[FieldError]:
+    errors = []
+    if data["kind"] == "vacation":
+        if data["end_date"] < data["start_date"]:
+            errors.append(FieldError(f"{pointer}/end_date", "must not be before start_date"))
+        elif data["end_date"] == data["start_date"] and "start_time" in data and "end_time" in data:
+            if _seconds(data["end_time"]) <= _seconds(data["start_time"]):
+                errors.append(FieldError(f"{pointer}/end_time", "must be after start_time on a single day"))
+    if data["kind"] == "drive":
+        km = Decimal(str(data["distance_km"]))
+        if km != km.quantize(Decimal("0.01")):
+            errors.append(FieldError(f"{pointer}/distance_km", "must have at most 2 decimals"))
+    return errors
+
+
+def _seconds(hhmm: str) -> int:
+    parts = [int(p) for p in hhmm.split(":")]
+    return parts[0] * 3600 + parts[1] * 60 + (parts[2] if len(parts) > 2 else 0)
+
+
+def normalise(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The canonical form used for storage and the idempotency check.
+
+    Defaults are filled in and the distance is written with 2 decimals, so that
+    ``12.5``, ``"12.5"`` and ``"12.50"`` are the same content.
+    """
+    out = {k: v for k, v in data.items() if v is not None}
+    out.setdefault("version", 1)
+    out.setdefault("cancelled", False)
+    if out["kind"] == "drive":
+        out.setdefault("sixty_days_rule", False)
+        out["distance_km"] = str(Decimal(str(out["distance_km"])).quantize(Decimal("0.01")))
+    else:
+        for key in ("start_time", "end_time"):
+            if key in out and len(out[key]) == 5:
+                out[key] += ":00"
+    return out

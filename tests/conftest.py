@@ -1,0 +1,185 @@
+"""Shared fixtures: real simulators on loopback, a real SQLite file, the real app."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from adapters.base import VendorSettings
+from adapters.registry import load_adapters
+from gateway.app import create_app
+from gateway.keys import APP_DISPATCHER, APP_STORE
+from gateway.settings import RetryPolicy, Settings, Tenant, hash_api_key
+from gateway.simulators import SimulatorOptions
+from gateway.simulators import sd as sd_sim
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+KEY_746 = "test-key-746"
+KEY_840 = "test-key-840"
+SD_USER, SD_PASSWORD = "SYtest", "sd-test-password"
+FAST_RETRY = RetryPolicy(first_delay=0.05, multiplier=2, cap=0.2, jitter=0.0, max_attempts=10, max_age=3600)
+
+DRIVE = {
+    "kind": "drive",
+    "municipality": "746",
+    "report_id": "R-1",
+    "version": 1,
+    "employee": {"cpr": "0101901234", "employment_id": "00123"},
+    "drive_date": "2026-03-29",
+    "distance_km": 12.5,
+    "wage_code": "0201",
+    "approved_by_cpr": "0202802345",
+    "license_plate": "AB12345",
+}
+
+
+def drive(**changes: Any) -> dict[str, Any]:
+    report = copy.deepcopy(DRIVE)
+    report.update(changes)
+    return report
+
+
+@pytest.fixture
+async def sd_server(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> TestServer:
+    options = SimulatorOptions(username=SD_USER, password=SD_PASSWORD, seed=1)
+    return await aiohttp_server(sd_sim.build_app(options))
+
+
+def tenant(municipality: str, key: str, vendors: dict[str, VendorSettings], routes: dict[str, str]) -> Tenant:
+    return Tenant(
+        municipality=municipality, name=f"Test {municipality}",
+        api_key_hashes=frozenset({hash_api_key(key)}),
+        routes=MappingProxyType(routes), vendors=MappingProxyType(vendors), retry=MappingProxyType({}),
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sd_server: TestServer) -> Settings:
+    sd = VendorSettings(
+        endpoint=str(sd_server.make_url("/sdws/AnsaettelseKoerselOpret20170501")),
+        username=SD_USER, password=SD_PASSWORD, institution="XY", connect_timeout=2, read_timeout=2,
+    )
+    return Settings(
+        store_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        data_dir=tmp_path,
+        workers=4,
+        lease_seconds=30,
+        poll_seconds=0.05,
+        retry=FAST_RETRY,
+        max_body_bytes=256 * 1024,
+        tenants={
+            "746": tenant("746", KEY_746, {"sd-koersel": sd}, {"drive": "sd-koersel"}),
+            "840": tenant("840", KEY_840, {}, {"drive": "sd-koersel"}),
+        },
+    )
+
+
+class Gateway:
+    """The real app behind a real HTTP client, with helpers the tests share."""
+
+    def __init__(self, client: TestClient, app: web.Application) -> None:
+        self.client = client
+        self.app = app
+
+    @property
+    def store(self) -> Any:
+        return self.app[APP_STORE]
+
+    @property
+    def dispatcher(self) -> Any:
+        return self.app[APP_DISPATCHER]
+
+    async def post(self, body: Any, key: str = KEY_746, **kw: Any) -> tuple[int, Any]:
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        headers.update(kw.pop("headers", {}))
+        resp = await self.client.post("/v1/reports", data=data, headers=headers, **kw)
+        return resp.status, await _json(resp)
+
+    async def get(self, municipality: str, report_id: str, key: str = KEY_746) -> tuple[int, Any]:
+        resp = await self.client.get(f"/v1/reports/{municipality}/{report_id}",
+                                     headers={"Authorization": f"Bearer {key}"})
+        return resp.status, await _json(resp)
+
+    async def wait_for(self, report_id: str, statuses: set[str], within: float = 5.0,
+                       municipality: str = "746", key: str = KEY_746) -> Any:
+        """Poll the API until the report's latest delivery is in one of ``statuses``."""
+        deadline = time.monotonic() + within
+        view: Any = None
+        while time.monotonic() < deadline:
+            status, view = await self.get(municipality, report_id, key)
+            if status == 200 and view["status"] in statuses:
+                return view
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{report_id} never reached {statuses}: {view}")
+
+
+async def _json(resp: Any) -> Any:
+    text = await resp.text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Callable[..., Awaitable[Gateway]]:
+    async def make(settings: Settings, **kw: Any) -> Gateway:
+        adapters = kw.pop("adapters", None) or load_adapters()
+        app = create_app(settings, adapters=adapters, **kw)
+        client = await aiohttp_client(app)
+        return Gateway(client, app)
+
+    return make
+
+
+@pytest.fixture
+async def gateway(make_gateway: Callable[..., Awaitable[Gateway]], settings: Settings) -> Gateway:
+    return await make_gateway(settings)
+
+
+def with_retry(settings: Settings, policy: RetryPolicy) -> Settings:
+    return replace(settings, retry=policy)
+
+
+# Every SOAP body any test renders is checked against the vendor's own schema at teardown
+# (skipped, with the reason, when ../shared/vendor-reference is not laid out).
+_VENDOR_WSDL = {"sd-koersel": "sd/AnsaettelseKoerselOpret20170501"}
+
+
+@pytest.fixture(autouse=True)
+def vendor_conformance(monkeypatch: pytest.MonkeyPatch) -> Any:
+    from adapters.registry import load_adapters as _load
+
+    rendered: list[tuple[str, bytes]] = []
+    for name, adapter in _load().items():
+        if name not in _VENDOR_WSDL:
+            continue
+        cls = type(adapter)
+        original = cls.render
+
+        def recording(self: Any, report: Any, message: Any, settings: Any, _o: Any = original, _n: str = name) -> Any:
+            payload = _o(self, report, message, settings)
+            rendered.append((_n, payload.body))
+            return payload
+
+        monkeypatch.setattr(cls, "render", recording)
+    yield rendered
+    if rendered and (SHARED / "vendor-reference").is_dir():
+        from tests.conformance.vendor_schemas import vendor_validator
+
+        for name, body in rendered:
+            errors = vendor_validator(_VENDOR_WSDL[name])(body)
+            assert not errors, f"{name} rendered a body the vendor schema rejects: {errors}"
