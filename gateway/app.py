@@ -13,7 +13,7 @@ from aiohttp import web
 from adapters.base import Adapter, mask_cpr
 from adapters.registry import load_adapters
 
-from . import intake
+from . import compat, intake
 from .channels import Channels
 from .dispatcher import Dispatcher
 from .errors import GatewayError
@@ -103,6 +103,7 @@ def create_app(
     app[APP_STORE] = store if store is not None else open_store(settings.store_url)
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
     app.add_routes(intake.routes)
+    app.add_routes(compat.routes)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
                     web.get("/metrics", metrics), web.get("/openapi.json", openapi)])
     app.cleanup_ctx.append(_store_ctx)
