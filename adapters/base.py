@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+from multidict import CIMultiDict
 
 __all__ = [
     "Adapter",
@@ -369,7 +370,7 @@ async def post(channel: Channel, payload: Payload, url: str | None = None) -> Re
             target, data=payload.body, headers=headers, timeout=timeout
         ) as resp:
             body = await resp.read()
-            return Response(resp.status, dict(resp.headers), body)
+            return Response(resp.status, CIMultiDict(resp.headers), body)
     except aiohttp.ConnectionTimeoutError as exc:
         raise Transient(f"connect timeout after {s.connect_timeout:g} s") from exc
     except (aiohttp.ClientConnectorError, aiohttp.ClientSSLError) as exc:

@@ -16,7 +16,7 @@ from adapters.registry import load_adapters
 from . import compat, intake
 from .channels import Channels
 from .dispatcher import Dispatcher
-from .errors import GatewayError
+from .errors import ConfigError, GatewayError
 from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .logs import correlation_id
 from .settings import Settings
@@ -91,6 +91,18 @@ async def openapi(request: web.Request) -> web.Response:
                         content_type="application/json")
 
 
+def check_routes(settings: Settings, adapters: Mapping[str, Adapter]) -> None:
+    """Every route names a loaded adapter that handles that kind of report."""
+    for municipality, tenant in settings.tenants.items():
+        for kind, name in tenant.routes.items():
+            where = f"tenants.{municipality}.routes.{kind}"
+            if name not in adapters:
+                known = ", ".join(sorted(adapters)) or "none"
+                raise ConfigError(f"{where}: unknown or disabled adapter {name!r} (known: {known})")
+            if kind not in adapters[name].kinds:
+                raise ConfigError(f"{where}: adapter {name!r} does not deliver {kind} reports")
+
+
 def create_app(
     settings: Settings,
     *,
@@ -102,6 +114,7 @@ def create_app(
     app[APP_SETTINGS] = settings
     app[APP_STORE] = store if store is not None else open_store(settings.store_url)
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
+    check_routes(settings, app[APP_ADAPTERS])
     app.add_routes(intake.routes)
     app.add_routes(compat.routes)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),

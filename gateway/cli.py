@@ -115,6 +115,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(settings)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise CliError(f"cannot start: {exc}") from exc
     asyncio.run(_serve(app, settings))

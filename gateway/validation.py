@@ -58,10 +58,22 @@ def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
 
 
 def _leaves(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
-    """Prefer the specific errors inside oneOf/anyOf over the summary."""
+    """Prefer the specific errors inside oneOf/anyOf over the summary.
+
+    Of the alternatives, only the one whose type matched the value speaks: a string
+    distance with 3 decimals is told about decimals, not that it is no number.
+    """
     for error in errors:
-        if error.context:
-            yield from _leaves(error.context)
+        if not error.context:
+            yield error
+            continue
+        branches: dict[object, list[ValidationError]] = {}
+        for sub in error.context:
+            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+        typed = [b for b in branches.values()
+                 if not any(e.validator == "type" and not e.relative_path for e in b)]
+        if len(typed) == 1:
+            yield from _leaves(typed[0])
         else:
             yield error
 
@@ -93,7 +105,8 @@ def _message(error: ValidationError) -> str:
     messages = {
         "required": "is required",
         "type": f"must be of type {' or '.join(s) if isinstance(s, list) else s}",
-        "pattern": f"does not have the required format ({error.schema.get('description', s)})",
+        "pattern": f"does not have the required format: {error.schema.get('description', 'see the schema')}",
+        "oneOf": f"is not valid: {error.schema.get('description', 'see the schema')}",
         "enum": f"must be one of: {', '.join(map(str, s))}" if isinstance(s, list) else "not allowed",
         "const": f"must be {s!r}",
         "minimum": f"must be at least {s}",

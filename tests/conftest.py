@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -159,12 +160,15 @@ def with_retry(settings: Settings, policy: RetryPolicy) -> Settings:
 _VENDOR_WSDL = {"sd-koersel": "sd/AnsaettelseKoerselOpret20170501"}
 
 
+@functools.cache
+def _registered() -> Any:
+    return load_adapters()
+
+
 @pytest.fixture(autouse=True)
 def vendor_conformance(monkeypatch: pytest.MonkeyPatch) -> Any:
-    from adapters.registry import load_adapters as _load
-
     rendered: list[tuple[str, bytes]] = []
-    for name, adapter in _load().items():
+    for name, adapter in _registered().items():
         if name not in _VENDOR_WSDL:
             continue
         cls = type(adapter)

@@ -1,0 +1,125 @@
+"""The command line: dry runs, keys, one-line errors with exit code 1, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.settings import hash_api_key
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "examples" / "report-drive-746.json"
+
+
+def test_render_writes_numbered_payloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = json.loads(SAMPLE.read_text())
+    report["wage_code_optional"] = "0202"
+    report["employee"]["institution"] = "XY"
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps([report]))
+    assert main(["render", "sd-koersel", str(src), "--out", str(tmp_path / "out")]) == 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["0001.xml", "0002.xml"]
+    first = (tmp_path / "out" / "0001.xml").read_text()
+    assert "<ns0:KoerselDato>2026-10-25</ns0:KoerselDato>" in first.replace("ns1:", "ns0:") or "2026-10-25" in first
+    assert "42.30" in first
+
+
+def test_render_with_config_takes_the_tenants_institution(tmp_path: Path) -> None:
+    assert main(["render", "sd-koersel", str(SAMPLE), "--config", str(REPO / "examples/demo.toml"),
+                 "--out", str(tmp_path)]) == 0
+    assert "XY" in (tmp_path / "0001.xml").read_text()
+
+
+def test_render_bad_input_is_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = json.loads(SAMPLE.read_text())
+    report["distance_km"] = "1.234"
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps(report))
+    assert main(["render", "sd-koersel", str(src)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "/distance_km: does not have the required format: a decimal number with at most 2 decimals" in err
+    assert "0101900000" not in err
+
+
+def test_render_without_institution_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "sd-koersel", str(SAMPLE), "--out", str(tmp_path)]) == 1
+    assert "nstitution" in capsys.readouterr().err
+
+
+def test_render_unknown_adapter_and_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "nope", str(SAMPLE)]) == 1
+    assert "unknown adapter 'nope'" in capsys.readouterr().err
+    assert main(["render", "sd-koersel", "does-not-exist.json"]) == 1
+    assert "No such file" in capsys.readouterr().err
+
+
+def test_keys_create_prints_a_key_and_its_hash(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "create"]) == 0
+    out = capsys.readouterr().out
+    key = out.split("): ")[1].split()[0]
+    assert hash_api_key(key) in out
+
+
+def test_serve_with_a_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('[tenants.746.routes]\ndrive = "sd"\n')
+    assert main(["serve", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("payroll-gateway: tenants.746.routes.drive: unknown or disabled adapter 'sd'")
+    assert err.count("\n") == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _request(url: str, data: bytes | None = None, key: str = "demo-key-746") -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {key}",
+                                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def test_demo_serves_and_delivers_within_two_seconds(tmp_path: Path) -> None:
+    """What `make run` starts: the printed curl gets 202, then `delivered` within 2 s."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(REPO / "examples/demo.toml"),
+         "--listen", f"127.0.0.1:{port}", "--store", f"sqlite:///{tmp_path / 'demo.db'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "intake API at" in line:
+                break
+        status, body = _request(f"http://127.0.0.1:{port}/v1/reports", SAMPLE.read_bytes())
+        assert status == 202 and body["reports"][0]["status"] == "queued"
+        deadline = time.monotonic() + 2
+        while True:
+            _, view = _request(f"http://127.0.0.1:{port}/v1/reports/746/demo-746-1")
+            if view["status"] == "delivered" or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert view["status"] == "delivered"
+        assert len(view["deliveries"][0]["vendor_reference"]) >= 32
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
