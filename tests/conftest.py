@@ -157,7 +157,10 @@ def with_retry(settings: Settings, policy: RetryPolicy) -> Settings:
 
 # Every SOAP body any test renders is checked against the vendor's own schema at teardown
 # (skipped, with the reason, when ../shared/vendor-reference is not laid out).
-_VENDOR_WSDL = {"sd-koersel": "sd/AnsaettelseKoerselOpret20170501"}
+_VENDOR_WSDL = {
+    "sd-koersel": "sd/AnsaettelseKoerselOpret20170501",
+    "kmd-absence": "kmd/SetAbsenceAttendance_OS_SI",
+}
 
 
 @functools.cache
