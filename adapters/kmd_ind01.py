@@ -303,6 +303,8 @@ class KmdInd01:
 
     name = "kmd-ind01"
     kinds = frozenset({Kind.DRIVE})
+    #: delivered by the gateway's scheduled file runs, not by the dispatcher's sends
+    file_based = True
     schema_files: tuple[str, ...] = ()  # the layout is checked by RECORD_RE in render
 
     def plan(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import uuid
@@ -17,7 +18,8 @@ from . import compat, intake
 from .channels import Channels
 from .dispatcher import Dispatcher
 from .errors import ConfigError, GatewayError
-from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
+from .filerun import FileRunner
+from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_FILE_RUNNER, APP_SETTINGS, APP_STORE
 from .logs import correlation_id
 from .settings import Settings
 from .store import Store, open_store
@@ -135,9 +137,15 @@ def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None
         channels = Channels(app[APP_SETTINGS])
         dispatcher = Dispatcher(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS], channels)
         app[APP_DISPATCHER] = dispatcher
+        app[APP_FILE_RUNNER] = FileRunner(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS])
         task = asyncio.create_task(dispatcher.run(), name="dispatcher") if run else None
+        files = asyncio.create_task(app[APP_FILE_RUNNER].run(), name="file-runs") if run else None
         yield
         await dispatcher.aclose()
+        if files is not None:
+            files.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await files
         if task is not None:
             task.cancel()
             try:

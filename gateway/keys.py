@@ -14,8 +14,10 @@ from .store import Store
 
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher
+    from .filerun import FileRunner
 
 APP_SETTINGS = web.AppKey("settings", Settings)
 APP_STORE = web.AppKey("store", Store)
 APP_ADAPTERS = web.AppKey("adapters", Mapping[str, Adapter])
 APP_DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
+APP_FILE_RUNNER: web.AppKey[FileRunner] = web.AppKey("file_runner")

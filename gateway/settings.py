@@ -118,7 +118,7 @@ _RETRY_KEYS = {
 _VENDOR_KEYS = {
     "endpoint", "username", "password_file", "password_env", "institution",
     "connect_timeout_seconds", "read_timeout_seconds", "cert_file", "key_file", "ca_file",
-    "options", "retry",
+    "options", "retry", "dev_certificates",
 }
 
 
@@ -126,6 +126,7 @@ class _Reader:
     def __init__(self, base: Path, env: Mapping[str, str]) -> None:
         self.base = base
         self.env = env
+        self.data_dir = base
 
     def settings(self, raw: dict[str, Any]) -> Settings:
         _no_unknown(raw, _ALLOWED_TOP, "")
@@ -139,6 +140,7 @@ class _Reader:
         _no_unknown(adapters, {"disabled"}, "adapters")
         disabled = frozenset(_get(adapters, "disabled", list, "adapters", []))
         data_dir = self.path(_get(server, "data_dir", str, "server", "."))
+        self.data_dir = data_dir
         return Settings(
             listen_host=host,
             listen_port=port,
@@ -221,6 +223,8 @@ class _Reader:
             )
         _no_unknown(raw, _VENDOR_KEYS, where)
         files = {k: str(self.path(raw[k])) for k in ("cert_file", "key_file", "ca_file") if k in raw}
+        if _get(raw, "dev_certificates", bool, where, False):
+            files = self.dev_certificates(where, files)
         for key, value in files.items():
             if not Path(value).is_file():
                 raise ConfigError(f"{where}.{key}: no such file: {raw[key]}")
@@ -234,6 +238,16 @@ class _Reader:
             options=MappingProxyType(dict(_table(raw, "options", where))),
             **files,
         )
+
+    def dev_certificates(self, where: str, files: dict[str, str]) -> dict[str, str]:
+        """Demo only: the client certificate and CA the built-in simulators trust."""
+        if files:
+            raise ConfigError(f"{where}.dev_certificates: give either dev_certificates or cert_file/key_file/ca_file")
+        from .devcerts import ensure_dev_certs
+
+        certs = ensure_dev_certs(self.data_dir / "dev-certs")
+        return {"cert_file": str(certs.client_cert), "key_file": str(certs.client_key),
+                "ca_file": str(certs.ca_file)}
 
     def secret(self, raw: dict[str, Any], where: str) -> str | None:
         if "password_file" in raw:

@@ -98,4 +98,25 @@ CREATE TABLE audit_events (
 CREATE INDEX audit_delivery ON audit_events (delivery_id);
 """,
     ),
+    (
+        2,
+        "file runs (IND01): the journal that makes a run idempotent across a crash",
+        """
+CREATE TABLE file_runs (
+    run_id          TEXT PRIMARY KEY,
+    municipality    TEXT NOT NULL,
+    adapter         TEXT NOT NULL,
+    file            TEXT NOT NULL,
+    offset_before   INTEGER NOT NULL,
+    data            TEXT NOT NULL,
+    first_line      INTEGER NOT NULL,
+    header_lines    INTEGER NOT NULL,
+    deliveries      TEXT NOT NULL,
+    started_at      DOUBLE PRECISION NOT NULL,
+    finished_at     DOUBLE PRECISION,
+    outcome         TEXT
+);
+CREATE INDEX file_runs_open ON file_runs (file, finished_at);
+""",
+    ),
 )

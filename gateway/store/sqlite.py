@@ -421,29 +421,34 @@ class SQLiteStore:
 
     async def claim_due(
         self, now: float, owner: str, lease_seconds: float, limit: int,
-        adapters: Sequence[str], readback_adapters: Sequence[str],
+        adapters: Sequence[str], readback_adapters: Sequence[str], municipality: str | None = None,
+        lane_order: bool = True,
     ) -> list[Job]:
         return await self._write(
-            lambda conn: self._claim(conn, now, owner, lease_seconds, limit, adapters, readback_adapters)
+            lambda conn: self._claim(conn, now, owner, lease_seconds, limit, adapters,
+                                     readback_adapters, municipality, lane_order)
         )
 
     def _claim(
         self, conn: sqlite3.Connection, now: float, owner: str, lease_seconds: float, limit: int,
-        adapters: Sequence[str], readback_adapters: Sequence[str],
+        adapters: Sequence[str], readback_adapters: Sequence[str], municipality: str | None,
+        lane_order: bool,
     ) -> list[Job]:
+        """Due deliveries; with ``lane_order``, only the first unfinished one per employee."""
         if not adapters:
             return []
         marks = ",".join("?" * len(adapters))
         rb_marks = ",".join("?" * len(readback_adapters)) or "''"
         rows = conn.execute(
             f"SELECT d.* FROM deliveries d WHERE d.next_attempt_at <= ? AND d.adapter IN ({marks})"
+            f" AND (? IS NULL OR d.municipality = ?)"
             f" AND (d.status IN ('queued', 'retry_scheduled')"
             f"      OR (d.status = 'in_doubt' AND d.adapter IN ({rb_marks})))"
-            f" AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.municipality = d.municipality"
+            f" AND (? = 0 OR NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.municipality = d.municipality"
             f"   AND e.adapter = d.adapter AND e.employee_key = d.employee_key AND e.id < d.id"
-            f"   AND e.status IN ({_BLOCKING_SQL}))"
+            f"   AND e.status IN ({_BLOCKING_SQL})))"
             f" ORDER BY d.next_attempt_at, d.id LIMIT ?",
-            (now, *adapters, *readback_adapters, limit),
+            (now, *adapters, municipality, municipality, *readback_adapters, int(lane_order), limit),
         ).fetchall()
         jobs = []
         for row in rows:
@@ -583,6 +588,56 @@ class SQLiteStore:
         ).fetchall())
         return [DeliveredPart(r["part"], r["version"], json.loads(r["fields"]), r["vendor_reference"])
                 for r in rows]
+
+    # -- file runs (IND01) -----------------------------------------------------------------
+
+    async def file_run_begin(self, run: dict[str, Any], now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO file_runs (run_id, municipality, adapter, file, offset_before, data,"
+                " first_line, header_lines, deliveries, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run["run_id"], run["municipality"], run["adapter"], run["file"], run["offset_before"],
+                 run["data"], run["first_line"], run["header_lines"], json.dumps(run["deliveries"]), now),
+            )
+            self._audit(conn, now, "file_run.begin", {"run_id": run["run_id"], "file": run["file"],
+                                                       "deliveries": len(run["deliveries"])})
+
+        await self._write(op)
+
+    async def file_runs_unfinished(self, file: str) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: c.execute(
+            "SELECT * FROM file_runs WHERE file = ? AND finished_at IS NULL ORDER BY started_at", (file,)
+        ).fetchall())
+        return [{**dict(r), "deliveries": json.loads(r["deliveries"])} for r in rows]
+
+    async def file_run_finish(self, run_id: str, line_numbers: Sequence[int], outcome: str,
+                              now: float) -> None:
+        """The run's lines are in the file: its deliveries are delivered (one transaction)."""
+        def op(conn: sqlite3.Connection) -> None:
+            run = conn.execute("SELECT * FROM file_runs WHERE run_id = ?", (run_id,)).fetchone()
+            conn.execute("UPDATE file_runs SET finished_at = ?, outcome = ? WHERE run_id = ?",
+                         (now, outcome, run_id))
+            self._audit(conn, now, "file_run.finish", {"run_id": run_id, "outcome": outcome})
+            name = Path(run["file"]).name
+            for delivery_id, item in json.loads(run["deliveries"]).items():
+                refs = [f"{name}:{line_numbers[i]}" for i in item["lines"]]
+                self._file_delivered(conn, int(delivery_id), item, refs, now)
+
+        await self._write(op)
+
+    def _file_delivered(self, conn: sqlite3.Connection, delivery_id: int, item: dict[str, Any],
+                        refs: list[str], now: float) -> None:
+        d = conn.execute("SELECT report_pk, adapter, version, status FROM deliveries WHERE id = ?",
+                         (delivery_id,)).fetchone()
+        if d is None or d["status"] == Status.DELIVERED:
+            return
+        reference = ", ".join(refs) or None
+        for part in item["parts"]:
+            message = Message(part["part"], part["operation"], part["fields"])
+            self._record_part(conn, d["report_pk"], d["adapter"], d["version"], message,
+                              AttemptRecord("delivered", vendor_reference=reference), now)
+        self._settle(conn, delivery_id, Settle(Status.DELIVERED, vendor_reference=reference,
+                                               count_attempt=True), now, "delivery.delivered", d["report_pk"])
 
     async def audit_chain(self) -> list[dict[str, Any]]:
         rows = await self._read(lambda c: c.execute("SELECT * FROM audit_events ORDER BY id").fetchall())
