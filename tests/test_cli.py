@@ -93,11 +93,22 @@ def _request(url: str, data: bytes | None = None, key: str = "demo-key-746") -> 
         return resp.status, json.loads(resp.read())
 
 
+def _demo_config(tmp_path: Path) -> Path:
+    """examples/demo.toml with free simulator ports, so a running demo does not collide."""
+    text = (REPO / "examples/demo.toml").read_text()
+    for fixed in ("8701", "8702", "8703"):
+        text = text.replace(fixed, str(_free_port()))
+    text = text.replace('"secrets/', f'"{REPO / "examples" / "secrets"}/').replace('"../.demo', f'"{tmp_path}')
+    path = tmp_path / "demo.toml"
+    path.write_text(text)
+    return path
+
+
 def test_demo_serves_and_delivers_within_two_seconds(tmp_path: Path) -> None:
     """What `make run` starts: the printed curl gets 202, then `delivered` within 2 s."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(REPO / "examples/demo.toml"),
+        [sys.executable, "-m", "gateway", "serve", "--config", str(_demo_config(tmp_path)),
          "--listen", f"127.0.0.1:{port}", "--store", f"sqlite:///{tmp_path / 'demo.db'}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
