@@ -79,6 +79,8 @@ class SdKoersel:
     name = "sd-koersel"
     kinds = frozenset({Kind.DRIVE})
     schema_files = SCHEMA_FILES
+    #: SD's web service answers 06:00-22:00 Danish time; a tenant may override this
+    opening_hours = "06:00-22:00"
 
     def __init__(self) -> None:
         self._codec = ZeepCodec(SCHEMAS_DIR / WSDL_FILE)

@@ -14,20 +14,31 @@ from aiohttp import web
 from adapters.base import Adapter, mask_cpr
 from adapters.registry import load_adapters
 
-from . import compat, intake
+from . import compat, intake, ops
 from .channels import Channels
 from .dispatcher import Dispatcher
 from .errors import ConfigError, GatewayError
 from .filerun import FileRunner
-from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_FILE_RUNNER, APP_SETTINGS, APP_STORE
+from .keys import (
+    APP_ADAPTERS,
+    APP_CALENDARS,
+    APP_DISPATCHER,
+    APP_FILE_RUNNER,
+    APP_SETTINGS,
+    APP_STORE,
+    APP_WATCH,
+)
 from .logs import correlation_id
+from .payroll_calendar import CutoffCalendar
 from .settings import Settings
 from .store import Store, open_store
 from .validation import SCHEMAS
+from .watch import AtRiskWatch
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 PROBLEM = "application/problem+json"
+LEASE_MARGIN_SECONDS = 10.0
 
 
 @web.middleware
@@ -93,6 +104,32 @@ async def openapi(request: web.Request) -> web.Response:
                         content_type="application/json")
 
 
+def build_calendars(settings: Settings) -> dict[tuple[str, str], CutoffCalendar]:
+    """The payroll cut-off calendar of each (municipality, adapter) that configures one."""
+    calendars = {}
+    for municipality, tenant in settings.tenants.items():
+        for adapter, policy in tenant.endpoints.items():
+            if policy.cutoff is None:
+                continue
+            try:
+                calendars[(municipality, adapter)] = CutoffCalendar.from_config(policy.cutoff)
+            except ValueError as exc:
+                raise ConfigError(f"tenants.{municipality}.vendors.{adapter}.cutoff: {exc}") from exc
+    return calendars
+
+
+def warn_short_leases(settings: Settings) -> None:
+    """A lease shorter than a request could make two dispatchers send the same delivery."""
+    for municipality, tenant in settings.tenants.items():
+        for adapter, vendor in tenant.vendors.items():
+            needed = vendor.connect_timeout + vendor.read_timeout + LEASE_MARGIN_SECONDS
+            if settings.lease_seconds < needed:
+                log.warning(
+                    "dispatcher.lease_seconds (%g) should be at least %g: the request timeouts of "
+                    "tenants.%s.vendors.%s plus a %g s margin", settings.lease_seconds, needed,
+                    municipality, adapter, LEASE_MARGIN_SECONDS)
+
+
 def check_routes(settings: Settings, adapters: Mapping[str, Adapter]) -> None:
     """Every route names a loaded adapter that handles that kind of report."""
     for municipality, tenant in settings.tenants.items():
@@ -117,8 +154,11 @@ def create_app(
     app[APP_STORE] = store if store is not None else open_store(settings.store_url)
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
     check_routes(settings, app[APP_ADAPTERS])
+    app[APP_CALENDARS] = build_calendars(settings)
+    warn_short_leases(settings)
     app.add_routes(intake.routes)
     app.add_routes(compat.routes)
+    app.add_routes(ops.routes)
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
                     web.get("/metrics", metrics), web.get("/openapi.json", openapi)])
     app.cleanup_ctx.append(_store_ctx)
@@ -139,13 +179,15 @@ def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None
         app[APP_DISPATCHER] = dispatcher
         app[APP_FILE_RUNNER] = FileRunner(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS])
         task = asyncio.create_task(dispatcher.run(), name="dispatcher") if run else None
-        files = asyncio.create_task(app[APP_FILE_RUNNER].run(), name="file-runs") if run else None
+        app[APP_WATCH] = AtRiskWatch(app[APP_STORE], app[APP_SETTINGS])
+        side = [asyncio.create_task(app[APP_FILE_RUNNER].run(), name="file-runs"),
+                asyncio.create_task(app[APP_WATCH].run(), name="at-risk-watch")] if run else []
         yield
         await dispatcher.aclose()
-        if files is not None:
-            files.cancel()
+        for side_task in side:
+            side_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await files
+                await side_task
         if task is not None:
             task.cancel()
             try:

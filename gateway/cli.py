@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--fail-rate", type=float, default=0.0)
     sim.add_argument("--latency-ms", type=int, default=0)
     sim.add_argument("--fault")
+    sim.add_argument("--fault-mix", type=_fault_mix, default=(),
+                     help="faults drawn per request, e.g. server=0.3,timeout=0.1,reset=0.05")
     sim.add_argument("--seed", type=int)
     sim.add_argument("--username")
     sim.add_argument("--password-file", type=Path)
@@ -174,6 +176,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     password = args.password_file.read_text().strip() if args.password_file else None
     options = SimulatorOptions(host=args.host, port=args.port, fail_rate=args.fail_rate,
                                latency_ms=args.latency_ms, fault=args.fault, seed=args.seed,
+                               fault_mix=args.fault_mix,
                                username=args.username, password=password)
     ssl_context = None
     if hasattr(module, "ssl_context"):
@@ -189,6 +192,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     web.run_app(module.build_app(options), host=args.host, port=args.port, ssl_context=ssl_context,
                 print=None, access_log=None)
     return 0
+
+
+def _fault_mix(text: str) -> tuple[tuple[str, float], ...]:
+    mix = []
+    for item in filter(None, text.split(",")):
+        kind, _, share = item.partition("=")
+        try:
+            mix.append((kind.strip(), float(share)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected KIND=SHARE, got {item!r}") from None
+    if sum(s for _, s in mix) > 1:
+        raise argparse.ArgumentTypeError("the shares add up to more than 1")
+    return tuple(mix)
 
 
 # -- render ------------------------------------------------------------------------------

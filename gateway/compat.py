@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import FieldError, InvalidReport
-from .intake import authenticate, read_json, submit, to_new_reports
+from .intake import authenticate, cutoff_finder, read_json, submit, to_new_reports
 
 routes = web.RouteTableDef()
 
@@ -119,7 +119,7 @@ async def post_drive_reports(request: web.Request) -> web.Response:
                             [FieldError("/", "must be a non-empty array")])
     reports = [to_canonical(r, tenant.municipality) for r in body]
     try:
-        new = to_new_reports(tenant, reports, "/{}")
+        new = to_new_reports(tenant, reports, "/{}", cutoff_finder(request, tenant))
     except InvalidReport as exc:
         raise InvalidReport(exc.detail, [_os2_pointer(e) for e in exc.errors]) from exc
     return await submit(request, new, "/{}")

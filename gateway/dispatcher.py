@@ -14,7 +14,8 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 
 from adapters.base import (
     Adapter,
@@ -34,11 +35,13 @@ from adapters.base import (
 
 from . import retry
 from .channels import Channels
+from .endpoints import BreakerState, Endpoints, Key
 from .settings import Settings
 from .store import AttemptRecord, Job, Settle, Status, Store
 
 log = logging.getLogger(__name__)
 _BODY_LIMIT = 64 * 1024  # attempt bodies kept in the audit trail, per direction
+REFRESH_SECONDS = 2.0  # how often pauses (which the CLI may set) and opening hours are looked at
 
 
 @dataclass(slots=True)
@@ -48,6 +51,7 @@ class _Run:
     job: Job
     adapter: Adapter
     report: Report
+    vendor_ok: bool | None = None  # did the vendor answer (for the breaker); None: no call
 
     @property
     def cprs(self) -> tuple[str, ...]:
@@ -68,6 +72,10 @@ class Dispatcher:
         self.settings = settings
         self.channels = channels
         self.clock = clock
+        self.endpoints = build_endpoints(settings, adapters)
+        self._refreshed_at = 0.0
+        self._deferred_at: dict[Key, float] = {}
+        self._rotation = 0
         self.owner = f"gw-{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
         self._stopping = False
@@ -109,15 +117,53 @@ class Dispatcher:
         if any(counts.values()):
             log.warning("reclaimed leases at start: %s", counts)
 
-    async def _claim(self, limit: int) -> list[Job]:
+    async def _claim(self, free: int) -> list[Job]:
+        """Claim due work endpoint by endpoint, within each one's capacity right now."""
+        now = self.clock()
         try:
-            return await self.store.claim_due(
-                self.clock(), self.owner, self.settings.lease_seconds, limit,
-                self._sendable, self._readback,
-            )
+            await self._refresh(now)
+            wanted = self._wanted(now, free)
+            batches = await asyncio.gather(*(
+                self.store.claim_due(now, self.owner, self.settings.lease_seconds, n, [key[1]],
+                                     self._readback, key[0])
+                for key, n in wanted
+            ))
         except Exception:
             log.exception("claiming due deliveries failed; trying again shortly")
             return []
+        jobs = []
+        for (key, _), batch in zip(wanted, batches, strict=True):
+            endpoint = self.endpoints.get(key)
+            if endpoint is not None:
+                endpoint.started(len(batch))
+            jobs.extend(batch)
+        return jobs
+
+    def _wanted(self, now: float, free: int) -> list[tuple[Key, int]]:
+        """How many to claim per endpoint; the start rotates so no endpoint starves."""
+        endpoints = [e for e in self.endpoints if e.key[1] in self._sendable]
+        if not endpoints:
+            return []
+        self._rotation = (self._rotation + 1) % len(endpoints)
+        wanted = []
+        for endpoint in endpoints[self._rotation:] + endpoints[:self._rotation]:
+            n = min(endpoint.capacity(now), free)
+            if n > 0:
+                wanted.append((endpoint.key, n))
+                free -= n
+        return wanted
+
+    async def _refresh(self, now: float) -> None:
+        """Every few seconds: operators' pauses (they may come from the CLI), closed hours."""
+        if now - self._refreshed_at < REFRESH_SECONDS:
+            return
+        self._refreshed_at = now
+        self.endpoints.set_paused(await self.store.paused_endpoints())
+        for endpoint in self.endpoints:
+            at = datetime.fromtimestamp(now, UTC)
+            if endpoint.key[1] in self._sendable and not endpoint.hours.is_open(at):
+                opening = endpoint.hours.next_opening(at).timestamp()
+                await self.store.defer_due(*endpoint.key, opening, now)
 
     async def _idle(self) -> None:
         self._wake.clear()
@@ -140,20 +186,39 @@ class Dispatcher:
             await asyncio.gather(*set(self._tasks), return_exceptions=True)
 
     async def _guarded(self, job: Job) -> None:
+        vendor_ok: bool | None = None
         try:
-            await self.deliver(job)
+            vendor_ok = await self.deliver(job)
         except asyncio.CancelledError:
             raise
         except Exception:
             # The store failed mid-delivery: the lease expires and the delivery is
             # reclaimed (in_doubt if a request may have left). Nothing more to do here.
             log.exception("delivery %s: could not record its outcome", job.delivery_id)
+        finally:
+            await self._finished((job.municipality, job.adapter), vendor_ok)
+
+    async def _finished(self, key: Key, vendor_ok: bool | None) -> None:
+        now = self.clock()
+        change = self.endpoints.finished(key, vendor_ok, now)
+        if change is None:
+            return
+        event = "endpoint.breaker_open" if change is BreakerState.OPEN else "endpoint.breaker_closed"
+        log.warning("%s/%s: circuit breaker %s", key[0], key[1], change)
+        with contextlib.suppress(Exception):
+            await self.store.record_event(event, {"municipality": key[0], "adapter": key[1]}, now)
 
     # -- one delivery --------------------------------------------------------------------
 
-    async def deliver(self, job: Job) -> None:
+    async def deliver(self, job: Job) -> bool | None:
+        """Deliver one claimed job; True/False when the vendor answered/was unavailable."""
         adapter = self.adapters[job.adapter]
         run = _Run(job, adapter, Report.from_dict(job.report))
+        await self._deliver(run)
+        return run.vendor_ok
+
+    async def _deliver(self, run: _Run) -> None:
+        job, adapter = run.job, run.adapter
         vendor = self.channels.vendor(job.municipality, job.adapter)
         try:
             delivered = await self._read_back_if_needed(run)
@@ -224,12 +289,15 @@ class Dispatcher:
         try:
             receipt = await adapter.send(payload, self.channels.get(job.municipality, job.adapter))
         except DeliveryError as exc:
+            run.vendor_ok = isinstance(exc, Rejected)  # a refusal is an answer: the vendor is up
             await self._record_failure(run, attempt_id, message, exc, started)
             return False
         except Exception as exc:  # unknown: the request may have left, so never guess "retry"
+            run.vendor_ok = False
             doubt = InDoubt(f"unexpected error while sending: {exc!r}")
             await self._record_failure(run, attempt_id, message, doubt, started)
             return False
+        run.vendor_ok = True
         await self._record_success(run, attempt_id, message, receipt, started, references, last)
         return True
 
@@ -248,7 +316,7 @@ class Dispatcher:
         settle = None
         if last:
             settle = Settle(Status.DELIVERED, vendor_reference=_join(references),
-                            warning=receipt.warning, count_attempt=True)
+                            warning=receipt.warning, count_attempt=True, at_risk=False)
         job = run.job
         await self.store.end_attempt(attempt_id, job.delivery_id, job.report_pk, job.adapter,
                                      job.version, record, message, settle, self.clock())
@@ -288,7 +356,22 @@ class Dispatcher:
         await self._settle(run, self._settle_for(run, exc, attempted))
 
     async def _settle(self, run: _Run, settle: Settle) -> None:
-        await self.store.settle(run.job.delivery_id, settle, self.clock(), f"delivery.{settle.status}")
+        await self.store.settle(run.job.delivery_id, _unflag(settle), self.clock(), f"delivery.{settle.status}")
+
+
+def _unflag(settle: Settle) -> Settle:
+    """A delivery that will not be sent any more is no longer at risk of missing payroll."""
+    if settle.status in (Status.DELIVERED, Status.NOT_APPLICABLE, Status.SUPERSEDED, Status.CANCELLED):
+        return replace(settle, at_risk=False)
+    return settle
+
+
+def build_endpoints(settings: Settings, adapters: Mapping[str, Adapter]) -> Endpoints:
+    """One endpoint per configured route; adapters declare their vendor's opening hours."""
+    keys = {(m, a) for m, t in settings.tenants.items() for a in t.routes.values() if a in adapters}
+    policies = {key: settings.endpoint(*key) for key in sorted(keys)}
+    defaults = {name: getattr(a, "opening_hours", None) for name, a in adapters.items()}
+    return Endpoints(policies, defaults)
 
 
 def _join(references: Mapping[str, str | None]) -> str | None:

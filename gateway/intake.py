@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +22,7 @@ from .errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from .keys import APP_DISPATCHER, APP_SETTINGS, APP_STORE
+from .keys import APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .settings import Tenant
 from .store import ConflictingReport, NewReport, StoreError, Submitted
 from .validation import normalise, validate_report
@@ -71,7 +71,8 @@ def split_batch(body: Any) -> tuple[list[Any], str]:
     return [body], ""
 
 
-def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str) -> list[NewReport]:
+def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str,
+                   cutoff: Callable[[str], float | None] = lambda adapter: None) -> list[NewReport]:
     """Validate every report (all errors at once) and prepare them for the store."""
     errors: list[FieldError] = []
     for i, data in enumerate(reports):
@@ -86,10 +87,22 @@ def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str) -> list
                for i, d in enumerate(reports) if d["kind"] not in tenant.routes]
     if missing:
         raise InvalidReport("no payroll vendor is configured for this kind of report", missing)
-    return [_new_report(tenant, normalise(d)) for d in reports]
+    return [_new_report(tenant, normalise(d), cutoff) for d in reports]
 
 
-def _new_report(tenant: Tenant, data: dict[str, Any]) -> NewReport:
+def cutoff_finder(request: web.Request, tenant: Tenant) -> Callable[[str], float | None]:
+    """The cut-off of the payroll run a report received now targets, per adapter."""
+    calendars = request.app[APP_CALENDARS]
+    now = datetime.now(UTC)
+
+    def find(adapter: str) -> float | None:
+        calendar = calendars.get((tenant.municipality, adapter))
+        return None if calendar is None else calendar.target_cutoff(now).timestamp()
+
+    return find
+
+
+def _new_report(tenant: Tenant, data: dict[str, Any], cutoff: Callable[[str], float | None]) -> NewReport:
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     body = json.loads(json.dumps(data))
     employee_cpr = body["employee"].pop("cpr")
@@ -105,6 +118,7 @@ def _new_report(tenant: Tenant, data: dict[str, Any]) -> NewReport:
         approved_by_cpr=approved,
         content_hash=digest,
         adapter=tenant.routes.get(data["kind"]),
+        cutoff_at=cutoff(tenant.routes[data["kind"]]) if data["kind"] in tenant.routes else None,
     )
 
 
@@ -133,7 +147,7 @@ def _submitted(r: Submitted) -> dict[str, Any]:
 async def post_reports(request: web.Request) -> web.Response:
     tenant = authenticate(request)
     reports, pointer = split_batch(await read_json(request))
-    return await submit(request, to_new_reports(tenant, reports, pointer), pointer)
+    return await submit(request, to_new_reports(tenant, reports, pointer, cutoff_finder(request, tenant)), pointer)
 
 
 @routes.get("/v1/reports/{municipality}/{report_id}")

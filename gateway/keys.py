@@ -15,9 +15,13 @@ from .store import Store
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher
     from .filerun import FileRunner
+    from .payroll_calendar import CutoffCalendar
+    from .watch import AtRiskWatch
 
 APP_SETTINGS = web.AppKey("settings", Settings)
 APP_STORE = web.AppKey("store", Store)
 APP_ADAPTERS = web.AppKey("adapters", Mapping[str, Adapter])
 APP_DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 APP_FILE_RUNNER: web.AppKey[FileRunner] = web.AppKey("file_runner")
+APP_WATCH: web.AppKey[AtRiskWatch] = web.AppKey("at_risk_watch")
+APP_CALENDARS: web.AppKey[dict[tuple[str, str], CutoffCalendar]] = web.AppKey("calendars")

@@ -37,6 +37,33 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Open when the failure share of the calls in the window reaches ``failure_rate``."""
+
+    window_seconds: float = 60.0
+    min_calls: int = 10
+    failure_rate: float = 0.5
+    open_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPolicy:
+    """How the gateway treats one tenant's vendor endpoint (engine side, not the adapter's)."""
+
+    breaker: BreakerPolicy = BreakerPolicy()
+    max_in_flight: int = 8
+    rate_per_second: float = 0.0  # 0: no rate limit
+    opening_hours: str | None = None  # None: the adapter's own default
+    cutoff: Mapping[str, Any] | None = None  # the payroll cut-off calendar, as configured
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    name: str
+    token_hash: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     municipality: str
     name: str
@@ -44,6 +71,7 @@ class Tenant:
     routes: Mapping[str, str]
     vendors: Mapping[str, VendorSettings]
     retry: Mapping[str, RetryPolicy]  # per adapter; falls back to the global policy
+    endpoints: Mapping[str, EndpointPolicy] = field(default_factory=dict)  # per adapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +98,18 @@ class Settings:
     disabled_adapters: frozenset[str] = frozenset()
     tenants: Mapping[str, Tenant] = field(default_factory=dict)
     simulators: tuple[SimulatorSettings, ...] = ()
+    operators: Mapping[str, Operator] = field(default_factory=dict)
+    alert_url: str | None = None  # receives a JSON POST when a delivery becomes at_risk
+    at_risk_check_seconds: float = 30.0
+    at_risk_margin_seconds: float = 24 * 3600.0  # waiting for an operator this close to cut-off
+
+    def operator_for_token(self, token: str) -> Operator | None:
+        digest = hash_api_key(token)
+        return next((o for o in self.operators.values() if o.token_hash == digest), None)
+
+    def endpoint(self, municipality: str, adapter: str) -> EndpointPolicy:
+        tenant = self.tenants.get(municipality)
+        return tenant.endpoints.get(adapter, EndpointPolicy()) if tenant else EndpointPolicy()
 
     def tenant_for_key(self, api_key: str) -> Tenant | None:
         digest = hash_api_key(api_key)
@@ -105,7 +145,7 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     return _Reader(path.resolve().parent, env).settings(raw)
 
 
-_ALLOWED_TOP = {"server", "dispatcher", "retry", "adapters", "tenants", "simulators"}
+_ALLOWED_TOP = {"server", "dispatcher", "retry", "adapters", "tenants", "simulators", "operators", "alerts"}
 _RETRY_KEYS = {
     "first_delay_seconds": "first_delay",
     "multiplier": "multiplier",
@@ -118,8 +158,10 @@ _RETRY_KEYS = {
 _VENDOR_KEYS = {
     "endpoint", "username", "password_file", "password_env", "institution",
     "connect_timeout_seconds", "read_timeout_seconds", "cert_file", "key_file", "ca_file",
-    "options", "retry", "dev_certificates",
+    "options", "retry", "dev_certificates", "breaker", "max_in_flight", "rate_per_second",
+    "opening_hours", "cutoff",
 }
+_BREAKER_KEYS = {"window_seconds", "min_calls", "failure_rate", "open_seconds"}
 
 
 class _Reader:
@@ -133,7 +175,8 @@ class _Reader:
         server = _table(raw, "server", "")
         _no_unknown(server, {"listen", "store", "data_dir", "max_body_bytes"}, "server")
         disp = _table(raw, "dispatcher", "")
-        _no_unknown(disp, {"workers", "lease_seconds", "poll_seconds"}, "dispatcher")
+        _no_unknown(disp, {"workers", "lease_seconds", "poll_seconds", "at_risk_check_seconds",
+                           "at_risk_margin_hours"}, "dispatcher")
         host, port = parse_listen(_get(server, "listen", str, "server", "127.0.0.1:8080"), "server.listen")
         retry = self.retry(_table(raw, "retry", ""), "retry", RetryPolicy())
         adapters = _table(raw, "adapters", "")
@@ -152,11 +195,35 @@ class _Reader:
             workers=_positive(disp, "workers", int, "dispatcher", 16),
             lease_seconds=float(_positive(disp, "lease_seconds", (int, float), "dispatcher", 120)),
             poll_seconds=float(_positive(disp, "poll_seconds", (int, float), "dispatcher", 0.2)),
+            at_risk_check_seconds=float(_positive(disp, "at_risk_check_seconds", (int, float), "dispatcher", 30)),
+            at_risk_margin_seconds=3600.0 * _positive(disp, "at_risk_margin_hours", (int, float), "dispatcher", 24),
             retry=retry,
             disabled_adapters=disabled,
             tenants=MappingProxyType(self.tenants(_table(raw, "tenants", ""), retry)),
             simulators=self.simulators(_table(raw, "simulators", "")),
+            operators=MappingProxyType(self.operators(_table(raw, "operators", ""))),
+            alert_url=self.alerts(_table(raw, "alerts", "")),
         )
+
+    def operators(self, raw: dict[str, Any]) -> dict[str, Operator]:
+        operators = {}
+        for name, table in raw.items():
+            where = f"operators.{name}"
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: must be a table with token_hash")
+            _no_unknown(table, {"token_hash"}, where)
+            digest = _get(table, "token_hash", str, where, "")
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                raise ConfigError(f"{where}.token_hash: expected 'sha256:<64 hex>' (payroll-gateway keys create)")
+            operators[name] = Operator(name, digest)
+        return operators
+
+    def alerts(self, raw: dict[str, Any]) -> str | None:
+        _no_unknown(raw, {"url"}, "alerts")
+        url = _get(raw, "url", str, "alerts", None)
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"alerts.url: expected an http(s) URL, got {url!r}")
+        return url
 
     def path(self, value: str) -> Path:
         p = Path(value)
@@ -200,13 +267,14 @@ class _Reader:
             if not isinstance(adapter, str):
                 raise ConfigError(f"{where}.routes.{kind}: must be an adapter name")
         vendors_raw = _table(raw, "vendors", where)
-        vendors, policies = {}, {}
+        vendors, policies, endpoints = {}, {}, {}
         for name, table in vendors_raw.items():
             vwhere = f"{where}.vendors.{name}"
             if not isinstance(table, dict):
                 raise ConfigError(f"{vwhere}: must be a table")
             vendors[name] = self.vendor(table, vwhere)
             policies[name] = self.retry(_table(table, "retry", vwhere), f"{vwhere}.retry", retry)
+            endpoints[name] = self.endpoint(table, vwhere)
         return Tenant(
             municipality=municipality,
             name=_get(raw, "name", str, where, municipality),
@@ -214,6 +282,34 @@ class _Reader:
             routes=MappingProxyType(dict(routes)),
             vendors=MappingProxyType(vendors),
             retry=MappingProxyType(policies),
+            endpoints=MappingProxyType(endpoints),
+        )
+
+    def endpoint(self, raw: dict[str, Any], where: str) -> EndpointPolicy:
+        braw = _table(raw, "breaker", where)
+        _no_unknown(braw, _BREAKER_KEYS, f"{where}.breaker")
+        bwhere = f"{where}.breaker"
+        rate = float(_get(braw, "failure_rate", (int, float), bwhere, 0.5))
+        if not 0 < rate <= 1:
+            raise ConfigError(f"{bwhere}.failure_rate: must be above 0 and at most 1, got {rate}")
+        breaker = BreakerPolicy(
+            window_seconds=float(_positive(braw, "window_seconds", (int, float), bwhere, 60)),
+            min_calls=_positive(braw, "min_calls", int, bwhere, 10),
+            failure_rate=rate,
+            open_seconds=float(_positive(braw, "open_seconds", (int, float), bwhere, 30)),
+        )
+        rate_limit = float(_get(raw, "rate_per_second", (int, float), where, 0))
+        if rate_limit < 0:
+            raise ConfigError(f"{where}.rate_per_second: must be 0 (no limit) or positive")
+        cutoff = raw.get("cutoff")
+        if cutoff is not None and not isinstance(cutoff, dict):
+            raise ConfigError(f"{where}.cutoff: must be a table")
+        return EndpointPolicy(
+            breaker=breaker,
+            max_in_flight=_positive(raw, "max_in_flight", int, where, 8),
+            rate_per_second=rate_limit,
+            opening_hours=_get(raw, "opening_hours", str, where, None),
+            cutoff=MappingProxyType(dict(cutoff)) if cutoff else None,
         )
 
     def vendor(self, raw: dict[str, Any], where: str) -> VendorSettings:

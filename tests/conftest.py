@@ -21,7 +21,7 @@ from adapters.base import VendorSettings
 from adapters.registry import load_adapters
 from gateway.app import create_app
 from gateway.keys import APP_DISPATCHER, APP_STORE
-from gateway.settings import RetryPolicy, Settings, Tenant, hash_api_key
+from gateway.settings import EndpointPolicy, RetryPolicy, Settings, Tenant, hash_api_key
 from gateway.simulators import SimulatorOptions
 from gateway.simulators import sd as sd_sim
 
@@ -58,11 +58,15 @@ async def sd_server(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Tes
     return await aiohttp_server(sd_sim.build_app(options))
 
 
-def tenant(municipality: str, key: str, vendors: dict[str, VendorSettings], routes: dict[str, str]) -> Tenant:
+def tenant(municipality: str, key: str, vendors: dict[str, VendorSettings], routes: dict[str, str],
+           **endpoint: Any) -> Tenant:
+    """A tenant whose endpoints answer at any hour (tests run at night too)."""
+    policy = EndpointPolicy(**{"opening_hours": "always", **endpoint})
     return Tenant(
         municipality=municipality, name=f"Test {municipality}",
         api_key_hashes=frozenset({hash_api_key(key)}),
         routes=MappingProxyType(routes), vendors=MappingProxyType(vendors), retry=MappingProxyType({}),
+        endpoints=MappingProxyType({a: policy for a in {*routes.values(), *vendors}}),
     )
 
 

@@ -17,6 +17,8 @@ class SimulatorOptions:
     latency_ms: int = 0  # added before every answer
     fault: str | None = None  # a named fault kind forced on every request (simulator-specific)
     seed: int | None = None  # for reproducible fault injection
+    # a mix of faults drawn per request, e.g. (("server", 0.3), ("timeout", 0.1), ("reset", 0.05))
+    fault_mix: tuple[tuple[str, float], ...] = ()
     username: str | None = None  # Basic auth the simulator requires (SD)
     password: str | None = field(default=None, repr=False)
     # TLS (KMD): server certificate and key, and the CA that client certificates must chain to

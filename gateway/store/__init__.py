@@ -34,7 +34,11 @@ FINAL = frozenset(
     {Status.DELIVERED, Status.FAILED, Status.NOT_APPLICABLE, Status.SUPERSEDED, Status.CANCELLED}
 )
 #: states of an earlier delivery that hold back later ones of the same employee
-BLOCKING = frozenset({Status.QUEUED, Status.IN_FLIGHT, Status.RETRY_SCHEDULED, Status.IN_DOUBT})
+BLOCKING = frozenset(
+    {Status.QUEUED, Status.IN_FLIGHT, Status.RETRY_SCHEDULED, Status.IN_DOUBT, Status.FAILED}
+)
+#: states an operator must act on (they never move by themselves)
+WAITING_FOR_OPERATOR = frozenset({Status.IN_DOUBT, Status.CORRECTION_REQUIRED})
 
 
 class ConflictingReport(Exception):
@@ -63,6 +67,7 @@ class NewReport:
     approved_by_cpr: str | None = field(repr=False)
     content_hash: str
     adapter: str | None  # the routed adapter, None when the tenant has no route for the kind
+    cutoff_at: float | None = None  # the payroll run's cut-off this delivery targets
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,7 @@ class Job:
     report: Mapping[str, Any] = field(repr=False)  # canonical JSON with CPR numbers restored
     delivered: tuple[DeliveredPart, ...] = ()
     pending: tuple[Message, ...] = ()  # messages whose outcome is unknown (in doubt)
+    cutoff_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +118,7 @@ class Settle:
     vendor_reference: str | None = None
     warning: str | None = None
     count_attempt: bool = False
+    at_risk: bool | None = None  # None: leave the flag as it is
 
 
 class Store(Protocol):
@@ -141,6 +148,24 @@ class Store(Protocol):
     async def count_by_status(self) -> dict[str, int]: ...
     async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]: ...
     async def audit_chain(self) -> list[dict[str, Any]]: ...
+    async def record_event(
+        self, event: str, detail: dict[str, Any], now: float, *, actor: str = "gateway",
+        delivery_id: int | None = None,
+    ) -> None: ...
+    # endpoints and operations
+    async def paused_endpoints(self) -> dict[tuple[str, str], str]: ...
+    async def set_paused(
+        self, municipality: str, adapter: str, paused: bool, reason: str, actor: str, now: float
+    ) -> None: ...
+    async def defer_due(self, municipality: str, adapter: str, until: float, now: float) -> int: ...
+    async def list_deliveries(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]: ...
+    async def count_at_risk(self) -> int: ...
+    async def operate(
+        self, action: str, filters: Mapping[str, Any], actor: str, reason: str, now: float,
+        readback_adapters: Sequence[str] = (),
+    ) -> dict[str, list[int]]: ...
+    async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]: ...
+    async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]: ...
     # the file-run journal (IND01): begin is committed before the first byte is written
     async def file_run_begin(self, run: dict[str, Any], now: float) -> None: ...
     async def file_runs_unfinished(self, file: str) -> list[dict[str, Any]]: ...
@@ -161,6 +186,7 @@ def open_store(url: str) -> Store:
 __all__ = [
     "AttemptRecord",
     "BLOCKING",
+    "WAITING_FOR_OPERATOR",
     "ConflictingReport",
     "FINAL",
     "Job",

@@ -119,4 +119,23 @@ CREATE TABLE file_runs (
 CREATE INDEX file_runs_open ON file_runs (file, finished_at);
 """,
     ),
+    (
+        3,
+        "delivery engine: endpoint controls, payroll cut-off and at-risk flag, retry clock",
+        """
+CREATE TABLE endpoint_controls (
+    municipality    TEXT NOT NULL,
+    adapter         TEXT NOT NULL,
+    paused          INTEGER NOT NULL,
+    reason          TEXT,
+    actor           TEXT NOT NULL,
+    updated_at      DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (municipality, adapter)
+);
+ALTER TABLE deliveries ADD COLUMN cutoff_at DOUBLE PRECISION;
+ALTER TABLE deliveries ADD COLUMN at_risk INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE deliveries ADD COLUMN retry_since DOUBLE PRECISION;
+CREATE INDEX deliveries_at_risk ON deliveries (at_risk, cutoff_at);
+""",
+    ),
 )

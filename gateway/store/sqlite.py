@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from adapters.base import DeliveredPart, Message
 from ..audit import event_hash
 from . import (
     BLOCKING,
+    FINAL,
     AttemptRecord,
     ConflictingReport,
     Job,
@@ -62,7 +63,6 @@ class SQLiteStore:
         self._rconn: sqlite3.Connection | None = None
         self._wpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._rpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
-        self._last_hash = ""
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -113,8 +113,6 @@ class SQLiteStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-        row = conn.execute("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
-        self._last_hash = row[0] if row else ""
 
     # -- the writer ----------------------------------------------------------------------
 
@@ -151,7 +149,6 @@ class SQLiteStore:
         """Run ``ops`` in one transaction, each in its own savepoint; then commit."""
         conn = self._wconn
         assert conn is not None
-        saved_hash = self._last_hash
         results: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -161,20 +158,17 @@ class SQLiteStore:
         except Exception as exc:  # the commit (or BEGIN) failed: nothing of the batch is durable
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            self._last_hash = saved_hash
             error = StoreError(f"commit failed: {exc}")
             return [(False, error)] * len(ops)
         return results
 
     def _run_one(self, conn: sqlite3.Connection, op: Op) -> tuple[bool, Any]:
         conn.execute("SAVEPOINT op")
-        saved_hash = self._last_hash
         try:
             value = op(conn)
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
-            self._last_hash = saved_hash
             return False, exc
         conn.execute("RELEASE op")
         return True, value
@@ -202,13 +196,15 @@ class SQLiteStore:
     ) -> None:
         """Append to the hash-chained audit trail, inside the caller's transaction."""
         text = json.dumps(detail, sort_keys=True, default=str)
-        digest = event_hash(self._last_hash, now, actor, event, report_pk, delivery_id, text)
+        # read inside the write transaction: another process (the CLI) may have appended
+        row = conn.execute("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
+        prev = row[0] if row else ""
+        digest = event_hash(prev, now, actor, event, report_pk, delivery_id, text)
         conn.execute(
             "INSERT INTO audit_events (at, actor, event, report_pk, delivery_id, detail, prev_hash, hash)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (now, actor, event, report_pk, delivery_id, text, self._last_hash, digest),
+            (now, actor, event, report_pk, delivery_id, text, prev, digest),
         )
-        self._last_hash = digest
 
     # -- intake --------------------------------------------------------------------------
 
@@ -282,9 +278,10 @@ class SQLiteStore:
         status = Status.QUEUED if new.version == latest else Status.SUPERSEDED
         delivery_id = conn.execute(
             "INSERT INTO deliveries (version_pk, report_pk, municipality, adapter, employee_key, version,"
-            " status, next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " status, next_attempt_at, created_at, updated_at, cutoff_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (version_pk, report_pk, new.municipality, new.adapter, new.employee_key, new.version,
-             status, now, now, now),
+             status, now, now, now, new.cutoff_at),
         ).lastrowid
         self._audit(conn, now, f"delivery.{status}", {"adapter": new.adapter, "version": new.version},
                     report_pk=report_pk, delivery_id=delivery_id)
@@ -294,10 +291,11 @@ class SQLiteStore:
 
     def _supersede_older(self, conn: sqlite3.Connection, report_pk: int, adapter: str, version: int, now: float) -> None:
         """A newer version replaces older ones that have not started (they are never sent)."""
+        # in_flight and in_doubt ones may have reached the vendor: they finish or are reconciled
         rows = conn.execute(
             "SELECT id, version FROM deliveries WHERE report_pk = ? AND adapter = ? AND version < ?"
-            " AND status IN (?, ?) AND attempts = 0",
-            (report_pk, adapter, version, Status.QUEUED, Status.RETRY_SCHEDULED),
+            " AND status IN (?, ?, ?)",
+            (report_pk, adapter, version, Status.QUEUED, Status.RETRY_SCHEDULED, Status.FAILED),
         ).fetchall()
         for row in rows:
             conn.execute(
@@ -486,8 +484,10 @@ class SQLiteStore:
                     (row["id"],),
                 )
             )
+        retry_since = row["retry_since"] if row["retry_since"] is not None else row["created_at"]
         return Job(row["id"], row["report_pk"], row["municipality"], row["adapter"], row["version"],
-                   row["attempts"], row["created_at"], row["status"], report, delivered, pending)
+                   row["attempts"], retry_since, row["status"], report, delivered, pending,
+                   cutoff_at=row["cutoff_at"])
 
     async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
@@ -552,9 +552,10 @@ class SQLiteStore:
             "UPDATE deliveries SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
             " last_error = ?, vendor_reference = COALESCE(?, vendor_reference),"
             " warning = COALESCE(?, warning), attempts = attempts + ?, lease_owner = NULL,"
-            " lease_until = NULL, updated_at = ? WHERE id = ?",
+            " lease_until = NULL, updated_at = ?, at_risk = COALESCE(?, at_risk) WHERE id = ?",
             (settle.status, settle.next_attempt_at, settle.last_error, settle.vendor_reference,
-             settle.warning, int(settle.count_attempt), now, delivery_id),
+             settle.warning, int(settle.count_attempt), now,
+             None if settle.at_risk is None else int(settle.at_risk), delivery_id),
         )
         detail = {"status": str(settle.status), "error": settle.last_error,
                   "vendor_reference": settle.vendor_reference, "warning": settle.warning}
@@ -588,6 +589,142 @@ class SQLiteStore:
         ).fetchall())
         return [DeliveredPart(r["part"], r["version"], json.loads(r["fields"]), r["vendor_reference"])
                 for r in rows]
+
+    async def record_event(self, event: str, detail: dict[str, Any], now: float, *,
+                           actor: str = "gateway", delivery_id: int | None = None) -> None:
+        """An audit event that changes no delivery (breaker transitions, pauses, alerts)."""
+        await self._write(lambda conn: self._audit(conn, now, event, detail, actor=actor,
+                                                   delivery_id=delivery_id))
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    async def paused_endpoints(self) -> dict[tuple[str, str], str]:
+        rows = await self._read(lambda c: c.execute(
+            "SELECT municipality, adapter, reason FROM endpoint_controls WHERE paused = 1").fetchall())
+        return {(r[0], r[1]): r[2] or "" for r in rows}
+
+    async def set_paused(self, municipality: str, adapter: str, paused: bool, reason: str,
+                         actor: str, now: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO endpoint_controls (municipality, adapter, paused, reason, actor, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (municipality, adapter) DO UPDATE SET"
+                " paused = excluded.paused, reason = excluded.reason, actor = excluded.actor,"
+                " updated_at = excluded.updated_at",
+                (municipality, adapter, int(paused), reason, actor, now),
+            )
+            self._audit(conn, now, "endpoint.paused" if paused else "endpoint.resumed",
+                        {"municipality": municipality, "adapter": adapter, "reason": reason}, actor=actor)
+
+        await self._write(op)
+
+    async def defer_due(self, municipality: str, adapter: str, until: float, now: float) -> int:
+        """Move due deliveries of a closed endpoint to its opening: waiting, not a burned retry."""
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE municipality = ?"
+                " AND adapter = ? AND status IN (?, ?) AND next_attempt_at < ?",
+                (until, now, municipality, adapter, Status.QUEUED, Status.RETRY_SCHEDULED, until),
+            ).rowcount
+
+        return await self._write(op)
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def list_deliveries(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]:
+        where, params = _filter_sql(filters)
+        sql = ("SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+               f" WHERE {where} ORDER BY d.id LIMIT ?")
+
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(sql, (*params, limit)).fetchall()
+            return [self._list_view(conn, row) for row in rows]
+
+        return await self._read(read)
+
+    def _list_view(self, conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
+        view = {k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version", "status",
+                                    "attempts", "next_attempt_at", "last_error", "vendor_reference",
+                                    "warning", "cutoff_at", "created_at", "updated_at")}
+        view["at_risk"] = bool(row["at_risk"])
+        if row["status"] in (Status.QUEUED, Status.RETRY_SCHEDULED):
+            blocker = self._blocker(conn, row)
+            if blocker is not None:
+                view["status"], view["held_by"] = str(Status.HELD), blocker
+        return view
+
+    async def count_at_risk(self) -> int:
+        return int(await self._read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE at_risk = 1").fetchone()[0]))
+
+    async def operate(self, action: str, filters: Mapping[str, Any], actor: str, reason: str,
+                      now: float, readback_adapters: Sequence[str] = ()) -> dict[str, list[int]]:
+        """Replay, cancel or check the deliveries the filter selects; each change audited."""
+        where, params = _filter_sql(filters)
+        rule = _OPERATIONS[action]
+
+        def op(conn: sqlite3.Connection) -> dict[str, list[int]]:
+            rows = conn.execute(f"SELECT d.* FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+                                f" WHERE {where} ORDER BY d.id", params).fetchall()
+            done: dict[str, list[int]] = {"changed": [], "skipped": []}
+            for row in rows:
+                new = rule(row, row["adapter"] in readback_adapters)
+                if new is None:
+                    done["skipped"].append(row["id"])
+                    continue
+                self._operate_one(conn, row, action, new, actor, reason, now)
+                done["changed"].append(row["id"])
+            return done
+
+        return await self._write(op)
+
+    def _operate_one(self, conn: sqlite3.Connection, row: sqlite3.Row, action: str, new: Status,
+                     actor: str, reason: str, now: float) -> None:
+        note = f"{action} by {actor}: {reason}"
+        if action == "cancel":
+            conn.execute("UPDATE deliveries SET status = ?, last_error = ?, at_risk = 0, updated_at = ?"
+                         " WHERE id = ?", (new, note, now, row["id"]))
+        else:  # replay or check: due now, with a fresh retry budget
+            conn.execute(
+                "UPDATE deliveries SET status = ?, next_attempt_at = ?, attempts = 0, retry_since = ?,"
+                " last_error = ?, updated_at = ? WHERE id = ?",
+                (new, now, now, note, now, row["id"]),
+            )
+        self._audit(conn, now, f"delivery.{action}", {"from": row["status"], "to": str(new), "reason": reason},
+                    actor=actor, report_pk=row["report_pk"], delivery_id=row["id"])
+
+    async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
+        """Flag undelivered deliveries that will miss their payroll cut-off; return the new ones.
+
+        At risk: its next attempt is after the cut-off; or it waits for an operator (in doubt,
+        correction required, failed) and the cut-off is less than ``margin`` seconds away; or
+        the cut-off has passed and it is still not delivered.
+        """
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+                " WHERE d.at_risk = 0 AND d.cutoff_at IS NOT NULL"
+                " AND d.status NOT IN ('delivered', 'not_applicable', 'superseded', 'cancelled')"
+                " AND (d.next_attempt_at > d.cutoff_at OR d.cutoff_at <= ?"
+                "      OR (d.status IN ('in_doubt', 'correction_required', 'failed') AND d.cutoff_at - ? < ?))",
+                (now, now, margin),
+            ).fetchall()
+            flagged = []
+            for row in rows:
+                conn.execute("UPDATE deliveries SET at_risk = 1 WHERE id = ?", (row["id"],))
+                self._audit(conn, now, "delivery.at_risk", {"cutoff_at": row["cutoff_at"]},
+                            report_pk=row["report_pk"], delivery_id=row["id"])
+                flagged.append({k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version",
+                                                     "status", "cutoff_at", "next_attempt_at", "last_error")})
+            return flagged
+
+        return await self._write(op)
+
+    async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: c.execute(
+            "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id",
+            (delivery_id,)).fetchall())
+        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
 
     # -- file runs (IND01) -----------------------------------------------------------------
 
@@ -642,6 +779,59 @@ class SQLiteStore:
     async def audit_chain(self) -> list[dict[str, Any]]:
         rows = await self._read(lambda c: c.execute("SELECT * FROM audit_events ORDER BY id").fetchall())
         return [dict(r) for r in rows]
+
+
+_FINAL_SQL = ",".join(f"'{s}'" for s in sorted(FINAL))
+_FILTERS = {
+    "id": "d.id = ?",
+    "municipality": "d.municipality = ?",
+    "adapter": "d.adapter = ?",
+    "status": "d.status = ?",
+    "report_id": "r.report_id = ?",
+    "since": "d.created_at >= ?",
+    "until": "d.created_at < ?",
+    "error": "d.last_error LIKE '%' || ? || '%'",
+    "at_risk": "d.at_risk = ?",
+}
+
+
+def _filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """A WHERE clause from known filter names only (values are always parameters)."""
+    clauses, params = ["1 = 1"], []
+    for name, value in filters.items():
+        if value is None:
+            continue
+        if name == "ids":
+            clauses.append(f"d.id IN ({','.join('?' * len(value)) or 'NULL'})")
+            params.extend(value)
+            continue
+        clauses.append(_FILTERS[name])
+        params.append(int(value) if name == "at_risk" else value)
+    return " AND ".join(clauses), tuple(params)
+
+
+def _replay(row: sqlite3.Row, reads_back: bool) -> Status | None:
+    status = row["status"]
+    if status == Status.IN_DOUBT:
+        # a vendor that can be asked is asked first; elsewhere the operator checked by hand
+        return Status.IN_DOUBT if reads_back else Status.QUEUED
+    if status in (Status.FAILED, Status.CANCELLED, Status.RETRY_SCHEDULED):
+        return Status.QUEUED
+    return None
+
+
+def _cancel(row: sqlite3.Row, reads_back: bool) -> Status | None:
+    cancellable = {Status.QUEUED, Status.RETRY_SCHEDULED, Status.IN_DOUBT,
+                   Status.CORRECTION_REQUIRED, Status.FAILED}
+    return Status.CANCELLED if row["status"] in cancellable else None
+
+
+def _check(row: sqlite3.Row, reads_back: bool) -> Status | None:
+    checkable = {Status.IN_DOUBT, Status.FAILED, Status.RETRY_SCHEDULED}
+    return Status.IN_DOUBT if reads_back and row["status"] in checkable else None
+
+
+_OPERATIONS = {"replay": _replay, "cancel": _cancel, "check": _check}
 
 
 def _message_json(message: Message) -> dict[str, Any]:

@@ -1,0 +1,162 @@
+"""Per-endpoint traffic control: circuit breaker, concurrency and rate limits, pause, opening hours.
+
+An endpoint is one tenant's route to one vendor adapter (municipality, adapter). The
+dispatcher asks :meth:`Endpoints.capacity` how many deliveries it may claim for each
+endpoint now, and reports every vendor call's outcome back. Nothing here does I/O; the
+breaker's transitions are returned so the caller can audit them.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from .opening_hours import ALWAYS, OpeningHours
+from .settings import BreakerPolicy, EndpointPolicy
+
+Key = tuple[str, str]  # (municipality, adapter)
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass(slots=True)
+class Breaker:
+    """Opens when the failure share over the window reaches the policy's rate.
+
+    After ``open_seconds`` one probe call is let through (half-open): its success closes
+    the breaker, its failure opens it again for another period.
+    """
+
+    policy: BreakerPolicy
+    state: BreakerState = BreakerState.CLOSED
+    opened_at: float = 0.0
+    probing: bool = False
+    calls: deque[tuple[float, bool]] = field(default_factory=deque)
+
+    def allowance(self, now: float) -> int | None:
+        """How many calls may start now (None: no limit from the breaker)."""
+        if self.state is BreakerState.OPEN and now >= self.opened_at + self.policy.open_seconds:
+            self.state = BreakerState.HALF_OPEN
+        if self.state is BreakerState.OPEN:
+            return 0
+        if self.state is BreakerState.HALF_OPEN:
+            return 0 if self.probing else 1
+        return None
+
+    def started(self, count: int) -> None:
+        if self.state is BreakerState.HALF_OPEN and count:
+            self.probing = True
+
+    def record(self, ok: bool, now: float) -> BreakerState | None:
+        """Count one call's outcome; return the new state when it changed."""
+        if self.state is BreakerState.HALF_OPEN:
+            self.probing = False
+            return self._close() if ok else self._open(now)
+        if self.state is BreakerState.OPEN:
+            return None  # a call that started before the breaker opened
+        self.calls.append((now, ok))
+        while self.calls and self.calls[0][0] < now - self.policy.window_seconds:
+            self.calls.popleft()
+        failures = sum(1 for _, good in self.calls if not good)
+        if len(self.calls) >= self.policy.min_calls and failures / len(self.calls) >= self.policy.failure_rate:
+            return self._open(now)
+        return None
+
+    def _open(self, now: float) -> BreakerState:
+        self.state, self.opened_at = BreakerState.OPEN, now
+        self.calls.clear()
+        return self.state
+
+    def _close(self) -> BreakerState:
+        self.state = BreakerState.CLOSED
+        self.calls.clear()
+        return self.state
+
+
+@dataclass(slots=True)
+class Endpoint:
+    key: Key
+    policy: EndpointPolicy
+    hours: OpeningHours
+    breaker: Breaker
+    in_flight: int = 0
+    tokens: float = 0.0
+    refilled_at: float = 0.0
+    paused: str | None = None  # the operator's reason, when paused
+
+    def capacity(self, now: float) -> int:
+        if self.paused is not None or not self.hours.is_open(_dt(now)):
+            return 0
+        room = self.policy.max_in_flight - self.in_flight
+        breaker = self.breaker.allowance(now)
+        if breaker is not None:
+            room = min(room, breaker)
+        if self.policy.rate_per_second > 0:
+            self._refill(now)
+            room = min(room, math.floor(self.tokens))
+        return max(0, room)
+
+    def _refill(self, now: float) -> None:
+        rate = self.policy.rate_per_second
+        burst = max(1.0, rate)
+        self.tokens = min(burst, self.tokens + (now - self.refilled_at) * rate)
+        self.refilled_at = now
+
+    def started(self, count: int) -> None:
+        self.in_flight += count
+        self.tokens -= count
+        self.breaker.started(count)
+
+    def view(self, now: float) -> dict[str, object]:
+        return {
+            "municipality": self.key[0], "adapter": self.key[1],
+            "breaker": str(self.breaker.state), "in_flight": self.in_flight,
+            "max_in_flight": self.policy.max_in_flight, "rate_per_second": self.policy.rate_per_second,
+            "paused": self.paused is not None, "pause_reason": self.paused,
+            "opening_hours": self.hours.describe(), "open_now": self.hours.is_open(_dt(now)),
+        }
+
+
+def _dt(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
+
+
+class Endpoints:
+    """All endpoints of the configured routes."""
+
+    def __init__(self, policies: Mapping[Key, EndpointPolicy], default_hours: Mapping[str, str | None]) -> None:
+        self._all: dict[Key, Endpoint] = {}
+        for key, policy in policies.items():
+            text = policy.opening_hours or default_hours.get(key[1])
+            hours = OpeningHours.parse(text) if text else ALWAYS
+            self._all[key] = Endpoint(key, policy, hours, Breaker(policy.breaker))
+
+    def __iter__(self) -> Iterable[Endpoint]:  # type: ignore[override]
+        return iter(self._all.values())
+
+    def get(self, key: Key) -> Endpoint | None:
+        return self._all.get(key)
+
+    def set_paused(self, paused: Mapping[Key, str]) -> None:
+        for key, endpoint in self._all.items():
+            endpoint.paused = paused.get(key)
+
+    def finished(self, key: Key, ok: bool | None, now: float) -> BreakerState | None:
+        """A call (or a delivery without a call, ``ok`` None) ended; maybe a breaker moved."""
+        endpoint = self._all.get(key)
+        if endpoint is None:
+            return None
+        endpoint.in_flight = max(0, endpoint.in_flight - 1)
+        if ok is None:
+            if endpoint.breaker.state is BreakerState.HALF_OPEN:
+                endpoint.breaker.probing = False
+            return None
+        return endpoint.breaker.record(ok, now)

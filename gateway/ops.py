@@ -1,0 +1,165 @@
+"""The operations API: what is stuck and why, and the actions that fix it without a database.
+
+Every request carries an operator token (``[operators.NAME] token_hash`` in the config);
+the operator's name is written to the audit trail with every action, and every action
+needs a reason.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from adapters.base import ReadsBack
+
+from .errors import BadRequest, Conflict, FieldError, InvalidReport, NotFound, Unauthorized
+from .intake import _iso_times, read_json
+from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
+from .settings import Operator
+
+routes = web.RouteTableDef()
+ACTIONS = ("replay", "cancel", "check")
+FILTER_KEYS = ("municipality", "adapter", "status", "report_id", "since", "until", "error", "at_risk")
+
+
+def operator(request: web.Request) -> Operator:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send an operator token as 'Authorization: Bearer <token>'")
+    found = request.app[APP_SETTINGS].operator_for_token(token.strip())
+    if found is None:
+        raise Unauthorized("unknown operator token")
+    return found
+
+
+def parse_filters(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """Known filter names only; times as ISO-8601 (or epoch seconds)."""
+    unknown = set(raw) - set(FILTER_KEYS) - {"ids"}
+    if unknown:
+        raise InvalidReport("unknown filter", [FieldError(f"{where}/{k}", "is not a known filter") for k in sorted(unknown)])
+    filters: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("since", "until"):
+            filters[key] = _time(value, f"{where}/{key}")
+        elif key == "ids":
+            if not isinstance(value, list) or not all(isinstance(i, int) for i in value):
+                raise InvalidReport("bad ids", [FieldError(f"{where}/ids", "must be an array of delivery ids")])
+            filters["ids"] = value
+        elif key == "at_risk":
+            filters[key] = str(value).lower() in ("1", "true", "yes")
+        else:
+            filters[key] = str(value)
+    return filters
+
+
+def _time(value: Any, pointer: str) -> float:
+    try:
+        return float(value) if isinstance(value, (int, float)) else datetime.fromisoformat(str(value)).timestamp()
+    except ValueError as exc:
+        raise InvalidReport("bad time", [FieldError(pointer, "must be an ISO-8601 date or time")]) from exc
+
+
+@routes.get("/v1/ops/deliveries")
+async def list_deliveries(request: web.Request) -> web.Response:
+    operator(request)
+    raw = {k: v for k, v in request.query.items() if k != "limit"}
+    limit = request.query.get("limit", "200")
+    if not limit.isdigit() or not 0 < int(limit) <= 5000:
+        raise BadRequest("limit must be a whole number from 1 to 5000")
+    rows = await request.app[APP_STORE].list_deliveries(parse_filters(raw, ""), int(limit))
+    _iso_times(rows)
+    return web.json_response({"deliveries": rows, "count": len(rows)})
+
+
+@routes.get("/v1/ops/deliveries/{id}/audit")
+async def delivery_audit(request: web.Request) -> web.Response:
+    operator(request)
+    events = await request.app[APP_STORE].audit_for(_id(request))
+    if not events:
+        raise NotFound("no such delivery")
+    _iso_times(events)
+    return web.json_response({"events": events})
+
+
+def _id(request: web.Request) -> int:
+    raw = request.match_info["id"]
+    if not raw.isdigit():
+        raise NotFound("no such delivery")
+    return int(raw)
+
+
+async def _act(request: web.Request, action: str, filters: dict[str, Any], reason: Any) -> dict[str, Any]:
+    who = operator(request)
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidReport("a reason is required", [FieldError("/reason", "is required: say why")])
+    if not filters:
+        raise InvalidReport("select deliveries", [FieldError("/filter", "give ids or at least one filter")])
+    app = request.app
+    readback = [n for n, a in app[APP_ADAPTERS].items() if isinstance(a, ReadsBack)]
+    result = await app[APP_STORE].operate(action, filters, who.name, reason.strip(), time.time(), readback)
+    if result["changed"]:
+        app[APP_DISPATCHER].wake()
+    return {"action": action, "operator": who.name, **result}
+
+
+@routes.post("/v1/ops/deliveries/{action}")
+async def act_on_many(request: web.Request) -> web.Response:
+    action = request.match_info["action"]
+    if action not in ACTIONS:
+        raise NotFound(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
+    operator(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("expected a JSON object with 'reason' and 'ids' or 'filter'")
+    raw = dict(body.get("filter") or {})
+    if "ids" in body:
+        raw["ids"] = body["ids"]
+    return web.json_response(await _act(request, action, parse_filters(raw, "/filter"), body.get("reason")))
+
+
+@routes.post("/v1/ops/deliveries/{id}/{action}")
+async def act_on_one(request: web.Request) -> web.Response:
+    action = request.match_info["action"]
+    if action not in ACTIONS:
+        raise NotFound(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
+    operator(request)
+    body = await read_json(request)
+    reason = body.get("reason") if isinstance(body, dict) else None
+    result = await _act(request, action, {"ids": [_id(request)]}, reason)
+    if not result["changed"]:
+        raise Conflict(f"delivery {_id(request)} cannot take '{action}' in its current state "
+                       "(or does not exist)")
+    return web.json_response(result)
+
+
+@routes.get("/v1/ops/endpoints")
+async def list_endpoints(request: web.Request) -> web.Response:
+    operator(request)
+    now = time.time()
+    views = [e.view(now) for e in request.app[APP_DISPATCHER].endpoints]
+    return web.json_response({"endpoints": views})
+
+
+@routes.post("/v1/ops/endpoints/{municipality}/{adapter}/{action}")
+async def pause_or_resume(request: web.Request) -> web.Response:
+    who = operator(request)
+    action = request.match_info["action"]
+    if action not in ("pause", "resume"):
+        raise NotFound("the actions are pause and resume")
+    key = (request.match_info["municipality"], request.match_info["adapter"])
+    endpoint = request.app[APP_DISPATCHER].endpoints.get(key)
+    if endpoint is None:
+        raise NotFound(f"no route {key[0]} → {key[1]} is configured")
+    body = await read_json(request)
+    reason = body.get("reason") if isinstance(body, dict) else None
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidReport("a reason is required", [FieldError("/reason", "is required: say why")])
+    paused = action == "pause"
+    await request.app[APP_STORE].set_paused(*key, paused, reason.strip(), who.name, time.time())
+    endpoint.paused = reason.strip() if paused else None
+    if not paused:
+        request.app[APP_DISPATCHER].wake()
+    return web.json_response(endpoint.view(time.time()))
