@@ -92,10 +92,21 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    counts = await request.app[APP_STORE].count_by_status()
+    store = request.app[APP_STORE]
+    counts = await store.count_by_status()
     lines = ["# HELP payroll_gateway_deliveries Deliveries by state.",
              "# TYPE payroll_gateway_deliveries gauge"]
     lines += [f'payroll_gateway_deliveries{{status="{s}"}} {n}' for s, n in sorted(counts.items())]
+    lines += ["# HELP payroll_gateway_at_risk Undelivered deliveries that will miss their payroll cut-off.",
+              "# TYPE payroll_gateway_at_risk gauge", f"payroll_gateway_at_risk {await store.count_at_risk()}"]
+    lines += ["# HELP payroll_gateway_endpoint_open 1 when the endpoint's circuit breaker is open or half-open.",
+              "# TYPE payroll_gateway_endpoint_open gauge",
+              "# HELP payroll_gateway_endpoint_paused 1 when an operator paused the endpoint.",
+              "# TYPE payroll_gateway_endpoint_paused gauge"]
+    for endpoint in request.app[APP_DISPATCHER].endpoints:
+        labels = f'municipality="{endpoint.key[0]}",adapter="{endpoint.key[1]}"'
+        lines.append(f"payroll_gateway_endpoint_open{{{labels}}} {int(endpoint.breaker.state != 'closed')}")
+        lines.append(f"payroll_gateway_endpoint_paused{{{labels}}} {int(endpoint.paused is not None)}")
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import importlib
 import json
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +25,7 @@ from aiohttp import web
 from adapters.base import DeliveryError, Report, VendorSettings, mask_cpr
 
 from . import logs
-from .errors import ConfigError
+from .errors import ConfigError, GatewayError
 from .settings import Settings, hash_api_key, load, parse_listen, resolve_store_url
 from .simulators import SimulatorOptions
 
@@ -87,6 +89,29 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--config", type=Path)
     migrate.add_argument("--store")
     migrate.set_defaults(func=cmd_migrate)
+
+    deliveries = sub.add_parser("deliveries", help="list deliveries (what is stuck, and why)")
+    _add_filters(deliveries)
+    deliveries.add_argument("--limit", type=int, default=200)
+    deliveries.add_argument("--json", action="store_true", help="one JSON object per line")
+    deliveries.set_defaults(func=cmd_deliveries)
+    for action, text in (("replay", "send failed, in-doubt or cancelled deliveries again"),
+                         ("cancel", "cancel deliveries (they will not be sent)"),
+                         ("check", "ask the vendor what it holds (KMD read-back) and reconcile")):
+        op = sub.add_parser(action, help=text)
+        _add_filters(op)
+        op.add_argument("--reason", required=True, help="why (written to the audit trail)")
+        op.add_argument("--operator", default=None, help="who (default: cli:<login name>)")
+        op.set_defaults(func=cmd_operate, action=action)
+    for action in ("pause", "resume"):
+        ctl = sub.add_parser(action, help=f"{action} one tenant's vendor endpoint")
+        ctl.add_argument("--config", type=Path, required=True)
+        ctl.add_argument("--store")
+        ctl.add_argument("--municipality", required=True)
+        ctl.add_argument("--adapter", required=True)
+        ctl.add_argument("--reason", required=True)
+        ctl.add_argument("--operator", default=None)
+        ctl.set_defaults(func=cmd_pause, action=action)
 
     audit = sub.add_parser("audit", help="audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -279,6 +304,107 @@ def _write_outputs(outputs: list[tuple[str, bytes]], out: Path | None) -> None:
     for name, body in outputs:
         (out / name).write_bytes(body)
     print(f"payroll-gateway: wrote {len(outputs)} file(s) to {out}", file=sys.stderr)
+
+
+# -- operations --------------------------------------------------------------------------
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--store", help="store URL, overrides the file")
+    parser.add_argument("--id", type=int, action="append", dest="ids", help="a delivery id (repeatable)")
+    parser.add_argument("--municipality")
+    parser.add_argument("--adapter")
+    parser.add_argument("--status")
+    parser.add_argument("--report-id")
+    parser.add_argument("--since", help="created at or after (ISO date/time)")
+    parser.add_argument("--until", help="created before (ISO date/time)")
+    parser.add_argument("--error", help="text the last error contains")
+    parser.add_argument("--at-risk", action="store_true", default=None)
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    from .ops import parse_filters
+
+    raw = {k: getattr(args, k) for k in ("ids", "municipality", "adapter", "status", "report_id",
+                                          "since", "until", "error", "at_risk")}
+    try:
+        return parse_filters({k: v for k, v in raw.items() if v is not None}, "")
+    except GatewayError as exc:
+        raise CliError("; ".join(f"{e.pointer.lstrip('/')}: {e.message}" for e in exc.errors) or exc.detail) from exc
+
+
+def _with_store(args: argparse.Namespace, work: Any) -> Any:
+    from .store import open_store
+
+    settings = _settings(args)
+
+    async def run() -> Any:
+        store = open_store(settings.store_url)
+        await store.open()
+        try:
+            return await work(store, settings)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(run())
+
+
+def _operator(args: argparse.Namespace) -> str:
+    return args.operator or f"cli:{getpass.getuser()}"
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    filters = _filters(args)
+    rows = _with_store(args, lambda store, _: store.list_deliveries(filters, args.limit))
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    print(f"{'id':>6}  {'municipality':<12} {'adapter':<19} {'report':<16} {'v':>2} {'status':<20} reason")
+    for r in rows:
+        flag = " at_risk" if r["at_risk"] else ""
+        reason = r.get("held_by", {}).get("reason") if r.get("held_by") else r["last_error"] or ""
+        print(f"{r['id']:>6}  {r['municipality']:<12} {r['adapter']:<19} {r['report_id'][:16]:<16} "
+              f"{r['version']:>2} {r['status'] + flag:<20} {mask_cpr(str(reason))[:100]}")
+    print(f"{len(rows)} deliveries")
+    return 0
+
+
+def cmd_operate(args: argparse.Namespace) -> int:
+    filters = _filters(args)
+    if not filters:
+        raise CliError("select deliveries with --id or at least one filter")
+    if not args.reason.strip():
+        raise CliError("--reason: say why")
+    from adapters.base import ReadsBack
+    from adapters.registry import load_adapters
+
+    readback = [n for n, a in load_adapters().items() if isinstance(a, ReadsBack)]
+
+    async def work(store: Any, settings: Settings) -> Any:
+        return await store.operate(args.action, filters, _operator(args), args.reason.strip(),
+                                   time.time(), readback)
+
+    result = _with_store(args, work)
+    print(f"payroll-gateway: {args.action}: {len(result['changed'])} changed "
+          f"{result['changed'][:20]}, {len(result['skipped'])} not in a state for it {result['skipped'][:20]}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    paused = args.action == "pause"
+
+    async def work(store: Any, settings: Settings) -> None:
+        tenant = settings.tenants.get(args.municipality)
+        if tenant is None or args.adapter not in tenant.routes.values():
+            raise CliError(f"no route {args.municipality} → {args.adapter} is configured")
+        await store.set_paused(args.municipality, args.adapter, paused, args.reason, _operator(args), time.time())
+
+    _with_store(args, work)
+    print(f"payroll-gateway: {args.municipality}/{args.adapter} {'paused' if paused else 'resumed'} "
+          "(a running gateway notices within a few seconds)")
+    return 0
 
 
 # -- keys, migrate, audit ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from adapters.base import VendorSettings
 from adapters.registry import load_adapters
 from gateway.app import create_app
 from gateway.keys import APP_DISPATCHER, APP_STORE
-from gateway.settings import EndpointPolicy, RetryPolicy, Settings, Tenant, hash_api_key
+from gateway.settings import EndpointPolicy, Operator, RetryPolicy, Settings, Tenant, hash_api_key
 from gateway.simulators import SimulatorOptions
 from gateway.simulators import sd as sd_sim
 
@@ -30,6 +30,7 @@ SHARED = REPO.parent / "shared"
 KEY_746 = "test-key-746"
 KEY_840 = "test-key-840"
 SD_USER, SD_PASSWORD = "SYtest", "sd-test-password"
+OPS_TOKEN = "ops-test-token"
 FAST_RETRY = RetryPolicy(first_delay=0.05, multiplier=2, cap=0.2, jitter=0.0, max_attempts=10, max_age=3600)
 
 DRIVE = {
@@ -88,6 +89,7 @@ def settings(tmp_path: Path, sd_server: TestServer) -> Settings:
             "746": tenant("746", KEY_746, {"sd-koersel": sd}, {"drive": "sd-koersel"}),
             "840": tenant("840", KEY_840, {}, {"drive": "sd-koersel"}),
         },
+        operators={"ops": Operator("ops", hash_api_key(OPS_TOKEN))},
     )
 
 
@@ -116,6 +118,11 @@ class Gateway:
     async def get(self, municipality: str, report_id: str, key: str = KEY_746) -> tuple[int, Any]:
         resp = await self.client.get(f"/v1/reports/{municipality}/{report_id}",
                                      headers={"Authorization": f"Bearer {key}"})
+        return resp.status, await _json(resp)
+
+    async def ops(self, method: str, path: str, body: Any = None, token: str = OPS_TOKEN) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"}
+        resp = await self.client.request(method, f"/v1/ops/{path}", json=body, headers=headers)
         return resp.status, await _json(resp)
 
     async def wait_for(self, report_id: str, statuses: set[str], within: float = 5.0,
