@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -11,11 +12,13 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.cli import main
 from gateway.settings import hash_api_key
+from tests.conftest import drive
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "report-drive-746.json"
@@ -134,3 +137,57 @@ def test_demo_serves_and_delivers_within_two_seconds(tmp_path: Path) -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     assert code == 0
+
+
+CONFIG = """
+[tenants.746]
+api_key_hashes = []
+[tenants.746.routes]
+drive = "sd-koersel"
+"""
+
+
+async def test_operations_from_the_command_line(make_gateway: Any, settings: Any, sd_server: Any,
+                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.simulators.sd import STATE
+
+    sd_server.app[STATE].fault = "client"
+    gw = await make_gateway(settings)
+    other = drive(report_id="C-2")
+    other["employee"]["employment_id"] = "00124"
+    await gw.post({"reports": [drive(report_id="C-1"), other]})
+    await gw.wait_for("C-1", {"failed"})
+    await gw.wait_for("C-2", {"failed"})
+    await gw.client.close()
+    cfg = tmp_path / "ops.toml"
+    cfg.write_text(CONFIG)
+    base = ["--config", str(cfg), "--store", settings.store_url]
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main([*argv[:1], *base, *argv[1:]])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, _ = await asyncio.to_thread(run, "deliveries", "--status", "failed")
+    assert code == 0 and "C-1" in out and "C-2" in out and "2 deliveries" in out
+    with pytest.raises(SystemExit) as exit_:
+        await asyncio.to_thread(run, "replay", "--status", "failed")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and "--reason" in err
+    code, out, _ = await asyncio.to_thread(run, "cancel", "--report-id", "C-2", "--reason", "sent by hand",
+                                           "--operator", "alice")
+    assert code == 0 and "1 changed" in out
+    code, out, _ = await asyncio.to_thread(run, "replay", "--status", "failed", "--reason", "SD fixed")
+    assert code == 0 and "1 changed" in out
+    code, out, _ = await asyncio.to_thread(run, "deliveries", "--json")
+    rows = {json.loads(line)["report_id"]: json.loads(line) for line in out.splitlines()}
+    assert rows["C-1"]["status"] == "queued" and rows["C-2"]["status"] == "cancelled"
+    assert "alice" in rows["C-2"]["last_error"] and "sent by hand" in rows["C-2"]["last_error"]
+    code, out, _ = await asyncio.to_thread(run, "pause", "--municipality", "746", "--adapter", "sd-koersel",
+                                           "--reason", "SD maintenance")
+    assert code == 0 and "paused" in out
+    code, _, err = await asyncio.to_thread(run, "pause", "--municipality", "999", "--adapter", "x", "--reason", "r")
+    assert code == 1 and "no route 999" in err
+    code = await asyncio.to_thread(main, ["audit", "verify", *base])
+    out = capsys.readouterr().out
+    assert code == 0 and "intact" in out

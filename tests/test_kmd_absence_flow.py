@@ -155,3 +155,28 @@ async def test_kmd_error_fails_with_its_text(gw: Gateway, kmd_server: TestServer
     view = await deliver(gw, other, expect="failed")
     assert view["deliveries"][0]["last_error"]
     assert len(held(kmd_server)) == 1
+
+
+async def test_operator_check_at_kmd_reconciles_a_failed_delivery(
+    make_gateway: Any, settings: Settings, kmd_server: TestServer, tmp_path: Path
+) -> None:
+    from gateway.settings import RetryPolicy
+
+    one_try = RetryPolicy(first_delay=0.01, multiplier=1, cap=0.01, jitter=0, max_attempts=1, max_age=60)
+    certs = ensure_dev_certs(tmp_path / "certs")
+    vendor = VendorSettings(endpoint=str(kmd_server.make_url(sim.PATH)), cert_file=str(certs.client_cert),
+                            key_file=str(certs.client_key), ca_file=str(certs.ca_file),
+                            connect_timeout=2, read_timeout=2, options={"senderService": "TEST_SENDER"})
+    tenants = dict(settings.tenants)
+    tenants["746"] = tenant("746", KEY_746, {"kmd-absence": vendor}, {"vacation": "kmd-absence"})
+    gw = await make_gateway(replace(settings, tenants=tenants, retry=one_try))
+    kmd_server.app[sim.STATE].fault = "server"
+    view = await deliver(gw, vacation(), expect="failed")
+    assert "retry policy exhausted" in view["deliveries"][0]["last_error"]
+    kmd_server.app[sim.STATE].fault = None
+    status, result = await gw.ops("POST", f"deliveries/{view['deliveries'][0]['id']}/check",
+                                  {"reason": "KMD was down; check what it holds"})
+    assert status == 200 and result["changed"] == [view["deliveries"][0]["id"]]
+    await gw.wait_for("V-1", {"delivered"})
+    assert held(kmd_server) == [("FE", D(2026, 7, 6), D(2026, 7, 10), None, None, None)]
+    assert kmd_server.app[sim.STATE].reads >= 1

@@ -343,8 +343,10 @@ class SQLiteStore:
             for a in conn.execute("SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", (d["id"],))
         ]
         view = {k: d[k] for k in ("id", "adapter", "version", "vendor_reference", "attempts",
-                                  "next_attempt_at", "last_error", "warning", "created_at", "updated_at")}
-        view.update(status=str(status), attempt_count=d["attempts"], attempts=attempts)
+                                  "next_attempt_at", "last_error", "warning", "cutoff_at",
+                                  "created_at", "updated_at")}
+        view.update(status=str(status), attempt_count=d["attempts"], attempts=attempts,
+                    at_risk=bool(d["at_risk"]))
         if held_by is not None:
             view["held_by"] = held_by
         return view
@@ -477,13 +479,12 @@ class SQLiteStore:
         )
         pending: tuple[Message, ...] = ()
         if row["status"] == Status.IN_DOUBT:
-            pending = tuple(
-                _message(json.loads(a["message"]))
-                for a in conn.execute(
-                    "SELECT message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'",
-                    (row["id"],),
-                )
-            )
+            # what may have reached the vendor: in doubt, and (asked by an operator's check)
+            # even refused or retried sends, since a vendor may apply and still answer 5xx
+            texts = dict.fromkeys(a["message"] for a in conn.execute(
+                "SELECT message FROM attempts WHERE delivery_id = ?"
+                " AND outcome IN ('in_doubt', 'retry', 'failed') ORDER BY id", (row["id"],)))
+            pending = tuple(_message(json.loads(t)) for t in texts)
         retry_since = row["retry_since"] if row["retry_since"] is not None else row["created_at"]
         return Job(row["id"], row["report_pk"], row["municipality"], row["adapter"], row["version"],
                    row["attempts"], retry_since, row["status"], report, delivered, pending,
