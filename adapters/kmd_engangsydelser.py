@@ -190,6 +190,19 @@ def _loebenummer(loenart: str, settings: VendorSettings) -> int:
 # ---------------------------------------------------------------------------------------
 
 
+
+def _reply(resp: Response, operation: str, schema: Any, error: type[InDoubt] | type[Transient]) -> Any:
+    """The answer's JSON, checked against our schema of it; ``error`` when it is not usable."""
+    _check_http(resp, operation)
+    try:
+        doc = _json(resp.body)
+    except ValueError as exc:
+        raise error(f"{operation}: unreadable answer: {exc}", status=resp.status, body=resp.body) from exc
+    errors = _errors(schema, doc)
+    if errors:
+        raise error(f"{operation}: unexpected answer: " + "; ".join(errors), status=resp.status, body=resp.body)
+    return doc
+
 def _json(body: bytes) -> Any:
     try:
         return json.loads(body.decode("utf-8"))
@@ -391,22 +404,8 @@ class KmdEngangsydelser:
         )
 
     def _interpret_update(self, request: bytes, resp: Response) -> tuple[str, list[str]]:
-        _check_http(resp, "update-onetime-payments")
-        try:
-            doc = _json(resp.body)
-        except ValueError as exc:
-            raise InDoubt(
-                f"update-onetime-payments: unreadable answer: {exc}",
-                status=resp.status,
-                body=resp.body,
-            ) from exc
-        errors = _errors(self._update_reply, doc)
-        if errors:
-            raise InDoubt(
-                "update-onetime-payments: unexpected answer: " + "; ".join(errors),
-                status=resp.status,
-                body=resp.body,
-            )
+        # an update answer we cannot read may still mean it was applied
+        doc = _reply(resp, "update-onetime-payments", self._update_reply, InDoubt)
         msgs = _messages(doc)
         if doc["Header"]["Status"] != "OK":
             raise _update_error(msgs, resp)
@@ -457,22 +456,7 @@ class KmdEngangsydelser:
         return self._interpret_read(resp)
 
     def _interpret_read(self, resp: Response) -> list[Any]:
-        _check_http(resp, "read-onetime-payments")
-        try:
-            doc = _json(resp.body)
-        except ValueError as exc:
-            raise Transient(
-                f"read-onetime-payments: unreadable answer: {exc}",
-                status=resp.status,
-                body=resp.body,
-            ) from exc
-        errors = _errors(self._read_reply, doc)
-        if errors:
-            raise Transient(
-                "read-onetime-payments: unexpected answer: " + "; ".join(errors),
-                status=resp.status,
-                body=resp.body,
-            )
+        doc = _reply(resp, "read-onetime-payments", self._read_reply, Transient)
         header = doc["Header"]
         if header["Status"] == 1 and header.get("Tekst") == NOT_FOUND:
             return []
