@@ -305,6 +305,10 @@ class KmdInd01:
     kinds = frozenset({Kind.DRIVE})
     #: delivered by the gateway's scheduled file runs, not by the dispatcher's sends
     file_based = True
+
+    def render_file(self, reports: Iterable[Report], settings: VendorSettings) -> tuple[str, list[Failure]]:
+        """The dry run's ``ind01.txt``: header and records, and the groups that cannot be written."""
+        return render_file(reports, settings)
     schema_files: tuple[str, ...] = ()  # the layout is checked by RECORD_RE in render
 
     def plan(

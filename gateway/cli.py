@@ -258,6 +258,10 @@ def cmd_render(args: argparse.Namespace) -> int:
     if problems:
         raise CliError("; ".join(problems))
     typed = [Report.from_dict(normalise(r)) for r in reports]
+    wrong = [r.report_id for r in typed if r.kind not in adapter.kinds]
+    if wrong:
+        kinds = " and ".join(sorted(adapter.kinds))
+        raise CliError(f"{args.adapter} delivers {kinds} reports only; not: {', '.join(wrong)}")
     outputs = _render_all(adapter, typed, settings)
     _write_outputs(outputs, args.out)
     return 0
@@ -303,9 +307,10 @@ def _render_all(adapter: Any, reports: list[Report], settings: Settings) -> list
 
 
 def _write_outputs(outputs: list[tuple[str, bytes]], out: Path | None) -> None:
-    if out is None:
+    if out is None:  # the console never shows a CPR number: --out writes the exact bytes
         for name, body in outputs:
-            sys.stdout.write(f"--- {name}\n{body.decode('utf-8', errors='replace')}\n")
+            sys.stdout.write(f"--- {name} (CPR masked; --out DIR writes the exact payloads)\n"
+                             f"{mask_cpr(body.decode('utf-8', errors='replace'))}\n")
         return
     out.mkdir(parents=True, exist_ok=True)
     for name, body in outputs:

@@ -191,3 +191,19 @@ async def test_operations_from_the_command_line(make_gateway: Any, settings: Any
     code = await asyncio.to_thread(main, ["audit", "verify", *base])
     out = capsys.readouterr().out
     assert code == 0 and "intact" in out
+
+
+def test_render_ind01_writes_one_file_and_the_console_masks_cpr(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    sample = REPO / "examples" / "report-drive-851.json"
+    assert main(["render", "kmd-ind01", str(sample), "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "ind01.txt").read_text().splitlines()
+    assert len(lines) == 2 and len(lines[1]) == 55 and lines[1].startswith("DA60851")
+    assert main(["render", "sd-koersel", str(SAMPLE), "--config", str(REPO / "examples/demo.toml")]) == 0
+    out = capsys.readouterr().out
+    assert "020280-xxxx" in out and "0202800000" not in out
+
+
+def test_render_refuses_a_kind_the_adapter_does_not_deliver(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", "kmd-absence", str(SAMPLE)]) == 1
+    assert "delivers vacation reports only" in capsys.readouterr().err
