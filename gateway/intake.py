@@ -55,6 +55,8 @@ async def read_json(request: web.Request) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc.__class__.__name__} at position "
                          f"{getattr(exc, 'pos', getattr(exc, 'start', '?'))}") from exc
+    except RecursionError as exc:
+        raise BadRequest("the body is nested too deeply") from exc
 
 
 def split_batch(body: Any) -> tuple[list[Any], str]:

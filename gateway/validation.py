@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,10 @@ def _message(error: ValidationError) -> str:
 
 
 def _cross_field(data: Mapping[str, Any], pointer: str) -> list[FieldError]:
-    errors = []
+    errors = [FieldError(f"{pointer}/{key}", "is not a date in the calendar")
+              for key in ("drive_date", "start_date", "end_date") if key in data and not _real_date(data[key])]
+    if errors:
+        return errors
     if data["kind"] == "vacation":
         if data["end_date"] < data["start_date"]:
             errors.append(FieldError(f"{pointer}/end_date", "must not be before start_date"))
@@ -133,6 +137,14 @@ def _cross_field(data: Mapping[str, Any], pointer: str) -> list[FieldError]:
         if km != km.quantize(Decimal("0.01")):
             errors.append(FieldError(f"{pointer}/distance_km", "must have at most 2 decimals"))
     return errors
+
+
+def _real_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _seconds(hhmm: str) -> int:

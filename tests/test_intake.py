@@ -116,3 +116,20 @@ async def test_health_ready_metrics_openapi(gateway: Gateway) -> None:
     assert spec["openapi"].startswith("3.1") and "/v1/reports" in spec["paths"]
     unknown = await gateway.client.get("/nope")
     assert unknown.status == 404 and unknown.content_type == PROBLEM
+
+
+async def test_odd_bodies_get_clear_problems_never_a_500(gateway: Gateway) -> None:
+    odd = [b"[" * 100_000, b'{"reports": [1, "x", null]}', b'{"reports": "all"}', b"42", b'"text"',
+           b'{"kind": "drive", "employee": "0101901234"}', "\udcff".encode("utf-8", "surrogatepass"),
+           b'{"kind": "vacation", "municipality": "746", "report_id": "V", "employee": {"cpr": "0101901234",'
+           b' "employment_id": "1"}, "start_date": "2026-02-30", "end_date": "2026-01-01", "vacation_type": "x"}']
+    for body in odd:
+        status, problem = await gateway.post(body)
+        assert 400 <= status < 500, (body[:40], status, problem)
+        assert problem["status"] == status and problem["detail"]
+        assert "0101901234" not in str(problem)
+
+
+async def test_a_date_that_is_not_in_the_calendar_is_422(gateway: Gateway) -> None:
+    status, problem = await gateway.post(drive(drive_date="2026-02-30"))
+    assert status == 422 and problem["errors"] == [{"pointer": "/drive_date", "message": "is not a date in the calendar"}]
