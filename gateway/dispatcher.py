@@ -213,7 +213,14 @@ class Dispatcher:
     async def deliver(self, job: Job) -> bool | None:
         """Deliver one claimed job; True/False when the vendor answered/was unavailable."""
         adapter = self.adapters[job.adapter]
-        run = _Run(job, adapter, Report.from_dict(job.report))
+        try:
+            report = Report.from_dict(job.report)
+        except (KeyError, TypeError, ValueError) as exc:  # stored by an older, laxer version
+            error = f"the stored report cannot be read: {exc.__class__.__name__}"
+            await self.store.settle(job.delivery_id, Settle(Status.FAILED, last_error=error),
+                                    self.clock(), "delivery.failed")
+            return None
+        run = _Run(job, adapter, report)
         await self._deliver(run)
         return run.vendor_ok
 
