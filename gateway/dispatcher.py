@@ -51,7 +51,6 @@ class _Run:
     job: Job
     adapter: Adapter
     report: Report
-    vendor_ok: bool | None = None  # did the vendor answer (for the breaker); None: no call
 
     @property
     def cprs(self) -> tuple[str, ...]:
@@ -74,7 +73,6 @@ class Dispatcher:
         self.clock = clock
         self.endpoints = build_endpoints(settings, adapters)
         self._refreshed_at = 0.0
-        self._deferred_at: dict[Key, float] = {}
         self._rotation = 0
         self.owner = f"gw-{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
@@ -186,9 +184,8 @@ class Dispatcher:
             await asyncio.gather(*set(self._tasks), return_exceptions=True)
 
     async def _guarded(self, job: Job) -> None:
-        vendor_ok: bool | None = None
         try:
-            vendor_ok = await self.deliver(job)
+            await self.deliver(job)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -196,11 +193,12 @@ class Dispatcher:
             # reclaimed (in_doubt if a request may have left). Nothing more to do here.
             log.exception("delivery %s: could not record its outcome", job.delivery_id)
         finally:
-            await self._finished((job.municipality, job.adapter), vendor_ok)
+            self.endpoints.finished((job.municipality, job.adapter))
 
-    async def _finished(self, key: Key, vendor_ok: bool | None) -> None:
-        now = self.clock()
-        change = self.endpoints.finished(key, vendor_ok, now)
+    async def _called(self, run: _Run, ok: bool) -> None:
+        """Count one vendor call for the endpoint's breaker (ok: the vendor answered)."""
+        key, now = (run.job.municipality, run.job.adapter), self.clock()
+        change = self.endpoints.record(key, ok, now)
         if change is None:
             return
         event = "endpoint.breaker_open" if change is BreakerState.OPEN else "endpoint.breaker_closed"
@@ -210,8 +208,8 @@ class Dispatcher:
 
     # -- one delivery --------------------------------------------------------------------
 
-    async def deliver(self, job: Job) -> bool | None:
-        """Deliver one claimed job; True/False when the vendor answered/was unavailable."""
+    async def deliver(self, job: Job) -> None:
+        """Deliver one claimed job, recording every attempt and the outcome."""
         adapter = self.adapters[job.adapter]
         try:
             report = Report.from_dict(job.report)
@@ -219,10 +217,8 @@ class Dispatcher:
             error = f"the stored report cannot be read: {exc.__class__.__name__}"
             await self.store.settle(job.delivery_id, Settle(Status.FAILED, last_error=error),
                                     self.clock(), "delivery.failed")
-            return None
-        run = _Run(job, adapter, report)
-        await self._deliver(run)
-        return run.vendor_ok
+            return
+        await self._deliver(_Run(job, adapter, report))
 
     async def _deliver(self, run: _Run) -> None:
         job, adapter = run.job, run.adapter
@@ -249,7 +245,16 @@ class Dispatcher:
         if not (adapter.reads_before_send or job.previous_status == Status.IN_DOUBT):
             return job.delivered
         channel = self.channels.get(job.municipality, job.adapter)
-        held = tuple(await adapter.read_back(run.report, job.delivered, job.pending, channel))
+        try:
+            held = tuple(await adapter.read_back(run.report, job.delivered, job.pending, channel))
+        except (Transient, InDoubt) as exc:
+            await self._called(run, ok=False)
+            # a read changes nothing at the vendor: no answer to it is just "try later"
+            raise Transient(exc.message, status=exc.status, body=exc.body) from exc
+        except Rejected:
+            await self._called(run, ok=True)
+            raise
+        await self._called(run, ok=True)
         await self.store.replace_parts(job.delivery_id, job.report_pk, job.adapter, held, self.clock())
         return held
 
@@ -296,15 +301,15 @@ class Dispatcher:
         try:
             receipt = await adapter.send(payload, self.channels.get(job.municipality, job.adapter))
         except DeliveryError as exc:
-            run.vendor_ok = isinstance(exc, Rejected)  # a refusal is an answer: the vendor is up
+            await self._called(run, ok=isinstance(exc, Rejected))  # a refusal is an answer: it is up
             await self._record_failure(run, attempt_id, message, exc, started)
             return False
         except Exception as exc:  # unknown: the request may have left, so never guess "retry"
-            run.vendor_ok = False
+            await self._called(run, ok=False)
             doubt = InDoubt(f"unexpected error while sending: {exc!r}")
             await self._record_failure(run, attempt_id, message, doubt, started)
             return False
-        run.vendor_ok = True
+        await self._called(run, ok=True)
         await self._record_success(run, attempt_id, message, receipt, started, references, last)
         return True
 

@@ -149,14 +149,16 @@ class Endpoints:
         for key, endpoint in self._all.items():
             endpoint.paused = paused.get(key)
 
-    def finished(self, key: Key, ok: bool | None, now: float) -> BreakerState | None:
-        """A call (or a delivery without a call, ``ok`` None) ended; maybe a breaker moved."""
+    def record(self, key: Key, ok: bool, now: float) -> BreakerState | None:
+        """One vendor call's outcome (the vendor answered, or was unavailable)."""
+        endpoint = self._all.get(key)
+        return None if endpoint is None else endpoint.breaker.record(ok, now)
+
+    def finished(self, key: Key) -> None:
+        """A claimed delivery is done with the endpoint (whatever its calls were)."""
         endpoint = self._all.get(key)
         if endpoint is None:
-            return None
+            return
         endpoint.in_flight = max(0, endpoint.in_flight - 1)
-        if ok is None:
-            if endpoint.breaker.state is BreakerState.HALF_OPEN:
-                endpoint.breaker.probing = False
-            return None
-        return endpoint.breaker.record(ok, now)
+        if endpoint.breaker.state is BreakerState.HALF_OPEN:
+            endpoint.breaker.probing = False  # a probe that made no call decides nothing

@@ -2,12 +2,19 @@
 
 It requires a client certificate (as KMD does), validates requests against our schemas,
 keeps what was posted in a ledger so reads return it, and injects faults on demand.
+
+``SimulatorOptions.fault_mix`` draws one kind per request (update or read) with one uniform
+number from the seeded rng: ``server`` (HTTP 500, nothing applied), ``timeout`` (applied,
+then the answer is held for ``hang_seconds``), ``reset`` (the connection is closed without
+an answer, nothing applied) and ``drop-after-apply`` (applied, then the connection is
+closed). For a read, "applied" only means the read was answered late or not at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import json
 import random
 import ssl
@@ -22,10 +29,12 @@ from jsonschema import Draft202012Validator
 
 from adapters.kmd_engangsydelser import SCHEMA_FILES, SCHEMAS_DIR
 from gateway.simulators import SimulatorOptions
+from gateway.simulators.sd import check_fault_mix, pick_fault
 
 __all__ = ["STATE", "Ledger", "Posting", "SimState", "build_app", "ssl_context"]
 
 FAULTS = ("server", "timeout", "drop-after-apply")
+MIX_KINDS = frozenset({"server", "timeout", "reset", "drop-after-apply"})
 DEFAULT_CLIENTS = frozenset({"740", "840", "851", "746"})
 LOCKED_TEXT = "Medarbejderen er låst"
 CODES = {
@@ -135,6 +144,8 @@ class SimState:
     drop_next: int = 0  # apply the next N updates, then drop the connection
     hang_seconds: float = 60.0  # how long a "timeout" fault keeps the request open
     rng: random.Random = field(default_factory=random.Random)
+    injected: dict[str, int] = field(default_factory=dict)  # fault kind -> times drawn from the mix
+    closing: asyncio.Event = field(default_factory=asyncio.Event)  # set at shutdown: hangs end
 
     def sum(self, employee: str, month: str, loenart: str) -> Decimal:
         """Net ``Antal`` posted for one employee, month ("YYYY-MM") and Loenart."""
@@ -236,13 +247,41 @@ def _forbidden() -> web.Response:
     )
 
 
-async def _injected(request: web.Request, state: SimState) -> web.StreamResponse | None:
+def _mixed_fault(state: SimState) -> str | None:
+    """One draw from ``fault_mix`` per request (None: no mix, or no fault this time)."""
+    if not state.options.fault_mix:
+        return None
+    kind = pick_fault(state.options.fault_mix, state.rng.random())
+    if kind is not None:
+        state.injected[kind] = state.injected.get(kind, 0) + 1
+    return kind
+
+
+async def _hang(state: SimState) -> None:
+    """Hold the answer for ``hang_seconds``, or until the server shuts down."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(state.closing.wait(), state.hang_seconds)
+
+
+async def _wake_sleepers(app: web.Application) -> None:
+    app[STATE].closing.set()
+
+
+async def _injected(
+    request: web.Request, state: SimState, mixed: str | None = None
+) -> web.StreamResponse | None:
     """A fault response, or None to answer normally."""
     opts = state.options
     if opts.latency_ms:
         await asyncio.sleep(opts.latency_ms / 1000)
     if state.fault == "timeout":
-        await asyncio.sleep(state.hang_seconds)
+        await _hang(state)
+    if mixed == "server":
+        return web.json_response({"error": "injected fault"}, status=500)
+    if mixed == "reset":
+        await request.read()  # the whole request arrived; nothing is applied
+        _drop(request)
+        return web.Response(status=204)  # never reaches the client
     forced = state.fault == "server" or (opts.fail_rate and state.rng.random() < opts.fail_rate)
     if state.fail_next > 0 or forced:
         status = state.fail_status if state.fail_next > 0 else 500
@@ -254,7 +293,8 @@ async def _injected(request: web.Request, state: SimState) -> web.StreamResponse
 
 async def update(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    injected = await _injected(request, state)
+    mixed = _mixed_fault(state)
+    injected = await _injected(request, state, mixed)
     if injected is not None:
         return injected
     doc = await _read_json(request)
@@ -263,7 +303,10 @@ async def update(request: web.Request) -> web.StreamResponse:
         state.refused.append(doc)
         return refusal
     state.received.append(doc)
-    return _apply(request, doc, state)
+    response = _apply(request, doc, state, drop=mixed == "drop-after-apply")
+    if mixed == "timeout":
+        await _hang(state)
+    return response
 
 
 def _refusal(doc: Any, state: SimState) -> web.Response | None:
@@ -277,7 +320,9 @@ def _refusal(doc: Any, state: SimState) -> web.Response | None:
     return _bad_request(errors) if errors else None
 
 
-def _apply(request: web.Request, doc: dict[str, Any], state: SimState) -> web.StreamResponse:
+def _apply(
+    request: web.Request, doc: dict[str, Any], state: SimState, drop: bool = False
+) -> web.StreamResponse:
     header = {"Timestamp": _now(), "OpdateringsID": doc["Header"]["OpdateringsID"]}
     messages = update_messages(doc, state)
     if messages:
@@ -290,8 +335,8 @@ def _apply(request: web.Request, doc: dict[str, Any], state: SimState) -> web.St
         )
     if doc["Header"]["Kun_Valider"] != "1":
         state.ledger.post(doc["Medarbejder"]["Medarbejdernummer"], doc["Engangsydelser"])
-    if state.fault == "drop-after-apply" or state.drop_next > 0:
-        state.drop_next = max(0, state.drop_next - 1)
+    if drop or state.fault == "drop-after-apply" or state.drop_next > 0:
+        state.drop_next = max(0, state.drop_next - (not drop))
         _drop(request)
         return web.Response(status=204)  # never reaches the client
     return web.json_response(
@@ -307,7 +352,8 @@ def _drop(request: web.Request) -> None:
 
 async def read(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    injected = await _injected(request, state)
+    mixed = _mixed_fault(state)
+    injected = await _injected(request, state, mixed)
     if injected is not None:
         return injected
     doc = await _read_json(request)
@@ -317,7 +363,12 @@ async def read(request: web.Request) -> web.StreamResponse:
     if errors:
         return _bad_request(errors)
     state.reads.append(doc)
-    return web.json_response(read_answer(doc, state.ledger))
+    answer = web.json_response(read_answer(doc, state.ledger))
+    if mixed == "timeout":
+        await _hang(state)
+    elif mixed == "drop-after-apply":
+        _drop(request)
+    return answer
 
 
 def read_answer(doc: dict[str, Any], ledger: Ledger) -> dict[str, Any]:
@@ -338,8 +389,10 @@ def build_app(options: SimulatorOptions) -> web.Application:
     """The simulator app (serve it with :func:`ssl_context` for mutual TLS)."""
     if options.fault is not None and options.fault not in FAULTS:
         raise ValueError(f"unknown fault {options.fault!r}; expected one of {', '.join(FAULTS)}")
+    check_fault_mix(options.fault_mix, MIX_KINDS)
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app[STATE] = SimState(options=options, fault=options.fault, rng=random.Random(options.seed))
+    app.on_shutdown.append(_wake_sleepers)
     app.router.add_post("/lpe/update-onetime-payments", update)
     app.router.add_post("/lpe/read-onetime-payments", read)
     return app

@@ -13,6 +13,12 @@ credentials when ``username`` is None), ``latency_ms`` (before every answer), ``
 - ``timeout``: no answer until the server shuts down, nothing stored;
 - ``drop-after-apply``: stored, then the connection is closed without an answer.
 
+``fault_mix`` (e.g. ``(("server", 0.3), ("timeout", 0.1), ("reset", 0.05))``) draws one
+kind per request instead, with one uniform number from the seeded rng (:func:`pick_fault`).
+Besides the kinds above it knows ``reset`` (the connection is closed without an answer,
+nothing stored), and in a mix ``timeout`` means the worst case for a client: the
+registration IS stored, and the answer comes only after a long sleep (``hang_seconds``).
+
 Tests may change ``app[STATE].fault`` at run time, or set ``app[STATE].fail_next = N`` to
 answer the next N valid-looking requests with ``Server`` faults and then recover. An
 ``AnsaettelseIdentifikator`` of ``00000000`` gets SD's "does not exist" ``Client`` fault.
@@ -54,7 +60,30 @@ CLOSED_BODY = b"<html><body><h1>The webservice has failed</h1></body></html>"
 FAULTS = frozenset(
     {"server", "client", "closed", "unavailable", "throttle", "timeout", "drop-after-apply"}
 )
+MIX_KINDS = FAULTS | {"reset"}
+APPLIED_KINDS = frozenset({"drop-after-apply", "hang-after-apply"})  # stored, then no answer in time
 TIMEOUT_SECONDS = 3600.0  # far beyond any client read timeout; shutdown ends it early
+
+
+def pick_fault(mix: tuple[tuple[str, float], ...], draw: float) -> str | None:
+    """The kind whose cumulative share first exceeds ``draw`` (uniform in [0, 1)), or None."""
+    total = 0.0
+    for kind, share in mix:
+        total += share
+        if draw < total:
+            return kind
+    return None
+
+
+def check_fault_mix(mix: tuple[tuple[str, float], ...], known: frozenset[str]) -> None:
+    """Raise ValueError for an unknown kind, a share outside [0, 1], or shares above 1 in all."""
+    for kind, share in mix:
+        if kind not in known:
+            raise ValueError(f"unknown fault {kind!r} in fault_mix; choose from {sorted(known)}")
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"fault_mix share of {kind!r} must be between 0 and 1, got {share}")
+    if sum(share for _, share in mix) > 1.0 + 1e-9:
+        raise ValueError("fault_mix: the shares add up to more than 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +109,8 @@ class SdState:
     received: int = 0
     accepted: list[Accepted] = field(default_factory=list)
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    hang_seconds: float = TIMEOUT_SECONDS  # how long a mixed-in "timeout" holds its answer
+    injected: dict[str, int] = field(default_factory=dict)  # fault kind -> times drawn from the mix
 
 
 STATE = web.AppKey("sd_state", SdState)
@@ -90,6 +121,7 @@ def build_app(options: SimulatorOptions) -> web.Application:
     """The SD simulator: one POST route on any path."""
     if options.fault is not None and options.fault not in FAULTS:
         raise ValueError(f"unknown SD fault {options.fault!r}; choose from {sorted(FAULTS)}")
+    check_fault_mix(options.fault_mix, MIX_KINDS)
     app = web.Application()
     app[STATE] = SdState(options=options, rng=random.Random(options.seed), fault=options.fault)
     app[_SCHEMA] = load_schema(SCHEMAS_DIR / "sd" / "sd-20170501.xsd")
@@ -112,14 +144,16 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if state.options.latency_ms:
         await asyncio.sleep(state.options.latency_ms / 1000)
     kind = _injected_fault(state)
-    if kind is not None and kind != "drop-after-apply":
-        return await _injected_answer(kind, state)
+    if kind is not None and kind not in APPLIED_KINDS:
+        return await _injected_answer(kind, state, request)
     checked = _check_request(await request.read(), request.app[_SCHEMA])
     if isinstance(checked, web.Response):
         return checked
     accepted = _accept(state, checked)
     if kind == "drop-after-apply":
         return _drop(request)
+    if kind == "hang-after-apply":
+        await _hang(state, state.hang_seconds)
     return _soap(200, _response_payload(checked, accepted.registrering_id))
 
 
@@ -152,12 +186,20 @@ def _injected_fault(state: SdState) -> str | None:
     if state.fail_next > 0:
         state.fail_next -= 1
         return "server"
+    if state.options.fault_mix:
+        kind = pick_fault(state.options.fault_mix, state.rng.random())
+        if kind is not None:
+            state.injected[kind] = state.injected.get(kind, 0) + 1
+        return "hang-after-apply" if kind == "timeout" else kind
     if state.options.fail_rate and state.rng.random() < state.options.fail_rate:
         return "server"
     return None
 
 
-async def _injected_answer(kind: str, state: SdState) -> web.Response:
+async def _injected_answer(kind: str, state: SdState, request: web.Request) -> web.Response:
+    if kind == "reset":
+        await request.read()  # the whole request arrived; nothing is stored
+        return _drop(request)
     if kind == "client":
         return _fault("Client", "Simulated client fault: the request was refused")
     if kind == "closed":
@@ -167,9 +209,14 @@ async def _injected_answer(kind: str, state: SdState) -> web.Response:
     if kind == "throttle":
         return web.Response(status=429, text="Too Many Requests", headers={"Retry-After": "61"})
     if kind == "timeout":
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(state.closing.wait(), TIMEOUT_SECONDS)
+        await _hang(state, TIMEOUT_SECONDS)
     return _fault("Server", "Simulated server error: the request was not processed")
+
+
+async def _hang(state: SdState, seconds: float) -> None:
+    """Hold the answer for ``seconds``, or until the server shuts down."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(state.closing.wait(), seconds)
 
 
 def _check_request(data: bytes, schema: etree.XMLSchema) -> etree._Element | web.Response:
@@ -202,7 +249,7 @@ def _accept(state: SdState, payload: etree._Element) -> Accepted:
 
 
 def _drop(request: web.Request) -> web.Response:
-    # applied, but the client never hears it: the in-doubt case
+    # the client never hears an answer (after "drop-after-apply" the registration is stored)
     if request.transport is not None:
         request.transport.close()
     raise asyncio.CancelledError

@@ -16,7 +16,14 @@ from adapters.base import Channel, InDoubt, Plan, Rejected, Report, Transient, V
 from adapters.kmd_engangsydelser import KmdEngangsydelser
 from gateway.devcerts import DevCerts, ensure_dev_certs
 from gateway.simulators import SimulatorOptions
-from gateway.simulators.engangsydelser import STATE, Ledger, SimState, build_app, ssl_context
+from gateway.simulators.engangsydelser import (
+    STATE,
+    Ledger,
+    SimState,
+    _mixed_fault,
+    build_app,
+    ssl_context,
+)
 
 ADAPTER = KmdEngangsydelser()
 EMPLOYEE = "00012345"
@@ -275,3 +282,68 @@ async def test_server_faults_from_options_are_transient(
         channel = Channel(session, VendorSettings(endpoint=str(server.make_url("/"))))
         with pytest.raises(Transient, match="HTTP 500"):
             await ADAPTER.read_back(drive(), [], [], channel)
+
+
+# -- fault_mix: one seeded draw per request, each kind's effect through the real adapter --
+
+
+async def _mixed(aiohttp_server: Any, certs: DevCerts, kind: str) -> tuple[SimState, Any]:
+    options = _options(certs, fault_mix=((kind, 1.0),))
+    app = build_app(options)
+    server = await aiohttp_server(app, ssl=ssl_context(options))
+    return app[STATE], server
+
+
+async def _send(server: Any, certs: DevCerts, report: Report) -> Any:
+    """Plan without reading (the read would draw a fault too), render, send."""
+    settings = VendorSettings(endpoint=str(server.make_url("/")), read_timeout=0.3)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=certs.client_context())) as s:
+        channel = Channel(s, settings)
+        plan = ADAPTER.plan(report, [], settings)
+        return await ADAPTER.send(ADAPTER.render(report, plan.messages[0], settings), channel)
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "applied"),
+    [
+        ("server", Transient, Decimal("0")),
+        ("timeout", InDoubt, Decimal("12.50")),
+        ("reset", InDoubt, Decimal("0")),
+        ("drop-after-apply", InDoubt, Decimal("12.50")),
+    ],
+)
+async def test_each_mixed_fault_kind(
+    aiohttp_server: Any, certs: DevCerts, kind: str, error: type, applied: Decimal
+) -> None:
+    state, server = await _mixed(aiohttp_server, certs, kind)
+    state.hang_seconds = 1.0
+    with pytest.raises(error):
+        await _send(server, certs, drive())
+    assert state.sum(EMPLOYEE, "2024-11", "0100") == applied
+    assert state.injected == {kind: 1}
+
+
+async def test_mixed_faults_hit_reads_too(aiohttp_server: Any, certs: DevCerts) -> None:
+    state, server = await _mixed(aiohttp_server, certs, "reset")
+    settings = VendorSettings(endpoint=str(server.make_url("/")), read_timeout=1)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=certs.client_context())) as s:
+        with pytest.raises(InDoubt):
+            await ADAPTER.read_back(drive(), [], [], Channel(s, settings))
+    assert state.reads == []
+
+
+def test_bad_fault_mix_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown fault"):
+        build_app(SimulatorOptions(fault_mix=(("client", 0.1),)))
+    with pytest.raises(ValueError, match="more than 1"):
+        build_app(SimulatorOptions(fault_mix=(("server", 0.7), ("timeout", 0.7))))
+
+
+async def test_mixed_draws_are_seeded(aiohttp_server: Any, certs: DevCerts) -> None:
+    mix = (("server", 0.3), ("timeout", 0.1), ("reset", 0.05))
+    draws = []
+    for _ in range(2):
+        app = build_app(_options(certs, fault_mix=mix))
+        state = app[STATE]
+        draws.append([_mixed_fault(state) for _ in range(200)])
+    assert draws[0] == draws[1] and set(draws[0]) == {"server", "timeout", "reset", None}

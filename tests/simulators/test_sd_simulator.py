@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import random
 import time
+from collections import Counter
 from pathlib import Path
 
+import aiohttp
 import pytest
 from lxml import etree
 
@@ -21,7 +25,7 @@ from adapters.soap import (
     schema_errors,
 )
 from gateway.simulators import SimulatorOptions
-from gateway.simulators.sd import STATE, build_app
+from gateway.simulators.sd import STATE, build_app, pick_fault
 
 SD = "urn:oio:sd:snitflader:2017.05.01"
 REPORT = json.loads(
@@ -210,3 +214,82 @@ async def test_latency_is_added(client_for, adapter) -> None:
 def test_unknown_fault_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown SD fault"):
         build_app(SimulatorOptions(fault="explode"))
+
+
+# ---------------------------------------------------------------------------------------
+# fault_mix: one seeded draw per request
+# ---------------------------------------------------------------------------------------
+
+MIX = (("server", 0.3), ("timeout", 0.1), ("reset", 0.05))
+
+
+def test_pick_fault_shares_are_observed_over_1000_seeded_draws() -> None:
+    rng = random.Random(20260101)
+    counts = Counter(pick_fault(MIX, rng.random()) for _ in range(1000))
+    for kind, share in (*MIX, (None, 0.55)):
+        assert abs(counts[kind] / 1000 - share) < 0.05, counts
+    again = random.Random(20260101)
+    assert Counter(pick_fault(MIX, again.random()) for _ in range(1000)) == counts  # seeded
+
+
+def test_pick_fault_uses_cumulative_shares() -> None:
+    assert [pick_fault(MIX, d) for d in (0.0, 0.2999, 0.3, 0.3999, 0.4, 0.4499, 0.45, 0.99)] == [
+        "server", "server", "timeout", "timeout", "reset", "reset", None, None]
+    assert pick_fault((), 0.0) is None
+
+
+@pytest.mark.parametrize(("mix", "message"), [
+    ((("explode", 0.1),), "unknown fault"),
+    ((("server", 1.5),), "between 0 and 1"),
+    ((("server", 0.6), ("reset", 0.6)), "more than 1"),
+])
+def test_bad_fault_mix_is_refused(mix, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_app(SimulatorOptions(fault_mix=mix))
+
+
+async def _post_mixed(client, adapter, read_timeout: float = 5.0):
+    timeout = aiohttp.ClientTimeout(sock_read=read_timeout)
+    async with client.post("/x", data=request_body(adapter), headers=AUTH, timeout=timeout) as resp:
+        return resp.status, await resp.read()
+
+
+async def test_mixed_server_fault_stores_nothing(client_for, adapter) -> None:
+    client = await client_for(fault_mix=(("server", 1.0),), seed=1)
+    status, body = await _post_mixed(client, adapter)
+    assert (status, fault_text(body)[0]) == (500, "Server")
+    assert client.server.app[STATE].accepted == []
+    assert client.server.app[STATE].injected == {"server": 1}
+
+
+async def test_mixed_timeout_stores_then_answers_too_late(client_for, adapter) -> None:
+    client = await client_for(fault_mix=(("timeout", 1.0),), seed=1)
+    client.server.app[STATE].hang_seconds = 1.0
+    with pytest.raises(asyncio.TimeoutError):
+        await _post_mixed(client, adapter, read_timeout=0.1)
+    assert len(client.server.app[STATE].accepted) == 1  # applied, the client cannot know
+
+
+@pytest.mark.parametrize(("kind", "stored"), [("reset", 0), ("drop-after-apply", 1)])
+async def test_mixed_reset_and_drop_close_without_an_answer(client_for, adapter, kind, stored) -> None:
+    client = await client_for(fault_mix=((kind, 1.0),), seed=1)
+    with pytest.raises(aiohttp.ClientError):
+        await _post_mixed(client, adapter)
+    assert len(client.server.app[STATE].accepted) == stored
+
+
+async def test_mix_draws_are_seeded_and_empty_mix_changes_nothing(client_for, adapter) -> None:
+    async def outcomes(**options: object) -> list[str]:
+        client = await client_for(seed=5, **options)
+        found = []
+        for _ in range(20):
+            try:
+                found.append(str((await _post_mixed(client, adapter))[0]))
+            except aiohttp.ClientError:
+                found.append("closed")
+        return found
+
+    mix = (("server", 0.4), ("reset", 0.2))
+    first, again = await outcomes(fault_mix=mix), await outcomes(fault_mix=mix)
+    assert first == again and {"200", "500", "closed"} <= set(first)
+    assert set(await outcomes()) == {"200"}
