@@ -25,3 +25,24 @@ class SimulatorOptions:
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = None
+
+
+def pick_fault(mix: tuple[tuple[str, float], ...], draw: float) -> str | None:
+    """The kind whose cumulative share first exceeds ``draw`` (uniform in [0, 1)), or None."""
+    total = 0.0
+    for kind, share in mix:
+        total += share
+        if draw < total:
+            return kind
+    return None
+
+
+def check_fault_mix(mix: tuple[tuple[str, float], ...], known: frozenset[str]) -> None:
+    """Raise ValueError for an unknown kind, a share outside [0, 1], or shares above 1 in all."""
+    for kind, share in mix:
+        if kind not in known:
+            raise ValueError(f"unknown fault {kind!r} in fault_mix; choose from {sorted(known)}")
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"fault_mix share of {kind!r} must be between 0 and 1, got {share}")
+    if sum(share for _, share in mix) > 1.0 + 1e-9:
+        raise ValueError("fault_mix: the shares add up to more than 1")

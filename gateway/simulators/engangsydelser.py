@@ -28,8 +28,7 @@ from aiohttp import web
 from jsonschema import Draft202012Validator
 
 from adapters.kmd_engangsydelser import SCHEMA_FILES, SCHEMAS_DIR
-from gateway.simulators import SimulatorOptions
-from gateway.simulators.sd import check_fault_mix, pick_fault
+from gateway.simulators import SimulatorOptions, check_fault_mix, pick_fault
 
 __all__ = ["STATE", "Ledger", "Posting", "SimState", "build_app", "ssl_context"]
 

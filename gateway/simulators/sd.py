@@ -50,7 +50,7 @@ from adapters.soap import (
     parse_xml,
     schema_errors,
 )
-from gateway.simulators import SimulatorOptions
+from gateway.simulators import SimulatorOptions, check_fault_mix, pick_fault
 
 SD_NS = "urn:oio:sd:snitflader:2017.05.01"
 KOERSEL_NS = "urn:oio:sd:snitflader:2012.02.01"
@@ -63,27 +63,6 @@ FAULTS = frozenset(
 MIX_KINDS = FAULTS | {"reset"}
 APPLIED_KINDS = frozenset({"drop-after-apply", "hang-after-apply"})  # stored, then no answer in time
 TIMEOUT_SECONDS = 3600.0  # far beyond any client read timeout; shutdown ends it early
-
-
-def pick_fault(mix: tuple[tuple[str, float], ...], draw: float) -> str | None:
-    """The kind whose cumulative share first exceeds ``draw`` (uniform in [0, 1)), or None."""
-    total = 0.0
-    for kind, share in mix:
-        total += share
-        if draw < total:
-            return kind
-    return None
-
-
-def check_fault_mix(mix: tuple[tuple[str, float], ...], known: frozenset[str]) -> None:
-    """Raise ValueError for an unknown kind, a share outside [0, 1], or shares above 1 in all."""
-    for kind, share in mix:
-        if kind not in known:
-            raise ValueError(f"unknown fault {kind!r} in fault_mix; choose from {sorted(known)}")
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"fault_mix share of {kind!r} must be between 0 and 1, got {share}")
-    if sum(share for _, share in mix) > 1.0 + 1e-9:
-        raise ValueError("fault_mix: the shares add up to more than 1")
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ from adapters.soap import (
     parse_xml,
     schema_errors,
 )
-from gateway.simulators import SimulatorOptions
-from gateway.simulators.sd import STATE, build_app, pick_fault
+from gateway.simulators import SimulatorOptions, pick_fault
+from gateway.simulators.sd import STATE, build_app
 
 SD = "urn:oio:sd:snitflader:2017.05.01"
 REPORT = json.loads(
