@@ -105,12 +105,17 @@ async def _act(request: web.Request, action: str, filters: dict[str, Any], reaso
     return {"action": action, "operator": who.name, **result}
 
 
-@routes.post("/v1/ops/deliveries/{action}")
-async def act_on_many(request: web.Request) -> web.Response:
+def _action(request: web.Request) -> str:
     action = request.match_info["action"]
     if action not in ACTIONS:
         raise NotFound(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
     operator(request)
+    return action
+
+
+@routes.post("/v1/ops/deliveries/{action}")
+async def act_on_many(request: web.Request) -> web.Response:
+    action = _action(request)
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object with 'reason' and 'ids' or 'filter'")
@@ -122,10 +127,7 @@ async def act_on_many(request: web.Request) -> web.Response:
 
 @routes.post("/v1/ops/deliveries/{id}/{action}")
 async def act_on_one(request: web.Request) -> web.Response:
-    action = request.match_info["action"]
-    if action not in ACTIONS:
-        raise NotFound(f"unknown action {action!r} (known: {', '.join(ACTIONS)})")
-    operator(request)
+    action = _action(request)
     body = await read_json(request)
     reason = body.get("reason") if isinstance(body, dict) else None
     result = await _act(request, action, {"ids": [_id(request)]}, reason)
