@@ -166,6 +166,7 @@ def create_app(
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
     check_routes(settings, app[APP_ADAPTERS])
     app[APP_CALENDARS] = build_calendars(settings)
+    FileRunner(app[APP_STORE], app[APP_ADAPTERS], settings).check_schedules()
     warn_short_leases(settings)
     app.add_routes(intake.routes)
     app.add_routes(compat.routes)

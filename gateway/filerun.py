@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 from adapters import kmd_ind01
 from adapters.base import Adapter, DeliveryError, Report, VendorSettings, mask_cpr
 
+from .errors import ConfigError
 from .ind01_file import AppendResult, FileConflict, FileRun, JournalEntry, next_run
 from .settings import Settings
 from .store import Job, Settle, Status, Store
@@ -104,6 +105,14 @@ class FileRunner:
             except Exception:
                 log.exception("file run for %s/%s failed; next run as scheduled", *route)
             due[route] = self._next(route)
+
+    def check_schedules(self) -> None:
+        """At start-up: every file route's cron schedule must parse (one line naming the key)."""
+        for route in self.routes():
+            try:
+                self._next(route)
+            except ValueError as exc:
+                raise ConfigError(f"tenants.{route[0]}.vendors.{route[1]}.options.schedule: {exc}") from exc
 
     def _next(self, route: tuple[str, str]) -> float:
         cron = str(self.vendor(*route).options.get("schedule", DEFAULT_SCHEDULE))

@@ -125,3 +125,14 @@ async def test_a_crash_between_write_and_commit_loses_and_doubles_nothing(
         view = await status(second, rid)
         assert view["status"] == "delivered"
         assert view["deliveries"][0]["vendor_reference"] == f"IND01_851.txt:{line}"
+
+
+def test_a_bad_schedule_stops_the_start_with_the_key(ind01_settings: Settings) -> None:
+    from gateway.app import create_app
+    from gateway.errors import ConfigError
+
+    vendor = VendorSettings(options={"schedule": "every quarter hour"})
+    tenants = dict(ind01_settings.tenants)
+    tenants["851"] = tenant("851", KEY_851, {"kmd-ind01": vendor}, {"drive": "kmd-ind01"})
+    with pytest.raises(ConfigError, match=r"tenants.851.vendors.kmd-ind01.options.schedule: invalid cron"):
+        create_app(replace(ind01_settings, tenants=tenants))
