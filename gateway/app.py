@@ -16,13 +16,14 @@ from adapters.registry import load_adapters
 
 from . import compat, intake, ops
 from .channels import Channels
-from .dispatcher import Dispatcher
+from .dispatcher import Dispatcher, build_endpoints
 from .errors import ConfigError, GatewayError
 from .filerun import FileRunner
 from .keys import (
     APP_ADAPTERS,
     APP_CALENDARS,
     APP_DISPATCHER,
+    APP_ENDPOINTS,
     APP_FILE_RUNNER,
     APP_SETTINGS,
     APP_STORE,
@@ -167,6 +168,7 @@ def create_app(
     check_routes(settings, app[APP_ADAPTERS])
     app[APP_CALENDARS] = build_calendars(settings)
     FileRunner(app[APP_STORE], app[APP_ADAPTERS], settings).check_schedules()
+    app[APP_ENDPOINTS] = build_endpoints(settings, app[APP_ADAPTERS])
     warn_short_leases(settings)
     app.add_routes(intake.routes)
     app.add_routes(compat.routes)
@@ -187,7 +189,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         channels = Channels(app[APP_SETTINGS])
-        dispatcher = Dispatcher(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS], channels)
+        dispatcher = Dispatcher(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS], channels,
+                                endpoints=app[APP_ENDPOINTS])
         app[APP_DISPATCHER] = dispatcher
         app[APP_FILE_RUNNER] = FileRunner(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS])
         task = asyncio.create_task(dispatcher.run(), name="dispatcher") if run else None

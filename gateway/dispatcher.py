@@ -36,6 +36,7 @@ from adapters.base import (
 from . import retry
 from .channels import Channels
 from .endpoints import BreakerState, Endpoints, Key
+from .errors import ConfigError
 from .settings import Settings
 from .store import AttemptRecord, Job, Settle, Status, Store
 
@@ -65,13 +66,14 @@ class Dispatcher:
         settings: Settings,
         channels: Channels,
         clock: Callable[[], float] = time.time,
+        endpoints: Endpoints | None = None,
     ) -> None:
         self.store = store
         self.adapters = adapters
         self.settings = settings
         self.channels = channels
         self.clock = clock
-        self.endpoints = build_endpoints(settings, adapters)
+        self.endpoints = endpoints if endpoints is not None else build_endpoints(settings, adapters)
         self._refreshed_at = 0.0
         self._rotation = 0
         self.owner = f"gw-{uuid.uuid4().hex[:12]}"
@@ -383,7 +385,10 @@ def build_endpoints(settings: Settings, adapters: Mapping[str, Adapter]) -> Endp
     keys = {(m, a) for m, t in settings.tenants.items() for a in t.routes.values() if a in adapters}
     policies = {key: settings.endpoint(*key) for key in sorted(keys)}
     defaults = {name: getattr(a, "opening_hours", None) for name, a in adapters.items()}
-    return Endpoints(policies, defaults)
+    try:
+        return Endpoints(policies, defaults)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _join(references: Mapping[str, str | None]) -> str | None:

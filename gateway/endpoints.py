@@ -133,10 +133,14 @@ class Endpoints:
     """All endpoints of the configured routes."""
 
     def __init__(self, policies: Mapping[Key, EndpointPolicy], default_hours: Mapping[str, str | None]) -> None:
+        """Raises ValueError, naming the endpoint, for opening hours that do not parse."""
         self._all: dict[Key, Endpoint] = {}
         for key, policy in policies.items():
             text = policy.opening_hours or default_hours.get(key[1])
-            hours = OpeningHours.parse(text) if text else ALWAYS
+            try:
+                hours = OpeningHours.parse(text) if text else ALWAYS
+            except ValueError as exc:
+                raise ValueError(f"tenants.{key[0]}.vendors.{key[1]}.opening_hours: {exc}") from exc
             self._all[key] = Endpoint(key, policy, hours, Breaker(policy.breaker))
 
     def __iter__(self) -> Iterable[Endpoint]:  # type: ignore[override]

@@ -14,6 +14,7 @@ from .store import Store
 
 if TYPE_CHECKING:
     from .dispatcher import Dispatcher
+    from .endpoints import Endpoints
     from .filerun import FileRunner
     from .payroll_calendar import CutoffCalendar
     from .watch import AtRiskWatch
@@ -25,3 +26,4 @@ APP_DISPATCHER: web.AppKey[Dispatcher] = web.AppKey("dispatcher")
 APP_FILE_RUNNER: web.AppKey[FileRunner] = web.AppKey("file_runner")
 APP_WATCH: web.AppKey[AtRiskWatch] = web.AppKey("at_risk_watch")
 APP_CALENDARS: web.AppKey[dict[tuple[str, str], CutoffCalendar]] = web.AppKey("calendars")
+APP_ENDPOINTS: web.AppKey[Endpoints] = web.AppKey("endpoints")

@@ -90,3 +90,12 @@ def test_not_toml(tmp_path: Path) -> None:
 def test_bad_api_key_hash(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"tenants.746.api_key_hashes\[0\]: expected 'sha256:<64 hex>'"):
         load(write(tmp_path, BASE.replace("{hash}", "plain-key")), env={"SD_PW": "x"})
+
+
+def test_bad_opening_hours_stop_the_start_with_the_key(tmp_path: Path) -> None:
+    from gateway.app import create_app
+
+    text = BASE.replace('institution = "XY"', 'institution = "XY"\nopening_hours = "6 til 22"')
+    settings = load(write(tmp_path, text), env={"SD_PW": "x"})
+    with pytest.raises(ConfigError, match=r"^tenants.746.vendors.sd-koersel.opening_hours: "):
+        create_app(settings)
