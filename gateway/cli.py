@@ -104,9 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries.set_defaults(func=cmd_deliveries)
     for action, text in (("replay", "send failed, in-doubt or cancelled deliveries again"),
                          ("cancel", "cancel deliveries (they will not be sent)"),
-                         ("check", "ask the vendor what it holds (KMD read-back) and reconcile")):
+                         ("check", "ask the vendor what it holds (KMD read-back) and reconcile"),
+                         ("confirm", "an in-doubt delivery was found at the vendor: mark it delivered")):
         op = sub.add_parser(action, help=text)
         _add_filters(op)
+        if action == "confirm":
+            op.add_argument("--vendor-reference", help="the vendor's id, e.g. SD's RegistreringIdentifikator")
         op.add_argument("--reason", required=True, help="why (written to the audit trail)")
         op.add_argument("--operator", default=None, help="who (default: cli:<login name>)")
         op.set_defaults(func=cmd_operate, action=action)
@@ -396,7 +399,7 @@ def cmd_operate(args: argparse.Namespace) -> int:
 
     async def work(store: Any, settings: Settings) -> Any:
         return await store.operate(args.action, filters, _operator(args), args.reason.strip(),
-                                   time.time(), readback)
+                                   time.time(), readback, getattr(args, "vendor_reference", None))
 
     result = _with_store(args, work)
     print(f"payroll-gateway: {args.action}: {len(result['changed'])} changed "

@@ -21,7 +21,7 @@ from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .settings import Operator
 
 routes = web.RouteTableDef()
-ACTIONS = ("replay", "cancel", "check")
+ACTIONS = ("replay", "cancel", "check", "confirm")
 FILTER_KEYS = ("municipality", "adapter", "status", "report_id", "since", "until", "error", "at_risk")
 
 
@@ -91,7 +91,8 @@ def _id(request: web.Request) -> int:
     return int(raw)
 
 
-async def _act(request: web.Request, action: str, filters: dict[str, Any], reason: Any) -> dict[str, Any]:
+async def _act(request: web.Request, action: str, filters: dict[str, Any], reason: Any,
+               vendor_reference: Any = None) -> dict[str, Any]:
     who = operator(request)
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidReport("a reason is required", [FieldError("/reason", "is required: say why")])
@@ -99,7 +100,10 @@ async def _act(request: web.Request, action: str, filters: dict[str, Any], reaso
         raise InvalidReport("select deliveries", [FieldError("/filter", "give ids or at least one filter")])
     app = request.app
     readback = [n for n, a in app[APP_ADAPTERS].items() if isinstance(a, ReadsBack)]
-    result = await app[APP_STORE].operate(action, filters, who.name, reason.strip(), time.time(), readback)
+    if vendor_reference is not None and not isinstance(vendor_reference, str):
+        raise InvalidReport("bad vendor_reference", [FieldError("/vendor_reference", "must be a string")])
+    result = await app[APP_STORE].operate(action, filters, who.name, reason.strip(), time.time(), readback,
+                                          vendor_reference)
     if result["changed"]:
         app[APP_DISPATCHER].wake()
     return {"action": action, "operator": who.name, **result}
@@ -122,15 +126,17 @@ async def act_on_many(request: web.Request) -> web.Response:
     raw = dict(body.get("filter") or {})
     if "ids" in body:
         raw["ids"] = body["ids"]
-    return web.json_response(await _act(request, action, parse_filters(raw, "/filter"), body.get("reason")))
+    return web.json_response(await _act(request, action, parse_filters(raw, "/filter"), body.get("reason"),
+                                        body.get("vendor_reference")))
 
 
 @routes.post("/v1/ops/deliveries/{id}/{action}")
 async def act_on_one(request: web.Request) -> web.Response:
     action = _action(request)
     body = await read_json(request)
-    reason = body.get("reason") if isinstance(body, dict) else None
-    result = await _act(request, action, {"ids": [_id(request)]}, reason)
+    body = body if isinstance(body, dict) else {}
+    result = await _act(request, action, {"ids": [_id(request)]}, body.get("reason"),
+                        body.get("vendor_reference"))
     if not result["changed"]:
         raise Conflict(f"delivery {_id(request)} cannot take '{action}' in its current state "
                        "(or does not exist)")

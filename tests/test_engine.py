@@ -209,3 +209,24 @@ def test_a_lease_shorter_than_a_request_is_warned_about(settings: Settings, capl
     with caplog.at_level(logging.WARNING):
         warn_short_leases(replace(settings, lease_seconds=5))
     assert "lease_seconds (5) should be at least" in caplog.text
+
+
+async def test_confirming_an_in_doubt_sd_delivery_records_it_so_a_new_version_is_not_paid_twice(
+    gateway: Gateway, sd_server: TestServer
+) -> None:
+    sd_server.app[SD_STATE].fault = "drop-after-apply"
+    await gateway.post(drive())
+    view = await gateway.wait_for("R-1", {"in_doubt"})
+    sd_server.app[SD_STATE].fault = None
+    registration = accepted(sd_server)[0].registrering_id
+    delivery = view["deliveries"][0]["id"]
+    status, _ = await gateway.ops("POST", f"deliveries/{delivery}/confirm",
+                                  {"reason": "found it in SD Løn", "vendor_reference": registration})
+    assert status == 200
+    _, view = await gateway.get("746", "R-1")
+    assert view["status"] == "delivered" and view["deliveries"][0]["vendor_reference"] == registration
+    await gateway.post(drive(version=2, distance_km="30.00"))
+    await gateway.wait_for("R-1", {"correction_required"})
+    assert len(accepted(sd_server)) == 1
+    # confirm only applies to in-doubt deliveries
+    assert (await gateway.ops("POST", f"deliveries/{delivery}/confirm", {"reason": "again"}))[0] == 409

@@ -659,8 +659,9 @@ class SQLiteStore:
             "SELECT COUNT(*) FROM deliveries WHERE at_risk = 1").fetchone()[0]))
 
     async def operate(self, action: str, filters: Mapping[str, Any], actor: str, reason: str,
-                      now: float, readback_adapters: Sequence[str] = ()) -> dict[str, list[int]]:
-        """Replay, cancel or check the deliveries the filter selects; each change audited."""
+                      now: float, readback_adapters: Sequence[str] = (),
+                      vendor_reference: str | None = None) -> dict[str, list[int]]:
+        """Replay, cancel, check or confirm the selected deliveries; each change audited."""
         where, params = _filter_sql(filters)
         rule = _OPERATIONS[action]
 
@@ -673,16 +674,18 @@ class SQLiteStore:
                 if new is None:
                     done["skipped"].append(row["id"])
                     continue
-                self._operate_one(conn, row, action, new, actor, reason, now)
+                self._operate_one(conn, row, action, new, actor, reason, now, vendor_reference)
                 done["changed"].append(row["id"])
             return done
 
         return await self._write(op)
 
     def _operate_one(self, conn: sqlite3.Connection, row: sqlite3.Row, action: str, new: Status,
-                     actor: str, reason: str, now: float) -> None:
+                     actor: str, reason: str, now: float, vendor_reference: str | None) -> None:
         note = f"{action} by {actor}: {reason}"
-        if action == "cancel":
+        if action == "confirm":
+            self._confirm(conn, row, note, vendor_reference, now)
+        elif action == "cancel":
             conn.execute("UPDATE deliveries SET status = ?, last_error = ?, at_risk = 0, updated_at = ?"
                          " WHERE id = ?", (new, note, now, row["id"]))
         else:  # replay or check: due now, with a fresh retry budget
@@ -693,6 +696,22 @@ class SQLiteStore:
             )
         self._audit(conn, now, f"delivery.{action}", {"from": row["status"], "to": str(new), "reason": reason},
                     actor=actor, report_pk=row["report_pk"], delivery_id=row["id"])
+
+    def _confirm(self, conn: sqlite3.Connection, row: sqlite3.Row, note: str,
+                 vendor_reference: str | None, now: float) -> None:
+        """The operator found the in-doubt sends at the vendor: record them as delivered parts,
+        so a later version is planned against them (and never pays them twice)."""
+        record = AttemptRecord("delivered", vendor_reference=vendor_reference)
+        for a in conn.execute("SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
+                              " ORDER BY id", (row["id"],)).fetchall():
+            self._record_part(conn, row["report_pk"], row["adapter"], row["version"],
+                              _message(json.loads(a["message"])), record, now)
+            conn.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", (a["id"],))
+        conn.execute(
+            "UPDATE deliveries SET status = ?, vendor_reference = COALESCE(?, vendor_reference),"
+            " last_error = ?, at_risk = 0, updated_at = ? WHERE id = ?",
+            (Status.DELIVERED, vendor_reference, note, now, row["id"]),
+        )
 
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
         """Flag undelivered deliveries that will miss their payroll cut-off; return the new ones.
@@ -832,7 +851,11 @@ def _check(row: sqlite3.Row, reads_back: bool) -> Status | None:
     return Status.IN_DOUBT if reads_back and row["status"] in checkable else None
 
 
-_OPERATIONS = {"replay": _replay, "cancel": _cancel, "check": _check}
+def _confirm(row: sqlite3.Row, reads_back: bool) -> Status | None:
+    return Status.DELIVERED if row["status"] == Status.IN_DOUBT else None
+
+
+_OPERATIONS = {"replay": _replay, "cancel": _cancel, "check": _check, "confirm": _confirm}
 
 
 def _message_json(message: Message) -> dict[str, Any]:
