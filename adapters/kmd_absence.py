@@ -40,6 +40,7 @@ from lxml import etree
 from adapters.base import (
     Channel,
     DeliveredPart,
+    DeliveryError,
     InDoubt,
     InvalidPayload,
     Kind,
@@ -422,7 +423,7 @@ def _raise_for_fault(resp: Response) -> None:
     raise Transient(f"KMD system error: {text}", status=resp.status, body=resp.body)
 
 
-def _payload_element(resp: Response, garbled: type[Exception]) -> etree._Element:
+def _payload_element(resp: Response, garbled: type[DeliveryError]) -> etree._Element:
     try:
         return body_payload(parse_xml(resp.body))
     except UnsafeXML as exc:

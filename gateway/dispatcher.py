@@ -163,7 +163,7 @@ class Dispatcher:
             at = datetime.fromtimestamp(now, UTC)
             if endpoint.key[1] in self._sendable and not endpoint.hours.is_open(at):
                 opening = endpoint.hours.next_opening(at).timestamp()
-                await self.store.defer_due(*endpoint.key, opening, now)
+                await self.store.defer_due(endpoint.key[0], endpoint.key[1], opening, now)
 
     async def _idle(self) -> None:
         self._wake.clear()

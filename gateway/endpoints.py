@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -143,7 +143,7 @@ class Endpoints:
                 raise ValueError(f"tenants.{key[0]}.vendors.{key[1]}.opening_hours: {exc}") from exc
             self._all[key] = Endpoint(key, policy, hours, Breaker(policy.breaker))
 
-    def __iter__(self) -> Iterable[Endpoint]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[Endpoint]:
         return iter(self._all.values())
 
     def get(self, key: Key) -> Endpoint | None:

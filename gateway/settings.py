@@ -318,7 +318,7 @@ class _Reader:
                 f"{where}.password: secrets are not accepted inline; use password_file or password_env"
             )
         _no_unknown(raw, _VENDOR_KEYS, where)
-        files = {k: str(self.path(raw[k])) for k in ("cert_file", "key_file", "ca_file") if k in raw}
+        files: dict[str, str] = {k: str(self.path(raw[k])) for k in ("cert_file", "key_file", "ca_file") if k in raw}
         if _get(raw, "dev_certificates", bool, where, False):
             files = self.dev_certificates(where, files)
         for key, value in files.items():

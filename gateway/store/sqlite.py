@@ -265,10 +265,10 @@ class SQLiteStore:
         )
         self._audit(conn, now, "report.received", {"version": new.version, "kind": new.kind},
                     report_pk=report_pk)
+        assert report_pk is not None and version_pk is not None
         status = "not_routed"
         if new.adapter is not None:
             status = self._add_delivery(conn, new, report_pk, version_pk, latest, now)
-        assert version_pk is not None
         return Submitted(version_pk, new.municipality, new.report_id, new.version, status, created=True)
 
     def _add_delivery(
