@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from gateway.cli import main
 from gateway.settings import hash_api_key
@@ -207,3 +208,21 @@ def test_render_ind01_writes_one_file_and_the_console_masks_cpr(tmp_path: Path,
 def test_render_refuses_a_kind_the_adapter_does_not_deliver(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["render", "kmd-absence", str(SAMPLE)]) == 1
     assert "delivers vacation reports only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["minimal", "full", "optional-wage-code", "dst-spring", "dst-autumn"])
+def test_render_command_writes_the_golden_payloads(case: str, tmp_path: Path) -> None:
+    """`payroll-gateway render` writes, file by file, the bodies the SD golden files hold."""
+    from adapters.soap import body_payload, parse_xml
+    from tests.adapters.test_sd_koersel import CASES, ENDPOINT, GOLDEN, REPORTS, canonical
+
+    cfg = tmp_path / "render.toml"
+    cfg.write_text(f'[tenants.746.vendors.sd-koersel]\nendpoint = "{ENDPOINT}"\ninstitution = "XY"\n')
+    out = tmp_path / "out"
+    assert main(["render", "sd-koersel", str(REPORTS / CASES[case]), "--config", str(cfg), "--out", str(out)]) == 0
+    written = sorted(out.iterdir())
+    goldens = sorted((GOLDEN / case).glob("*.xml"))
+    assert [w.name for w in written] == [g.name for g in goldens]
+    for w, g in zip(written, goldens, strict=True):
+        payload = etree.tostring(body_payload(parse_xml(w.read_bytes())))
+        assert canonical(payload) == canonical(g.read_bytes())
