@@ -75,6 +75,7 @@ class Dispatcher:
         self.clock = clock
         self.endpoints = endpoints if endpoints is not None else build_endpoints(settings, adapters)
         self._refreshed_at = 0.0
+        self._reclaimed_at = 0.0
         self._rotation = 0
         self.owner = f"gw-{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
@@ -112,7 +113,7 @@ class Dispatcher:
             every = getattr(self.store, "single_process", False)
             counts = await self.store.reclaim(self.clock(), every_lease=every)
         except Exception:
-            log.exception("reclaiming leases at start failed; expired ones are reclaimed later")
+            log.exception("reclaiming leases at start failed; expired ones are reclaimed as they expire")
             return
         if any(counts.values()):
             log.warning("reclaimed leases at start: %s", counts)
@@ -154,10 +155,16 @@ class Dispatcher:
         return wanted
 
     async def _refresh(self, now: float) -> None:
-        """Every few seconds: operators' pauses (they may come from the CLI), closed hours."""
+        """Every few seconds: operators' pauses (they may come from the CLI), closed hours;
+        now and then, leases that expired under a task that died with the store."""
         if now - self._refreshed_at < REFRESH_SECONDS:
             return
         self._refreshed_at = now
+        if now - self._reclaimed_at >= max(REFRESH_SECONDS, self.settings.lease_seconds / 4):
+            self._reclaimed_at = now
+            counts = await self.store.reclaim(now, every_lease=False)
+            if any(counts.values()):
+                log.warning("reclaimed expired leases: %s", counts)
         self.endpoints.set_paused(await self.store.paused_endpoints())
         for endpoint in self.endpoints:
             at = datetime.fromtimestamp(now, UTC)

@@ -195,3 +195,20 @@ async def test_no_cpr_in_logs_or_stored_attempts(gateway: Gateway, sd_server: Te
     conn.close()
     assert dump.count("0202802345") == 1  # only in report_cprs, where encryption at rest will go
     assert "0202802345" not in caplog.text
+
+
+async def test_an_expired_lease_is_reclaimed_while_running(make_gateway: Any, settings: Settings,
+                                                          sd_server: TestServer) -> None:
+    """A task that died with the store leaves its lease; it is taken back once it expires."""
+    from dataclasses import replace
+
+    gw = await make_gateway(replace(settings, lease_seconds=4))
+    await gw.ops("POST", "endpoints/746/sd-koersel/pause", {"reason": "hold still"})
+    await gw.post(drive())
+    [job] = await gw.store.claim_due(time.time(), "a-task-that-died", 0.01, 10, ["sd-koersel"], [])
+    await gw.ops("POST", "endpoints/746/sd-koersel/resume", {"reason": "go"})
+    view = await gw.wait_for("R-1", {"delivered"}, within=8)
+    assert [a["outcome"] for a in view["deliveries"][0]["attempts"]] == ["delivered"]
+    assert len(accepted(sd_server)) == 1
+    events = [e["event"] for e in await gw.store.audit_chain()]
+    assert "delivery.reclaimed" in events
