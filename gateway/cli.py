@@ -195,7 +195,12 @@ async def _start_simulator(sim: Any, settings: Settings) -> web.AppRunner:
         ssl_context = module.ssl_context(options)
     runner = web.AppRunner(module.build_app(options), handle_signals=False, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, options.host, options.port, ssl_context=ssl_context).start()
+    try:
+        await web.TCPSite(runner, options.host, options.port, ssl_context=ssl_context).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CliError(f"simulators.{sim.vendor}: cannot listen on {options.host}:{options.port}: "
+                       f"{exc.strerror}") from exc
     scheme = "https" if ssl_context else "http"
     print(f"payroll-gateway: simulator {sim.vendor} at {scheme}://{options.host}:{options.port}/", flush=True)
     return runner
