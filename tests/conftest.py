@@ -201,3 +201,26 @@ def vendor_conformance(monkeypatch: pytest.MonkeyPatch) -> Any:
         for name, body in rendered:
             errors = vendor_validator(_VENDOR_WSDL[name])(body)
             assert not errors, f"{name} rendered a body the vendor schema rejects: {errors}"
+
+
+# -- mutual TLS (the KMD simulators) ----------------------------------------------------
+
+
+@pytest.fixture
+def dev_certs(tmp_path: Path) -> Any:
+    from gateway.devcerts import ensure_dev_certs
+
+    return ensure_dev_certs(tmp_path / "certs")
+
+
+async def tls_simulator(aiohttp_server: Any, module: Any, certs: Any, seed: int) -> TestServer:
+    """A simulator module's app served over HTTPS that requires our test client certificate."""
+    options = SimulatorOptions(cert_file=str(certs.server_cert), key_file=str(certs.server_key),
+                               client_ca_file=str(certs.ca_file), seed=seed)
+    return await aiohttp_server(module.build_app(options), ssl=module.ssl_context(options))
+
+
+def tls_vendor(url: str, certs: Any, **options: Any) -> VendorSettings:
+    """Vendor settings that present the test client certificate and trust the test CA."""
+    return VendorSettings(endpoint=url, cert_file=str(certs.client_cert), key_file=str(certs.client_key),
+                          ca_file=str(certs.ca_file), connect_timeout=2, read_timeout=2, options=options)

@@ -8,36 +8,26 @@ from __future__ import annotations
 
 from dataclasses import replace
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 
-from adapters.base import VendorSettings
-from gateway.devcerts import ensure_dev_certs
 from gateway.settings import Settings
-from gateway.simulators import SimulatorOptions
 from gateway.simulators import engangsydelser as sim
-from tests.conftest import KEY_840, Gateway, drive, tenant
+from tests.conftest import KEY_840, Gateway, drive, tenant, tls_simulator, tls_vendor
 
 EMPLOYEE = "00777"
 
 
 @pytest.fixture
-async def eng_server(aiohttp_server: Any, tmp_path: Path) -> TestServer:
-    certs = ensure_dev_certs(tmp_path / "certs")
-    options = SimulatorOptions(cert_file=str(certs.server_cert), key_file=str(certs.server_key),
-                               client_ca_file=str(certs.ca_file), seed=3)
-    return await aiohttp_server(sim.build_app(options), ssl=sim.ssl_context(options))
+async def eng_server(aiohttp_server: Any, dev_certs: Any) -> TestServer:
+    return await tls_simulator(aiohttp_server, sim, dev_certs, seed=3)
 
 
 @pytest.fixture
-async def gw(make_gateway: Any, settings: Settings, eng_server: TestServer, tmp_path: Path) -> Gateway:
-    certs = ensure_dev_certs(tmp_path / "certs")
-    vendor = VendorSettings(endpoint=str(eng_server.make_url("/")), cert_file=str(certs.client_cert),
-                            key_file=str(certs.client_key), ca_file=str(certs.ca_file),
-                            connect_timeout=2, read_timeout=2)
+async def gw(make_gateway: Any, settings: Settings, eng_server: TestServer, dev_certs: Any) -> Gateway:
+    vendor = tls_vendor(str(eng_server.make_url("/")), dev_certs)
     tenants = dict(settings.tenants)
     tenants["840"] = tenant("840", KEY_840, {"kmd-engangsydelser": vendor}, {"drive": "kmd-engangsydelser"})
     return await make_gateway(replace(settings, tenants=tenants))

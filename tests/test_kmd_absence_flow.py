@@ -9,18 +9,14 @@ from __future__ import annotations
 import copy
 from dataclasses import replace
 from datetime import date, time
-from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 
-from adapters.base import VendorSettings
-from gateway.devcerts import ensure_dev_certs
 from gateway.settings import Settings
-from gateway.simulators import SimulatorOptions
 from gateway.simulators import kmd as sim
-from tests.conftest import KEY_746, Gateway, tenant
+from tests.conftest import KEY_746, Gateway, tenant, tls_simulator, tls_vendor
 
 PERSONNEL = "00012345"
 VACATION = {
@@ -37,22 +33,19 @@ def vacation(**changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def kmd_server(aiohttp_server: Any, tmp_path: Path) -> TestServer:
-    certs = ensure_dev_certs(tmp_path / "certs")
-    options = SimulatorOptions(cert_file=str(certs.server_cert), key_file=str(certs.server_key),
-                               client_ca_file=str(certs.ca_file), seed=5)
-    return await aiohttp_server(sim.build_app(options), ssl=sim.ssl_context(options))
+async def kmd_server(aiohttp_server: Any, dev_certs: Any) -> TestServer:
+    return await tls_simulator(aiohttp_server, sim, dev_certs, seed=5)
+
+
+def kmd_vendor(server: TestServer, certs: Any) -> Any:
+    return tls_vendor(str(server.make_url(sim.PATH)), certs, senderService="TEST_SENDER")
 
 
 @pytest.fixture
-async def gw(make_gateway: Any, settings: Settings, kmd_server: TestServer, tmp_path: Path) -> Gateway:
-    certs = ensure_dev_certs(tmp_path / "certs")
-    vendor = VendorSettings(endpoint=str(kmd_server.make_url(sim.PATH)), cert_file=str(certs.client_cert),
-                            key_file=str(certs.client_key), ca_file=str(certs.ca_file),
-                            connect_timeout=2, read_timeout=2, options={"senderService": "TEST_SENDER"})
+async def gw(make_gateway: Any, settings: Settings, kmd_server: TestServer, dev_certs: Any) -> Gateway:
     old = settings.tenants["746"]
     tenants = dict(settings.tenants)
-    tenants["746"] = tenant("746", KEY_746, {**old.vendors, "kmd-absence": vendor},
+    tenants["746"] = tenant("746", KEY_746, {**old.vendors, "kmd-absence": kmd_vendor(kmd_server, dev_certs)},
                             {**old.routes, "vacation": "kmd-absence"})
     return await make_gateway(replace(settings, tenants=tenants))
 
@@ -158,17 +151,14 @@ async def test_kmd_error_fails_with_its_text(gw: Gateway, kmd_server: TestServer
 
 
 async def test_operator_check_at_kmd_reconciles_a_failed_delivery(
-    make_gateway: Any, settings: Settings, kmd_server: TestServer, tmp_path: Path
+    make_gateway: Any, settings: Settings, kmd_server: TestServer, dev_certs: Any
 ) -> None:
     from gateway.settings import RetryPolicy
 
     one_try = RetryPolicy(first_delay=0.01, multiplier=1, cap=0.01, jitter=0, max_attempts=1, max_age=60)
-    certs = ensure_dev_certs(tmp_path / "certs")
-    vendor = VendorSettings(endpoint=str(kmd_server.make_url(sim.PATH)), cert_file=str(certs.client_cert),
-                            key_file=str(certs.client_key), ca_file=str(certs.ca_file),
-                            connect_timeout=2, read_timeout=2, options={"senderService": "TEST_SENDER"})
     tenants = dict(settings.tenants)
-    tenants["746"] = tenant("746", KEY_746, {"kmd-absence": vendor}, {"vacation": "kmd-absence"})
+    tenants["746"] = tenant("746", KEY_746, {"kmd-absence": kmd_vendor(kmd_server, dev_certs)},
+                            {"vacation": "kmd-absence"})
     gw = await make_gateway(replace(settings, tenants=tenants, retry=one_try))
     kmd_server.app[sim.STATE].fault = "server"
     view = await deliver(gw, vacation(), expect="failed")
