@@ -31,10 +31,11 @@ import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, time
+from datetime import date, datetime, time
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
+from zoneinfo import ZoneInfo
 
 import aiohttp
 from multidict import CIMultiDict
@@ -60,6 +61,7 @@ __all__ = [
     "Transient",
     "VendorSettings",
     "mask_cpr",
+    "payroll_date",
     "post",
     "retry_after_seconds",
 ]
@@ -177,6 +179,24 @@ def _time(value: str | None) -> time | None:
 def _decimal(value: str | float | int | None) -> Decimal | None:
     # str() first: a JSON float such as 12.3 must become Decimal("12.3"), not its binary value.
     return None if value is None else Decimal(str(value))
+
+
+#: payroll dates are Danish dates, whatever offset the sending host wrote
+DENMARK = ZoneInfo("Europe/Copenhagen")
+
+
+def payroll_date(text: str) -> date:
+    """The payroll date of an ISO date or date-time, as Denmark means it.
+
+    A plain date, or a date-time without an offset, is the date as written (a local
+    time). A date-time with an offset or ``Z`` is an instant: converted to
+    Europe/Copenhagen first, then cut to the date, so ``2026-10-31T23:00:00+00:00``
+    is 1 November. Raises ValueError for text that is neither.
+    """
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(DENMARK)
+    return moment.date()
 
 
 _CPR_RE = re.compile(r"(?<!\d)(\d{6})-?(\d{4})(?!\d)")

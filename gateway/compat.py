@@ -2,8 +2,9 @@
 
 OS2indberetning can point its export at the gateway without changing its format: a JSON
 array of records whose keys are matched case-insensitively (ASP.NET writes PascalCase or
-camelCase). ``DriveDate`` is a local date-time whose date is taken as written: no time
-zone conversion, which is what moved dates by one day in the past.
+camelCase). ``DriveDate`` without an offset is a local date-time whose date is taken as
+written; with an offset or ``Z`` it is an instant, converted to Europe/Copenhagen before it
+is cut to the date (a UTC host writes 1 November as ``2026-10-31T23:00:00+00:00``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
+
+from adapters.base import payroll_date
 
 from .errors import FieldError, InvalidReport
 from .intake import authenticate, cutoff_finder, read_json, submit, to_new_reports
@@ -59,8 +62,14 @@ def _km(meters: Any) -> Any:
 
 
 def _date(value: Any) -> Any:
-    match = _DATE.match(value) if isinstance(value, str) else None
-    return match.group(1) if match else value
+    """The payroll date (Europe/Copenhagen) of ``DriveDate``; unreadable values go on to the schema."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return payroll_date(value.strip()).isoformat()
+    except ValueError:
+        match = _DATE.match(value)  # an impossible date is reported as one, at /DriveDate
+        return match.group(1) if match else value
 
 
 def _digit(value: Any) -> Any:

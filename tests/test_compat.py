@@ -51,6 +51,22 @@ async def test_drive_date_on_dst_sundays_arrives_as_written(gateway: Gateway, sd
     assert dates == ["2026-03-29", "2026-10-25", "2026-10-25"]
 
 
+async def test_drive_date_with_an_offset_is_the_danish_date(gateway: Gateway, sd_server: TestServer) -> None:
+    records = {
+        "11": "2026-10-31T23:00:00+00:00",  # a UTC host's midnight of 1 November
+        "12": "2026-03-28T23:30:00Z",        # summer time has begun: 29 March in Denmark
+        "13": "2026-10-25T00:00:00",         # no offset: the date as written
+    }
+    body = [{**PASCAL, "Id": int(rid), "DriveDate": when} for rid, when in records.items()]
+    assert (await post(gateway, body))[0] == 202
+    for rid in records:
+        await gateway.wait_for(rid, {"delivered"})
+    got = {a.date.isoformat() for a in sd_server.app[SD_STATE].accepted}
+    assert got == {"2026-11-01", "2026-03-29", "2026-10-25"}
+    stored = await (await gateway.client.get("/v1/reports/746/11", headers={"Authorization": f"Bearer {KEY_746}"})).json()
+    assert stored["versions"][0]["report"]["drive_date"] == "2026-11-01"
+
+
 async def test_errors_point_at_the_senders_keys(gateway: Gateway) -> None:
     status, problem = await post(gateway, [PASCAL, {**PASCAL, "Id": 7, "CprNumber": "123", "DistanceMeters": "far"}])
     assert status == 422
