@@ -423,6 +423,11 @@ class Adapter(Protocol):
     kinds: frozenset[Kind]
     #: schema files (relative to the project's ``schemas/`` folder) that must exist
     schema_files: tuple[str, ...]
+    #: report fields (JSON pointers such as ``/employee/extra_number``) the vendor needs
+    #: beyond what the report schema requires, and fields the vendor cannot carry; intake
+    #: refuses a report routed to this adapter that lacks or holds one (422, nothing stored)
+    required_fields: frozenset[str]
+    unsupported_fields: frozenset[str]
 
     def plan(
         self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings

@@ -469,6 +469,8 @@ class KmdAbsence:
         "kmd/SetAbsenceAttendance_OS_SI.wsdl",
         "kmd/GetAbsenceAttendanceByPeriod_OS_SI.wsdl",
     )
+    required_fields: frozenset[str] = frozenset()
+    unsupported_fields: frozenset[str] = frozenset()
     reads_before_send = False
 
     def __init__(self) -> None:

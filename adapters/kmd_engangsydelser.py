@@ -272,6 +272,8 @@ class KmdEngangsydelser:
     name = "kmd-engangsydelser"
     kinds = frozenset({Kind.DRIVE})
     schema_files = SCHEMA_FILES
+    required_fields: frozenset[str] = frozenset()
+    unsupported_fields: frozenset[str] = frozenset()
     reads_before_send = True
 
     def __init__(self) -> None:

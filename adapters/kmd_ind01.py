@@ -310,6 +310,9 @@ class KmdInd01:
         """The dry run's ``ind01.txt``: header and records, and the groups that cannot be written."""
         return render_file(reports, settings)
     schema_files: tuple[str, ...] = ()  # the layout is checked by RECORD_RE in render
+    #: both stand in every record; a missing one written as 0 could book to another employment
+    required_fields = frozenset({"/employee/employment_type", "/employee/extra_number"})
+    unsupported_fields: frozenset[str] = frozenset()
 
     def plan(
         self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings

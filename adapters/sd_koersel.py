@@ -79,6 +79,9 @@ class SdKoersel:
     name = "sd-koersel"
     kinds = frozenset({Kind.DRIVE})
     schema_files = SCHEMA_FILES
+    #: SD's BrugerIdentifikator is the approver's CPR
+    required_fields = frozenset({"/approved_by_cpr"})
+    unsupported_fields: frozenset[str] = frozenset()
     #: SD's web service answers 06:00-22:00 Danish time; a tenant may override this
     opening_hours = "06:00-22:00"
 

@@ -253,7 +253,7 @@ def _fault_mix(text: str) -> tuple[tuple[str, float], ...]:
 def cmd_render(args: argparse.Namespace) -> int:
     from adapters.registry import load_adapters
 
-    from .validation import normalise, validate_report
+    from .validation import normalise, validate_report, vendor_fields
 
     settings = _settings(args)
     adapters = load_adapters()
@@ -262,7 +262,8 @@ def cmd_render(args: argparse.Namespace) -> int:
     adapter = adapters[args.adapter]
     reports = _read_reports(args.file)
     problems = [f"{args.file}: {e.pointer}: {e.message}" for i, r in enumerate(reports)
-                for e in validate_report(r, f"/{i}" if len(reports) > 1 else "")]
+                for e in validate_report(r, f"/{i}" if len(reports) > 1 else "")
+                or vendor_fields(r, adapter, f"/{i}" if len(reports) > 1 else "")]
     if problems:
         raise CliError("; ".join(problems))
     typed = [Report.from_dict(normalise(r)) for r in reports]

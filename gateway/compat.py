@@ -19,6 +19,7 @@ from adapters.base import payroll_date
 
 from .errors import FieldError, InvalidReport
 from .intake import authenticate, cutoff_finder, read_json, submit, to_new_reports
+from .keys import APP_ADAPTERS
 
 routes = web.RouteTableDef()
 
@@ -128,7 +129,8 @@ async def post_drive_reports(request: web.Request) -> web.Response:
                             [FieldError("/", "must be a non-empty array")])
     reports = [to_canonical(r, tenant.municipality) for r in body]
     try:
-        new = to_new_reports(tenant, reports, "/{}", cutoff_finder(request, tenant))
+        new = to_new_reports(tenant, reports, "/{}", cutoff_finder(request, tenant),
+                             request.app[APP_ADAPTERS])
     except InvalidReport as exc:
         raise InvalidReport(exc.detail, [_os2_pointer(e) for e in exc.errors]) from exc
     return await submit(request, new, "/{}")

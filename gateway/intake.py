@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+
+from adapters.base import Adapter
 
 from .errors import (
     BadRequest,
@@ -22,10 +24,10 @@ from .errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from .keys import APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
+from .keys import APP_ADAPTERS, APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .settings import Tenant
 from .store import ConflictingReport, NewReport, StoreError, Submitted
-from .validation import normalise, validate_report
+from .validation import normalise, validate_report, vendor_fields
 
 MAX_BATCH = 1000
 routes = web.RouteTableDef()
@@ -74,8 +76,13 @@ def split_batch(body: Any) -> tuple[list[Any], str]:
 
 
 def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str,
-                   cutoff: Callable[[str], float | None] = lambda adapter: None) -> list[NewReport]:
-    """Validate every report (all errors at once) and prepare them for the store."""
+                   cutoff: Callable[[str], float | None] = lambda adapter: None,
+                   adapters: Mapping[str, Adapter] | None = None) -> list[NewReport]:
+    """Validate every report (all errors at once) and prepare them for the store.
+
+    With ``adapters``, a report is also checked against what its route's vendor needs
+    and can carry, so that nothing is stored that could only fail later.
+    """
     errors: list[FieldError] = []
     for i, data in enumerate(reports):
         errors.extend(validate_report(data, pointer.format(i)))
@@ -89,6 +96,11 @@ def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str,
                for i, d in enumerate(reports) if d["kind"] not in tenant.routes]
     if missing:
         raise InvalidReport("no payroll vendor is configured for this kind of report", missing)
+    if adapters is not None:
+        errors = [e for i, d in enumerate(reports)
+                  for e in vendor_fields(d, adapters[tenant.routes[d["kind"]]], pointer.format(i))]
+        if errors:
+            raise InvalidReport("the municipality's payroll vendor cannot take these report(s)", errors)
     return [_new_report(tenant, normalise(d), cutoff) for d in reports]
 
 
@@ -149,7 +161,8 @@ def _submitted(r: Submitted) -> dict[str, Any]:
 async def post_reports(request: web.Request) -> web.Response:
     tenant = authenticate(request)
     reports, pointer = split_batch(await read_json(request))
-    return await submit(request, to_new_reports(tenant, reports, pointer, cutoff_finder(request, tenant)), pointer)
+    new = to_new_reports(tenant, reports, pointer, cutoff_finder(request, tenant), request.app[APP_ADAPTERS])
+    return await submit(request, new, pointer)
 
 
 @routes.get("/v1/reports/{municipality}/{report_id}")
@@ -163,7 +176,7 @@ async def get_report(request: web.Request) -> web.Response:
         raise NotFound("no such report")
     for v in view["versions"]:
         v["report"]["employee"]["cpr"] = "xxxxxx-xxxx"
-        if v["report"]["kind"] == "drive":
+        if v["report"].get("approved_by_cpr"):
             v["report"]["approved_by_cpr"] = "xxxxxx-xxxx"
     _iso_times(view)
     latest = [d for d in view["deliveries"] if d["version"] == view["latest_version"]]

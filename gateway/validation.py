@@ -8,6 +8,7 @@ so a CPR number in a wrong field is not echoed back.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import date
 from decimal import Decimal
@@ -16,6 +17,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
+
+from adapters.base import Adapter
 
 from .errors import FieldError
 
@@ -78,9 +81,49 @@ def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
         FieldError(pointer + _pointer(e), _message(e))
         for e in _leaves(_VALIDATORS[kind].iter_errors(data))
     ]
+    errors += _unwritable(data, pointer)
     if not errors:
         errors = _cross_field(data, pointer)
     return sorted(set(errors), key=lambda e: (e.pointer, e.message))
+
+
+#: what no vendor can carry in a text: control characters (C0 with tab and newline, DEL,
+#: C1), lone surrogates and the non-characters XML 1.0 forbids. Refusing the newline also
+#: closes the gap in Python's ``$``, which matches before a final newline, so ``"0201\n"``
+#: can never pass a pattern such as ``^[0-9]{4}$``.
+_UNWRITABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
+
+
+def _unwritable(value: Any, pointer: str) -> list[FieldError]:
+    """Every text in the report that holds a character no vendor format can carry."""
+    if isinstance(value, str):
+        bad = _UNWRITABLE.search(value)
+        return [] if bad is None else [FieldError(
+            pointer or "/", f"must not contain U+{ord(bad.group()):04X} (at character {bad.start() + 1}): control "
+                            "characters, lone surrogates and non-characters cannot reach a vendor")]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    errors = []
+    for key, item in items:
+        errors += _unwritable(item, f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}")
+    return errors
+
+
+def vendor_fields(report: Mapping[str, Any], adapter: Adapter, pointer: str) -> list[FieldError]:
+    """The fields a report lacks for its vendor, or holds that the vendor cannot carry."""
+    if report.get("kind") not in adapter.kinds:
+        return []  # said elsewhere, in the caller's words
+    errors = [FieldError(pointer + field, f"is required by {adapter.name}, this municipality's payroll vendor")
+              for field in sorted(adapter.required_fields) if _lookup(report, field) is None]
+    errors += [FieldError(pointer + field, f"cannot be carried by {adapter.name}, this municipality's payroll vendor")
+               for field in sorted(adapter.unsupported_fields) if _lookup(report, field) is not None]
+    return errors
+
+
+def _lookup(report: Mapping[str, Any], pointer: str) -> Any:
+    value: Any = report
+    for key in pointer.strip("/").split("/"):
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return value
 
 
 def _leaves(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
