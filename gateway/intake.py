@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -11,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.base import Adapter
+from adapters.base import Adapter, mask_cpr
 
 from .errors import (
     BadRequest,
@@ -26,10 +28,11 @@ from .errors import (
 )
 from .keys import APP_ADAPTERS, APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .settings import Tenant
-from .store import ConflictingReport, NewReport, StoreError, Submitted
+from .store import SETTLED, ConflictingReport, NewReport, Store, StoreError, Submitted
 from .validation import normalise, validate_report, vendor_fields
 
 MAX_BATCH = 1000
+MAX_WAIT = 30.0  # seconds a sender may ask to wait for the vendor's answer (Prefer: wait)
 routes = web.RouteTableDef()
 
 
@@ -149,7 +152,52 @@ async def submit(request: web.Request, new: list[NewReport], pointer: str) -> we
     if any(r.created for r in results):
         request.app[APP_DISPATCHER].wake()
     status = 202 if any(r.created for r in results) else 200
-    return web.json_response({"reports": [_submitted(r) for r in results]}, status=status)
+    body = {"reports": [_submitted(r) for r in results]}
+    headers = {"Vary": "Prefer"}
+    wait = preferred_wait(",".join(request.headers.getall("Prefer", [])))
+    if wait is not None:
+        # committed above: whatever happens while waiting, the answer stays 202/200
+        with contextlib.suppress(StoreError):
+            found = await wait_until_settled(request.app[APP_STORE], [r.id for r in results], wait)
+            for item in body["reports"]:
+                _show_deliveries(item, found.get(item["id"], []))
+            headers["Preference-Applied"] = f"wait={wait:g}"
+    return web.json_response(body, status=status, headers=headers)
+
+
+def preferred_wait(header: str) -> float | None:
+    """The seconds of a ``Prefer: wait=N`` (RFC 7240), at most MAX_WAIT; None when not asked for."""
+    for preference in header.split(","):
+        name, _, value = preference.split(";", 1)[0].partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        value = value.strip().strip('"')
+        return min(float(value), MAX_WAIT) if value.isascii() and value.isdigit() else None
+    return None
+
+
+async def wait_until_settled(store: Store, version_pks: Sequence[int], seconds: float,
+                             clock: Callable[[], float] = time.monotonic) -> dict[int, list[dict[str, Any]]]:
+    """The deliveries of these versions once all are settled, or as they are after ``seconds``."""
+    deadline = clock() + seconds
+    pause = 0.01
+    while True:
+        found = await store.deliveries_of(version_pks)
+        settled = all(d["status"] in SETTLED for ds in found.values() for d in ds)
+        left = deadline - clock()
+        if settled or left <= 0:
+            return found
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, 0.25)
+
+
+def _show_deliveries(item: dict[str, Any], deliveries: list[dict[str, Any]]) -> None:
+    item["deliveries"] = [{"id": d["id"], "adapter": d["adapter"], "status": d["status"],
+                           "vendor_reference": d["vendor_reference"],
+                           "message": mask_cpr(d["last_error"] or d["warning"] or "") or None}
+                          for d in deliveries]
+    if deliveries:
+        item["status"] = deliveries[-1]["status"]
 
 
 def _submitted(r: Submitted) -> dict[str, Any]:

@@ -90,11 +90,16 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _request(url: str, data: bytes | None = None, key: str = "demo-key-746") -> tuple[int, dict]:
+def _request(url: str, data: bytes | None = None, key: str = "demo-key-746",
+             headers: dict[str, str] | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {key}",
-                                                          "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return resp.status, json.loads(resp.read())
+                                                          "Content-Type": "application/json",
+                                                          **(headers or {})})
+    with urllib.request.urlopen(req, timeout=15) as resp:
+        body = json.loads(resp.read())
+        if headers:
+            body["_headers"] = dict(resp.headers)
+        return resp.status, body
 
 
 def _demo_config(tmp_path: Path) -> Path:
@@ -132,6 +137,16 @@ def test_demo_serves_and_delivers_within_two_seconds(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert view["status"] == "delivered"
         assert len(view["deliveries"][0]["vendor_reference"]) >= 32
+        # the approver can wait for SD's answer: Prefer: wait=10 answers with it
+        second = json.loads(SAMPLE.read_bytes())
+        second["report_id"] = "demo-746-wait"
+        status, body = _request(f"http://127.0.0.1:{port}/v1/reports", json.dumps(second).encode(),
+                                headers={"Prefer": "wait=10"})
+        [item] = body["reports"]
+        assert status == 202 and item["status"] == "delivered"
+        assert body["_headers"]["Preference-Applied"] == "wait=10"
+        [delivery] = item["deliveries"]
+        assert delivery["adapter"] == "sd-koersel" and len(delivery["vendor_reference"]) >= 32
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=15)

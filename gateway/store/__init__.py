@@ -37,6 +37,8 @@ FINAL = frozenset(
 BLOCKING = frozenset(
     {Status.QUEUED, Status.IN_FLIGHT, Status.RETRY_SCHEDULED, Status.IN_DOUBT, Status.FAILED}
 )
+#: states in which a delivery will not move soon by itself: an answer can be given
+SETTLED = FINAL | {Status.CORRECTION_REQUIRED}
 #: states an operator must act on (they never move by themselves)
 WAITING_FOR_OPERATOR = frozenset({Status.IN_DOUBT, Status.CORRECTION_REQUIRED})
 
@@ -146,6 +148,7 @@ class Store(Protocol):
         now: float,
     ) -> None: ...
     async def count_by_status(self) -> dict[str, int]: ...
+    async def deliveries_of(self, version_pks: Sequence[int]) -> dict[int, list[dict[str, Any]]]: ...
     async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]: ...
     async def audit_chain(self) -> list[dict[str, Any]]: ...
     async def record_event(
@@ -187,6 +190,7 @@ __all__ = [
     "AttemptRecord",
     "BLOCKING",
     "WAITING_FOR_OPERATOR",
+    "SETTLED",
     "ConflictingReport",
     "FINAL",
     "Job",

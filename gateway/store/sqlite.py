@@ -369,6 +369,25 @@ class SQLiteStore:
         )
         return {r[0]: r[1] for r in rows}
 
+    async def deliveries_of(self, version_pks: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
+        """The deliveries of these report versions (as intake answered them), by version."""
+        wanted = list(dict.fromkeys(version_pks))
+
+        def read(conn: sqlite3.Connection) -> dict[int, list[dict[str, Any]]]:
+            found: dict[int, list[dict[str, Any]]] = {pk: [] for pk in wanted}
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                rows = conn.execute(
+                    "SELECT id, version_pk, adapter, status, vendor_reference, last_error, warning"
+                    f" FROM deliveries WHERE version_pk IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                    chunk,
+                ).fetchall()
+                for row in rows:
+                    found[row["version_pk"]].append({k: row[k] for k in row.keys() if k != "version_pk"})
+            return found
+
+        return await self._read(read)
+
     # -- dispatcher ----------------------------------------------------------------------
 
     async def reclaim(self, now: float, every_lease: bool) -> dict[str, int]:
