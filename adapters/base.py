@@ -428,6 +428,9 @@ class Adapter(Protocol):
     #: refuses a report routed to this adapter that lacks or holds one (422, nothing stored)
     required_fields: frozenset[str]
     unsupported_fields: frozenset[str]
+    #: formats the vendor needs that are narrower than the report schema's: pointer →
+    #: (regular expression the whole value must match, the format in words)
+    field_formats: Mapping[str, tuple[str, str]]
 
     def plan(
         self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings

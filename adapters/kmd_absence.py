@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, time, timedelta
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -471,6 +472,7 @@ class KmdAbsence:
     )
     required_fields: frozenset[str] = frozenset()
     unsupported_fields: frozenset[str] = frozenset()
+    field_formats: Mapping[str, tuple[str, str]] = MappingProxyType({})
     reads_before_send = False
 
     def __init__(self) -> None:

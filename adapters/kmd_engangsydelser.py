@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from jsonschema import Draft202012Validator
@@ -274,6 +275,11 @@ class KmdEngangsydelser:
     schema_files = SCHEMA_FILES
     required_fields: frozenset[str] = frozenset()
     unsupported_fields: frozenset[str] = frozenset()
+    field_formats = MappingProxyType({  # Medarbejdernummer and Loenart as KMD takes them
+        "/employee/employment_id": (r"[0-9A-Za-z]{1,32}", "1-32 letters or digits"),
+        "/wage_code": (r"[0-9]{4}", "4 digits"),
+        "/wage_code_optional": (r"[0-9]{4}", "4 digits"),
+    })
     reads_before_send = True
 
     def __init__(self) -> None:

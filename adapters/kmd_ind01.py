@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_DOWN, Decimal
+from types import MappingProxyType
 from typing import Any
 
 from adapters.base import (
@@ -313,6 +314,10 @@ class KmdInd01:
     #: both stand in every record; a missing one written as 0 could book to another employment
     required_fields = frozenset({"/employee/employment_type", "/employee/extra_number"})
     unsupported_fields: frozenset[str] = frozenset()
+    field_formats = MappingProxyType({
+        "/wage_code": (r"[0-9A-Za-z]{4}", "4 letters or digits"),
+        "/wage_code_optional": (r"[0-9A-Za-z]{4}", "4 letters or digits"),
+    })
 
     def plan(
         self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings

@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import date
 from decimal import Decimal, InvalidOperation
+from types import MappingProxyType
 from typing import Any
 
 from lxml import etree
@@ -82,6 +83,7 @@ class SdKoersel:
     #: SD's BrugerIdentifikator is the approver's CPR
     required_fields = frozenset({"/approved_by_cpr"})
     unsupported_fields: frozenset[str] = frozenset()
+    field_formats: Mapping[str, tuple[str, str]] = MappingProxyType({})
     #: SD's web service answers 06:00-22:00 Danish time; a tenant may override this
     opening_hours = "06:00-22:00"
 

@@ -421,6 +421,8 @@ def cmd_pause(args: argparse.Namespace) -> int:
         if tenant is None or args.adapter not in tenant.routes.values():
             raise CliError(f"no route {args.municipality} → {args.adapter} is configured")
         await store.set_paused(args.municipality, args.adapter, paused, args.reason, _operator(args), time.time())
+        if not paused:  # work deferred to an opening is planned again against the hours now
+            await store.undefer(args.municipality, args.adapter, time.time())
 
     _with_store(args, work)
     print(f"payroll-gateway: {args.municipality}/{args.adapter} {'paused' if paused else 'resumed'} "

@@ -95,6 +95,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         await self._reclaim_at_start()
+        await self._replan_openings()
         while not self._stopping:
             free = self.settings.workers - len(self._tasks)
             if free <= 0:
@@ -117,6 +118,20 @@ class Dispatcher:
             return
         if any(counts.values()):
             log.warning("reclaimed leases at start: %s", counts)
+
+    async def _replan_openings(self) -> None:
+        """Opening hours may have changed since work was deferred to an opening: take it back.
+
+        ``_refresh`` defers it again, to the opening the configuration gives now, wherever
+        an endpoint is still closed.
+        """
+        try:
+            count = await self.store.undefer(None, None, self.clock())
+        except Exception:
+            log.exception("re-planning work deferred to an opening failed; it waits for that opening")
+            return
+        if count:
+            log.info("re-planned %d deliveries that waited for an endpoint's opening", count)
 
     async def _claim(self, free: int) -> list[Job]:
         """Claim due work endpoint by endpoint, within each one's capacity right now."""

@@ -169,5 +169,6 @@ async def pause_or_resume(request: web.Request) -> web.Response:
     await request.app[APP_STORE].set_paused(*key, paused, reason.strip(), who.name, time.time())
     endpoint.paused = reason.strip() if paused else None
     if not paused:
+        await request.app[APP_STORE].undefer(*key, time.time())  # re-planned against the hours now
         request.app[APP_DISPATCHER].wake()
     return web.json_response(endpoint.view(time.time()))

@@ -116,6 +116,11 @@ def vendor_fields(report: Mapping[str, Any], adapter: Adapter, pointer: str) -> 
               for field in sorted(adapter.required_fields) if _lookup(report, field) is None]
     errors += [FieldError(pointer + field, f"cannot be carried by {adapter.name}, this municipality's payroll vendor")
                for field in sorted(adapter.unsupported_fields) if _lookup(report, field) is not None]
+    for field, (pattern, words) in sorted(adapter.field_formats.items()):
+        value = _lookup(report, field)
+        if isinstance(value, str) and not re.fullmatch(pattern, value):
+            errors.append(FieldError(pointer + field, f"must be {words} for {adapter.name}, "
+                                                      "this municipality's payroll vendor"))
     return errors
 
 

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
+from adapters.registry import load_adapters
 from gateway.compat import to_canonical
+from gateway.validation import validate_report, vendor_fields
 from tests.conftest import KEY_746, Gateway, drive
 from tests.test_compat import PASCAL
 from tests.test_file_runs import KEY_851, gw, ind01_settings  # noqa: F401 (fixtures)
@@ -82,3 +84,20 @@ async def test_a_control_character_in_a_nested_text_is_pointed_at(gateway: Gatew
 def test_compat_mapping_keeps_a_trailing_newline_for_validation_to_refuse() -> None:
     # _text() strips outer blanks, so "0201\n" arrives as "0201"; inner ones stay and are refused
     assert to_canonical({**PASCAL, "TFCode": "02\n01"}, "746")["wage_code"] == "02\n01"
+
+
+@pytest.mark.parametrize(("adapter", "field", "value"), [
+    ("kmd-engangsydelser", "/employee/employment_id", "00-123"),  # Medarbejdernummer: letters and digits
+    ("kmd-engangsydelser", "/wage_code", "02A1"),                 # Loenart: 4 digits
+    ("kmd-ind01", "/wage_code", "201"),                           # 4 characters in the record
+    ("kmd-ind01", "/wage_code_optional", "02011"),
+])
+def test_a_format_narrower_than_the_schema_is_refused_for_that_vendor(adapter: str, field: str, value: str) -> None:
+    report = drive(employee={"cpr": "0101901234", "employment_id": "00123", "employment_type": 1,
+                             "extra_number": 0})
+    target = report["employee"] if field.startswith("/employee/") else report
+    target[field.rsplit("/", 1)[1]] = value
+    assert not validate_report(report)  # the canonical schema takes it
+    [error] = vendor_fields(report, load_adapters()[adapter], "/3")
+    assert error.pointer == "/3" + field and adapter in error.message
+    assert not vendor_fields(report, load_adapters()["sd-koersel"], "")  # SD takes it as it is

@@ -138,4 +138,11 @@ ALTER TABLE deliveries ADD COLUMN retry_since DOUBLE PRECISION;
 CREATE INDEX deliveries_at_risk ON deliveries (at_risk, cutoff_at);
 """,
     ),
+    (
+        4,
+        "work deferred to an endpoint's opening remembers when it was due, so it can be re-planned",
+        """
+ALTER TABLE deliveries ADD COLUMN deferred_from DOUBLE PRECISION;
+""",
+    ),
 )

@@ -416,7 +416,7 @@ class SQLiteStore:
                 status = Status.RETRY_SCHEDULED if row["attempts"] else Status.QUEUED
                 conn.execute(
                     "UPDATE deliveries SET status = ?, lease_owner = NULL, lease_until = NULL,"
-                    " next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                    " next_attempt_at = ?, deferred_from = NULL, updated_at = ? WHERE id = ?",
                     (status, now, now, row["id"]),
                 )
                 self._audit(conn, now, "delivery.reclaimed", {"status": status},
@@ -570,7 +570,7 @@ class SQLiteStore:
     ) -> None:
         conn.execute(
             "UPDATE deliveries SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
-            " last_error = ?, vendor_reference = COALESCE(?, vendor_reference),"
+            " deferred_from = NULL, last_error = ?, vendor_reference = COALESCE(?, vendor_reference),"
             " warning = COALESCE(?, warning), attempts = attempts + ?, lease_owner = NULL,"
             " lease_until = NULL, updated_at = ?, at_risk = COALESCE(?, at_risk) WHERE id = ?",
             (settle.status, settle.next_attempt_at, settle.last_error, settle.vendor_reference,
@@ -642,9 +642,29 @@ class SQLiteStore:
         """Move due deliveries of a closed endpoint to its opening: waiting, not a burned retry."""
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute(
-                "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? WHERE municipality = ?"
+                "UPDATE deliveries SET deferred_from = COALESCE(deferred_from, next_attempt_at),"
+                " next_attempt_at = ?, updated_at = ? WHERE municipality = ?"
                 " AND adapter = ? AND status IN (?, ?) AND next_attempt_at < ?",
                 (until, now, municipality, adapter, Status.QUEUED, Status.RETRY_SCHEDULED, until),
+            ).rowcount
+
+        return await self._write(op)
+
+    async def undefer(self, municipality: str | None, adapter: str | None, now: float) -> int:
+        """Give work deferred to an opening its own due time back (all endpoints, or one).
+
+        Called when the opening hours may have changed (at start) or an endpoint was resumed;
+        the dispatcher defers it again if the endpoint is still closed.
+        """
+        where, params = "deferred_from IS NOT NULL AND status IN (?, ?)", [Status.QUEUED, Status.RETRY_SCHEDULED]
+        if municipality is not None and adapter is not None:
+            where += " AND municipality = ? AND adapter = ?"
+            params += [municipality, adapter]
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE deliveries SET next_attempt_at = deferred_from, deferred_from = NULL,"
+                f" updated_at = ? WHERE {where}", (now, *params),
             ).rowcount
 
         return await self._write(op)
@@ -667,6 +687,8 @@ class SQLiteStore:
                                     "attempts", "next_attempt_at", "last_error", "vendor_reference",
                                     "warning", "cutoff_at", "created_at", "updated_at")}
         view["at_risk"] = bool(row["at_risk"])
+        if row["deferred_from"] is not None and row["status"] in (Status.QUEUED, Status.RETRY_SCHEDULED):
+            view["waiting_for_opening_at"] = row["next_attempt_at"]  # the endpoint is closed until then
         if row["status"] in (Status.QUEUED, Status.RETRY_SCHEDULED):
             blocker = self._blocker(conn, row)
             if blocker is not None:
@@ -710,7 +732,7 @@ class SQLiteStore:
         else:  # replay or check: due now, with a fresh retry budget
             conn.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?, attempts = 0, retry_since = ?,"
-                " last_error = ?, updated_at = ? WHERE id = ?",
+                " deferred_from = NULL, last_error = ?, updated_at = ? WHERE id = ?",
                 (new, now, now, note, now, row["id"]),
             )
         self._audit(conn, now, f"delivery.{action}", {"from": row["status"], "to": str(new), "reason": reason},
