@@ -81,6 +81,8 @@ class SdKoersel:
     schema_files = SCHEMA_FILES
     #: SD's web service answers 06:00-22:00 Danish time; a tenant may override this
     opening_hours = "06:00-22:00"
+    #: SD books on KontoNummerIdentifikator (``account``); it has no cost centre or PSP element
+    unsupported_fields = frozenset({"cost_center", "psp_element"})
 
     def __init__(self) -> None:
         self._codec = ZeepCodec(SCHEMAS_DIR / WSDL_FILE)
@@ -91,6 +93,12 @@ class SdKoersel:
     def plan(
         self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings
     ) -> Plan:
+        carried = sorted(f for f in self.unsupported_fields if getattr(report, f))
+        if carried:
+            raise InvalidPayload(
+                f"{self.name} cannot carry {' or '.join(carried)}: SD books mileage on an "
+                "account number (KontoNummerIdentifikator) only"
+            )
         done = {p.part: p for p in delivered}
         if report.cancelled:
             return _plan_cancelled(done)
