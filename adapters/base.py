@@ -51,6 +51,7 @@ __all__ = [
     "Kind",
     "Message",
     "Payload",
+    "POSTING_TARGETS",
     "Plan",
     "Receipt",
     "ReadsBack",
@@ -112,6 +113,8 @@ class Report:
     wage_code_optional: str | None = None
     approved_by_cpr: str | None = field(default=None, repr=False)
     account: str | None = None
+    cost_center: str | None = None  # deviating cost centre (KMD Afv_Omkostningssted)
+    psp_element: str | None = None  # deviating PSP element (KMD Afv_PSP_Element)
     license_plate: str | None = None
     purpose: str | None = None
     route: Route | None = None
@@ -148,6 +151,8 @@ class Report:
             wage_code_optional=data.get("wage_code_optional") or None,
             approved_by_cpr=data.get("approved_by_cpr"),
             account=data.get("account") or None,
+            cost_center=data.get("cost_center") or None,
+            psp_element=data.get("psp_element") or None,
             license_plate=data.get("license_plate") or None,
             purpose=data.get("purpose") or None,
             route=None
@@ -417,8 +422,19 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 # ---------------------------------------------------------------------------------------
 
 
+#: report fields that say where a posting is booked; a report carries at most one of them
+POSTING_TARGETS = ("account", "cost_center", "psp_element")
+
+
 @runtime_checkable
 class Adapter(Protocol):
+    """A vendor integration.
+
+    What the vendor needs or cannot carry beyond the report schema is declared below, so
+    that intake refuses such a report before it is stored; ``plan`` still refuses one
+    that was stored before a rule existed.
+    """
+
     name: str
     kinds: frozenset[Kind]
     #: schema files (relative to the project's ``schemas/`` folder) that must exist

@@ -13,8 +13,10 @@ Parts and their stable keys (see :func:`split`):
 
 Mapping a new version onto the delivered parts (see :meth:`KmdAbsence.plan`), by key:
 
-1. a delivered part whose key the new version lacks, or whose personnel number changed, is
-   deleted (``DEL``), first, so that the ranges it frees are free before anything moves in;
+1. a delivered part whose key the new version lacks, or whose personnel number or absence
+   type changed, is deleted (``DEL``), first, so that the ranges it frees are free before
+   anything moves in (the type is part of the record's key in SAP: a ``MOD`` cannot change
+   it, so a type change is always ``DEL`` + ``INS``);
 2. a key in both with changed fields is modified (``MOD``; ``Original*`` are the *delivered*
    part's fields); modifications are ordered so no intermediate state overlaps another part
    KMD holds, and any that cannot be so ordered fall back to ``DEL`` then ``INS``;
@@ -281,12 +283,14 @@ def _order_mods(changed: Iterable[str], held: Mapping[str, State],
     return order, left
 
 
+def _same_record(held: State, wanted: State) -> bool:
+    """Whether a MOD can turn ``held`` into ``wanted``: SAP keys a record by person and type."""
+    return all(held[k] == wanted[k] for k in ("personnel_number", "type"))
+
+
 def diff(held: Mapping[str, State], wanted: Mapping[str, State]) -> list[Message]:
     """The KMD operations that turn ``held`` into ``wanted`` (both keyed by part)."""
-    gone = sorted(
-        k for k, v in held.items()
-        if k not in wanted or v["personnel_number"] != wanted[k]["personnel_number"]
-    )
+    gone = sorted(k for k, v in held.items() if k not in wanted or not _same_record(v, wanted[k]))
     kept = {k: v for k, v in held.items() if k not in gone}
     changed = [k for k in sorted(wanted) if k in kept and kept[k] != wanted[k]]
     mods, stuck = _order_mods(changed, kept, wanted)

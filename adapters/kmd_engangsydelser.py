@@ -2,6 +2,11 @@
 
 Corrections are sent as differences: before every plan the gateway reads what it posted for
 the employee's month and sends only what is missing (a negative ``Antal`` withdraws).
+
+Wire forms as OS2indberetning's production client sends them: ``Startdato`` is the date at
+``T00:00:00Z`` (plans keep plain ISO dates; render writes the wire form; a read's
+``Startdato``, date or date-time, is taken by the date as written), and ``Kun_Valider`` is
+present only as ``"1"`` when the tenant validates without posting.
 """
 
 from __future__ import annotations
@@ -159,7 +164,11 @@ def _desired(report: Report) -> dict[str, Decimal]:
 
 
 def _account(report: Report, settings: VendorSettings) -> dict[str, str]:
-    """``Afv_Omkostningssted`` or ``Afv_PSP_Element`` for every item (never both)."""
+    """``Afv_Omkostningssted`` or ``Afv_PSP_Element`` for every item (never both).
+
+    The report's own ``account`` (sent as ``options.account_as`` says), ``cost_center`` or
+    ``psp_element`` wins over the tenant's default ``cost_centre``/``psp_element``.
+    """
     opts = settings.options
     cost, psp = opts.get("cost_centre"), opts.get("psp_element")
     if cost and psp:
@@ -167,6 +176,16 @@ def _account(report: Report, settings: VendorSettings) -> dict[str, str]:
             "tenant settings give both cost_centre and psp_element; KMD accepts only one "
             "(code 167): remove one of them"
         )
+    own = [v for v in (report.account, report.cost_center, report.psp_element) if v]
+    if len(own) > 1:  # intake refuses this; a report stored before that rule is never sent
+        raise InvalidPayload(
+            "the report gives more than one of account, cost_center and psp_element; KMD "
+            "accepts only one (code 167)"
+        )
+    if report.cost_center:
+        return {"Afv_Omkostningssted": report.cost_center}
+    if report.psp_element:
+        return {"Afv_PSP_Element": report.psp_element}
     if report.account:
         target = (
             "Afv_PSP_Element"
@@ -368,12 +387,11 @@ class KmdEngangsydelser:
     ) -> dict[str, Any]:
         opts = settings.options
         sender = str(opts.get("sender") or DEFAULT_SENDER)
+        header = {"ClientID": str(opts.get("client_id") or report.municipality), "OpdateringsID": call_id}
+        if opts.get("validate_only"):
+            header["Kun_Valider"] = "1"  # otherwise absent, as OS2indberetning's client sends it
         doc = {
-            "Header": {
-                "ClientID": str(opts.get("client_id") or report.municipality),
-                "OpdateringsID": call_id,
-                "Kun_Valider": "1" if opts.get("validate_only") else "0",
-            },
+            "Header": header,
             "Medarbejder": {"Medarbejdernummer": report.employee.employment_id},
             "Engangsydelser": [
                 _item_fields(item, seq, sender, report.report_id) for seq, item in enumerate(items)
@@ -420,7 +438,7 @@ class KmdEngangsydelser:
         sent = json.loads(request)
         seqs = ",".join(i["Sekvensnummer"] for i in sent["Engangsydelser"])
         warnings = [m.tekst for m in msgs if m.type == "W"]
-        if sent["Header"]["Kun_Valider"] == "1":
+        if sent["Header"].get("Kun_Valider") == "1":
             warnings.append("validate_only: KMD validated the payments and posted nothing")
         return f"{sent['Header']['OpdateringsID']}#{seqs}", warnings
 
@@ -443,7 +461,7 @@ class KmdEngangsydelser:
         for m in sorted(_months(month, known, pending)):
             for entry in await self._read_month(report, m, channel):
                 # entries outside the month asked for are KMD's filter's business, not ours
-                if _ours(entry, sender, report.report_id) and str(entry["Startdato"])[:7] == m:
+                if _ours(entry, sender, report.report_id) and _read_date(entry)[:7] == m:
                     _collect(sums, dates, entry)
         return _as_parts(report, month, sums, dates)
 
@@ -491,6 +509,7 @@ def _item_fields(item: Mapping[str, Any], seq: int, sender: str, remark: str) ->
     """One Engangsydelse, its fields in the order KMD documents them."""
     values = {
         **item,
+        "Startdato": _wire_date(item.get("Startdato")),
         "Sekvensnummer": str(seq),
         "Afsendelses_System": sender,
         "Indv_Bemaerkning": remark,
@@ -507,6 +526,19 @@ def _item_fields(item: Mapping[str, Any], seq: int, sender: str, remark: str) ->
         "Indv_Bemaerkning",
     )
     return {k: values[k] for k in keys if values.get(k) not in (None, "")}
+
+
+def _wire_date(value: Any) -> Any:
+    """A plan's ISO date as KMD's client sends it: ``YYYY-MM-DDT00:00:00Z``."""
+    if isinstance(value, str) and len(value) == 10:
+        return f"{value}T00:00:00Z"
+    return value  # anything else: the schema check names it
+
+
+def _read_date(entry: Mapping[str, Any]) -> str:
+    """A read entry's ``Startdato`` as ``YYYY-MM-DD``: the date as written, with or without
+    the time the client sent (never shifted by a zone: midnight UTC is that day)."""
+    return str(entry["Startdato"])[:10]
 
 
 def _require_one_account(items: Iterable[Mapping[str, Any]]) -> None:
@@ -537,7 +569,7 @@ def _ours(entry: Mapping[str, Any], sender: str, report_id: str) -> bool:
 
 
 def _collect(sums: dict[Key, Decimal], dates: dict[str, str], entry: Mapping[str, Any]) -> None:
-    startdato = str(entry["Startdato"])[:10]
+    startdato = _read_date(entry)
     key = (startdato[:7], _loenart(str(entry["Loenart"])))
     sums[key] = sums.get(key, ZERO) + _decimal(entry["Antal"])
     dates[key[0]] = min(dates.get(key[0], startdato), startdato)

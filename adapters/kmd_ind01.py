@@ -1,16 +1,22 @@
-"""KMD Opus IND01 mileage file: the 55-character records, grouped per employment, wage code,
-account and month (legacy pick-up file; KMD closed the interface in 2024).
+"""KMD Opus IND01 mileage file: the 55-character records, grouped per employment (with its
+employment type and extra number), wage code, account and month (legacy pick-up file; KMD
+closed the interface in 2024).
 
 Layout (1-based positions), as the OS2indberetning file generator wrote it::
 
     1-3 "DA6" | 4-7 KMD municipality no. | 8 employment type | 9-18 CPR | 19 extra number
     20-23 wage code | 24-29 km x 100 | 30-36 "0000000" | 37-49 3 spaces + account, or 13
     spaces | 50-55 DDMMYY, the last day of the month
+
+Every line (the header too) ends CRLF, as the OS2indberetning file writer (.NET on Windows)
+ended them; the file is written in ``options["encoding"]`` (default ISO-8859-1), which
+:func:`check_settings` checks at start-up against every configured text that goes into it.
 """
 
 from __future__ import annotations
 
 import calendar
+import codecs
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,12 +41,18 @@ from adapters.base import (
 )
 
 __all__ = [
+    "DEFAULT_ENCODING",
+    "LINE_END",
     "RECORD_LENGTH",
+    "UNSUPPORTED_FIELDS",
     "Failure",
     "FieldOverflow",
     "Group",
     "KmdInd01",
     "Record",
+    "check_settings",
+    "encode_lines",
+    "file_encoding",
     "format_record",
     "group",
     "header_line",
@@ -48,9 +60,14 @@ __all__ = [
     "parse_record",
     "records",
     "render_file",
+    "unsupported_reason",
 ]
 
 RECORD_LENGTH = 55
+LINE_END = "\r\n"  # as the OS2indberetning writer wrote every line, the header too
+DEFAULT_ENCODING = "iso-8859-1"
+#: fields a report may carry that an IND01 record cannot (it has only a 10-digit account)
+UNSUPPORTED_FIELDS = frozenset({"/cost_center", "/psp_element"})
 FILLER = "0000000"
 # The record read back field by field; render checks every line against it before returning.
 RECORD_RE = re.compile(
@@ -127,25 +144,42 @@ def group(reports: Iterable[Report]) -> list[Group]:
     for report in reports:
         for code, rep in _postings(report):
             assert rep.drive_date is not None
+            # employment type and extra number are in the key: a mid-month change gives
+            # two records (KMD books each under its own employment form), not a conflict
             key = (
                 rep.municipality,
                 rep.employee.employment_id,
+                rep.employee.employment_type,
+                rep.employee.extra_number,
                 code,
                 rep.account,
+                _unsupported(rep),
                 rep.drive_date.year,
                 rep.drive_date.month,
             )
             buckets.setdefault(key, []).append(rep)
-    return [_group(key[2], reps) for key, reps in buckets.items()]
+    return [_group(key[4], reps) for key, reps in buckets.items()]
+
+
+def _unsupported(report: Report) -> tuple[str, ...]:
+    return tuple(sorted(f[1:] for f in UNSUPPORTED_FIELDS if getattr(report, f[1:])))
+
+
+def unsupported_reason(fields: Iterable[str]) -> str:
+    return (
+        f"kmd-ind01 cannot carry {' or '.join(sorted(fields))}: the IND01 record has only a "
+        "10-digit account position (use account, or route the tenant to kmd-engangsydelser)"
+    )
 
 
 def _group(wage_code: str, reps: Sequence[Report]) -> Group:
     first = reps[0]
     assert first.drive_date is not None
-    people = {(r.employee.cpr, r.employee.employment_type, r.employee.extra_number) for r in reps}
     conflict = None
-    if len(people) > 1:
-        conflict = "reports of one employment disagree on CPR, employment type or extra number"
+    if len({r.employee.cpr for r in reps}) > 1:
+        conflict = "reports of one employment disagree on the CPR number"
+    if unsupported := _unsupported(first):
+        conflict = unsupported_reason(unsupported)
     return Group(
         municipality=first.municipality,
         employment_id=first.employee.employment_id,
@@ -235,6 +269,62 @@ def parse_record(line: str) -> Record:
     )
 
 
+def file_encoding(settings: VendorSettings) -> str:
+    """The codec the file is written in (``options["encoding"]``, default ISO-8859-1).
+
+    ValueError for an unknown name or one that does not write ASCII as ASCII (UTF-16,
+    say): the records, the CRLF ends and the crash recovery all rely on single bytes.
+    """
+    name = str(settings.options.get("encoding") or DEFAULT_ENCODING)
+    try:
+        codec = codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown encoding {name!r}") from None
+    probe = "DA6 0123456789 ABCXYZ abcxyz" + LINE_END
+    try:
+        same = probe.encode(codec.name) == probe.encode("ascii")
+    except (UnicodeError, LookupError):
+        same = False
+    if not same:
+        raise ValueError(f"encoding {name!r} does not write ASCII text as ASCII bytes")
+    return name
+
+
+def encode_lines(lines: Iterable[str], encoding: str) -> bytes:
+    """Lines as the file holds them: each ended CRLF, in the file's encoding."""
+    return "".join(f"{line}{LINE_END}" for line in lines).encode(encoding)
+
+
+def check_settings(settings: VendorSettings, municipality: str) -> list[tuple[str, str]]:
+    """Problems with the options that go into the file, as (option key, message), for the
+    start-up check: an unknown encoding, or a configured text it cannot write."""
+    try:
+        encoding = file_encoding(settings)
+    except ValueError as exc:
+        return [("encoding", str(exc))]
+    problems = []
+    for key in ("file_header", "municipality_name"):
+        value = settings.options.get(key)
+        if value is None:
+            continue
+        text = str(value)
+        if "\n" in text or "\r" in text:
+            problems.append((key, f"{_shown(text)} must be a single line"))
+            continue
+        try:
+            text.encode(encoding)
+        except UnicodeEncodeError:
+            problems.append((key, f"{_shown(text)} cannot be written in {encoding}"))
+    number = settings.options.get("kmd_municipality")
+    if number is not None and not re.fullmatch(r"[0-9]{1,4}", str(number)):
+        problems.append(("kmd_municipality", f"{_shown(str(number))} is not 1-4 digits"))
+    return problems
+
+
+def _shown(text: str, width: int = 24) -> str:
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
 def header_line(settings: VendorSettings, municipality: str) -> str:
     """The line the file starts with (written only when the file is created).
 
@@ -272,13 +362,17 @@ def records(
     return written, failures
 
 
-def render_file(reports: Iterable[Report], settings: VendorSettings) -> tuple[str, list[Failure]]:
-    """The content of a new ``ind01.txt`` (header + records), and the failed groups."""
+def render_file(
+    reports: Iterable[Report], settings: VendorSettings
+) -> tuple[bytes, list[Failure]]:
+    """The bytes of a new ``ind01.txt`` (header + records, CRLF, in the file's encoding)
+    exactly as a file run creating the file writes them, and the failed groups."""
     written, failures = records(reports, settings)
     if not written:
-        return "", failures
+        return b"", failures
     header = header_line(settings, written[0][0].municipality)
-    return "".join(f"{line}\n" for line in [header, *(w[1] for w in written)]), failures
+    lines = [header, *(w[1] for w in written)]
+    return encode_lines(lines, file_encoding(settings)), failures
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,24 +400,33 @@ class KmdInd01:
     kinds = frozenset({Kind.DRIVE})
     #: delivered by the gateway's scheduled file runs, not by the dispatcher's sends
     file_based = True
-
-    def render_file(self, reports: Iterable[Report], settings: VendorSettings) -> tuple[str, list[Failure]]:
-        """The dry run's ``ind01.txt``: header and records, and the groups that cannot be written."""
-        return render_file(reports, settings)
+    unsupported_fields = UNSUPPORTED_FIELDS
     schema_files: tuple[str, ...] = ()  # the layout is checked by RECORD_RE in render
     #: both stand in every record; a missing one written as 0 could book to another employment
     required_fields = frozenset({"/employee/employment_type", "/employee/extra_number"})
-    unsupported_fields: frozenset[str] = frozenset()
     field_formats = MappingProxyType({
         "/wage_code": (r"[0-9A-Za-z]{4}", "4 letters or digits"),
         "/wage_code_optional": (r"[0-9A-Za-z]{4}", "4 letters or digits"),
     })
+
+    def render_file(
+        self, reports: Iterable[Report], settings: VendorSettings
+    ) -> tuple[bytes, list[Failure]]:
+        """The dry run's ``ind01.txt``: the bytes a file run creating the file would write,
+        and the groups that cannot be written."""
+        return render_file(reports, settings)
+
+    def check_settings(self, settings: VendorSettings, municipality: str) -> list[tuple[str, str]]:
+        """Start-up check of the file options, as (option key, message) pairs."""
+        return check_settings(settings, municipality)
 
     def plan(
         self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings
     ) -> Plan:
         if report.kind is not Kind.DRIVE or report.drive_date is None:
             raise InvalidPayload(f"{self.name} delivers drive reports only")
+        if unsupported := _unsupported(report):
+            raise InvalidPayload(unsupported_reason(unsupported))
         held = {p.part: p for p in delivered}
         if report.cancelled:
             if held:
@@ -362,6 +465,8 @@ class KmdInd01:
         )
 
     def render(self, report: Report, message: Message, settings: VendorSettings) -> Payload:
+        if unsupported := _unsupported(report):
+            raise InvalidPayload(unsupported_reason(unsupported))
         f = message.fields
         g = Group(
             municipality=report.municipality,
@@ -376,7 +481,8 @@ class KmdInd01:
             covers=((report.municipality, report.report_id, report.version),),
         )
         line = format_record(g, settings)
-        return Payload(body=f"{line}\n".encode("ascii"), content_type="text/plain")
+        # a record is ASCII, which every allowed file encoding writes as ASCII
+        return Payload(body=encode_lines([line], "ascii"), content_type="text/plain")
 
     async def send(self, payload: Payload, channel: Channel) -> Receipt:
         raise Rejected("kmd-ind01 is delivered by file runs, not per message")

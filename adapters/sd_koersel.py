@@ -82,10 +82,11 @@ class SdKoersel:
     schema_files = SCHEMA_FILES
     #: SD's BrugerIdentifikator is the approver's CPR
     required_fields = frozenset({"/approved_by_cpr"})
-    unsupported_fields: frozenset[str] = frozenset()
     field_formats: Mapping[str, tuple[str, str]] = MappingProxyType({})
     #: SD's web service answers 06:00-22:00 Danish time; a tenant may override this
     opening_hours = "06:00-22:00"
+    #: SD books on KontoNummerIdentifikator (``account``); it has no cost centre or PSP element
+    unsupported_fields = frozenset({"/cost_center", "/psp_element"})
 
     def __init__(self) -> None:
         self._codec = ZeepCodec(SCHEMAS_DIR / WSDL_FILE)
@@ -96,6 +97,12 @@ class SdKoersel:
     def plan(
         self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings
     ) -> Plan:
+        carried = sorted(f[1:] for f in self.unsupported_fields if getattr(report, f[1:]))
+        if carried:
+            raise InvalidPayload(
+                f"{self.name} cannot carry {' or '.join(carried)}: SD books mileage on an "
+                "account number (KontoNummerIdentifikator) only"
+            )
         done = {p.part: p for p in delivered}
         if report.cancelled:
             return _plan_cancelled(done)

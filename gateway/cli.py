@@ -294,10 +294,13 @@ def _vendor(settings: Settings, report: Report, adapter: str) -> VendorSettings:
 def _render_all(adapter: Any, reports: list[Report], settings: Settings) -> list[tuple[str, bytes]]:
     if hasattr(adapter, "render_file"):  # file-based adapters write one file for all reports
         vendor = _vendor(settings, reports[0], adapter.name)
-        text, failures = adapter.render_file(reports, vendor)
+        municipality = reports[0].municipality
+        for key, problem in getattr(adapter, "check_settings", lambda *_: [])(vendor, municipality):
+            raise CliError(f"tenants.{municipality}.vendors.{adapter.name}.options.{key}: {problem}")
+        body, failures = adapter.render_file(reports, vendor)  # the bytes a file run writes
         for failure in failures:
             print(f"payroll-gateway: not written: {mask_cpr(str(failure))}", file=sys.stderr)
-        return [("ind01.txt", text.encode("latin-1", errors="replace"))]
+        return [("ind01.txt", body)]
     outputs: list[tuple[str, bytes]] = []
     for report in reports:
         vendor = _vendor(settings, report, adapter.name)

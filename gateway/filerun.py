@@ -57,7 +57,7 @@ class StoreJournal:
     def begin(self, entry: JournalEntry) -> None:
         run = {"run_id": entry.run_id, "municipality": self.municipality, "adapter": self.adapter,
                "file": entry.file, "offset_before": entry.offset_before,
-               "data": entry.data.decode("ascii"), "first_line": entry.first_line,
+               "data": _text(entry.data), "first_line": entry.first_line,
                "header_lines": entry.header_lines, "deliveries": self.deliveries}
         self._call(self.store.file_run_begin(run, self.clock()))
 
@@ -69,8 +69,14 @@ class StoreJournal:
                                               str(result.outcome), self.clock()))
 
 
+# The journal keeps a run's bytes as text: Latin-1 maps every byte to one character and back,
+# whatever the file's encoding (and ASCII-only runs journalled before it read the same).
+def _text(data: bytes) -> str:
+    return data.decode("latin-1")
+
+
 def _entry(row: Mapping[str, Any]) -> JournalEntry:
-    return JournalEntry(row["run_id"], row["file"], row["offset_before"], row["data"].encode("ascii"),
+    return JournalEntry(row["run_id"], row["file"], row["offset_before"], row["data"].encode("latin-1"),
                         row["first_line"], row["header_lines"])
 
 
@@ -107,12 +113,19 @@ class FileRunner:
             due[route] = self._next(route)
 
     def check_schedules(self) -> None:
-        """At start-up: every file route's cron schedule must parse (one line naming the key)."""
+        """At start-up: every file route's cron schedule must parse, and the adapter's file
+        options (encoding, header texts) must be writable; one line naming the key."""
         for route in self.routes():
+            where = f"tenants.{route[0]}.vendors.{route[1]}.options"
             try:
                 self._next(route)
             except ValueError as exc:
-                raise ConfigError(f"tenants.{route[0]}.vendors.{route[1]}.options.schedule: {exc}") from exc
+                raise ConfigError(f"{where}.schedule: {exc}") from exc
+            check = getattr(self.adapters[route[1]], "check_settings", None)
+            problems = check(self.vendor(*route), route[0]) if check else []
+            if problems:
+                key, problem = problems[0]
+                raise ConfigError(f"{where}.{key}: {problem}")
 
     def _next(self, route: tuple[str, str]) -> float:
         cron = str(self.vendor(*route).options.get("schedule", DEFAULT_SCHEDULE))
@@ -165,7 +178,8 @@ class FileRunner:
         run_id = f"{municipality}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         journal = self._journal(municipality, adapter_name, deliveries)
         header = kmd_ind01.header_line(vendor, municipality)
-        runner = FileRun(path, journal, header=header)
+        runner = FileRun(path, journal, header=header, encoding=kmd_ind01.file_encoding(vendor),
+                         line_end=kmd_ind01.LINE_END)
         await asyncio.to_thread(runner.append, run_id, lines)
         summary.written = len(lines)
 

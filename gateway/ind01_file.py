@@ -195,12 +195,18 @@ class FileRun:
         journal: Journal,
         *,
         header: str | None = None,
+        encoding: str = "ascii",
+        line_end: str = "\n",
         backup: bool = True,
         clock: Callable[[], datetime] = _now,
     ) -> None:
+        if not line_end.endswith("\n"):  # recovery counts and checks lines by their b"\n"
+            raise ValueError("line_end must end with a newline")
         self.path = Path(path)
         self.journal = journal
         self.header = header
+        self.encoding = encoding
+        self.line_end = line_end
         self.backup = backup
         self.clock = clock
 
@@ -227,7 +233,8 @@ class FileRun:
         if offset and _read_at(self.path, offset - 1, 1) != b"\n":
             raise FileConflict(f"{self.path} does not end with a newline: not appending")
         prefix = [self.header] if offset == 0 and self.header is not None else []
-        data = "".join(f"{line}\n" for line in [*prefix, *lines]).encode("ascii")
+        # UnicodeEncodeError (a header the encoding cannot write) before anything is journalled
+        data = "".join(f"{line}{self.line_end}" for line in [*prefix, *lines]).encode(self.encoding)
         first = _count_lines(self.path, offset) + 1 if offset else 1
         entry = JournalEntry(run_id, str(self.path), offset, data, first, len(prefix))
         self.journal.begin(entry)  # durable before the first byte is written

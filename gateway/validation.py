@@ -18,7 +18,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from adapters.base import Adapter
+from adapters.base import POSTING_TARGETS, Adapter
 
 from .errors import FieldError
 
@@ -209,7 +209,16 @@ def _cross_field(data: Mapping[str, Any], pointer: str) -> list[FieldError]:
         km = Decimal(str(data["distance_km"]))
         if km != km.quantize(Decimal("0.01")):
             errors.append(FieldError(f"{pointer}/distance_km", "must have at most 2 decimals"))
+        errors += _one_posting_target(data, pointer)
     return errors
+
+
+def _one_posting_target(data: Mapping[str, Any], pointer: str) -> list[FieldError]:
+    """account, cost_center and psp_element each say where KMD books the payment: one at most
+    (KMD refuses a cost centre with a PSP element, code 167). Each one after the first is named."""
+    given = [key for key in POSTING_TARGETS if data.get(key) is not None]
+    return [FieldError(f"{pointer}/{key}", f"not allowed together with {given[0]}: give only one "
+                       "of account, cost_center and psp_element") for key in given[1:]]
 
 
 def _real_date(text: str) -> bool:

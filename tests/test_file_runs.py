@@ -136,3 +136,105 @@ def test_a_bad_schedule_stops_the_start_with_the_key(ind01_settings: Settings) -
     tenants["851"] = tenant("851", KEY_851, {"kmd-ind01": vendor}, {"drive": "kmd-ind01"})
     with pytest.raises(ConfigError, match=r"tenants.851.vendors.kmd-ind01.options.schedule: invalid cron"):
         create_app(replace(ind01_settings, tenants=tenants))
+
+
+# -- the file's bytes: CRLF, the configured encoding, and render writing the same -------------
+
+AERO = {"municipality_name": "Ærø Kommune"}
+
+
+def with_options(settings: Settings, **options: Any) -> Settings:
+    vendor = settings.tenants["851"].vendors["kmd-ind01"]
+    vendor = replace(vendor, options={**vendor.options, **options})
+    tenants = dict(settings.tenants)
+    tenants["851"] = tenant("851", KEY_851, {"kmd-ind01": vendor}, {"drive": "kmd-ind01"})
+    return replace(settings, tenants=tenants)
+
+
+async def test_render_writes_exactly_the_bytes_of_a_file_run(
+    make_gateway: Any, ind01_settings: Settings, tmp_path: Path
+) -> None:
+    import json
+
+    from gateway.cli import main
+
+    gw = await make_gateway(with_options(ind01_settings, **AERO))
+    reports = [report("A", "10.00"), report("B", "2.55", date="2026-03-31"),
+               report("C", "7.00", wage_code_optional="0202"), report("D", "1.00", date="2026-04-01")]
+    await submit(gw, *reports)
+    await gw.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
+    written = file_of(tmp_path).read_bytes()
+    assert written.startswith(b"851 \xc6r\xf8 Kommune\r\nDA6")  # ISO-8859-1, CRLF
+    assert written.count(b"\r\n") == written.count(b"\n") == 4
+
+    src, cfg, out = tmp_path / "reports.json", tmp_path / "render.toml", tmp_path / "out"
+    src.write_text(json.dumps(reports), encoding="utf-8")
+    cfg.write_text('[tenants.851.vendors.kmd-ind01.options]\nmunicipality_name = "Ærø Kommune"\n',
+                   encoding="utf-8")
+    code = await asyncio.to_thread(main, ["render", "kmd-ind01", str(src), "--config", str(cfg),
+                                          "--out", str(out)])
+    assert code == 0
+    assert (out / "ind01.txt").read_bytes() == written
+
+
+async def test_a_mid_month_change_of_employment_type_gives_two_delivered_lines(
+    gw: Gateway, tmp_path: Path
+) -> None:
+    second = report("B", "3.00", date="2026-03-20")
+    second["employee"]["employment_type"] = 2
+    await submit(gw, report("A", "10.00"), second)
+    summary = await gw.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
+    records = file_of(tmp_path).read_text(encoding="iso-8859-1").splitlines()[1:]
+    assert summary.written == 2 and summary.failed == 0
+    assert [(r[7], r[19:29]) for r in records] == [("1", "0201001000"), ("2", "0201000300")]
+    for rid, line in (("A", 2), ("B", 3)):
+        view = await status(gw, rid)
+        assert view["status"] == "delivered"
+        assert view["deliveries"][0]["vendor_reference"] == f"IND01_851.txt:{line}"
+
+
+async def test_a_crash_with_a_non_ascii_header_is_recovered_from_the_journal(
+    make_gateway: Any, ind01_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    aero = with_options(ind01_settings, **AERO)
+    first = await make_gateway(aero)
+    await submit(first, report("A", "10.00"))
+
+    async def crash(self: SQLiteStore, *args: Any) -> None:
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(SQLiteStore, "file_run_finish", crash)
+    with pytest.raises(RuntimeError):
+        await first.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
+    written = file_of(tmp_path).read_bytes()
+    await first.client.close()
+    monkeypatch.undo()
+
+    second = await make_gateway(aero)
+    summary = await second.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
+    assert summary.recovered == 1 and file_of(tmp_path).read_bytes() == written
+    assert (await status(second, "A"))["deliveries"][0]["vendor_reference"] == "IND01_851.txt:2"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"encoding": "ascii", "file_header": "492 Ærø Kommune"},
+         r"tenants\.851\.vendors\.kmd-ind01\.options\.file_header: '492 Ærø Kommune' cannot be "
+         r"written in ascii"),
+        ({"encoding": "latin-9x"},
+         r"tenants\.851\.vendors\.kmd-ind01\.options\.encoding: unknown encoding 'latin-9x'"),
+        ({"municipality_name": "Ærø ☃"},
+         r"tenants\.851\.vendors\.kmd-ind01\.options\.municipality_name: 'Ærø ☃' cannot be "
+         r"written in iso-8859-1"),
+    ],
+)
+def test_a_text_the_file_cannot_hold_stops_the_start_with_the_key(
+    ind01_settings: Settings, options: dict[str, Any], message: str
+) -> None:
+    from gateway.app import create_app
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as err:
+        create_app(with_options(ind01_settings, **options))
+    assert "\n" not in str(err.value)

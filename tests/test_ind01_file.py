@@ -232,3 +232,28 @@ def test_invalid_cron_is_a_clear_value_error(cron: str) -> None:
 def test_next_run_needs_an_aware_time() -> None:
     with pytest.raises(ValueError, match="time-zone-aware"):
         next_run("* * * * *", datetime(2024, 1, 1))  # noqa: DTZ001
+
+
+def test_crlf_and_an_encoding_keep_line_numbers_and_recovery(target: Path) -> None:
+    crashing = CrashBeforeCommit()
+    with pytest.raises(SystemExit):
+        FileRun(target, crashing, header="492 Ærø Kommune", encoding="iso-8859-1",
+                line_end="\r\n").append("run-1", lines("A", 2))
+    (entry,) = crashing.unfinished(str(target))
+    assert entry.data.startswith(b"492 \xc6r\xf8 Kommune\r\n") and entry.line_count == 3
+    journal = MemoryJournal()
+    journal.begin(entry)
+    run = FileRun(target, journal, header="492 Ærø Kommune", encoding="iso-8859-1", line_end="\r\n")
+    recovered, own = run.append("run-2", lines("B", 1))
+    assert recovered.outcome is Outcome.PRESENT and recovered.line_numbers == (2, 3)
+    assert own.line_numbers == (4,)
+    assert target.read_bytes() == entry.data + f"{line('B', 0)}\r\n".encode()
+
+
+def test_a_header_the_encoding_cannot_write_is_refused_before_the_journal(target: Path) -> None:
+    journal = MemoryJournal()
+    with pytest.raises(UnicodeEncodeError):
+        FileRun(target, journal, header="Ærø", encoding="ascii").append("r", lines("A", 1))
+    assert journal.entries == {} and not target.exists()
+    with pytest.raises(ValueError, match="newline"):
+        FileRun(target, journal, line_end="\r")

@@ -95,7 +95,7 @@ class Ledger:
         return Posting(
             objekt_id=objekt_id,
             employee=employee,
-            startdato=date.fromisoformat(item["Startdato"]),
+            startdato=date.fromisoformat(item["Startdato"][:10]),  # "YYYY-MM-DDT00:00:00Z"
             loenart=item["Loenart"],
             loebenummer=int(item["Loebenummer"]),
             antal=Decimal(item["Antal"]),
@@ -332,7 +332,7 @@ def _apply(
                 "Meddelelse": messages,
             }
         )
-    if doc["Header"]["Kun_Valider"] != "1":
+    if doc["Header"].get("Kun_Valider") != "1":  # "1" validates only; absent posts
         state.ledger.post(doc["Medarbejder"]["Medarbejdernummer"], doc["Engangsydelser"])
     if drop or state.fault == "drop-after-apply" or state.drop_next > 0:
         state.drop_next = max(0, state.drop_next - (not drop))

@@ -184,6 +184,9 @@ class KmdLedger:
         old = self._find(original)
         if old is None:
             return Status("E", f"Fravær {original.describe()} findes ikke og kan ikke ændres")
+        if record.type != old.type:  # the type is part of SAP's record key: delete and insert
+            return Status("E", f"Fraværstype kan ikke ændres ({old.type} til {record.type}): "
+                               "slet fraværet og opret et nyt")
         clash = self._clash(record, ignore=old)
         if clash is not None:
             return Status("E", f"Fravær {record.describe()} overlapper {clash.describe()}")

@@ -235,6 +235,32 @@ def test_new_personnel_number_is_delete_and_insert(adapter: KmdAbsence) -> None:
         ("DEL", "00012345"), ("INS", "00099999")]
 
 
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        # same period, another type: never a MOD (the type is part of SAP's record key)
+        ({"vacation_type": "sixth_week"}, [("DEL", "absence:2", "FE"), ("INS", "absence:2", "6F")]),
+        # another type and another period: still DEL + INS, not a MOD of both
+        ({"vacation_type": "senior", "end_date": "2026-07-08"},
+         [("DEL", "absence:2", "FE"), ("INS", "absence:2", "SO")]),
+    ],
+)
+def test_a_type_change_is_delete_and_insert_never_mod(
+    adapter: KmdAbsence, changes: dict[str, Any], expected: list[tuple[str, str, str]]
+) -> None:
+    delivered = deliver(adapter.plan(vacation(), [], SETTINGS).messages, 1)
+    plan = adapter.plan(vacation(version=2, **changes), delivered, SETTINGS)
+    assert [(m.operation, m.part, m.fields["type"]) for m in plan.messages] == expected
+
+
+def test_a_type_change_of_part_days_deletes_every_part_first(adapter: KmdAbsence) -> None:
+    delivered = deliver(adapter.plan(vacation(**PART_DAYS), [], SETTINGS).messages, 1)
+    v2 = vacation(version=2, **{**PART_DAYS, "vacation_type": "sixth_week", "end_time": "14:00"})
+    ops = [(m.operation, m.part) for m in adapter.plan(v2, delivered, SETTINGS).messages]
+    assert ops == [("DEL", "absence:1"), ("DEL", "absence:2"), ("DEL", "absence:3"),
+                   ("INS", "absence:1"), ("INS", "absence:2"), ("INS", "absence:3")]
+
+
 def test_cancel_with_nothing_delivered_is_not_applicable(adapter: KmdAbsence) -> None:
     plan = adapter.plan(vacation(cancelled=True), [], SETTINGS)
     assert plan.messages == () and plan.not_applicable

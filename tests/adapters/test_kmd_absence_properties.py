@@ -112,6 +112,8 @@ def test_any_sequence_of_versions_leaves_exactly_the_latest(drafts: list[Report]
         report = Report.from_dict({**_as_dict(draft), "version": version})
         plan = ADAPTER.plan(report, list(delivered.values()), SETTINGS)
         for message in plan.messages:
+            if message.operation == "MOD":  # SAP keys a record by type: MOD never changes it
+                assert message.fields["type"] == message.fields["original"]["type"], message
             status = ledger.apply(request_fields(ADAPTER.render(report, message, SETTINGS).body))
             assert status.type == "S", (message, status)
             if message.deletes:
@@ -153,3 +155,32 @@ def test_invalid_period_plans_nothing_but_raises() -> None:
         assert "empty" in exc.message
     else:
         raise AssertionError("an absence ending at 00:00 on its only day is empty")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(vacations(), st.lists(st.sampled_from(["regular", "sixth_week", "senior", "care"]),
+                             min_size=1, max_size=4), st.data())
+def test_type_changes_are_delete_and_insert_and_the_ledger_ends_with_the_latest(
+    first: Report, kinds: list[str], data: st.DataObject
+) -> None:
+    """Versions that change the type (and perhaps the period) of a delivered absence."""
+    assume(valid(first) and not first.cancelled)
+    ledger, delivered = KmdLedger(), dict[str, DeliveredPart]()
+    drafts = [first, *(Report.from_dict({**_as_dict(first), "vacation_type": k, "child_number": 1,
+                                         "end_date": str(first.end_date + timedelta(
+                                             days=data.draw(st.integers(0, 2))))})
+                       for k in kinds)]
+    for version, draft in enumerate(drafts, 1):
+        report = Report.from_dict({**_as_dict(draft), "version": version})
+        before = {p.part: p.fields["type"] for p in delivered.values()}
+        for message in ADAPTER.plan(report, list(delivered.values()), SETTINGS).messages:
+            if message.operation == "MOD":
+                assert before[message.part] == message.fields["type"], message
+            status = ledger.apply(request_fields(ADAPTER.render(report, message, SETTINGS).body))
+            assert status.type == "S", (message, status)
+            if message.deletes:
+                delivered.pop(message.part)
+            else:
+                delivered[message.part] = DeliveredPart(message.part, version,
+                                                        json.loads(json.dumps(message.fields)))
+        assert ledger_holdings(ledger) == expected_holdings(report)

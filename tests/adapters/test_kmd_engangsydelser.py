@@ -535,3 +535,68 @@ async def test_read_back_errors(kmd: Any, status: int, doc: Any, error: type[Exc
     canned.answer(status, doc)
     with pytest.raises(error):
         await ADAPTER.read_back(drive(), [], [], channel)
+
+
+# -- wire forms of OS2indberetning's production client; the report's own posting target -------
+
+
+def test_startdato_is_sent_at_midnight_utc_and_kun_valider_only_when_validating() -> None:
+    report = drive(wage_code_optional="0200")
+    doc = render(report, ADAPTER.plan(report, [], PLAIN))
+    assert [i["Startdato"] for i in doc["Engangsydelser"]] == ["2024-11-27T00:00:00Z"] * 2
+    assert "Kun_Valider" not in doc["Header"]
+    validating = VendorSettings(options={"validate_only": True})
+    doc = render(report, ADAPTER.plan(report, [], validating), validating)
+    assert doc["Header"]["Kun_Valider"] == "1"
+
+
+def test_a_withdrawal_in_an_earlier_month_is_sent_at_its_read_date() -> None:
+    delivered = held({"0100": "12.50"}, month="2024-10", startdato="2024-10-03")
+    doc = render(drive(version=2), ADAPTER.plan(drive(version=2), delivered, PLAIN))
+    assert [(i["Startdato"], i["Antal"]) for i in doc["Engangsydelser"]] == [
+        ("2024-10-03T00:00:00Z", "-12.50"),
+        ("2024-11-27T00:00:00Z", "12.50"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("over", "options", "expected"),
+    [
+        ({"cost_center": "4711"}, {}, {"Afv_Omkostningssted": "4711"}),
+        ({"psp_element": "XG-0000012345-01"}, {}, {"Afv_PSP_Element": "XG-0000012345-01"}),
+        # the report's own target wins over the tenant's default
+        ({"cost_center": "4711"}, {"psp_element": "XG-1"}, {"Afv_Omkostningssted": "4711"}),
+        ({"psp_element": "XG-2"}, {"cost_centre": "5555"}, {"Afv_PSP_Element": "XG-2"}),
+    ],
+)
+def test_the_reports_cost_center_or_psp_element_is_sent(
+    over: dict[str, Any], options: dict[str, Any], expected: dict[str, str]
+) -> None:
+    s = VendorSettings(options=options)
+    report = drive(**over)
+    (item,) = render(report, ADAPTER.plan(report, [], s), s)["Engangsydelser"]
+    assert {k: v for k, v in item.items() if k.startswith("Afv_")} == expected
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"account": "1234567890", "cost_center": "4711"},
+        {"account": "1234567890", "psp_element": "XG-1"},
+        {"cost_center": "4711", "psp_element": "XG-1"},
+    ],
+)
+def test_a_report_with_two_posting_targets_is_never_sent(over: dict[str, Any]) -> None:
+    with pytest.raises(InvalidPayload, match="more than one of account, cost_center"):
+        ADAPTER.plan(drive(**over), [], PLAIN)
+
+
+async def test_read_back_matches_entries_read_in_the_date_time_form_sent(kmd: Any) -> None:
+    canned, channel = kmd
+    canned.answer(200, {"Header": {"Status": 0, "Tekst": "OK"}, "Engangsydelser": [
+        _entry("0100", 12.5, startdato="2024-11-27T00:00:00Z"),
+        _entry("0100", 1, startdato="2024-12-01T00:00:00Z"),  # another month: not counted
+    ]})
+    (part,) = await ADAPTER.read_back(drive(version=2), [], [], channel)
+    assert part.fields == {"totals": {"0100": "12.50"}, "month": "2024-11", "startdato": "2024-11-27"}
+    assert ADAPTER.plan(drive(version=2), [part], PLAIN) == Plan()  # what was sent is held

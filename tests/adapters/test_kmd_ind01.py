@@ -11,12 +11,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.base import Adapter, DeliveredPart, Plan, Rejected, Report, VendorSettings
+from adapters.base import (
+    Adapter,
+    DeliveredPart,
+    InvalidPayload,
+    Plan,
+    Rejected,
+    Report,
+    VendorSettings,
+)
 from adapters.kmd_ind01 import (
+    DEFAULT_ENCODING,
     RECORD_LENGTH,
     FieldOverflow,
     Group,
     KmdInd01,
+    check_settings,
+    file_encoding,
     format_record,
     group,
     header_line,
@@ -157,12 +168,14 @@ def test_render_file_golden_with_header_zero_km_skipped_and_failures() -> None:
     settings_ = VendorSettings(
         options={"kmd_municipality": "0851", "municipality_name": "Test Kommune"}
     )
-    text, failures = render_file(reports, settings_)
-    assert text == (GOLDEN / "ind01.txt").read_text(encoding="ascii")
+    body, failures = render_file(reports, settings_)
+    assert body == (GOLDEN / "ind01.txt").read_bytes()  # CRLF, header included
     assert [(f.group.covers, "wage code" in f.reason) for f in failures] == [
         ((("851", "x", 1),), True)
     ]
-    assert all(len(line) == RECORD_LENGTH for line in text.splitlines()[1:])
+    lines = body.split(b"\r\n")
+    assert lines[-1] == b"" and b"\n" not in b"".join(lines)  # every line, header too, ends CRLF
+    assert all(len(line) == RECORD_LENGTH for line in lines[1:-1])
 
 
 def test_header_line_is_configurable() -> None:
@@ -280,7 +293,7 @@ def test_render_is_one_line_and_send_is_refused() -> None:
     report = drive()
     payload = ADAPTER.render(report, ADAPTER.plan(report, [], PLAIN).messages[0], PLAIN)
     assert payload.content_type == "text/plain"
-    assert payload.body == b"DA6085110101901234066660012500000000             301124\n"
+    assert payload.body == b"DA6085110101901234066660012500000000             301124\r\n"
 
 
 async def test_send_is_refused() -> None:
@@ -288,3 +301,88 @@ async def test_send_is_refused() -> None:
         await ADAPTER.send(
             ADAPTER.render(drive(), ADAPTER.plan(drive(), [], PLAIN).messages[0], PLAIN), None
         )  # type: ignore[arg-type]
+
+
+# -- one record per employment form; what IND01 cannot carry ---------------------------------
+
+
+def test_a_mid_month_change_of_employment_type_or_extra_number_gives_two_records() -> None:
+    reports = [
+        drive(report_id="a", drive_date="2024-11-03", distance_km="10"),
+        drive(report_id="b", drive_date="2024-11-20", distance_km="4",
+              employee={"employment_type": 2}),
+        drive(report_id="c", drive_date="2024-11-21", distance_km="1", employee={"extra_number": 3}),
+        drive(report_id="d", drive_date="2024-11-29", distance_km="2"),
+    ]
+    written, failures = records(reports, PLAIN)
+    assert failures == []
+    got = [(line[7], line[18], line[23:29], [c[1] for c in g.covers]) for g, line in written]
+    assert got == [
+        ("1", "0", "001200", ["a", "d"]),
+        ("2", "0", "000400", ["b"]),
+        ("1", "3", "000100", ["c"]),
+    ]
+
+
+def test_reports_of_one_employment_with_two_cprs_still_fail() -> None:
+    reports = [drive(report_id="a"), drive(report_id="b", employee={"cpr": "0202901234"})]
+    _, (failure,) = records(reports, PLAIN)
+    assert "CPR" in failure.reason and "0202901234" not in failure.reason
+
+
+@pytest.mark.parametrize("field", ["cost_center", "psp_element"])
+def test_cost_center_and_psp_element_are_refused_with_a_reason(field: str) -> None:
+    assert "/" + field in KmdInd01.unsupported_fields
+    report = drive(**{field: "12345"})
+    with pytest.raises(InvalidPayload, match=f"cannot carry {field}.*10-digit account"):
+        ADAPTER.plan(report, [], PLAIN)
+    message = ADAPTER.plan(drive(), [], PLAIN).messages[0]
+    with pytest.raises(InvalidPayload, match=f"cannot carry {field}"):
+        ADAPTER.render(report, message, PLAIN)
+    # in a file only that report's group fails; the others are written
+    written, failures = records([drive(report_id="ok"), drive(report_id="no", **{field: "1"})], PLAIN)
+    assert [g.covers for g, _ in written] == [(("851", "ok", 1),)]
+    assert [(f.group.covers, field in f.reason) for f in failures] == [((("851", "no", 1),), True)]
+
+
+# -- encoding --------------------------------------------------------------------------------
+
+
+def test_the_file_is_iso_8859_1_by_default_and_the_encoding_is_a_setting() -> None:
+    name = {"municipality_name": "Ærø Kommune"}
+    body, _ = render_file([drive()], VendorSettings(options=name))
+    assert file_encoding(PLAIN) == DEFAULT_ENCODING == "iso-8859-1"
+    assert body.startswith("851 Ærø Kommune\r\nDA6".encode("iso-8859-1"))
+    assert body.startswith(b"851 \xc6r\xf8 Kommune\r\n")
+    utf8, _ = render_file([drive()], VendorSettings(options={**name, "encoding": "utf-8"}))
+    assert utf8.startswith("851 Ærø Kommune\r\n".encode())
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "message"),
+    [
+        ({"encoding": "no-such-codec"}, "encoding", "unknown encoding 'no-such-codec'"),
+        ({"encoding": "utf-16"}, "encoding", "does not write ASCII text as ASCII bytes"),
+        ({"encoding": "ascii", "file_header": "492 Ærø Kommune"}, "file_header",
+         "'492 Ærø Kommune' cannot be written in ascii"),
+        ({"municipality_name": "Ærø Kommune ☃"}, "municipality_name",
+         "cannot be written in iso-8859-1"),
+        ({"file_header": "two\nlines"}, "file_header", "must be a single line"),
+        ({"kmd_municipality": "12345"}, "kmd_municipality", "is not 1-4 digits"),
+    ],
+)
+def test_check_settings_names_the_option_that_cannot_be_written(
+    options: dict[str, Any], key: str, message: str
+) -> None:
+    problems = check_settings(VendorSettings(options=options), "851")
+    assert [p[0] for p in problems] == [key] and message in problems[0][1]
+
+
+def test_check_settings_accepts_what_the_file_can_hold() -> None:
+    for options in (
+        {},
+        {"municipality_name": "Ærø Kommune"},
+        {"encoding": "cp1252", "file_header": "492 Ærø Kommune", "kmd_municipality": "0492"},
+        {"encoding": "UTF-8", "municipality_name": "Ærø Kommune ☃"},
+    ):
+        assert check_settings(VendorSettings(options=options), "851") == []

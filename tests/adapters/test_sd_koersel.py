@@ -308,6 +308,14 @@ def test_plan_one_message_per_wage_code(adapter: SdKoersel) -> None:
     assert "0505900000" not in json.dumps(first)  # no CPR in what the store records
 
 
+@pytest.mark.parametrize("field", ["cost_center", "psp_element"])
+def test_plan_refuses_what_sd_cannot_carry(adapter: SdKoersel, field: str) -> None:
+    assert "/" + field in SdKoersel.unsupported_fields
+    report = dataclasses.replace(load_report("drive-optional-wage-code.json"), **{field: "4711"})
+    with pytest.raises(InvalidPayload, match=f"cannot carry {field}"):
+        adapter.plan(report, [], SETTINGS)
+
+
 def test_plan_skips_what_was_delivered(adapter: SdKoersel) -> None:
     report = load_report("drive-optional-wage-code.json")
     done = delivered_from(adapter.plan(report, [], SETTINGS))

@@ -87,7 +87,7 @@ async def deliver(report: Report, channel: Channel) -> Any:
 
 def _item(antal: str, startdato: str = "2024-11-27", loenart: str = "0100") -> dict[str, Any]:
     return {
-        "Startdato": startdato,
+        "Startdato": f"{startdato}T00:00:00Z",
         "Loenart": loenart,
         "Loebenummer": 1,
         "Sekvensnummer": "0",
@@ -221,7 +221,6 @@ def _update_doc(items: list[dict[str, Any]], client: str = "840") -> dict[str, A
         "Header": {
             "ClientID": client,
             "OpdateringsID": uuid.uuid4().hex.upper(),
-            "Kun_Valider": "0",
         },
         "Medarbejder": {"Medarbejdernummer": EMPLOYEE},
         "Engangsydelser": items,
@@ -242,6 +241,25 @@ async def test_both_cost_centre_and_psp_element_is_code_167(kmd: Any) -> None:
     assert [(m["Kode"], m["Tekst"][:21]) for m in doc["Meddelelse"]] == [
         (167, "Engangsydelse Nr. 000")
     ]
+
+
+async def test_wire_forms_of_os2s_production_client(kmd: Any) -> None:
+    """Startdato at T00:00:00Z; Kun_Valider "1" or absent: a plain date or "0" is a 400."""
+    state, channel = kmd
+    for bad in ({**_item("1.00"), "Startdato": "2024-11-27"},
+                {**_item("1.00"), "Startdato": "2024-11-27T00:00:00Z\n"},
+                {**_item("1.00"), "Startdato": "2024-11-27T13:00:00Z"}):
+        status, doc = await _post(channel, _update_doc([bad]))
+        assert status == 400 and "Startdato" in doc["details"][0]
+    zero = _update_doc([_item("1.00")])
+    zero["Header"]["Kun_Valider"] = "0"
+    status, doc = await _post(channel, zero)
+    assert status == 400 and "Kun_Valider" in doc["details"][0]
+    assert state.ledger.all() == []
+    status, _ = await _post(channel, _update_doc([_item("1.00")]))  # Kun_Valider absent: posted
+    assert status == 200 and [str(p.startdato) for p in state.ledger.all()] == ["2024-11-27"]
+    (sent,) = state.received
+    assert "Kun_Valider" not in sent["Header"]
 
 
 async def test_more_than_999_items_or_a_schema_error_is_400(kmd: Any) -> None:

@@ -64,6 +64,22 @@ def test_ledger_mod_needs_the_exact_original() -> None:
     assert str(held.start_time) == "10:00:00"
 
 
+def test_ledger_mod_cannot_change_the_type() -> None:
+    """The absence type is part of the record's key in SAP: a type change is DEL + INS."""
+    ledger = KmdLedger()
+    ledger.apply(ins("2026-07-06", "2026-07-10"))
+    retype = {**ins("2026-07-06", "2026-07-10", AbsenceAttendanceType="6F"), "Operation": "MOD",
+              "OriginalStartDate": "2026-07-06", "OriginalEndDate": "2026-07-10",
+              "OriginalAbsenceAttendanceType": "FE"}
+    status = ledger.apply(retype)
+    assert status.type == "E" and "Fraværstype kan ikke ændres" in status.text
+    [held] = ledger.holdings("42")
+    assert held.type == "FE"
+    assert ledger.apply({**ins("2026-07-06", "2026-07-10"), "Operation": "DEL"}).type == "S"
+    assert ledger.apply(ins("2026-07-06", "2026-07-10", AbsenceAttendanceType="6F")).type == "S"
+    assert [r.type for r in ledger.holdings("42")] == ["6F"]
+
+
 def test_ledger_delete_of_what_it_does_not_hold_is_an_error() -> None:
     ledger = KmdLedger()
     ledger.apply(ins("2026-07-06", "2026-07-10"))
