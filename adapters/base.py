@@ -401,7 +401,7 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 class Adapter(Protocol):
     name: str
     kinds: frozenset[Kind]
-    #: schema files (relative to the project's ``schemas/`` folder) that must exist
+    #: schema files that must exist, relative to the ``schemas`` package (``adapters.resources``)
     schema_files: tuple[str, ...]
 
     def plan(

@@ -12,7 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 
 from .base import Adapter
-from .soap import SCHEMAS_DIR
+from .resources import schema
 
 GROUP = "payroll_gateway.adapters"
 
@@ -44,6 +44,6 @@ def _instantiate(ep: EntryPoint) -> Adapter:
     if adapter.name != ep.name:
         raise RegistryError(f"adapter {ep.value} calls itself {adapter.name!r}, registered as {ep.name!r}")
     for rel in adapter.schema_files:
-        if not (SCHEMAS_DIR / rel).is_file():
+        if not schema(rel).is_file():
             raise RegistryError(f"adapter {ep.name!r}: schema file schemas/{rel} is missing")
     return adapter

@@ -32,8 +32,8 @@ from adapters.base import (
     post,
     retry_after_seconds,
 )
+from adapters.resources import schema_path
 from adapters.soap import (
-    SCHEMAS_DIR,
     SoapFault,
     UnsafeXML,
     ZeepCodec,
@@ -83,8 +83,8 @@ class SdKoersel:
     opening_hours = "06:00-22:00"
 
     def __init__(self) -> None:
-        self._codec = ZeepCodec(SCHEMAS_DIR / WSDL_FILE)
-        self._schema = load_schema(SCHEMAS_DIR / XSD_FILE)
+        self._codec = ZeepCodec(schema_path(WSDL_FILE))
+        self._schema = load_schema(schema_path(XSD_FILE))
 
     # -- plan -------------------------------------------------------------------------
 

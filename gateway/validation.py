@@ -11,15 +11,14 @@ import json
 from collections.abc import Iterable, Mapping
 from datetime import date
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from .errors import FieldError
+from adapters.resources import schema_text
 
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+from .errors import FieldError
 
 
 def _load_validators() -> dict[str, Draft202012Validator]:
@@ -39,7 +38,7 @@ def _load_validators() -> dict[str, Draft202012Validator]:
 
 
 def _read(name: str) -> dict[str, Any]:
-    return dict(json.loads((SCHEMAS / name).read_text(encoding="utf-8")))
+    return dict(json.loads(schema_text(name)))
 
 
 def _flatten(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
