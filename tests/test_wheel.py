@@ -1,7 +1,7 @@
 """The wheel, as the README installs it: built from a copy of the checkout, installed with the
 pinned dependencies into a fresh venv, and run from a folder with no checkout in reach.
 
-Marked ``wheel`` (``pytest -m "not wheel"`` leaves it out); about 15 s with a warm pip cache.
+Marked ``wheel`` (``pytest -m "not wheel"`` leaves it out); about 10 s with a warm pip cache.
 It is skipped only when pip cannot reach a package index (setuptools for the build, or the
 pinned dependencies), and the skip says so; any other failure to build, install or run fails.
 """
@@ -17,8 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +61,8 @@ def _clean_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel built from this checkout and the pinned dependencies."""
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel, built from a copy of this checkout."""
     base = tmp_path_factory.mktemp("wheel")
     # a copy, so a stale build/ or egg-info in the checkout can neither add nor hide files
     source = base / "source"
@@ -68,11 +70,17 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _pip("wheel", "--no-deps", "--wheel-dir", str(base / "dist"), str(source), cwd=base)
     wheels = list((base / "dist").glob("payroll_gateway-*.whl"))
     assert len(wheels) == 1, wheels
-    env = base / "venv"
+    shutil.rmtree(source)
+    return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def venv(wheel: Path) -> Path:
+    """A fresh venv with the wheel and the pinned dependencies."""
+    env = wheel.parent.parent / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=60)
     _pip("--python", str(env / "bin" / "python"), "install", "-c", str(REPO / "requirements.lock"),
-         str(wheels[0]), cwd=base)
-    shutil.rmtree(source)
+         str(wheel), cwd=wheel.parent)
     return env
 
 
@@ -86,6 +94,21 @@ def workdir(tmp_path: Path) -> Path:
 def _run(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(venv / "bin" / "payroll-gateway"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=60, env=_clean_env())
+
+
+def test_every_package_on_disk_is_listed_in_pyproject() -> None:
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    on_disk = {".".join(init.parent.relative_to(REPO).parts)
+               for top in ("gateway", "adapters", "schemas") for init in (REPO / top).rglob("__init__.py")}
+    assert sorted(listed) == sorted(on_disk)
+
+
+def test_the_wheel_carries_every_source_and_schema_file(wheel: Path) -> None:
+    wanted = {p.relative_to(REPO).as_posix() for top in ("gateway", "adapters", "schemas")
+              for p in (REPO / top).rglob("*")
+              if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
+    with zipfile.ZipFile(wheel) as archive:
+        assert wanted - set(archive.namelist()) == set()
 
 
 def test_the_installed_packages_come_from_site_packages(venv: Path, workdir: Path) -> None:
