@@ -1,7 +1,7 @@
 """The files under ``schemas/`` (the ``schemas`` package), found through ``importlib.resources``.
 
-The same code finds them in a checkout, an editable install and an installed wheel; nothing
-computes a path from ``__file__``.
+The same code finds them in a checkout, an editable install and an installed wheel; no path
+is computed from a module's location.
 """
 
 from __future__ import annotations
