@@ -437,7 +437,7 @@ class Adapter(Protocol):
 
     name: str
     kinds: frozenset[Kind]
-    #: schema files (relative to the project's ``schemas/`` folder) that must exist
+    #: schema files that must exist, relative to the ``schemas`` package (``adapters.resources``)
     schema_files: tuple[str, ...]
     #: report fields (JSON pointers such as ``/employee/extra_number``) the vendor needs
     #: beyond what the report schema requires, and fields the vendor cannot carry; intake

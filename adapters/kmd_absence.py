@@ -60,8 +60,8 @@ from adapters.base import (
     post,
     retry_after_seconds,
 )
+from adapters.resources import schema_path
 from adapters.soap import (
-    SCHEMAS_DIR,
     UnsafeXML,
     ZeepCodec,
     body_payload,
@@ -480,10 +480,9 @@ class KmdAbsence:
     reads_before_send = False
 
     def __init__(self) -> None:
-        folder = SCHEMAS_DIR / "kmd"
-        self._set = ZeepCodec(folder / "SetAbsenceAttendance_OS_SI.wsdl")
-        self._read = ZeepCodec(folder / "GetAbsenceAttendanceByPeriod_OS_SI.wsdl")
-        self._schema = load_schema(folder / "vacab.xsd")
+        self._set = ZeepCodec(schema_path("kmd/SetAbsenceAttendance_OS_SI.wsdl"))
+        self._read = ZeepCodec(schema_path("kmd/GetAbsenceAttendanceByPeriod_OS_SI.wsdl"))
+        self._schema = load_schema(schema_path("kmd/vacab.xsd"))
 
     # -- plan -------------------------------------------------------------------------
 

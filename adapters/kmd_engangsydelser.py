@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -43,10 +42,10 @@ from adapters.base import (
     post,
     retry_after_seconds,
 )
+from adapters.resources import schema_text
 
 __all__ = ["KmdEngangsydelser", "MAX_ITEMS", "batches", "format_antal"]
 
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 SCHEMA_FILES = (
     "kmd-engangsydelser/update-request.schema.json",
     "kmd-engangsydelser/update-response.schema.json",
@@ -109,7 +108,7 @@ def _month_bounds(month: str) -> tuple[str, str]:
 
 
 def _load(name: str) -> Draft202012Validator:
-    schema = json.loads((SCHEMAS_DIR / name).read_text(encoding="utf-8"))
+    schema = json.loads(schema_text(name))
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema)
 

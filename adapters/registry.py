@@ -12,7 +12,7 @@ from importlib.metadata import EntryPoint, entry_points
 from types import MappingProxyType
 
 from .base import Adapter
-from .soap import SCHEMAS_DIR
+from .resources import schema
 
 GROUP = "payroll_gateway.adapters"
 
@@ -36,14 +36,23 @@ def load_adapters(disabled: Iterable[str] = ()) -> Mapping[str, Adapter]:
 
 def _instantiate(ep: EntryPoint) -> Adapter:
     try:
-        adapter = ep.load()()
+        factory = ep.load()
+        # checked before the adapter is built: its __init__ reads them
+        _require_schema_files(ep, getattr(factory, "schema_files", ()))
+        adapter = factory()
+    except RegistryError:
+        raise
     except Exception as exc:
         raise RegistryError(f"adapter {ep.name!r} ({ep.value}) could not be loaded: {exc}") from exc
     if not isinstance(adapter, Adapter):
         raise RegistryError(f"adapter {ep.name!r} does not implement the Adapter protocol")
     if adapter.name != ep.name:
         raise RegistryError(f"adapter {ep.value} calls itself {adapter.name!r}, registered as {ep.name!r}")
-    for rel in adapter.schema_files:
-        if not (SCHEMAS_DIR / rel).is_file():
-            raise RegistryError(f"adapter {ep.name!r}: schema file schemas/{rel} is missing")
+    _require_schema_files(ep, adapter.schema_files)
     return adapter
+
+
+def _require_schema_files(ep: EntryPoint, names: Iterable[str]) -> None:
+    for rel in names:
+        if not schema(rel).is_file():
+            raise RegistryError(f"adapter {ep.name!r}: schema file schemas/{rel} is missing")

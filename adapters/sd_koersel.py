@@ -33,8 +33,8 @@ from adapters.base import (
     post,
     retry_after_seconds,
 )
+from adapters.resources import schema_path
 from adapters.soap import (
-    SCHEMAS_DIR,
     SoapFault,
     UnsafeXML,
     ZeepCodec,
@@ -89,8 +89,8 @@ class SdKoersel:
     unsupported_fields = frozenset({"/cost_center", "/psp_element"})
 
     def __init__(self) -> None:
-        self._codec = ZeepCodec(SCHEMAS_DIR / WSDL_FILE)
-        self._schema = load_schema(SCHEMAS_DIR / XSD_FILE)
+        self._codec = ZeepCodec(schema_path(WSDL_FILE))
+        self._schema = load_schema(schema_path(XSD_FILE))
 
     # -- plan -------------------------------------------------------------------------
 

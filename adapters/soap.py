@@ -20,7 +20,6 @@ from zeep.transports import Transport
 from zeep.wsdl.utils import etree_to_string
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
-SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 _PARSER = etree.XMLParser(
     resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False,
@@ -126,7 +125,6 @@ class ZeepCodec:
 __all__ = [
     "Fault",
     "SOAP_ENV",
-    "SCHEMAS_DIR",
     "SoapFault",
     "TransportError",
     "UnsafeXML",

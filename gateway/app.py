@@ -13,6 +13,7 @@ from aiohttp import web
 
 from adapters.base import Adapter, mask_cpr
 from adapters.registry import load_adapters
+from adapters.resources import schema_text
 
 from . import compat, intake, ops
 from .channels import Channels
@@ -33,7 +34,6 @@ from .logs import correlation_id
 from .payroll_calendar import CutoffCalendar
 from .settings import Settings
 from .store import Store, open_store
-from .validation import SCHEMAS
 from .watch import AtRiskWatch
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=(SCHEMAS / "openapi.json").read_text(encoding="utf-8"),
+    return web.Response(text=schema_text("openapi.json"),
                         content_type="application/json")
 
 

@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from adapters.base import DeliveryError, Report, VendorSettings, mask_cpr
+from adapters.registry import RegistryError
 
 from . import logs
 from .errors import ConfigError, GatewayError
@@ -41,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, ConfigError) as exc:
+    except (CliError, ConfigError, RegistryError) as exc:
         print(f"payroll-gateway: {mask_cpr(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -226,6 +226,7 @@ class _Reader:
         return url
 
     def path(self, value: str) -> Path:
+        """Relative paths in the file are relative to the file's folder, never to the cwd."""
         p = Path(value)
         return p if p.is_absolute() else self.base / p
 
@@ -323,7 +324,7 @@ class _Reader:
             files = self.dev_certificates(where, files)
         for key, value in files.items():
             if not Path(value).is_file():
-                raise ConfigError(f"{where}.{key}: no such file: {raw[key]}")
+                raise ConfigError(f"{where}.{key}: no such file: {value}")
         return VendorSettings(
             endpoint=_get(raw, "endpoint", str, where, ""),
             username=_get(raw, "username", str, where, None),
@@ -351,7 +352,7 @@ class _Reader:
             try:
                 return path.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"{where}.password_file: cannot read {raw['password_file']}: {exc.strerror}") from exc
+                raise ConfigError(f"{where}.password_file: cannot read {path}: {exc.strerror}") from exc
         if "password_env" in raw:
             name = _get(raw, "password_env", str, where, "")
             if name not in self.env:

@@ -12,17 +12,15 @@ import re
 from collections.abc import Iterable, Mapping
 from datetime import date
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from adapters.base import POSTING_TARGETS, Adapter
+from adapters.resources import schema_text
 
 from .errors import FieldError
-
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 
 def _load_validators() -> dict[str, Draft202012Validator]:
@@ -42,7 +40,7 @@ def _load_validators() -> dict[str, Draft202012Validator]:
 
 
 def _read(name: str) -> dict[str, Any]:
-    return dict(json.loads((SCHEMAS / name).read_text(encoding="utf-8")))
+    return dict(json.loads(schema_text(name)))
 
 
 def _flatten(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:

@@ -241,3 +241,16 @@ def test_render_command_writes_the_golden_payloads(case: str, tmp_path: Path) ->
     for w, g in zip(written, goldens, strict=True):
         payload = etree.tostring(body_payload(parse_xml(w.read_bytes())))
         assert canonical(payload) == canonical(g.read_bytes())
+
+
+def test_store_from_the_file_is_relative_to_it_and_store_flag_to_the_cwd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "run").mkdir()
+    cfg = tmp_path / "etc" / "gw.toml"
+    cfg.write_text('[server]\nstore = "sqlite:///from-file.db"\n' + CONFIG)
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["migrate", "--config", "../etc/gw.toml"]) == 0
+    assert main(["migrate", "--config", "../etc/gw.toml", "--store", "sqlite:///from-flag.db"]) == 0
+    assert sorted(p.name for p in tmp_path.rglob("*.db")) == ["from-file.db", "from-flag.db"]
+    assert (tmp_path / "etc" / "from-file.db").is_file() and (tmp_path / "run" / "from-flag.db").is_file()

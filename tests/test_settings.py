@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,28 @@ def test_bad_opening_hours_stop_the_start_with_the_key(tmp_path: Path) -> None:
     settings = load(write(tmp_path, text), env={"SD_PW": "x"})
     with pytest.raises(ConfigError, match=r"^tenants.746.vendors.sd-koersel.opening_hours: "):
         create_app(settings)
+
+
+def test_every_relative_path_is_relative_to_the_files_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    for name in ("sd-password", "client.pem", "client.key", "ca.pem"):
+        (etc / name).write_text("x\n")
+    monkeypatch.chdir(tmp_path)  # the cwd is not the file's folder
+    text = BASE.replace('store = "sqlite:///data/gw.db"', 'store = "sqlite:///data/gw.db"\ndata_dir = "data"').replace(
+        'password_env = "SD_PW"',
+        'password_file = "sd-password"\ncert_file = "client.pem"\nkey_file = "client.key"\nca_file = "ca.pem"')
+    path = etc / "gw.toml"
+    path.write_text(text.replace("{hash}", hash_api_key("k")), encoding="utf-8")
+    settings = load(Path("etc/gw.toml"))
+    vendor = settings.tenants["746"].vendors["sd-koersel"]
+    assert settings.store_url == f"sqlite:///{etc.resolve() / 'data' / 'gw.db'}"
+    assert settings.data_dir == etc.resolve() / "data"
+    assert (vendor.password, vendor.cert_file, vendor.key_file, vendor.ca_file) == (
+        "x", str(etc.resolve() / "client.pem"), str(etc.resolve() / "client.key"), str(etc.resolve() / "ca.pem"))
+
+
+def test_a_missing_file_is_named_with_the_folder_it_was_looked_for_in(tmp_path: Path) -> None:
+    text = BASE.replace('password_env = "SD_PW"', 'password_file = "nope"')
+    with pytest.raises(ConfigError, match=re.escape(f"password_file: cannot read {tmp_path.resolve() / 'nope'}: ")):
+        load(write(tmp_path, text))

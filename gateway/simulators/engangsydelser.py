@@ -27,7 +27,8 @@ from typing import Any
 from aiohttp import web
 from jsonschema import Draft202012Validator
 
-from adapters.kmd_engangsydelser import SCHEMA_FILES, SCHEMAS_DIR
+from adapters.kmd_engangsydelser import SCHEMA_FILES
+from adapters.resources import schema_text
 from gateway.simulators import SimulatorOptions, check_fault_mix, pick_fault
 
 __all__ = ["STATE", "Ledger", "Posting", "SimState", "build_app", "ssl_context"]
@@ -155,7 +156,7 @@ STATE = web.AppKey("engangsydelser_state", SimState)
 
 
 def _validator(name: str) -> Draft202012Validator:
-    return Draft202012Validator(json.loads((SCHEMAS_DIR / name).read_text(encoding="utf-8")))
+    return Draft202012Validator(json.loads(schema_text(name)))
 
 
 _UPDATE = _validator(SCHEMA_FILES[0])

@@ -22,8 +22,8 @@ from aiohttp import web
 from lxml import etree
 
 from adapters.kmd_absence import NAMESPACE, READ_INTERFACE, SAP_XI, SET_INTERFACE, overlaps, span
+from adapters.resources import schema_path
 from adapters.soap import (
-    SCHEMAS_DIR,
     SOAP_ENV,
     UnsafeXML,
     body_payload,
@@ -49,7 +49,7 @@ __all__ = [
 
 PATH = "/XISOAPAdapter/MessageServlet"
 FAULTS = ("server", "timeout", "drop-after-apply", "warning")
-_SCHEMA = load_schema(SCHEMAS_DIR / "kmd" / "vacab.xsd")
+_SCHEMA = load_schema(schema_path("kmd/vacab.xsd"))
 _SET_ROOT = f"{{{NAMESPACE}}}SetAbsenceAttendanceRequest_MT"
 _READ_ROOT = f"{{{NAMESPACE}}}GetAbsenceAttendanceByPeriodRequest_MT"
 _TYPE_TEXT = {"FE": "Ferie", "6F": "6. ferieuge", "SO": "Seniordag", "OS": "Omsorgsdag"}

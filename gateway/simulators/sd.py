@@ -41,8 +41,8 @@ from aiohttp import web
 from lxml import etree
 
 from adapters.base import mask_cpr
+from adapters.resources import schema_path
 from adapters.soap import (
-    SCHEMAS_DIR,
     SOAP_ENV,
     UnsafeXML,
     body_payload,
@@ -103,7 +103,7 @@ def build_app(options: SimulatorOptions) -> web.Application:
     check_fault_mix(options.fault_mix, MIX_KINDS)
     app = web.Application()
     app[STATE] = SdState(options=options, rng=random.Random(options.seed), fault=options.fault)
-    app[_SCHEMA] = load_schema(SCHEMAS_DIR / "sd" / "sd-20170501.xsd")
+    app[_SCHEMA] = load_schema(schema_path("sd/sd-20170501.xsd"))
     app.router.add_post("/{tail:.*}", _handle)
     app.on_shutdown.append(_wake_sleepers)
     return app

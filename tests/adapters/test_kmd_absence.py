@@ -30,6 +30,7 @@ from adapters.base import (
     VendorSettings,
 )
 from adapters.kmd_absence import KmdAbsence, _set_outcome, endpoint_url
+from adapters.resources import schema
 from adapters.soap import body_payload, parse_xml
 from gateway.devcerts import DevCerts, ensure_dev_certs
 from gateway.simulators import SimulatorOptions
@@ -182,8 +183,7 @@ def test_part_days_are_start_days_and_end(adapter: KmdAbsence) -> None:
 def test_adapter_implements_the_protocols(adapter: KmdAbsence) -> None:
     assert isinstance(adapter, Adapter) and isinstance(adapter, ReadsBack)
     assert adapter.reads_before_send is False
-    assert all((Path(__file__).resolve().parents[2] / "schemas" / f).is_file()
-               for f in adapter.schema_files)
+    assert all(schema(f).is_file() for f in adapter.schema_files)
 
 
 @pytest.mark.parametrize("kind", ["optional", "other"])

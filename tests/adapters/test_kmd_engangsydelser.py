@@ -28,6 +28,7 @@ from adapters.base import (
     VendorSettings,
 )
 from adapters.kmd_engangsydelser import KmdEngangsydelser, batches, format_antal
+from adapters.resources import schema
 
 GOLDEN = Path(__file__).parent / "golden" / "kmd-engangsydelser"
 FIXED_ID = "0123456789ABCDEF0123456789ABCDEF"
@@ -69,8 +70,7 @@ def render(report: Report, plan: Plan, settings_: VendorSettings = PLAIN) -> dic
 def test_implements_the_plugin_protocols() -> None:
     assert isinstance(ADAPTER, Adapter) and isinstance(ADAPTER, ReadsBack)
     assert ADAPTER.reads_before_send is True
-    root = Path(__file__).resolve().parents[2] / "schemas"
-    assert all((root / f).is_file() for f in ADAPTER.schema_files)
+    assert all(schema(f).is_file() for f in ADAPTER.schema_files)
 
 
 # -- plan ---------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ import pytest
 from lxml import etree
 from zeep.exceptions import ValidationError
 
+from adapters.resources import schema_path
 from adapters.soap import (
-    SCHEMAS_DIR,
     SOAP_ENV,
     Fault,
     TransportError,
@@ -57,7 +57,7 @@ BILLION_LAUGHS = b"""<?xml version="1.0"?>
 
 @pytest.fixture(scope="module")
 def codec() -> ZeepCodec:
-    return ZeepCodec(SCHEMAS_DIR / "sd" / "koersel-20170501.wsdl")
+    return ZeepCodec(schema_path("sd/koersel-20170501.wsdl"))
 
 
 def envelope(inner: bytes) -> bytes:
@@ -151,7 +151,7 @@ def test_build_gives_soap_action_and_a_valid_payload(codec: ZeepCodec) -> None:
     assert headers["Content-Type"].startswith("text/xml")
     payload = body_payload(parse_xml(body))
     assert payload.tag == f"{{{SD}}}AnsaettelseKoerselOpret"
-    assert schema_errors(load_schema(SCHEMAS_DIR / "sd" / "sd-20170501.xsd"), payload) == []
+    assert schema_errors(load_schema(schema_path("sd/sd-20170501.xsd")), payload) == []
 
 
 def test_build_refuses_a_missing_required_field(codec: ZeepCodec) -> None:

@@ -15,12 +15,13 @@ from aiohttp.test_utils import TestClient
 from lxml import etree
 
 from adapters.kmd_absence import NAMESPACE, SAP_XI
-from adapters.soap import SCHEMAS_DIR, SOAP_ENV, body_payload, load_schema, parse_xml
+from adapters.resources import schema_path
+from adapters.soap import SOAP_ENV, body_payload, load_schema, parse_xml
 from gateway.devcerts import DevCerts, ensure_dev_certs
 from gateway.simulators import SimulatorOptions
 from gateway.simulators.kmd import STATE, KmdLedger, build_app, ssl_context, start
 
-SCHEMA = load_schema(SCHEMAS_DIR / "kmd" / "vacab.xsd")
+SCHEMA = load_schema(schema_path("kmd/vacab.xsd"))
 QUERY = ("?senderParty=&senderService=S&receiverParty=&receiverService=&interface={}"
          "&interfaceNamespace=urn%3Akmd.dk%3ALPT%3AVACAB%3Aexternal")
 SET = QUERY.format("SetAbsenceAttendance_OS_SI")

@@ -15,9 +15,9 @@ import pytest
 from lxml import etree
 
 from adapters.base import Report, VendorSettings
+from adapters.resources import schema_path
 from adapters.sd_koersel import SdKoersel
 from adapters.soap import (
-    SCHEMAS_DIR,
     body_payload,
     find_fault,
     load_schema,
@@ -140,7 +140,7 @@ async def test_accepted_list_counts_and_answers_echo(client_for, adapter) -> Non
         status, answer = await post(client, request_body(adapter, distance_km=km))
         assert status == 200
         payload = body_payload(parse_xml(answer))
-        assert schema_errors(load_schema(SCHEMAS_DIR / "sd" / "sd-20170501.xsd"), payload) == []
+        assert schema_errors(load_schema(schema_path("sd/sd-20170501.xsd")), payload) == []
         assert payload.findtext(f"{{{SD}}}InddataStruktur/{{{SD}}}AnsaettelseIdentifikator") == (
             "00012345")
         references.append(payload.findtext(f"{{{SD}}}RegistreringIdentifikator"))
