@@ -9,6 +9,7 @@ zone conversion, which is what moved dates by one day in the past.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
@@ -16,6 +17,8 @@ from aiohttp import web
 
 from .errors import FieldError, InvalidReport
 from .intake import authenticate, cutoff_finder, read_json, submit, to_new_reports
+from .settings import Tenant
+from .store import NewReport
 
 routes = web.RouteTableDef()
 
@@ -108,6 +111,20 @@ def _os2_pointer(error: FieldError) -> FieldError:
     if source is None:
         return error
     return FieldError(f"/{index}/{source}", error.message)
+
+
+def to_new_report(tenant: Tenant, record: Any, cutoff: Callable[[str], float | None]) -> NewReport:
+    """One export record, on its own, as a report version ready for the store.
+
+    Raises InvalidReport whose pointers name the record's own keys (``/CprNumber``), as
+    the compat endpoint does, without the position in an array.
+    """
+    try:
+        return to_new_reports(tenant, [to_canonical(record, tenant.municipality)], "/{}", cutoff)[0]
+    except InvalidReport as exc:
+        errors = [_os2_pointer(e) for e in exc.errors]
+        raise InvalidReport(exc.detail, [FieldError(e.pointer.removeprefix("/0") or "/", e.message)
+                                         for e in errors]) from exc
 
 
 @routes.post("/v1/compat/os2indberetning/drive-reports")
