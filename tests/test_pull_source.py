@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -28,6 +35,7 @@ from gateway.simulators.sd import STATE as SD_STATE
 from gateway.sources import BACKOFF_CAP_SECONDS, next_pull_at
 from tests.conftest import SD_PASSWORD, SD_USER, drive
 
+REPO = Path(__file__).resolve().parent.parent
 OS2_KEY = "os2-test-api-key-5f1c"
 CPR = re.compile(r"(?<!\d)\d{10}(?!\d)")
 
@@ -354,3 +362,104 @@ async def test_killed_between_commit_and_acknowledgement_nothing_is_delivered_tw
     assert min(state.served.values()) == 2 and set(state.acked.values()) == {1}
     assert _stored(tmp_path / "gateway.db") == (50, 50)
     assert OS2_KEY not in (tmp_path / "gateway.log").read_text()
+
+
+# -- the demo and the simulator's command line ---------------------------------------------------
+
+
+def test_the_demo_pulls_746_from_its_built_in_simulator(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_cli import _demo_config, _free_port, _request
+
+    config, port = _demo_config(tmp_path), _free_port()
+    store = f"sqlite:///{tmp_path / 'demo.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+         "--store", store], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "intake API at" in line:
+                break
+        deadline = time.monotonic() + 10
+        views: dict[str, Any] = {}
+        while time.monotonic() < deadline and len(views) < 3:
+            for rid in ("7461", "7462", "7463"):
+                try:
+                    _, view = _request(f"http://127.0.0.1:{port}/v1/reports/746/{rid}")
+                except urllib.error.HTTPError:
+                    continue
+                if view["status"] == "delivered":
+                    views[rid] = view
+            time.sleep(0.1)
+        assert sorted(views) == ["7461", "7462", "7463"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
+    assert main(["rejections", "--config", str(config), "--store", store]) == 0
+    out = capsys.readouterr().out
+    assert "1 rejections" in out and "7464" in out and "/DistanceMeters" in out and not CPR.search(out)
+
+
+def test_simulate_os2indberetning_serves_with_the_api_key_only(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("sim-key\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "simulate", "os2indberetning", "--port", str(port),
+         "--api-key-file", str(key), "--records", str(REPO / "examples" / "os2indberetning-pull-746.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    base = f"http://127.0.0.1:{port}/api/"
+    try:
+        assert proc.stdout is not None and "simulator os2indberetning" in proc.stdout.readline()
+
+        def call(op: str, data: Any = None, api_key: str = "sim-key") -> tuple[int, Any]:
+            body = None if data is None else json.dumps(data).encode()
+            req = urllib.request.Request(base + op, data=body, headers={"ApiKey": api_key})
+            for _ in range(50):
+                try:
+                    with urllib.request.urlopen(req, timeout=5) as resp:
+                        return resp.status, json.loads(resp.read())
+                except urllib.error.HTTPError as exc:
+                    return exc.code, None
+                except urllib.error.URLError:
+                    time.sleep(0.1)  # not listening yet
+            raise AssertionError("the simulator did not answer")
+
+        assert call("GetReportsToPayroll", api_key="wrong")[0] == 401
+        status, records = call("GetReportsToPayroll")
+        assert status == 200 and len(records) == 4
+        assert call("AcknowledgeReportsProcessed", [7461, 7463])[0] == 200
+        assert [r.get("Id", r.get("id")) for r in call("GetReportsToPayroll")[1]] == [7462, 7464]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def test_simulator_faults_apply_nothing(os2_server: TestServer) -> None:
+    state = os2(os2_server)
+    state.add([record(1)])
+    async with aiohttp.ClientSession(headers={"ApiKey": OS2_KEY}) as http:
+        base = str(os2_server.make_url("/api/"))
+        state.fault = "server"
+        async with http.post(base + "AcknowledgeReportsProcessed", json=[1]) as resp:
+            assert resp.status == 500
+        state.fault = "ack-lost"
+        with pytest.raises(aiohttp.ServerDisconnectedError):
+            async with http.post(base + "AcknowledgeReportsProcessed", json=[1]) as resp:
+                await resp.read()
+        assert not state.processed
+        state.fault = "not-array"
+        async with http.get(base + "GetReportsToPayroll") as resp:
+            assert isinstance(await resp.json(), dict)
+        state.fault = None
+        async with http.post(base + "AcknowledgeReportsProcessed", json=["1"]) as resp:
+            assert resp.status == 400
+        async with http.post(base + "AcknowledgeReportsProcessed", json=[1]) as resp:
+            assert resp.status == 200 and state.processed == {1}
