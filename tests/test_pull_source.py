@@ -347,6 +347,7 @@ async def test_killed_between_commit_and_acknowledgement_nothing_is_delivered_tw
     await gateway.start()
     try:
         await asyncio.wait_for(state.ack_seen.wait(), 20)
+        assert _stored(tmp_path / "gateway.db")[0] == 50  # committed before the acknowledgement was sent
         # delivered while the acknowledgement hangs: nothing is in flight when it is killed
         await wait_until(lambda: _stored(tmp_path / "gateway.db") == (50, 50), 30, "50 stored and delivered")
         await gateway.kill()
