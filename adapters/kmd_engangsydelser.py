@@ -5,7 +5,7 @@ the employee's month and sends only what is missing (a negative ``Antal`` withdr
 
 Wire forms as OS2indberetning's production client sends them: ``Startdato`` is the date at
 ``T00:00:00Z`` (plans keep plain ISO dates; render writes the wire form; a read's
-``Startdato``, date or date-time, is taken by the date as written), and ``Kun_Valider`` is
+``Startdato`` is taken as ``payroll_date`` reads it), and ``Kun_Valider`` is
 present only as ``"1"`` when the tenant validates without posting.
 """
 
@@ -39,6 +39,7 @@ from adapters.base import (
     Transient,
     VendorSettings,
     mask_cpr,
+    payroll_date,
     post,
     retry_after_seconds,
 )
@@ -535,9 +536,14 @@ def _wire_date(value: Any) -> Any:
 
 
 def _read_date(entry: Mapping[str, Any]) -> str:
-    """A read entry's ``Startdato`` as ``YYYY-MM-DD``: the date as written, with or without
-    the time the client sent (never shifted by a zone: midnight UTC is that day)."""
-    return str(entry["Startdato"])[:10]
+    """A read entry's ``Startdato`` as ``YYYY-MM-DD``, by the gateway's one date rule: a plain
+    date or local date-time as written, an instant as the Danish date (our own
+    ``T00:00:00Z`` is 01:00 or 02:00 in Denmark: the same day)."""
+    text = str(entry["Startdato"])
+    try:
+        return payroll_date(text).isoformat()
+    except ValueError:
+        return text[:10]
 
 
 def _require_one_account(items: Iterable[Mapping[str, Any]]) -> None:

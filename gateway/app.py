@@ -27,12 +27,14 @@ from .keys import (
     APP_ENDPOINTS,
     APP_FILE_RUNNER,
     APP_SETTINGS,
+    APP_SOURCES,
     APP_STORE,
     APP_WATCH,
 )
 from .logs import correlation_id
 from .payroll_calendar import CutoffCalendar
 from .settings import Settings
+from .sources import build_pullers
 from .store import Store, open_store
 from .watch import AtRiskWatch
 
@@ -177,6 +179,7 @@ def create_app(
                     web.get("/metrics", metrics), web.get("/openapi.json", openapi)])
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_dispatcher_ctx(run_dispatcher))
+    app.cleanup_ctx.append(_sources_ctx(run_dispatcher))
     return app
 
 
@@ -212,5 +215,25 @@ def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None
             except Exception:
                 log.exception("the dispatcher stopped with an error")
         await channels.aclose()
+
+    return ctx
+
+
+def _sources_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The pull sources (one per tenant and source); they run only where the dispatcher runs."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        dispatcher = app[APP_DISPATCHER]
+        pullers = build_pullers(app[APP_SETTINGS], app[APP_STORE], app[APP_CALENDARS], dispatcher.wake,
+                                app[APP_ADAPTERS]) if run else []
+        app[APP_SOURCES] = pullers
+        tasks = [asyncio.create_task(p.run(), name=f"source-{p.municipality}-{p.name}") for p in pullers]
+        yield
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for puller in pullers:
+            await puller.aclose()
 
     return ctx

@@ -30,7 +30,8 @@ from .errors import ConfigError, GatewayError
 from .settings import Settings, hash_api_key, load, parse_listen, resolve_store_url
 from .simulators import SimulatorOptions
 
-SIMULATORS = {"sd": "sd", "kmd": "kmd", "kmd-engangsydelser": "engangsydelser"}
+SIMULATORS = {"sd": "sd", "kmd": "kmd", "kmd-engangsydelser": "engangsydelser",
+              "os2indberetning": "os2indberetning"}
 
 
 class CliError(Exception):
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--username")
     sim.add_argument("--password-file", type=Path)
     sim.add_argument("--tls-dir", type=Path, help="folder for generated dev certificates (KMD: mutual TLS)")
+    sim.add_argument("--api-key-file", type=Path, help="os2indberetning: the ApiKey it requires")
+    sim.add_argument("--records", type=Path, help="os2indberetning: a JSON array of export records to serve")
     sim.set_defaults(func=cmd_simulate)
 
     render = sub.add_parser("render", help="dry run: write the payloads an adapter would send")
@@ -103,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries.add_argument("--limit", type=int, default=200)
     deliveries.add_argument("--json", action="store_true", help="one JSON object per line")
     deliveries.set_defaults(func=cmd_deliveries)
+    rejections = sub.add_parser("rejections", help="list pulled records that were not accepted (not acknowledged)")
+    rejections.add_argument("--config", type=Path, required=True)
+    rejections.add_argument("--store", help="store URL, overrides the file")
+    rejections.add_argument("--municipality")
+    rejections.add_argument("--source")
+    rejections.add_argument("--kind", choices=("invalid", "conflict"))
+    rejections.add_argument("--unresolved", action="store_true", help="only those not stored since")
+    rejections.add_argument("--limit", type=int, default=200)
+    rejections.add_argument("--json", action="store_true", help="one JSON object per line")
+    rejections.set_defaults(func=cmd_rejections)
     for action, text in (("replay", "send failed, in-doubt or cancelled deliveries again"),
                          ("cancel", "cancel deliveries (they will not be sent)"),
                          ("check", "ask the vendor what it holds (KMD read-back) and reconcile"),
@@ -185,7 +198,8 @@ async def _serve(app: web.Application, settings: Settings) -> None:
 async def _start_simulator(sim: Any, settings: Settings) -> web.AppRunner:
     module = importlib.import_module(f"gateway.simulators.{SIMULATORS[sim.vendor]}")
     options = SimulatorOptions(port=sim.port, username=sim.username, password=sim.password,
-                               fail_rate=sim.fail_rate, latency_ms=sim.latency_ms)
+                               fail_rate=sim.fail_rate, latency_ms=sim.latency_ms, api_key=sim.api_key,
+                               records_file=str(sim.records_file) if sim.records_file else None)
     ssl_context = None
     if hasattr(module, "ssl_context"):
         from .devcerts import ensure_dev_certs
@@ -214,11 +228,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not 0.0 <= args.fail_rate <= 1.0:
         raise CliError("--fail-rate: must be between 0 and 1")
     module = importlib.import_module(f"gateway.simulators.{SIMULATORS[args.vendor]}")
-    password = args.password_file.read_text().strip() if args.password_file else None
+    password = _read_secret(args.password_file, "--password-file")
+    api_key = _read_secret(args.api_key_file, "--api-key-file")
+    if args.vendor == "os2indberetning" and api_key is None:
+        raise CliError("--api-key-file: the os2indberetning simulator needs the ApiKey it requires")
+    if args.records is not None and not args.records.is_file():
+        raise CliError(f"--records: no such file: {args.records}")
     options = SimulatorOptions(host=args.host, port=args.port, fail_rate=args.fail_rate,
                                latency_ms=args.latency_ms, fault=args.fault, seed=args.seed,
-                               fault_mix=args.fault_mix,
-                               username=args.username, password=password)
+                               fault_mix=args.fault_mix, username=args.username, password=password,
+                               api_key=api_key, records_file=str(args.records) if args.records else None)
     ssl_context = None
     if hasattr(module, "ssl_context"):
         if args.tls_dir is None:
@@ -229,10 +248,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         options = replace(options, cert_file=str(certs.server_cert), key_file=str(certs.server_key),
                           client_ca_file=str(certs.ca_file))
         ssl_context = module.ssl_context(options)
+    try:
+        app = module.build_app(options)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
     print(f"payroll-gateway: simulator {args.vendor} on {args.host}:{args.port}", flush=True)
-    web.run_app(module.build_app(options), host=args.host, port=args.port, ssl_context=ssl_context,
+    web.run_app(app, host=args.host, port=args.port, ssl_context=ssl_context,
                 print=None, access_log=None)
     return 0
+
+
+def _read_secret(path: Path | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CliError(f"{flag}: cannot read {path}: {exc.strerror}") from exc
 
 
 def _fault_mix(text: str) -> tuple[tuple[str, float], ...]:
@@ -393,6 +425,26 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         print(f"{r['id']:>6}  {r['municipality']:<12} {r['adapter']:<19} {r['report_id'][:16]:<16} "
               f"{r['version']:>2} {r['status'] + flag:<20} {mask_cpr(str(reason))[:100]}")
     print(f"{len(rows)} deliveries")
+    return 0
+
+
+def cmd_rejections(args: argparse.Namespace) -> int:
+    filters = {k: getattr(args, k) for k in ("municipality", "source", "kind") if getattr(args, k) is not None}
+    filters["unresolved"] = args.unresolved
+    rows = _with_store(args, lambda store, _: store.list_rejections(filters, args.limit))
+    if args.json:
+        for row in rows:
+            print(mask_cpr(json.dumps(row, default=str)))
+        return 0
+    print(f"{'id':>6}  {'municipality':<12} {'source':<16} {'record':<12} {'kind':<9} {'seen':>5} "
+          f"{'first seen (UTC)':<20} reason")
+    for r in rows:
+        first = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["first_seen_at"]))
+        kind = r["kind"] + ("*" if r["resolved_at"] else "")
+        reason = "; ".join(f"{e['pointer']}: {e['message']}" for e in r["errors"])
+        print(f"{r['id']:>6}  {r['municipality']:<12} {r['source']:<16} {r['record_id'][:12]:<12} {kind:<9} "
+              f"{r['times_seen']:>5} {first:<20} {mask_cpr(reason)[:100]}")
+    print(f"{len(rows)} rejections (* = stored since)")
     return 0
 
 

@@ -10,16 +10,19 @@ is cut to the date (a UTC host writes 1 November as ``2026-10-31T23:00:00+00:00`
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from aiohttp import web
 
-from adapters.base import payroll_date
+from adapters.base import Adapter, payroll_date
 
 from .errors import FieldError, InvalidReport
 from .intake import authenticate, cutoff_finder, read_json, submit, to_new_reports
 from .keys import APP_ADAPTERS
+from .settings import Tenant
+from .store import NewReport
 
 routes = web.RouteTableDef()
 
@@ -118,6 +121,21 @@ def _os2_pointer(error: FieldError) -> FieldError:
     if source is None:
         return error
     return FieldError(f"/{index}/{source}", error.message)
+
+
+def to_new_report(tenant: Tenant, record: Any, cutoff: Callable[[str], float | None],
+                  adapters: Mapping[str, Adapter] | None = None) -> NewReport:
+    """One export record, on its own, as a report version ready for the store.
+
+    Raises InvalidReport whose pointers name the record's own keys (``/CprNumber``), as
+    the compat endpoint does, without the position in an array.
+    """
+    try:
+        return to_new_reports(tenant, [to_canonical(record, tenant.municipality)], "/{}", cutoff, adapters)[0]
+    except InvalidReport as exc:
+        errors = [_os2_pointer(e) for e in exc.errors]
+        raise InvalidReport(exc.detail, [FieldError(e.pointer.removeprefix("/0") or "/", e.message)
+                                         for e in errors]) from exc
 
 
 @routes.post("/v1/compat/os2indberetning/drive-reports")

@@ -27,6 +27,7 @@ from .errors import (
     Unauthorized,
 )
 from .keys import APP_ADAPTERS, APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
+from .payroll_calendar import CutoffCalendar
 from .settings import Tenant
 from .store import SETTLED, ConflictingReport, NewReport, Store, StoreError, Submitted
 from .validation import normalise, validate_report, vendor_fields
@@ -109,8 +110,12 @@ def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str,
 
 def cutoff_finder(request: web.Request, tenant: Tenant) -> Callable[[str], float | None]:
     """The cut-off of the payroll run a report received now targets, per adapter."""
-    calendars = request.app[APP_CALENDARS]
-    now = datetime.now(UTC)
+    return cutoffs(request.app[APP_CALENDARS], tenant, datetime.now(UTC))
+
+
+def cutoffs(calendars: Mapping[tuple[str, str], CutoffCalendar], tenant: Tenant,
+            now: datetime) -> Callable[[str], float | None]:
+    """The cut-off of the payroll run a report received at ``now`` targets, per adapter."""
 
     def find(adapter: str) -> float | None:
         calendar = calendars.get((tenant.municipality, adapter))

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .endpoints import Endpoints
     from .filerun import FileRunner
     from .payroll_calendar import CutoffCalendar
+    from .sources.os2indberetning import Os2Indberetning
     from .watch import AtRiskWatch
 
 APP_SETTINGS = web.AppKey("settings", Settings)
@@ -27,3 +28,4 @@ APP_FILE_RUNNER: web.AppKey[FileRunner] = web.AppKey("file_runner")
 APP_WATCH: web.AppKey[AtRiskWatch] = web.AppKey("at_risk_watch")
 APP_CALENDARS: web.AppKey[dict[tuple[str, str], CutoffCalendar]] = web.AppKey("calendars")
 APP_ENDPOINTS: web.AppKey[Endpoints] = web.AppKey("endpoints")
+APP_SOURCES: web.AppKey[list[Os2Indberetning]] = web.AppKey("sources")

@@ -172,3 +172,30 @@ async def pause_or_resume(request: web.Request) -> web.Response:
         await request.app[APP_STORE].undefer(*key, time.time())  # re-planned against the hours now
         request.app[APP_DISPATCHER].wake()
     return web.json_response(endpoint.view(time.time()))
+
+
+@routes.get("/v1/ops/rejections")
+async def list_rejections(request: web.Request) -> web.Response:
+    """Pulled records the gateway did not accept (and did not acknowledge), newest first."""
+    operator(request)
+    filters = rejection_filters(request.query)
+    limit = request.query.get("limit", "200")
+    if not limit.isdigit() or not 0 < int(limit) <= 5000:
+        raise BadRequest("limit must be a whole number from 1 to 5000")
+    rows = await request.app[APP_STORE].list_rejections(filters, int(limit))
+    _iso_times(rows)
+    return web.json_response({"rejections": rows, "count": len(rows)})
+
+
+REJECTION_FILTERS = ("municipality", "source", "kind", "record_id", "unresolved")
+
+
+def rejection_filters(raw: Any) -> dict[str, Any]:
+    unknown = sorted(set(raw) - set(REJECTION_FILTERS) - {"limit"})
+    if unknown:
+        raise InvalidReport("unknown filter", [FieldError(f"/{k}", "is not a known filter") for k in unknown])
+    filters: dict[str, Any] = {k: str(raw[k]) for k in ("municipality", "source", "kind", "record_id") if k in raw}
+    if "kind" in filters and filters["kind"] not in ("invalid", "conflict"):
+        raise InvalidReport("bad kind", [FieldError("/kind", "must be 'invalid' or 'conflict'")])
+    filters["unresolved"] = str(raw.get("unresolved", "")).lower() in ("1", "true", "yes")
+    return filters

@@ -23,6 +23,9 @@ from .errors import ConfigError
 
 KINDS = ("drive", "vacation")
 _SECRET_KEYS = ("password",)
+SOURCES = ("os2indberetning",)
+_SOURCE_KEYS = {"base_url", "api_key_file", "api_key_env", "interval_seconds", "schedule",
+                "connect_timeout_seconds", "read_timeout_seconds"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,19 @@ class Operator:
 
 
 @dataclass(frozen=True, slots=True)
+class PullSource:
+    """A system the gateway pulls reports from (DESIGN.md §3, "Pull sources")."""
+
+    kind: str  # the source's name in the config: "os2indberetning"
+    base_url: str  # ends with "/": operation names are appended
+    api_key: str = field(repr=False)
+    interval_seconds: float | None = None  # either this or schedule
+    schedule: str | None = None  # 5-field cron, Europe/Copenhagen
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Tenant:
     municipality: str
     name: str
@@ -72,6 +88,7 @@ class Tenant:
     vendors: Mapping[str, VendorSettings]
     retry: Mapping[str, RetryPolicy]  # per adapter; falls back to the global policy
     endpoints: Mapping[str, EndpointPolicy] = field(default_factory=dict)  # per adapter
+    sources: Mapping[str, PullSource] = field(default_factory=dict)  # pull sources, by name
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +99,8 @@ class SimulatorSettings:
     password: str | None = field(default=None, repr=False)
     fail_rate: float = 0.0
     latency_ms: int = 0
+    api_key: str | None = field(default=None, repr=False)  # a pull source's simulator (os2indberetning)
+    records_file: Path | None = None  # the records a source simulator starts with
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +273,7 @@ class _Reader:
         return tenants
 
     def tenant(self, municipality: str, raw: dict[str, Any], where: str, retry: RetryPolicy) -> Tenant:
-        _no_unknown(raw, {"name", "api_key_hashes", "routes", "vendors"}, where)
+        _no_unknown(raw, {"name", "api_key_hashes", "routes", "vendors", "sources"}, where)
         hashes = _get(raw, "api_key_hashes", list, where, [])
         for i, h in enumerate(hashes):
             if not isinstance(h, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", h):
@@ -284,6 +303,49 @@ class _Reader:
             vendors=MappingProxyType(vendors),
             retry=MappingProxyType(policies),
             endpoints=MappingProxyType(endpoints),
+            sources=MappingProxyType(self.sources(_table(raw, "sources", where), f"{where}.sources", routes)),
+        )
+
+    def sources(self, raw: dict[str, Any], where: str, routes: Mapping[str, Any]) -> dict[str, PullSource]:
+        sources = {}
+        for name, table in raw.items():
+            swhere = f"{where}.{name}"
+            if name not in SOURCES:
+                raise ConfigError(f"{swhere}: unknown pull source (known: {', '.join(SOURCES)})")
+            if not isinstance(table, dict):
+                raise ConfigError(f"{swhere}: must be a table")
+            if "drive" not in routes:
+                raise ConfigError(f"{swhere}: the tenant has no route for drive reports (routes.drive)")
+            sources[name] = self.source(name, table, swhere)
+        return sources
+
+    def source(self, name: str, raw: dict[str, Any], where: str) -> PullSource:
+        if "api_key" in raw:
+            raise ConfigError(f"{where}.api_key: secrets are not accepted inline; use api_key_file or api_key_env")
+        _no_unknown(raw, _SOURCE_KEYS, where)
+        base_url = _get(raw, "base_url", str, where, "")
+        if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", base_url):
+            raise ConfigError(f"{where}.base_url: expected an http(s) URL, got {base_url!r}")
+        api_key = self.secret(raw, where, "api_key")
+        if not api_key:
+            raise ConfigError(f"{where}: give api_key_file or api_key_env (the source's ApiKey)")
+        interval = _get(raw, "interval_seconds", (int, float), where, None)
+        schedule = _get(raw, "schedule", str, where, None)
+        if (interval is None) == (schedule is None):
+            raise ConfigError(f"{where}.interval_seconds: give either interval_seconds or schedule (one of them)")
+        if interval is not None and interval <= 0:
+            raise ConfigError(f"{where}.interval_seconds: must be positive, got {interval!r}")
+        if schedule is not None and not _valid_cron(schedule):
+            raise ConfigError(f"{where}.schedule: invalid cron expression {schedule!r}: expected 5 fields, "
+                              "e.g. '*/5 * * * *'")
+        return PullSource(
+            kind=name,
+            base_url=base_url if base_url.endswith("/") else base_url + "/",
+            api_key=api_key,
+            interval_seconds=float(interval) if interval is not None else None,
+            schedule=schedule,
+            connect_timeout=float(_positive(raw, "connect_timeout_seconds", (int, float), where, 5)),
+            read_timeout=float(_positive(raw, "read_timeout_seconds", (int, float), where, 30)),
         )
 
     def endpoint(self, raw: dict[str, Any], where: str) -> EndpointPolicy:
@@ -346,18 +408,20 @@ class _Reader:
         return {"cert_file": str(certs.client_cert), "key_file": str(certs.client_key),
                 "ca_file": str(certs.ca_file)}
 
-    def secret(self, raw: dict[str, Any], where: str) -> str | None:
-        if "password_file" in raw:
-            path = self.path(_get(raw, "password_file", str, where, ""))
+    def secret(self, raw: dict[str, Any], where: str, name: str = "password") -> str | None:
+        """The secret ``name`` from ``<name>_file`` (relative to the config file) or ``<name>_env``."""
+        file_key, env_key = f"{name}_file", f"{name}_env"
+        if file_key in raw:
+            path = self.path(_get(raw, file_key, str, where, ""))
             try:
                 return path.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"{where}.password_file: cannot read {path}: {exc.strerror}") from exc
-        if "password_env" in raw:
-            name = _get(raw, "password_env", str, where, "")
-            if name not in self.env:
-                raise ConfigError(f"{where}.password_env: environment variable {name} is not set")
-            return self.env[name]
+                raise ConfigError(f"{where}.{file_key}: cannot read {path}: {exc.strerror}") from exc
+        if env_key in raw:
+            variable = _get(raw, env_key, str, where, "")
+            if variable not in self.env:
+                raise ConfigError(f"{where}.{env_key}: environment variable {variable} is not set")
+            return self.env[variable]
         return None
 
     def simulators(self, raw: dict[str, Any]) -> tuple[SimulatorSettings, ...]:
@@ -366,7 +430,9 @@ class _Reader:
             where = f"simulators.{vendor}"
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: must be a table")
-            _no_unknown(table, {"port", "username", "password_file", "password_env", "fail_rate", "latency_ms"}, where)
+            _no_unknown(table, {"port", "username", "password_file", "password_env", "fail_rate", "latency_ms",
+                                "api_key_file", "api_key_env", "records"}, where)
+            records = _get(table, "records", str, where, None)
             sims.append(
                 SimulatorSettings(
                     vendor=vendor,
@@ -375,9 +441,17 @@ class _Reader:
                     password=self.secret(table, where),
                     fail_rate=float(_get(table, "fail_rate", (int, float), where, 0.0)),
                     latency_ms=int(_get(table, "latency_ms", int, where, 0)),
+                    api_key=self.secret(table, where, "api_key"),
+                    records_file=self.path(records) if records is not None else None,
                 )
             )
         return tuple(sims)
+
+
+def _valid_cron(expression: str) -> bool:
+    from croniter import croniter
+
+    return len(expression.split()) == 5 and bool(croniter.is_valid(expression))
 
 
 def _asdict(policy: RetryPolicy) -> dict[str, Any]:

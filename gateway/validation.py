@@ -75,11 +75,13 @@ def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
     kind = data.get("kind")
     if kind not in _VALIDATORS:
         return [FieldError(f"{pointer}/kind", "must be 'drive' or 'vacation'")]
+    unwritable = _unwritable(data, pointer)
+    spoken = {e.pointer for e in unwritable}  # the character is the cause: say that alone
     errors = [
         FieldError(pointer + _pointer(e), _message(e))
         for e in _leaves(_VALIDATORS[kind].iter_errors(data))
-    ]
-    errors += _unwritable(data, pointer)
+        if pointer + _pointer(e) not in spoken
+    ] + unwritable
     if not errors:
         errors = _cross_field(data, pointer)
     return sorted(set(errors), key=lambda e: (e.pointer, e.message))

@@ -105,9 +105,10 @@ def _request(url: str, data: bytes | None = None, key: str = "demo-key-746",
 def _demo_config(tmp_path: Path) -> Path:
     """examples/demo.toml with free simulator ports, so a running demo does not collide."""
     text = (REPO / "examples/demo.toml").read_text()
-    for fixed in ("8701", "8702", "8703"):
+    for fixed in ("8701", "8702", "8703", "8704"):
         text = text.replace(fixed, str(_free_port()))
     text = text.replace('"secrets/', f'"{REPO / "examples" / "secrets"}/').replace('"../.demo', f'"{tmp_path}')
+    text = text.replace('"os2indberetning-', f'"{REPO / "examples"}/os2indberetning-')
     path = tmp_path / "demo.toml"
     path.write_text(text)
     return path

@@ -25,6 +25,9 @@ class SimulatorOptions:
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = None
+    # a source simulator (os2indberetning): the ApiKey it requires, and the records it starts with
+    api_key: str | None = field(default=None, repr=False)
+    records_file: str | None = None
 
 
 def pick_fault(mix: tuple[tuple[str, float], ...], draw: float) -> str | None:

@@ -83,6 +83,25 @@ class Submitted:
 
 
 @dataclass(frozen=True, slots=True)
+class PulledRecord:
+    """One record a pull source fetched: a validated report, or the reasons it is not one."""
+
+    record_id: str  # the source's id as text (CPR-masked)
+    record_hash: str  # SHA-256 of the record as received: a changed record is a new one
+    report: NewReport | None  # None when the record is invalid
+    errors: tuple[tuple[str, str], ...] = ()  # (pointer, message) in the source's own key names
+
+
+class PullOutcome(enum.StrEnum):
+    """What the store made of a pulled record; only CREATED and DUPLICATE may be acknowledged."""
+
+    CREATED = "created"
+    DUPLICATE = "duplicate"  # stored before with the same content (an acknowledgement was lost)
+    CONFLICT = "conflict"  # stored before with other content: recorded as a rejection
+    INVALID = "invalid"  # recorded as a rejection
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     """A claimed delivery with everything the dispatcher needs to run it."""
 
@@ -176,6 +195,11 @@ class Store(Protocol):
     async def file_run_finish(
         self, run_id: str, line_numbers: Sequence[int], outcome: str, now: float
     ) -> None: ...
+    # pull sources: stored reports and rejections of one pull, in one transaction
+    async def take_pulled(
+        self, municipality: str, source: str, records: Sequence[PulledRecord], now: float
+    ) -> list[PullOutcome]: ...
+    async def list_rejections(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]: ...
 
 
 def open_store(url: str) -> Store:
@@ -196,6 +220,8 @@ __all__ = [
     "FINAL",
     "Job",
     "NewReport",
+    "PullOutcome",
+    "PulledRecord",
     "Settle",
     "Status",
     "Store",

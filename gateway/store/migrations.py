@@ -140,6 +140,27 @@ CREATE INDEX deliveries_at_risk ON deliveries (at_risk, cutoff_at);
     ),
     (
         4,
+        "intake rejections: pulled records that were not accepted, recorded once per content",
+        """
+CREATE TABLE intake_rejections (
+    id              INTEGER PRIMARY KEY,
+    municipality    TEXT NOT NULL,
+    source          TEXT NOT NULL,
+    record_id       TEXT NOT NULL,
+    content_hash    TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    errors          TEXT NOT NULL,
+    first_seen_at   DOUBLE PRECISION NOT NULL,
+    last_seen_at    DOUBLE PRECISION NOT NULL,
+    times_seen      INTEGER NOT NULL DEFAULT 1,
+    resolved_at     DOUBLE PRECISION,
+    UNIQUE (municipality, source, record_id, content_hash)
+);
+CREATE INDEX intake_rejections_recent ON intake_rejections (municipality, first_seen_at);
+""",
+    ),
+    (
+        5,
         "work deferred to an endpoint's opening remembers when it was due, so it can be re-planned",
         """
 ALTER TABLE deliveries ADD COLUMN deferred_from DOUBLE PRECISION;

@@ -27,6 +27,8 @@ from . import (
     ConflictingReport,
     Job,
     NewReport,
+    PulledRecord,
+    PullOutcome,
     Settle,
     Status,
     StoreError,
@@ -218,11 +220,7 @@ class SQLiteStore:
         results: list[Submitted] = []
         conflicts: list[int] = []
         for index, new in enumerate(reports):
-            existing = conn.execute(
-                "SELECT v.id, v.content_hash FROM report_versions v JOIN reports r ON r.id = v.report_pk"
-                " WHERE r.municipality = ? AND r.report_id = ? AND v.version = ?",
-                (new.municipality, new.report_id, new.version),
-            ).fetchone()
+            existing = self._stored_version(conn, new)
             if existing is not None:
                 if existing["content_hash"] != new.content_hash:
                     conflicts.append(index)
@@ -233,6 +231,78 @@ class SQLiteStore:
         if conflicts:
             raise ConflictingReport(conflicts)  # the savepoint rolls the whole batch back
         return results
+
+    def _stored_version(self, conn: sqlite3.Connection, new: NewReport) -> sqlite3.Row | None:
+        return conn.execute(  # type: ignore[no-any-return]
+            "SELECT v.id, v.content_hash FROM report_versions v JOIN reports r ON r.id = v.report_pk"
+            " WHERE r.municipality = ? AND r.report_id = ? AND v.version = ?",
+            (new.municipality, new.report_id, new.version),
+        ).fetchone()
+
+    # -- pull sources ----------------------------------------------------------------------
+
+    async def take_pulled(self, municipality: str, source: str, records: Sequence[PulledRecord],
+                          now: float) -> list[PullOutcome]:
+        """Store the valid records and record the rejected ones, all in one transaction."""
+        return await self._write(lambda conn: [self._take_one(conn, municipality, source, r, now)
+                                               for r in records])
+
+    def _take_one(self, conn: sqlite3.Connection, municipality: str, source: str, record: PulledRecord,
+                  now: float) -> PullOutcome:
+        if record.report is None:
+            self._reject(conn, municipality, source, record, PullOutcome.INVALID, record.errors, now)
+            return PullOutcome.INVALID
+        existing = self._stored_version(conn, record.report)
+        if existing is not None and existing["content_hash"] != record.report.content_hash:
+            errors = (("/Id", "this Id was already received with different content; the gateway keeps the "
+                               "first (change it in OS2indberetning as a new record, or ask the payroll office)"),)
+            self._reject(conn, municipality, source, record, PullOutcome.CONFLICT, errors, now)
+            return PullOutcome.CONFLICT
+        if existing is None:
+            self._insert(conn, record.report, now)
+        conn.execute(
+            "UPDATE intake_rejections SET resolved_at = ? WHERE municipality = ? AND source = ?"
+            " AND record_id = ? AND resolved_at IS NULL",
+            (now, municipality, source, record.record_id),
+        )
+        return PullOutcome.CREATED if existing is None else PullOutcome.DUPLICATE
+
+    def _reject(self, conn: sqlite3.Connection, municipality: str, source: str, record: PulledRecord,
+                kind: PullOutcome, errors: Sequence[tuple[str, str]], now: float) -> None:
+        """Record a rejection once per (record, content); seeing it again only counts."""
+        key = (municipality, source, record.record_id, record.record_hash)
+        updated = conn.execute(
+            "UPDATE intake_rejections SET last_seen_at = ?, times_seen = times_seen + 1, resolved_at = NULL"
+            " WHERE municipality = ? AND source = ? AND record_id = ? AND content_hash = ?",
+            (now, *key),
+        ).rowcount
+        if updated:
+            return
+        listed = [{"pointer": p, "message": m} for p, m in errors]
+        conn.execute(
+            "INSERT INTO intake_rejections (municipality, source, record_id, content_hash, kind, errors,"
+            " first_seen_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (*key, str(kind), json.dumps(listed), now, now),
+        )
+        self._audit(conn, now, "intake.rejected", {"municipality": municipality, "source": source,
+                                                   "record_id": record.record_id, "kind": str(kind),
+                                                   "errors": listed})
+
+    async def list_rejections(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]:
+        clauses, params = ["1 = 1"], []
+        for key in ("municipality", "source", "kind", "record_id"):
+            if filters.get(key) is not None:
+                clauses.append(f"{key} = ?")
+                params.append(filters[key])
+        if filters.get("unresolved"):
+            clauses.append("resolved_at IS NULL")
+        sql = (f"SELECT * FROM intake_rejections WHERE {' AND '.join(clauses)}"
+               " ORDER BY first_seen_at DESC, id DESC LIMIT ?")
+        rows = await self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())
+        return [{"id": r["id"], "municipality": r["municipality"], "source": r["source"],
+                 "record_id": r["record_id"], "kind": r["kind"], "errors": json.loads(r["errors"]),
+                 "first_seen_at": r["first_seen_at"], "last_seen_at": r["last_seen_at"],
+                 "times_seen": r["times_seen"], "resolved_at": r["resolved_at"]} for r in rows]
 
     def _existing(self, conn: sqlite3.Connection, version_pk: int, new: NewReport) -> Submitted:
         row = conn.execute("SELECT status FROM deliveries WHERE version_pk = ?", (version_pk,)).fetchone()
