@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +116,14 @@ def _demo_config(tmp_path: Path) -> Path:
     return path
 
 
-def test_demo_serves_and_delivers_within_two_seconds(tmp_path: Path) -> None:
-    """What `make run` starts: the printed curl gets 202, then `delivered` within 2 s."""
-    port = _free_port()
+@contextlib.contextmanager
+def running_demo(tmp_path: Path) -> Iterator[tuple[int, str]]:
+    """The demo as `make run` starts it (free ports, store in tmp_path): yields its port and
+    store URL once it listens; stopped with SIGTERM afterwards, which must exit 0."""
+    port, store = _free_port(), f"sqlite:///{tmp_path / 'demo.db'}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(_demo_config(tmp_path)),
-         "--listen", f"127.0.0.1:{port}", "--store", f"sqlite:///{tmp_path / 'demo.db'}"],
+         "--listen", f"127.0.0.1:{port}", "--store", store],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -128,6 +132,18 @@ def test_demo_serves_and_delivers_within_two_seconds(tmp_path: Path) -> None:
         for line in proc.stdout:
             if "intake API at" in line:
                 break
+        yield port, store
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
+
+
+def test_demo_serves_and_delivers_within_two_seconds(tmp_path: Path) -> None:
+    """What `make run` starts: the printed curl gets 202, then `delivered` within 2 s."""
+    with running_demo(tmp_path) as (port, _):
         status, body = _request(f"http://127.0.0.1:{port}/v1/reports", SAMPLE.read_bytes())
         assert status == 202 and body["reports"][0]["status"] == "queued"
         deadline = time.monotonic() + 2
@@ -148,12 +164,6 @@ def test_demo_serves_and_delivers_within_two_seconds(tmp_path: Path) -> None:
         assert body["_headers"]["Preference-Applied"] == "wait=10"
         [delivery] = item["deliveries"]
         assert delivery["adapter"] == "sd-koersel" and len(delivery["vendor_reference"]) >= 32
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=15)
-        if proc.stdout is not None:
-            proc.stdout.close()
-    assert code == 0
 
 
 CONFIG = """

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import sqlite3
@@ -384,19 +383,9 @@ async def test_killed_between_commit_and_acknowledgement_nothing_is_delivered_tw
 
 def test_the_demo_pulls_746_from_its_built_in_simulator(tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.test_cli import _demo_config, _free_port, _request
+    from tests.test_cli import _request, running_demo
 
-    config, port = _demo_config(tmp_path), _free_port()
-    store = f"sqlite:///{tmp_path / 'demo.db'}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--listen", f"127.0.0.1:{port}",
-         "--store", store], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "intake API at" in line:
-                break
+    with running_demo(tmp_path) as (port, store):
         deadline = time.monotonic() + 10
         views: dict[str, Any] = {}
         while time.monotonic() < deadline and len(views) < 3:
@@ -409,13 +398,7 @@ def test_the_demo_pulls_746_from_its_built_in_simulator(tmp_path: Path,
                     views[rid] = view
             time.sleep(0.1)
         assert sorted(views) == ["7461", "7462", "7463"]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=15)
-        if proc.stdout is not None:
-            proc.stdout.close()
-    assert code == 0
-    assert main(["rejections", "--config", str(config), "--store", store]) == 0
+    assert main(["rejections", "--config", str(tmp_path / "demo.toml"), "--store", store]) == 0
     out = capsys.readouterr().out
     assert "1 rejections" in out and "7464" in out and "/DistanceMeters" in out and not CPR.search(out)
 
