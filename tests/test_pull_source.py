@@ -173,6 +173,8 @@ async def test_a_changed_record_under_a_stored_id_is_a_conflict_not_acknowledged
     state.add([record(5)])
     gw = await make_gateway(with_source(settings, os2_server))
     await gw.wait_for("5", {"delivered"})
+    # the first content's acknowledgement must have arrived, or it would mark the changed one processed
+    await wait_until(lambda: 5 in state.processed, 10, "the first content acknowledged")
     state.add([record(5, DistanceMeters=99000)])
     await wait_until(lambda: state.served[5] >= 4, 10, "the changed record pulled again")
     status, body = await gw.ops("GET", "rejections?kind=conflict")
