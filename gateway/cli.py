@@ -18,11 +18,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from aiohttp import web
 
-from adapters.base import DeliveryError, Report, VendorSettings, mask_cpr
+from adapters.base import Adapter, DeliveryError, FileAdapter, Report, VendorSettings, mask_cpr
 from adapters.registry import RegistryError
 
 from . import logs
@@ -324,16 +324,20 @@ def _vendor(settings: Settings, report: Report, adapter: str) -> VendorSettings:
     return tenant.vendors.get(adapter, VendorSettings()) if tenant else VendorSettings()
 
 
-def _render_all(adapter: Any, reports: list[Report], settings: Settings) -> list[tuple[str, bytes]]:
-    if hasattr(adapter, "render_file"):  # file-based adapters write one file for all reports
-        vendor = _vendor(settings, reports[0], adapter.name)
-        municipality = reports[0].municipality
-        for key, problem in getattr(adapter, "check_settings", lambda *_: [])(vendor, municipality):
-            raise CliError(f"tenants.{municipality}.vendors.{adapter.name}.options.{key}: {problem}")
-        body, failures = adapter.render_file(reports, vendor)  # the bytes a file run writes
-        for failure in failures:
-            print(f"payroll-gateway: not written: {mask_cpr(str(failure))}", file=sys.stderr)
-        return [("ind01.txt", body)]
+def _render_file(adapter: FileAdapter, reports: list[Report], settings: Settings) -> list[tuple[str, bytes]]:
+    vendor = _vendor(settings, reports[0], adapter.name)
+    municipality = reports[0].municipality
+    for key, problem in adapter.check_settings(vendor, municipality):
+        raise CliError(f"tenants.{municipality}.vendors.{adapter.name}.options.{key}: {problem}")
+    body, failures = adapter.render_file(reports, vendor)  # the bytes a file run writes
+    for failure in failures:
+        print(f"payroll-gateway: not written: {mask_cpr(str(failure))}", file=sys.stderr)
+    return [("ind01.txt", body)]
+
+
+def _render_all(adapter: Adapter, reports: list[Report], settings: Settings) -> list[tuple[str, bytes]]:
+    if adapter.file_based:  # file-based adapters write one file for all reports
+        return _render_file(cast(FileAdapter, adapter), reports, settings)
     outputs: list[tuple[str, bytes]] = []
     for report in reports:
         vendor = _vendor(settings, report, adapter.name)
@@ -454,10 +458,9 @@ def cmd_operate(args: argparse.Namespace) -> int:
         raise CliError("select deliveries with --id or at least one filter")
     if not args.reason.strip():
         raise CliError("--reason: say why")
-    from adapters.base import ReadsBack
     from adapters.registry import load_adapters
 
-    readback = [n for n, a in load_adapters().items() if isinstance(a, ReadsBack)]
+    readback = [n for n, a in load_adapters().items() if a.reads_back]
 
     async def work(store: Any, settings: Settings) -> Any:
         return await store.operate(args.action, filters, _operator(args), args.reason.strip(),
