@@ -38,10 +38,10 @@ from adapters.base import (
     Response,
     Transient,
     VendorSettings,
+    classify_status,
     mask_cpr,
     payroll_date,
     post,
-    classify_status,
 )
 from adapters.resources import schema_text
 
