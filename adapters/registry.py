@@ -69,7 +69,7 @@ def check_adapter(adapter: Any) -> Adapter:
             raise RegistryError(f"{where}: declare {flag!r} as True or False")
     kind = FileAdapter if adapter.file_based else MessageAdapter
     if not isinstance(adapter, kind):
-        missing = [m for m in _members(kind) if not hasattr(adapter, m)]
+        missing = [m for m in protocol_members(kind) if not hasattr(adapter, m)]
         raise RegistryError(f"{where} does not implement the {kind.__name__} protocol "
                             f"(missing: {', '.join(missing)})")
     _check_capabilities(where, adapter)
@@ -88,7 +88,8 @@ def _check_capabilities(where: str, adapter: Adapter) -> None:
         raise RegistryError(f"{where}: kinds must be a non-empty set of report kinds")
 
 
-def _members(protocol: type) -> list[str]:
+def protocol_members(protocol: type) -> list[str]:
+    """The attributes and methods a Protocol asks for (its own and inherited)."""
     names: set[str] = set()
     for klass in protocol.__mro__:
         if klass is object or klass.__name__ in ("Protocol", "Generic"):
