@@ -27,7 +27,7 @@ from adapters.registry import RegistryError
 
 from . import logs
 from .errors import ConfigError, GatewayError
-from .settings import Settings, hash_api_key, load, parse_listen, resolve_store_url
+from .settings import ROLES, Settings, hash_api_key, load, parse_listen, resolve_store_url
 from .simulators import SimulatorOptions
 
 SIMULATORS = {"sd": "sd", "kmd": "kmd", "kmd-engangsydelser": "engangsydelser",
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, type=Path)
     serve.add_argument("--listen", help="HOST:PORT, overrides the file")
     serve.add_argument("--store", help="store URL, overrides the file")
+    serve.add_argument("--role", choices=ROLES,
+                       help="intake: the intake and ops API only; dispatch: deliveries, file runs, "
+                            "pull sources and health only; all (the default): both; overrides the file")
     serve.set_defaults(func=cmd_serve)
 
     sim = sub.add_parser("simulate", help="run a local stand-in for a vendor endpoint")
@@ -156,6 +159,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         settings = replace(settings, listen_host=host, listen_port=port)
     if getattr(args, "store", None):
         settings = replace(settings, store_url=resolve_store_url(args.store, Path.cwd()))
+    if getattr(args, "role", None):
+        settings = replace(settings, role=args.role)
     return settings
 
 
@@ -182,8 +187,10 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}") from exc
-    print(f"payroll-gateway: intake API at http://{settings.listen_host}:{settings.listen_port}/v1/reports "
-          f"(store {settings.store_url.split('://')[0]}, {len(settings.tenants)} tenant(s))", flush=True)
+    base = f"http://{settings.listen_host}:{settings.listen_port}"
+    what = f"health at {base}/healthz" if settings.role == "dispatch" else f"intake API at {base}/v1/reports"
+    print(f"payroll-gateway: {what} (role {settings.role}, store {settings.store_url.split('://')[0]}, "
+          f"{len(settings.tenants)} tenant(s))", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
