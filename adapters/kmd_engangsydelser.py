@@ -384,7 +384,7 @@ class KmdEngangsydelser:
         header = {"ClientID": str(opts.get("client_id") or report.municipality), "OpdateringsID": call_id}
         if opts.get("validate_only"):
             header["Kun_Valider"] = "1"  # otherwise absent, as OS2indberetning's client sends it
-        doc = {
+        doc: dict[str, Any] = {
             "Header": header,
             "Medarbejder": {"Medarbejdernummer": report.employee.employment_id},
             "Engangsydelser": [

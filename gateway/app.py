@@ -235,7 +235,8 @@ def _sources_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         dispatcher = app[APP_DISPATCHER]
-        pullers = build_pullers(app[APP_SETTINGS], app[APP_STORE], app[APP_CALENDARS], dispatcher.wake,
+        calendars = app[APP_CALENDARS]
+        pullers = build_pullers(app[APP_SETTINGS], app[APP_STORE], calendars, dispatcher.wake,
                                 app[APP_ADAPTERS]) if run else []
         app[APP_SOURCES] = pullers
         tasks = [asyncio.create_task(p.run(), name=f"source-{p.municipality}-{p.name}") for p in pullers]

@@ -531,7 +531,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         store = open_store(settings.store_url)
         await store.open()
         try:
-            return verify_chain(await store.audit_chain())  # type: ignore[attr-defined]
+            return verify_chain(await store.audit_chain())
         finally:
             await store.aclose()
 

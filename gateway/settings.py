@@ -241,7 +241,7 @@ class _Reader:
 
     def alerts(self, raw: dict[str, Any]) -> str | None:
         _no_unknown(raw, {"url"}, "alerts")
-        url = _get(raw, "url", str, "alerts", None)
+        url: str | None = _get(raw, "url", str, "alerts", None)
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigError(f"alerts.url: expected an http(s) URL, got {url!r}")
         return url
