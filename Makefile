@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_CURL := curl -sS -X POST http://127.0.0.1:8080/v1/reports -H 'Authorization: Bearer demo-key-746' -H 'Content-Type: application/json' --data @examples/report-drive-746.json
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint check bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway adapters tests bench
+
+# ruff and mypy (strict on gateway/ and adapters/, configured in pyproject.toml)
+check: $(STAMP)
+	$(VENV)/bin/ruff check gateway adapters tests bench
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) bench/run.py

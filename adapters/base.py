@@ -11,15 +11,30 @@ An adapter turns one canonical report into the vendor's payloads. It has three s
 - ``send(payload, channel) -> Receipt``: I/O only. Post the bytes and interpret the
   answer, raising one of the errors below when it is not a success.
 
-The errors are shaped by what the dispatcher does with them::
+An adapter is one of two kinds, each a Protocol with its capabilities declared as
+attributes (checked by ``adapters/registry.py`` when the adapter is registered):
 
-    GatewayDeliveryError
+- :class:`MessageAdapter` (``file_based = False``): the dispatcher sends each planned
+  message. ``reads_back`` says it implements :class:`ReadsBack`; ``reads_before_send``
+  (which needs ``reads_back``) that the dispatcher reads before every plan.
+- :class:`FileAdapter` (``file_based = True``): scheduled file runs write the records of
+  many reports into one file (``render_file``), with the file options checked at start-up
+  (``check_settings``).
+
+The errors are shaped by what the dispatcher does with them (the whole gateway's tree is
+drawn in ``gateway/errors.py``)::
+
+    DeliveryError
     ├── Transient      the request was not processed: retry later (optionally not before
     │                  ``retry_after`` seconds)
     ├── InDoubt        the request may have reached the vendor, no answer came: never
     │                  resent blindly, reconciled first
     ├── Rejected       the vendor said no: permanent, the vendor's reason is kept
     └── InvalidPayload the payload failed the schema check: never sent, never retried
+
+Foreign exceptions and HTTP statuses become these errors here, once for every adapter:
+:func:`post` translates aiohttp's, :func:`classify_status` the status codes. An adapter
+adds only its vendor's body-level rules (SOAP faults, status fields in the answer).
 
 An adapter imports this module and the libraries it needs; never the gateway's store,
 app or dispatcher.
@@ -29,7 +44,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -41,26 +56,30 @@ import aiohttp
 from multidict import CIMultiDict
 
 __all__ = [
+    "BUSY_STATUSES",
+    "POSTING_TARGETS",
     "Adapter",
     "Channel",
     "DeliveredPart",
     "DeliveryError",
     "Employee",
+    "FileAdapter",
     "InDoubt",
     "InvalidPayload",
     "Kind",
     "Message",
+    "MessageAdapter",
     "Payload",
-    "POSTING_TARGETS",
     "Plan",
-    "Receipt",
     "ReadsBack",
+    "Receipt",
     "Rejected",
     "Report",
     "Response",
     "Route",
     "Transient",
     "VendorSettings",
+    "classify_status",
     "mask_cpr",
     "payroll_date",
     "post",
@@ -407,14 +426,62 @@ async def post(channel: Channel, payload: Payload, url: str | None = None) -> Re
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The ``Retry-After`` header as seconds (delta form only), or None."""
+    """The ``Retry-After`` header as seconds (delta form only), or None.
+
+    Servers and proxies vary the header's case: any spelling is found, in a plain dict too.
+    """
     raw = headers.get("Retry-After")
+    if raw is None:
+        raw = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
     if raw is None:
         return None
     try:
         return max(0.0, float(raw))
     except ValueError:
         return None
+
+
+#: the vendor is busy or down for a while: retried, not before its ``Retry-After``
+BUSY_STATUSES = frozenset({429, 503})
+_CONFIG_STATUSES = {401: "refused the credentials", 403: "refused access",
+                    404: "has no such resource"}
+
+#: an adapter's rules for what the answer's body says, whatever its status
+BodyRules = Callable[[Response], DeliveryError | None]
+
+
+def classify_status(
+    response: Response, vendor: str, *, hint: str = "", body_rules: BodyRules | None = None
+) -> DeliveryError | None:
+    """The error an HTTP answer's status means, or None for a 2xx with nothing wrong in it.
+
+    Written once for every adapter, in this order:
+
+    1. 429 and 503 (busy): :class:`Transient`, with the answer's ``Retry-After``;
+    2. the vendor's ``body_rules`` (SOAP faults, "closed" pages…): their error, if any,
+       wins over the status, so a fault answered with 500 says what it is;
+    3. 2xx: None (the adapter reads the answer);
+    4. 5xx: :class:`Transient`;
+    5. 401, 403, 404: :class:`Rejected` with the adapter's ``hint`` (they mean the
+       tenant's settings are wrong: credentials, certificate, endpoint URL);
+    6. anything else (3xx, other 4xx): :class:`Rejected`.
+
+    ``vendor`` starts every message (``"SD Løn"``, ``"KMD read-onetime-payments"``).
+    """
+    status, body = response.status, response.body
+    if status in BUSY_STATUSES:
+        return Transient(f"{vendor} answered HTTP {status}: busy or unavailable", status=status,
+                         body=body, retry_after=retry_after_seconds(response.headers))
+    error = body_rules(response) if body_rules is not None else None
+    if error is not None or 200 <= status < 300:
+        return error
+    snippet = mask_cpr(body[:300].decode("utf-8", "replace").strip())
+    if status >= 500:
+        return Transient(f"{vendor} answered HTTP {status}: {snippet}", status=status, body=body)
+    if status in _CONFIG_STATUSES:
+        text = f"{vendor} answered HTTP {status}: it {_CONFIG_STATUSES[status]}"
+        return Rejected(f"{text}; {hint}" if hint else text, status=status, body=body)
+    return Rejected(f"{vendor} answered HTTP {status}: {snippet}", status=status, body=body)
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,7 +495,7 @@ POSTING_TARGETS = ("account", "cost_center", "psp_element")
 
 @runtime_checkable
 class Adapter(Protocol):
-    """A vendor integration.
+    """What every adapter declares, whatever its kind.
 
     What the vendor needs or cannot carry beyond the report schema is declared below, so
     that intake refuses such a report before it is stored; ``plan`` still refuses one
@@ -447,6 +514,16 @@ class Adapter(Protocol):
     #: formats the vendor needs that are narrower than the report schema's: pointer →
     #: (regular expression the whole value must match, the format in words)
     field_formats: Mapping[str, tuple[str, str]]
+    #: when the vendor takes deliveries (``"06:00-22:00"``, Europe/Copenhagen), or None for
+    #: always; a tenant's ``opening_hours`` setting overrides it
+    opening_hours: str | None
+    #: the kind: False for a :class:`MessageAdapter`, True for a :class:`FileAdapter`
+    file_based: bool
+    #: the adapter implements :class:`ReadsBack` (the vendor can be asked what it holds)
+    reads_back: bool
+    #: the dispatcher reads back before every plan (corrections sent as differences);
+    #: needs ``reads_back``
+    reads_before_send: bool
 
     def plan(
         self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings
@@ -454,12 +531,35 @@ class Adapter(Protocol):
 
     def render(self, report: Report, message: Message, settings: VendorSettings) -> Payload: ...
 
+
+@runtime_checkable
+class MessageAdapter(Adapter, Protocol):
+    """A vendor integration the dispatcher delivers message by message (``file_based = False``)."""
+
     async def send(self, payload: Payload, channel: Channel) -> Receipt: ...
 
 
 @runtime_checkable
+class FileAdapter(Adapter, Protocol):
+    """A vendor integration delivered by scheduled file runs (``file_based = True``).
+
+    ``plan`` and ``render`` give each report's records (one payload per record line);
+    ``render_file`` lays out the whole file (header, records, line ends, encoding) as a
+    file run creating it would write it, with the groups that cannot be written.
+    """
+
+    def render_file(
+        self, reports: Iterable[Report], settings: VendorSettings
+    ) -> tuple[bytes, Sequence[object]]: ...
+
+    def check_settings(self, settings: VendorSettings, municipality: str) -> list[tuple[str, str]]:
+        """Start-up check of the file options, as (option key, message) pairs."""
+        ...
+
+
+@runtime_checkable
 class ReadsBack(Protocol):
-    """Optional: an adapter whose vendor can be asked what it holds.
+    """The read-back capability of a :class:`MessageAdapter` that declares ``reads_back``.
 
     The dispatcher calls ``read_back`` to reconcile an ``in_doubt`` delivery and, when
     ``reads_before_send`` is true, before every plan (vendors whose corrections are sent

@@ -56,9 +56,9 @@ from adapters.base import (
     Response,
     Transient,
     VendorSettings,
+    classify_status,
     mask_cpr,
     post,
-    retry_after_seconds,
 )
 from adapters.resources import schema_path
 from adapters.soap import (
@@ -393,39 +393,33 @@ def _system_error(envelope: etree._Element) -> dict[str, str]:
 
 
 def _raise_for_status(resp: Response) -> None:
-    """Translate a non-200 answer into the error the dispatcher acts on."""
-    if resp.status == 200:
-        return
-    if resp.status in (429, 503):
-        raise Transient(f"KMD busy (HTTP {resp.status})", status=resp.status, body=resp.body,
-                        retry_after=retry_after_seconds(resp.headers))
-    if resp.status >= 500:
-        _raise_for_fault(resp)
-        raise Transient(f"KMD server error (HTTP {resp.status})", status=resp.status,
-                        body=resp.body)
-    hint = f"; {_SETTINGS_HINT}" if resp.status in (401, 403, 404) else ""
-    raise Rejected(f"KMD refused the call (HTTP {resp.status}){hint}", status=resp.status,
-                   body=resp.body)
+    """Translate an answer whose status is not a success into the error the dispatcher acts on."""
+    error = classify_status(resp, "KMD", hint=_SETTINGS_HINT, body_rules=_fault_error)
+    if error is not None:
+        raise error
 
 
-def _raise_for_fault(resp: Response) -> None:
+def _fault_error(resp: Response) -> Transient | Rejected | None:
+    """What an SAP PI fault in a server error (5xx) says: configuration, client or system."""
+    if resp.status < 500:
+        return None
     try:
         envelope = parse_xml(resp.body)
     except UnsafeXML:
-        return
+        return None
     fault = find_fault(envelope)
     if fault is None:
-        return
+        return None
     error = _system_error(envelope)
     text = mask_cpr(" / ".join(filter(None, (fault.string, *error.values()))))
     code = error.get("code", "").upper()
     if any(marker in code for marker in _CONFIG_CODE_MARKERS):
-        raise Rejected(f"KMD SAP PI configuration error: {text}; {_SETTINGS_HINT}",
-                       status=resp.status, body=resp.body)
+        return Rejected(f"KMD SAP PI configuration error: {text}; {_SETTINGS_HINT}",
+                        status=resp.status, body=resp.body)
     if fault.code == "Client":
-        raise Rejected(f"KMD rejected the request: {mask_cpr(fault.string + ' ' + fault.detail)}",
-                       status=resp.status, body=resp.body)
-    raise Transient(f"KMD system error: {text}", status=resp.status, body=resp.body)
+        return Rejected(f"KMD rejected the request: {mask_cpr(fault.string + ' ' + fault.detail)}",
+                        status=resp.status, body=resp.body)
+    return Transient(f"KMD system error: {text}", status=resp.status, body=resp.body)
 
 
 def _payload_element(resp: Response, garbled: type[DeliveryError]) -> etree._Element:
@@ -477,6 +471,10 @@ class KmdAbsence:
     required_fields: frozenset[str] = frozenset()
     unsupported_fields: frozenset[str] = frozenset()
     field_formats: Mapping[str, tuple[str, str]] = MappingProxyType({})
+    opening_hours: str | None = None
+    file_based = False
+    #: GetAbsenceAttendanceByPeriod reconciles in-doubt deliveries; no read before each plan
+    reads_back = True
     reads_before_send = False
 
     def __init__(self) -> None:

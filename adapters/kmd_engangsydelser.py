@@ -38,10 +38,10 @@ from adapters.base import (
     Response,
     Transient,
     VendorSettings,
+    classify_status,
     mask_cpr,
     payroll_date,
     post,
-    retry_after_seconds,
 )
 from adapters.resources import schema_text
 
@@ -235,20 +235,10 @@ def _excerpt(body: bytes) -> str:
 
 
 def _check_http(resp: Response, what: str) -> None:
-    """Translate a non-200 answer into the error the dispatcher acts on."""
-    status = resp.status
-    if status == 200:
-        return
-    text = f"{what}: HTTP {status}: {_excerpt(resp.body)}"
-    if status == 403:
-        raise Rejected(f"{what}: HTTP 403: {CONFIG_HINT}", status=status, body=resp.body)
-    if status in (429, 503):
-        raise Transient(
-            text, status=status, body=resp.body, retry_after=retry_after_seconds(resp.headers)
-        )
-    if status >= 500:
-        raise Transient(text, status=status, body=resp.body)
-    raise Rejected(text, status=status, body=resp.body)
+    """Translate an answer whose status is not a success into the error the dispatcher acts on."""
+    error = classify_status(resp, what, hint=CONFIG_HINT)
+    if error is not None:
+        raise error
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +289,10 @@ class KmdEngangsydelser:
         "/wage_code": (r"[0-9]{4}", "4 digits"),
         "/wage_code_optional": (r"[0-9]{4}", "4 digits"),
     })
+    opening_hours: str | None = None
+    file_based = False
+    #: corrections are sent as differences, so KMD is read before every plan
+    reads_back = True
     reads_before_send = True
 
     def __init__(self) -> None:
@@ -390,7 +384,7 @@ class KmdEngangsydelser:
         header = {"ClientID": str(opts.get("client_id") or report.municipality), "OpdateringsID": call_id}
         if opts.get("validate_only"):
             header["Kun_Valider"] = "1"  # otherwise absent, as OS2indberetning's client sends it
-        doc = {
+        doc: dict[str, Any] = {
             "Header": header,
             "Medarbejder": {"Medarbejdernummer": report.employee.employment_id},
             "Engangsydelser": [

@@ -400,6 +400,9 @@ class KmdInd01:
     kinds = frozenset({Kind.DRIVE})
     #: delivered by the gateway's scheduled file runs, not by the dispatcher's sends
     file_based = True
+    reads_back = False
+    reads_before_send = False
+    opening_hours: str | None = None  # the file drop is always open; the schedule decides
     unsupported_fields = UNSUPPORTED_FIELDS
     schema_files: tuple[str, ...] = ()  # the layout is checked by RECORD_RE in render
     #: both stand in every record; a missing one written as 0 could book to another employment

@@ -29,9 +29,9 @@ from adapters.base import (
     Response,
     Transient,
     VendorSettings,
+    classify_status,
     mask_cpr,
     post,
-    retry_after_seconds,
 )
 from adapters.resources import schema_path
 from adapters.soap import (
@@ -84,7 +84,10 @@ class SdKoersel:
     required_fields = frozenset({"/approved_by_cpr"})
     field_formats: Mapping[str, tuple[str, str]] = MappingProxyType({})
     #: SD's web service answers 06:00-22:00 Danish time; a tenant may override this
-    opening_hours = "06:00-22:00"
+    opening_hours: str | None = "06:00-22:00"
+    file_based = False
+    reads_back = False
+    reads_before_send = False
     #: SD books on KontoNummerIdentifikator (``account``); it has no cost centre or PSP element
     unsupported_fields = frozenset({"/cost_center", "/psp_element"})
 
@@ -279,30 +282,28 @@ def _distance(value: Any) -> Decimal:
 
 def interpret(resp: Response) -> Receipt:
     """A receipt for SD's answer, or the error that says what the dispatcher does next."""
-    headers = {k.lower(): v for k, v in resp.headers.items()}
-    if resp.status in (429, 503):
-        raise Transient(
-            f"SD Løn answered HTTP {resp.status}: busy or unavailable", status=resp.status,
-            body=resp.body, retry_after=_retry_after(headers),
-        )
+    error = classify_status(resp, "SD Løn", hint=_hint(resp.status), body_rules=_body_error)
+    if error is not None:
+        raise error
+    return _receipt(_parse_or_none(resp.body), resp)
+
+
+def _body_error(resp: Response) -> Transient | Rejected | None:
+    """SD's answers that say more than their status: the closed page, a SOAP fault."""
     if CLOSED_TEXT.encode() in resp.body:
-        raise Transient(
+        return Transient(
             f"SD Løn is closed (it is open 06:00-22:00 Europe/Copenhagen): {CLOSED_TEXT!r}",
             status=resp.status, body=resp.body,
         )
     envelope = _parse_or_none(resp.body)
     fault = None if envelope is None else find_fault(envelope)
-    if fault is not None:
-        raise fault_error(fault, resp)
-    if resp.status >= 300:
-        raise _status_error(resp)
-    return _receipt(envelope, resp)
+    return None if fault is None else fault_error(fault, resp)
 
 
-def _retry_after(lowered: Mapping[str, str]) -> float | None:
-    # servers and proxies vary the header's case; retry_after_seconds looks up one spelling
-    raw = lowered.get("retry-after")
-    return None if raw is None else retry_after_seconds({"Retry-After": raw})
+def _hint(status: int) -> str:
+    if status == 404:
+        return "check the endpoint URL (and the test environment's path prefix)"
+    return "check the SD username (it starts with 'SY') and password of this tenant"
 
 
 def _parse_or_none(body: bytes) -> etree._Element | None:
@@ -322,21 +323,6 @@ def fault_error(fault: SoapFault, resp: Response) -> Transient | Rejected:
         return Transient(message, status=resp.status, body=resp.body)
     # Client, and any fault we do not know: permanent, kept for an operator to judge
     return Rejected(message, status=resp.status, body=resp.body)
-
-
-def _status_error(resp: Response) -> Transient | Rejected:
-    status = resp.status
-    snippet = mask_cpr(resp.body[:200].decode("utf-8", "replace"))
-    if status >= 500:
-        return Transient(f"SD Løn answered HTTP {status}: {snippet}", status=status, body=resp.body)
-    if status in (401, 403):
-        hint = "check the SD username (it starts with 'SY') and password of this tenant"
-        return Rejected(f"SD Løn refused the credentials (HTTP {status}): {hint}", status=status,
-                        body=resp.body)
-    if status == 404:
-        hint = "check the endpoint URL (and the test environment's path prefix)"
-        return Rejected(f"SD Løn answered HTTP 404: {hint}", status=status, body=resp.body)
-    return Rejected(f"SD Løn answered HTTP {status}: {snippet}", status=status, body=resp.body)
 
 
 def _receipt(envelope: etree._Element | None, resp: Response) -> Receipt:

@@ -33,7 +33,7 @@ from .keys import (
 )
 from .logs import correlation_id
 from .payroll_calendar import CutoffCalendar
-from .settings import Settings
+from .settings import Settings, parse_role
 from .sources import build_pullers
 from .store import Store, open_store
 from .watch import AtRiskWatch
@@ -162,7 +162,16 @@ def create_app(
     store: Store | None = None,
     adapters: Mapping[str, Adapter] | None = None,
     run_dispatcher: bool = True,
+    role: str | None = None,
 ) -> web.Application:
+    """The gateway as one aiohttp application, doing what its role says (DESIGN.md §5).
+
+    ``intake`` serves the intake, compat and ops API and runs no background work;
+    ``dispatch`` runs the dispatcher, file runs, at-risk watch and pull sources and serves
+    only ``/healthz``, ``/readyz`` and ``/metrics``; ``all`` does both. ``role`` overrides
+    ``settings.role``; ``run_dispatcher=False`` (tests) keeps the background work stopped.
+    """
+    role = parse_role(role if role is not None else settings.role, "role")
     app = web.Application(middlewares=[correlation, problems], client_max_size=settings.max_body_bytes)
     app[APP_SETTINGS] = settings
     app[APP_STORE] = store if store is not None else open_store(settings.store_url)
@@ -172,14 +181,16 @@ def create_app(
     FileRunner(app[APP_STORE], app[APP_ADAPTERS], settings).check_schedules()
     app[APP_ENDPOINTS] = build_endpoints(settings, app[APP_ADAPTERS])
     warn_short_leases(settings)
-    app.add_routes(intake.routes)
-    app.add_routes(compat.routes)
-    app.add_routes(ops.routes)
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
-                    web.get("/metrics", metrics), web.get("/openapi.json", openapi)])
+    if role != "dispatch":
+        app.add_routes(intake.routes)
+        app.add_routes(compat.routes)
+        app.add_routes(ops.routes)
+        app.add_routes([web.get("/openapi.json", openapi)])
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
+    background = run_dispatcher and role != "intake"
     app.cleanup_ctx.append(_store_ctx)
-    app.cleanup_ctx.append(_dispatcher_ctx(run_dispatcher))
-    app.cleanup_ctx.append(_sources_ctx(run_dispatcher))
+    app.cleanup_ctx.append(_dispatcher_ctx(background))
+    app.cleanup_ctx.append(_sources_ctx(background))
     return app
 
 
@@ -224,7 +235,8 @@ def _sources_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         dispatcher = app[APP_DISPATCHER]
-        pullers = build_pullers(app[APP_SETTINGS], app[APP_STORE], app[APP_CALENDARS], dispatcher.wake,
+        calendars = app[APP_CALENDARS]
+        pullers = build_pullers(app[APP_SETTINGS], app[APP_STORE], calendars, dispatcher.wake,
                                 app[APP_ADAPTERS]) if run else []
         app[APP_SOURCES] = pullers
         tasks = [asyncio.create_task(p.run(), name=f"source-{p.municipality}-{p.name}") for p in pullers]

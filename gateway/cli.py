@@ -18,16 +18,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from aiohttp import web
 
-from adapters.base import DeliveryError, Report, VendorSettings, mask_cpr
+from adapters.base import Adapter, DeliveryError, FileAdapter, Report, VendorSettings, mask_cpr
 from adapters.registry import RegistryError
 
 from . import logs
 from .errors import ConfigError, GatewayError
-from .settings import Settings, hash_api_key, load, parse_listen, resolve_store_url
+from .settings import ROLES, Settings, hash_api_key, load, parse_listen, resolve_store_url
 from .simulators import SimulatorOptions
 
 SIMULATORS = {"sd": "sd", "kmd": "kmd", "kmd-engangsydelser": "engangsydelser",
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, type=Path)
     serve.add_argument("--listen", help="HOST:PORT, overrides the file")
     serve.add_argument("--store", help="store URL, overrides the file")
+    serve.add_argument("--role", choices=ROLES,
+                       help="intake: the intake and ops API only; dispatch: deliveries, file runs, "
+                            "pull sources and health only; all (the default): both; overrides the file")
     serve.set_defaults(func=cmd_serve)
 
     sim = sub.add_parser("simulate", help="run a local stand-in for a vendor endpoint")
@@ -156,6 +159,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         settings = replace(settings, listen_host=host, listen_port=port)
     if getattr(args, "store", None):
         settings = replace(settings, store_url=resolve_store_url(args.store, Path.cwd()))
+    if getattr(args, "role", None):
+        settings = replace(settings, role=args.role)
     return settings
 
 
@@ -182,8 +187,10 @@ async def _serve(app: web.Application, settings: Settings) -> None:
         await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}") from exc
-    print(f"payroll-gateway: intake API at http://{settings.listen_host}:{settings.listen_port}/v1/reports "
-          f"(store {settings.store_url.split('://')[0]}, {len(settings.tenants)} tenant(s))", flush=True)
+    base = f"http://{settings.listen_host}:{settings.listen_port}"
+    what = f"health at {base}/healthz" if settings.role == "dispatch" else f"intake API at {base}/v1/reports"
+    print(f"payroll-gateway: {what} (role {settings.role}, store {settings.store_url.split('://')[0]}, "
+          f"{len(settings.tenants)} tenant(s))", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -324,16 +331,20 @@ def _vendor(settings: Settings, report: Report, adapter: str) -> VendorSettings:
     return tenant.vendors.get(adapter, VendorSettings()) if tenant else VendorSettings()
 
 
-def _render_all(adapter: Any, reports: list[Report], settings: Settings) -> list[tuple[str, bytes]]:
-    if hasattr(adapter, "render_file"):  # file-based adapters write one file for all reports
-        vendor = _vendor(settings, reports[0], adapter.name)
-        municipality = reports[0].municipality
-        for key, problem in getattr(adapter, "check_settings", lambda *_: [])(vendor, municipality):
-            raise CliError(f"tenants.{municipality}.vendors.{adapter.name}.options.{key}: {problem}")
-        body, failures = adapter.render_file(reports, vendor)  # the bytes a file run writes
-        for failure in failures:
-            print(f"payroll-gateway: not written: {mask_cpr(str(failure))}", file=sys.stderr)
-        return [("ind01.txt", body)]
+def _render_file(adapter: FileAdapter, reports: list[Report], settings: Settings) -> list[tuple[str, bytes]]:
+    vendor = _vendor(settings, reports[0], adapter.name)
+    municipality = reports[0].municipality
+    for key, problem in adapter.check_settings(vendor, municipality):
+        raise CliError(f"tenants.{municipality}.vendors.{adapter.name}.options.{key}: {problem}")
+    body, failures = adapter.render_file(reports, vendor)  # the bytes a file run writes
+    for failure in failures:
+        print(f"payroll-gateway: not written: {mask_cpr(str(failure))}", file=sys.stderr)
+    return [("ind01.txt", body)]
+
+
+def _render_all(adapter: Adapter, reports: list[Report], settings: Settings) -> list[tuple[str, bytes]]:
+    if adapter.file_based:  # file-based adapters write one file for all reports
+        return _render_file(cast(FileAdapter, adapter), reports, settings)
     outputs: list[tuple[str, bytes]] = []
     for report in reports:
         vendor = _vendor(settings, report, adapter.name)
@@ -454,10 +465,9 @@ def cmd_operate(args: argparse.Namespace) -> int:
         raise CliError("select deliveries with --id or at least one filter")
     if not args.reason.strip():
         raise CliError("--reason: say why")
-    from adapters.base import ReadsBack
     from adapters.registry import load_adapters
 
-    readback = [n for n, a in load_adapters().items() if isinstance(a, ReadsBack)]
+    readback = [n for n, a in load_adapters().items() if a.reads_back]
 
     async def work(store: Any, settings: Settings) -> Any:
         return await store.operate(args.action, filters, _operator(args), args.reason.strip(),
@@ -521,7 +531,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         store = open_store(settings.store_url)
         await store.open()
         try:
-            return verify_chain(await store.audit_chain())  # type: ignore[attr-defined]
+            return verify_chain(await store.audit_chain())
         finally:
             await store.aclose()
 

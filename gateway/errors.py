@@ -1,14 +1,45 @@
-"""The gateway's own errors, and how each reaches a user.
+"""The gateway's one error tree: every error it raises, and where each one leads.
 
-HTTP-facing errors become RFC 9457 ``application/problem+json`` responses; CLI-facing
-errors become one line on stderr and exit code 1. Delivery errors (what the dispatcher
-does with a vendor failure) live in ``adapters/base.py``::
+The tree is shaped by what happens next, not by where the error arose::
 
-    DeliveryError
-    ├── Transient       → retry_scheduled (next_attempt_at from the retry policy)
-    ├── InDoubt         → in_doubt (reconciled by read-back, or an operator decides)
-    ├── Rejected        → failed (the vendor's reason is kept)
-    └── InvalidPayload  → failed, never sent, never retried
+    Exception
+    ├── GatewayError            an HTTP request fails → RFC 9457 problem+json (app.problems)
+    │   ├── BadRequest          400  the request cannot be read
+    │   ├── Unauthorized        401  no or unknown key/token (WWW-Authenticate: Bearer)
+    │   ├── Forbidden           403  the key may not act for that municipality
+    │   ├── NotFound            404
+    │   ├── Conflict            409  same report version, other content (nothing stored)
+    │   ├── PayloadTooLarge     413  body or record count over the limit
+    │   ├── UnsupportedMediaType 415 not JSON
+    │   ├── InvalidReport       422  fails the schema or a vendor rule; ``errors`` point at it
+    │   └── StoreUnavailable    503  the store could not commit: nothing was acknowledged
+    ├── DeliveryError           adapters.base: a vendor call fails → the dispatcher decides
+    │   ├── Transient           → retry_scheduled (next_attempt_at from the retry policy,
+    │   │                         never before the vendor's Retry-After)
+    │   ├── InDoubt             → in_doubt (never resent blindly: reconciled by read-back
+    │   │                         where the adapter ``reads_back``, or an operator decides)
+    │   ├── Rejected            → failed, permanent (the vendor's reason is kept)
+    │   └── InvalidPayload      → failed, never sent, never retried (render or schema check)
+    ├── ConfigError             a bad setting → one line naming the key, exit 1 (serve refuses
+    │                             to start)
+    ├── RegistryError           adapters.registry: an adapter cannot be registered → one line
+    │                             naming it, exit 1
+    ├── CliError                cli: a user error → one line on stderr, exit 1
+    ├── StoreError              store: connection lost, disk full, commit failed → StoreUnavailable
+    │                             at intake, a retried loop in the dispatcher
+    └── PullError               sources: a pull or acknowledgement failed → retried with backoff
+
+Foreign exceptions are translated where they enter, once, and chained (``raise … from exc``):
+
+- aiohttp (vendor calls) → Transient before the request left, InDoubt after: ``adapters.base.post``;
+- HTTP status codes of vendor answers → Transient / Rejected: ``adapters.base.classify_status``
+  (each adapter adds only its vendor's body-level rules: SOAP faults, status fields);
+- lxml / zeep (vendor XML) → ``adapters.soap.UnsafeXML`` (a ValueError) and InvalidPayload;
+- sqlite3 / the PostgreSQL driver → StoreError: the store engines (``gateway/store/``);
+- anything unexpected in a request → a logged, masked 500: the ``problems`` middleware.
+
+The delivery errors are defined in ``adapters/base.py`` (the plug-in API, which never imports
+the gateway) and re-exported here, so that gateway code imports every error from this module.
 """
 
 from __future__ import annotations
@@ -16,6 +47,28 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from adapters.base import DeliveryError, InDoubt, InvalidPayload, Rejected, Transient
+
+__all__ = [
+    "BadRequest",
+    "ConfigError",
+    "Conflict",
+    "DeliveryError",
+    "FieldError",
+    "Forbidden",
+    "GatewayError",
+    "InDoubt",
+    "InvalidPayload",
+    "InvalidReport",
+    "NotFound",
+    "PayloadTooLarge",
+    "Rejected",
+    "StoreUnavailable",
+    "Transient",
+    "Unauthorized",
+    "UnsupportedMediaType",
+]
 
 
 class ConfigError(Exception):

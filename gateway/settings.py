@@ -121,6 +121,7 @@ class Settings:
     alert_url: str | None = None  # receives a JSON POST when a delivery becomes at_risk
     at_risk_check_seconds: float = 30.0
     at_risk_margin_seconds: float = 24 * 3600.0  # waiting for an operator this close to cut-off
+    role: str = "all"  # intake | dispatch | all (DESIGN.md §5, serve --role)
 
     def operator_for_token(self, token: str) -> Operator | None:
         digest = hash_api_key(token)
@@ -192,7 +193,7 @@ class _Reader:
     def settings(self, raw: dict[str, Any]) -> Settings:
         _no_unknown(raw, _ALLOWED_TOP, "")
         server = _table(raw, "server", "")
-        _no_unknown(server, {"listen", "store", "data_dir", "max_body_bytes"}, "server")
+        _no_unknown(server, {"listen", "store", "data_dir", "max_body_bytes", "role"}, "server")
         disp = _table(raw, "dispatcher", "")
         _no_unknown(disp, {"workers", "lease_seconds", "poll_seconds", "at_risk_check_seconds",
                            "at_risk_margin_hours"}, "dispatcher")
@@ -222,6 +223,7 @@ class _Reader:
             simulators=self.simulators(_table(raw, "simulators", "")),
             operators=MappingProxyType(self.operators(_table(raw, "operators", ""))),
             alert_url=self.alerts(_table(raw, "alerts", "")),
+            role=parse_role(_get(server, "role", str, "server", "all"), "server.role"),
         )
 
     def operators(self, raw: dict[str, Any]) -> dict[str, Operator]:
@@ -239,7 +241,7 @@ class _Reader:
 
     def alerts(self, raw: dict[str, Any]) -> str | None:
         _no_unknown(raw, {"url"}, "alerts")
-        url = _get(raw, "url", str, "alerts", None)
+        url: str | None = _get(raw, "url", str, "alerts", None)
         if url is not None and not url.startswith(("http://", "https://")):
             raise ConfigError(f"alerts.url: expected an http(s) URL, got {url!r}")
         return url
@@ -486,6 +488,16 @@ def _positive(raw: Mapping[str, Any], key: str, kind: Any, where: str, default: 
     value = _get(raw, key, kind, where, default)
     if value < 0 or (value == 0 and key not in ("port", "jitter_seconds")):
         raise ConfigError(f"{where + '.' if where else ''}{key}: must be positive, got {value!r}")
+    return value
+
+
+ROLES = ("intake", "dispatch", "all")
+
+
+def parse_role(value: str, where: str) -> str:
+    """One of :data:`ROLES`: what a ``serve`` process does (DESIGN.md §5)."""
+    if value not in ROLES:
+        raise ConfigError(f"{where}: {value!r} is not a role (intake, dispatch or all)")
     return value
 
 

@@ -80,7 +80,7 @@ def accepted(report: dict[str, Any], adapter: Any) -> bool:
 def render_everything(name: str, report: dict[str, Any]) -> None:
     adapter, vendor = ADAPTERS[name], VENDOR[name]
     typed = Report.from_dict(normalise(report))
-    if hasattr(adapter, "render_file"):
+    if adapter.file_based:
         _, failures = adapter.render_file([typed], vendor)
         assert not failures, failures
         return
