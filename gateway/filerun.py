@@ -23,10 +23,11 @@ from zoneinfo import ZoneInfo
 from adapters import kmd_ind01
 from adapters.base import Adapter, DeliveryError, Report, VendorSettings, mask_cpr
 
+from .deliveries import Delivery, Detail, Event, decide
 from .errors import ConfigError
 from .ind01_file import AppendResult, FileConflict, FileRun, JournalEntry, next_run
 from .settings import Settings
-from .store import Job, Settle, Status, Store
+from .store import Job, Status, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,16 +192,19 @@ class FileRunner:
             try:
                 plan = adapter.plan(report, job.delivered, vendor)
             except DeliveryError as exc:
-                await self._settle(job, Settle(Status.FAILED, last_error=mask_cpr(exc.message, report.cprs)))
+                await self._settle(job, Event.ERROR, Detail(error=mask_cpr(exc.message, report.cprs)))
                 summary.failed += 1
                 continue
-            if plan.not_applicable or plan.correction_required or not plan.messages:
-                status = (Status.NOT_APPLICABLE if plan.not_applicable else
-                          Status.CORRECTION_REQUIRED if plan.correction_required else Status.DELIVERED)
-                await self._settle(job, Settle(status, last_error=plan.not_applicable or plan.correction_required))
-                summary.skipped += 1
+            if plan.not_applicable:
+                await self._settle(job, Event.NOT_APPLICABLE, Detail(error=plan.not_applicable))
+            elif plan.correction_required:
+                await self._settle(job, Event.CORRECTION_REQUIRED, Detail(error=plan.correction_required))
+            elif not plan.messages:
+                await self._settle(job, Event.ALREADY_DELIVERED, Detail())
+            else:
+                writable.append((job, report, plan))
                 continue
-            writable.append((job, report, plan))
+            summary.skipped += 1
         return writable
 
     async def _lines(self, writable: list[tuple[Job, Report, Any]], vendor: VendorSettings,
@@ -213,7 +217,7 @@ class FileRunner:
             for job in {by_covers[c][0].delivery_id: by_covers[c][0] for c in failure.group.covers}.values():
                 if job.delivery_id not in failed:
                     failed.add(job.delivery_id)
-                    await self._settle(job, Settle(Status.FAILED, last_error=failure.reason))
+                    await self._settle(job, Event.ERROR, Detail(error=failure.reason))
         summary.failed += len(failed)
         lines: list[str] = []
         deliveries: dict[str, Any] = {}
@@ -226,5 +230,11 @@ class FileRunner:
             lines.append(line)
         return lines, deliveries
 
-    async def _settle(self, job: Job, settle: Settle) -> None:
-        await self.store.settle(job.delivery_id, settle, self.clock(), f"delivery.{settle.status}")
+    async def _settle(self, job: Job, event: Event, detail: Detail) -> None:
+        """Record what the state machine decides (file runs never retry: no policy needed)."""
+        now = self.clock()
+        facts = Delivery(Status.IN_FLIGHT, attempts=job.attempts, retry_since=job.created_at,
+                         claimed_from=Status(job.previous_status), cutoff_at=job.cutoff_at)
+        policy = self.settings.retry_for(job.municipality, job.adapter)
+        decision = decide(facts, event, policy, now, detail)
+        await self.store.settle(job.delivery_id, decision.settle(), now, decision.audit)

@@ -15,13 +15,14 @@ from aiohttp import web
 
 from adapters.base import ReadsBack
 
+from . import deliveries
 from .errors import BadRequest, Conflict, FieldError, InvalidReport, NotFound, Unauthorized
 from .intake import _iso_times, read_json
 from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .settings import Operator
 
 routes = web.RouteTableDef()
-ACTIONS = ("replay", "cancel", "check", "confirm")
+ACTIONS = tuple(deliveries.ACTIONS)  # what each may do is the state machine's to say
 FILTER_KEYS = ("municipality", "adapter", "status", "report_id", "since", "until", "error", "at_risk")
 
 
