@@ -14,8 +14,9 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from adapters.base import (
     Adapter,
@@ -24,6 +25,7 @@ from adapters.base import (
     InDoubt,
     InvalidPayload,
     Message,
+    MessageAdapter,
     Plan,
     ReadsBack,
     Receipt,
@@ -33,12 +35,12 @@ from adapters.base import (
     mask_cpr,
 )
 
-from . import retry
 from .channels import Channels
+from .deliveries import Decision, Delivery, Detail, Event, decide
 from .endpoints import BreakerState, Endpoints, Key
 from .errors import ConfigError
 from .settings import Settings
-from .store import AttemptRecord, Job, Settle, Status, Store
+from .store import AttemptRecord, Job, Status, Store
 
 log = logging.getLogger(__name__)
 _BODY_LIMIT = 64 * 1024  # attempt bodies kept in the audit trail, per direction
@@ -50,12 +52,17 @@ class _Run:
     """One delivery being worked on."""
 
     job: Job
-    adapter: Adapter
+    adapter: MessageAdapter
     report: Report
 
     @property
     def cprs(self) -> tuple[str, ...]:
         return self.report.cprs
+
+    @property
+    def facts(self) -> Delivery:
+        job = self.job
+        return _facts(job, self.adapter.reads_back)
 
 
 class Dispatcher:
@@ -82,10 +89,8 @@ class Dispatcher:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         # IND01 is written by file runs, not by per-message sends
-        self._sendable = tuple(n for n, a in adapters.items() if not getattr(a, "file_based", False))
-        self._readback = tuple(
-            n for n in self._sendable if isinstance(adapters[n], ReadsBack)
-        )
+        self._sendable = tuple(n for n, a in adapters.items() if not a.file_based)
+        self._readback = tuple(n for n in self._sendable if adapters[n].reads_back)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -234,13 +239,15 @@ class Dispatcher:
 
     async def deliver(self, job: Job) -> None:
         """Deliver one claimed job, recording every attempt and the outcome."""
-        adapter = self.adapters[job.adapter]
+        adapter = cast(MessageAdapter, self.adapters[job.adapter])  # only sendable ones are claimed
         try:
             report = Report.from_dict(job.report)
         except (KeyError, TypeError, ValueError) as exc:  # stored by an older, laxer version
             error = f"the stored report cannot be read: {exc.__class__.__name__}"
-            await self.store.settle(job.delivery_id, Settle(Status.FAILED, last_error=error),
-                                    self.clock(), "delivery.failed")
+            now = self.clock()
+            decision = decide(_facts(job, adapter.reads_back), Event.ERROR,
+                              self.settings.retry_for(job.municipality, job.adapter), now, Detail(error=error))
+            await self.store.settle(job.delivery_id, decision.settle(), now, decision.audit)
             return
         await self._deliver(_Run(job, adapter, report))
 
@@ -258,19 +265,19 @@ class Dispatcher:
             await self._settle_error(run, exc, attempted=False)
             return
         except Exception as exc:
-            await self._settle(run, Settle(Status.FAILED, last_error=f"adapter error while planning: {exc!r}"))
+            await self._settle(run, Event.ERROR, Detail(error=f"adapter error while planning: {exc!r}"))
             return
         await self._execute(run, plan, delivered)
 
     async def _read_back_if_needed(self, run: _Run) -> tuple[DeliveredPart, ...]:
         job, adapter = run.job, run.adapter
-        if not isinstance(adapter, ReadsBack):
+        if not adapter.reads_back:
             return job.delivered
         if not (adapter.reads_before_send or job.previous_status == Status.IN_DOUBT):
             return job.delivered
         channel = self.channels.get(job.municipality, job.adapter)
         try:
-            held = tuple(await adapter.read_back(run.report, job.delivered, job.pending, channel))
+            held = tuple(await cast(ReadsBack, adapter).read_back(run.report, job.delivered, job.pending, channel))
         except (Transient, InDoubt) as exc:
             await self._called(run, ok=False)
             # a read changes nothing at the vendor: no answer to it is just "try later"
@@ -287,21 +294,18 @@ class Dispatcher:
         if run.job.previous_status != Status.IN_DOUBT:
             await self._settle_error(run, exc, attempted=False)
             return
-        policy = self.settings.retry_for(run.job.municipality, run.job.adapter)
-        delay = retry.next_delay(policy, run.job.attempts + 1)
-        error = f"read-back failed, still in doubt: {mask_cpr(exc.message, run.cprs)}"
-        await self._settle(run, Settle(Status.IN_DOUBT, next_attempt_at=self.clock() + delay, last_error=error))
+        await self._settle(run, Event.READ_BACK_FAILED, Detail(error=mask_cpr(exc.message, run.cprs)))
 
     async def _execute(self, run: _Run, plan: Plan, delivered: tuple[DeliveredPart, ...]) -> None:
         if plan.not_applicable:
-            await self._settle(run, Settle(Status.NOT_APPLICABLE, last_error=plan.not_applicable))
+            await self._settle(run, Event.NOT_APPLICABLE, Detail(error=plan.not_applicable))
             return
         if plan.correction_required:
-            await self._settle(run, Settle(Status.CORRECTION_REQUIRED, last_error=plan.correction_required))
+            await self._settle(run, Event.CORRECTION_REQUIRED, Detail(error=plan.correction_required))
             return
         references = {p.part: p.vendor_reference for p in delivered}
         if not plan.messages:
-            await self._settle(run, Settle(Status.DELIVERED, vendor_reference=_join(references)))
+            await self._settle(run, Event.ALREADY_DELIVERED, Detail(vendor_reference=_join(references)))
             return
         for index, message in enumerate(plan.messages):
             last = index == len(plan.messages) - 1
@@ -351,8 +355,8 @@ class Dispatcher:
         )
         settle = None
         if last:
-            settle = Settle(Status.DELIVERED, vendor_reference=_join(references),
-                            warning=receipt.warning, count_attempt=True, at_risk=False)
+            detail = Detail(vendor_reference=_join(references), warning=receipt.warning)
+            settle = self._decide(run, Event.DELIVERED, detail).settle()
         job = run.job
         await self.store.end_attempt(attempt_id, job.delivery_id, job.report_pk, job.adapter,
                                      job.version, record, message, settle, self.clock())
@@ -360,53 +364,51 @@ class Dispatcher:
     async def _record_failure(
         self, run: _Run, attempt_id: int, message: Message, exc: DeliveryError, started: float
     ) -> None:
-        settle = self._settle_for(run, exc, attempted=True)
-        outcome = {Status.RETRY_SCHEDULED: "retry", Status.IN_DOUBT: "in_doubt"}.get(settle.status, "failed")
-        record = AttemptRecord(outcome, exc.status, _ms(started), _text(exc.body, run.cprs),
-                               error=mask_cpr(exc.message, run.cprs))
+        decision = self._decide(run, *_event_for(exc, run.cprs, sent=True))
+        record = AttemptRecord(decision.attempt_outcome or "failed", exc.status, _ms(started),
+                               _text(exc.body, run.cprs), error=mask_cpr(exc.message, run.cprs))
         job = run.job
         await self.store.end_attempt(attempt_id, job.delivery_id, job.report_pk, job.adapter,
-                                     job.version, record, message, settle, self.clock())
-        log.info("delivery %s %s: %s", job.delivery_id, settle.status, record.error)
+                                     job.version, record, message, decision.settle(), self.clock())
+        log.info("delivery %s %s: %s", job.delivery_id, decision.status, record.error)
 
-    def _settle_for(self, run: _Run, exc: DeliveryError, attempted: bool) -> Settle:
-        job, now = run.job, self.clock()
-        error = mask_cpr(exc.message, run.cprs)
-        if isinstance(exc, InvalidPayload):
-            return Settle(Status.FAILED, last_error=f"payload failed the vendor schema check, not sent: {error}")
-        if isinstance(exc, Rejected):
-            return Settle(Status.FAILED, last_error=error, count_attempt=attempted)
-        policy = self.settings.retry_for(job.municipality, job.adapter)
-        attempts = job.attempts + 1
-        if isinstance(exc, InDoubt):
-            delay = retry.next_delay(policy, attempts)
-            return Settle(Status.IN_DOUBT, next_attempt_at=now + delay, last_error=error, count_attempt=True)
-        assert isinstance(exc, Transient)
-        delay = retry.next_delay(policy, attempts, exc.retry_after, exc.status)
-        if retry.exhausted(policy, attempts, now + delay - job.created_at):
-            return Settle(Status.FAILED, count_attempt=True,
-                          last_error=f"retry policy exhausted after {attempts} attempts: {error}")
-        return Settle(Status.RETRY_SCHEDULED, next_attempt_at=now + delay, last_error=error, count_attempt=True)
+    def _decide(self, run: _Run, event: Event, detail: Detail) -> Decision:
+        policy = self.settings.retry_for(run.job.municipality, run.job.adapter)
+        return decide(run.facts, event, policy, self.clock(), detail)
 
     async def _settle_error(self, run: _Run, exc: DeliveryError, attempted: bool) -> None:
-        await self._settle(run, self._settle_for(run, exc, attempted))
+        await self._settle(run, *_event_for(exc, run.cprs, sent=attempted))
 
-    async def _settle(self, run: _Run, settle: Settle) -> None:
-        await self.store.settle(run.job.delivery_id, _unflag(settle), self.clock(), f"delivery.{settle.status}")
+    async def _settle(self, run: _Run, event: Event, detail: Detail) -> None:
+        decision = self._decide(run, event, detail)
+        await self.store.settle(run.job.delivery_id, decision.settle(), self.clock(), decision.audit)
 
 
-def _unflag(settle: Settle) -> Settle:
-    """A delivery that will not be sent any more is no longer at risk of missing payroll."""
-    if settle.status in (Status.DELIVERED, Status.NOT_APPLICABLE, Status.SUPERSEDED, Status.CANCELLED):
-        return replace(settle, at_risk=False)
-    return settle
+def _facts(job: Job, reads_back: bool) -> Delivery:
+    """A claimed job as the state machine sees it."""
+    return Delivery(Status.IN_FLIGHT, attempts=job.attempts, retry_since=job.created_at,
+                    claimed_from=Status(job.previous_status), reads_back=reads_back, cutoff_at=job.cutoff_at)
+
+
+def _event_for(exc: DeliveryError, cprs: tuple[str, ...], sent: bool) -> tuple[Event, Detail]:
+    """The error tree (adapters/base.py) as events of the state machine."""
+    detail = Detail(error=mask_cpr(exc.message, cprs), sent=sent)
+    if isinstance(exc, InvalidPayload):
+        return Event.INVALID_PAYLOAD, detail
+    if isinstance(exc, Rejected):
+        return Event.REJECTED, detail
+    if isinstance(exc, InDoubt):
+        return Event.IN_DOUBT, detail
+    assert isinstance(exc, Transient)
+    return Event.TRANSIENT, Detail(error=detail.error, retry_after=exc.retry_after, http_status=exc.status,
+                                   sent=sent)
 
 
 def build_endpoints(settings: Settings, adapters: Mapping[str, Adapter]) -> Endpoints:
     """One endpoint per configured route; adapters declare their vendor's opening hours."""
     keys = {(m, a) for m, t in settings.tenants.items() for a in t.routes.values() if a in adapters}
     policies = {key: settings.endpoint(*key) for key in sorted(keys)}
-    defaults = {name: getattr(a, "opening_hours", None) for name, a in adapters.items()}
+    defaults = {name: a.opening_hours for name, a in adapters.items()}
     try:
         return Endpoints(policies, defaults)
     except ValueError as exc:

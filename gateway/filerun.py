@@ -17,16 +17,17 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 from adapters import kmd_ind01
-from adapters.base import Adapter, DeliveryError, Report, VendorSettings, mask_cpr
+from adapters.base import Adapter, DeliveryError, FileAdapter, Report, VendorSettings, mask_cpr
 
+from .deliveries import Delivery, Detail, Event, decide
 from .errors import ConfigError
 from .ind01_file import AppendResult, FileConflict, FileRun, JournalEntry, next_run
 from .settings import Settings
-from .store import Job, Settle, Status, Store
+from .store import Job, Status, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,7 +93,7 @@ class FileRunner:
     def routes(self) -> list[tuple[str, str]]:
         """(municipality, adapter) pairs that deliver through file runs."""
         return [(m, a) for m, t in self.settings.tenants.items() for a in set(t.routes.values())
-                if getattr(self.adapters.get(a), "file_based", False)]
+                if a in self.adapters and self.adapters[a].file_based]
 
     def vendor(self, municipality: str, adapter: str) -> VendorSettings:
         return self.settings.tenants[municipality].vendors.get(adapter, VendorSettings())
@@ -121,8 +122,9 @@ class FileRunner:
                 self._next(route)
             except ValueError as exc:
                 raise ConfigError(f"{where}.schedule: {exc}") from exc
-            check = getattr(self.adapters[route[1]], "check_settings", None)
-            problems = check(self.vendor(*route), route[0]) if check else []
+            adapter = self.adapters[route[1]]
+            problems = cast(FileAdapter, adapter).check_settings(self.vendor(*route), route[0]) \
+                if adapter.file_based else []
             if problems:
                 key, problem = problems[0]
                 raise ConfigError(f"{where}.{key}: {problem}")
@@ -191,16 +193,19 @@ class FileRunner:
             try:
                 plan = adapter.plan(report, job.delivered, vendor)
             except DeliveryError as exc:
-                await self._settle(job, Settle(Status.FAILED, last_error=mask_cpr(exc.message, report.cprs)))
+                await self._settle(job, Event.ERROR, Detail(error=mask_cpr(exc.message, report.cprs)))
                 summary.failed += 1
                 continue
-            if plan.not_applicable or plan.correction_required or not plan.messages:
-                status = (Status.NOT_APPLICABLE if plan.not_applicable else
-                          Status.CORRECTION_REQUIRED if plan.correction_required else Status.DELIVERED)
-                await self._settle(job, Settle(status, last_error=plan.not_applicable or plan.correction_required))
-                summary.skipped += 1
+            if plan.not_applicable:
+                await self._settle(job, Event.NOT_APPLICABLE, Detail(error=plan.not_applicable))
+            elif plan.correction_required:
+                await self._settle(job, Event.CORRECTION_REQUIRED, Detail(error=plan.correction_required))
+            elif not plan.messages:
+                await self._settle(job, Event.ALREADY_DELIVERED, Detail())
+            else:
+                writable.append((job, report, plan))
                 continue
-            writable.append((job, report, plan))
+            summary.skipped += 1
         return writable
 
     async def _lines(self, writable: list[tuple[Job, Report, Any]], vendor: VendorSettings,
@@ -213,7 +218,7 @@ class FileRunner:
             for job in {by_covers[c][0].delivery_id: by_covers[c][0] for c in failure.group.covers}.values():
                 if job.delivery_id not in failed:
                     failed.add(job.delivery_id)
-                    await self._settle(job, Settle(Status.FAILED, last_error=failure.reason))
+                    await self._settle(job, Event.ERROR, Detail(error=failure.reason))
         summary.failed += len(failed)
         lines: list[str] = []
         deliveries: dict[str, Any] = {}
@@ -226,5 +231,11 @@ class FileRunner:
             lines.append(line)
         return lines, deliveries
 
-    async def _settle(self, job: Job, settle: Settle) -> None:
-        await self.store.settle(job.delivery_id, settle, self.clock(), f"delivery.{settle.status}")
+    async def _settle(self, job: Job, event: Event, detail: Detail) -> None:
+        """Record what the state machine decides (file runs never retry: no policy needed)."""
+        now = self.clock()
+        facts = Delivery(Status.IN_FLIGHT, attempts=job.attempts, retry_since=job.created_at,
+                         claimed_from=Status(job.previous_status), cutoff_at=job.cutoff_at)
+        policy = self.settings.retry_for(job.municipality, job.adapter)
+        decision = decide(facts, event, policy, now, detail)
+        await self.store.settle(job.delivery_id, decision.settle(), now, decision.audit)

@@ -13,15 +13,14 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.base import ReadsBack
-
+from . import deliveries
 from .errors import BadRequest, Conflict, FieldError, InvalidReport, NotFound, Unauthorized
 from .intake import _iso_times, read_json
 from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .settings import Operator
 
 routes = web.RouteTableDef()
-ACTIONS = ("replay", "cancel", "check", "confirm")
+ACTIONS = tuple(deliveries.ACTIONS)  # what each may do is the state machine's to say
 FILTER_KEYS = ("municipality", "adapter", "status", "report_id", "since", "until", "error", "at_risk")
 
 
@@ -99,7 +98,7 @@ async def _act(request: web.Request, action: str, filters: dict[str, Any], reaso
     if not filters:
         raise InvalidReport("select deliveries", [FieldError("/filter", "give ids or at least one filter")])
     app = request.app
-    readback = [n for n, a in app[APP_ADAPTERS].items() if isinstance(a, ReadsBack)]
+    readback = [n for n, a in app[APP_ADAPTERS].items() if a.reads_back]
     if vendor_reference is not None and not isinstance(vendor_reference, str):
         raise InvalidReport("bad vendor_reference", [FieldError("/vendor_reference", "must be a string")])
     result = await app[APP_STORE].operate(action, filters, who.name, reason.strip(), time.time(), readback,

@@ -49,7 +49,8 @@ def _flatten(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     flat["properties"] = {**base["properties"], **schema.get("properties", {})}
     flat["required"] = [*base["required"], *schema.get("required", [])]
     flat["additionalProperties"] = False
-    return _inline(flat, defs)
+    inlined: dict[str, Any] = _inline(flat, defs)
+    return inlined
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:

@@ -238,3 +238,24 @@ def test_a_text_the_file_cannot_hold_stops_the_start_with_the_key(
     with pytest.raises(ConfigError, match=message) as err:
         create_app(with_options(ind01_settings, **options))
     assert "\n" not in str(err.value)
+
+
+async def test_a_file_run_clears_at_risk_when_it_delivers(make_gateway: Any, ind01_settings: Settings,
+                                                          tmp_path: Path) -> None:
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    cutoff = (datetime.now(ZoneInfo("Europe/Copenhagen")) + timedelta(minutes=2)).replace(second=0, microsecond=0)
+    old = ind01_settings.tenants["851"]
+    tenants = dict(ind01_settings.tenants)
+    tenants["851"] = tenant("851", KEY_851, dict(old.vendors), dict(old.routes),
+                            cutoff={"rule": "business day 5 at 12:00", "dates": [cutoff.strftime("%Y-%m-%dT%H:%M")]})
+    gw = await make_gateway(replace(ind01_settings, tenants=tenants))
+    await submit(gw, report("A", "10.00"), report("Z", "0"))
+    flagged = await gw.store.flag_at_risk(cutoff.timestamp() + 60, 3600)  # as if the cut-off had passed
+    assert sorted(f["report_id"] for f in flagged) == ["A", "Z"]
+    await gw.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
+    a, z = (await status(gw, "A"))["deliveries"][0], (await status(gw, "Z"))["deliveries"][0]
+    assert (a["status"], a["at_risk"]) == ("delivered", False)
+    assert (z["status"], z["at_risk"]) == ("not_applicable", False)
+    assert await gw.store.count_at_risk() == 0

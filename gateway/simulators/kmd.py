@@ -415,7 +415,7 @@ def _envelope(payload: etree._Element) -> bytes:
     env = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={"SOAP": SOAP_ENV})
     etree.SubElement(env, f"{{{SOAP_ENV}}}Header")
     etree.SubElement(env, f"{{{SOAP_ENV}}}Body").append(payload)
-    return etree.tostring(env, xml_declaration=True, encoding="utf-8")
+    return bytes(etree.tostring(env, xml_declaration=True, encoding="utf-8"))
 
 
 def _answer(payload: etree._Element, status: int = 200) -> web.Response:

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 
 from adapters.base import DeliveredPart, Message
 
+from .. import deliveries
 from ..audit import event_hash
+from ..deliveries import Decision, Delivery, Detail, Event, IllegalTransition
 from . import (
     BLOCKING,
-    FINAL,
     AttemptRecord,
     ConflictingReport,
     Job,
@@ -40,6 +41,21 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 _MAX_BATCH = 512
 _BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
+_WATCHED_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.WATCHED))
+
+
+def _facts(row: sqlite3.Row, reads_back: bool = False) -> Delivery:
+    """What the state machine looks at, from a ``deliveries`` row."""
+    keys = row.keys()
+    retry_since = row["retry_since"] if "retry_since" in keys and row["retry_since"] is not None else 0.0
+    return Delivery(
+        Status(row["status"]), attempts=row["attempts"] if "attempts" in keys else 0,
+        retry_since=retry_since, reads_back=reads_back,
+        cutoff_at=row["cutoff_at"] if "cutoff_at" in keys else None,
+        next_attempt_at=row["next_attempt_at"] if "next_attempt_at" in keys else None,
+        at_risk=bool(row["at_risk"]) if "at_risk" in keys else False,
+        last_error=row["last_error"] if "last_error" in keys else None,
+    )
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -345,7 +361,7 @@ class SQLiteStore:
         self, conn: sqlite3.Connection, new: NewReport, report_pk: int, version_pk: int,
         latest: int, now: float,
     ) -> str:
-        status = Status.QUEUED if new.version == latest else Status.SUPERSEDED
+        status = deliveries.initial_status(new.version, latest)
         delivery_id = conn.execute(
             "INSERT INTO deliveries (version_pk, report_pk, municipality, adapter, employee_key, version,"
             " status, next_attempt_at, created_at, updated_at, cutoff_at)"
@@ -361,19 +377,16 @@ class SQLiteStore:
 
     def _supersede_older(self, conn: sqlite3.Connection, report_pk: int, adapter: str, version: int, now: float) -> None:
         """A newer version replaces older ones that have not started (they are never sent)."""
-        # in_flight and in_doubt ones may have reached the vendor: they finish or are reconciled
+        # which of them may be superseded is the state machine's to say
         rows = conn.execute(
-            "SELECT id, version FROM deliveries WHERE report_pk = ? AND adapter = ? AND version < ?"
-            " AND status IN (?, ?, ?)",
-            (report_pk, adapter, version, Status.QUEUED, Status.RETRY_SCHEDULED, Status.FAILED),
+            "SELECT * FROM deliveries WHERE report_pk = ? AND adapter = ? AND version < ? ORDER BY id",
+            (report_pk, adapter, version),
         ).fetchall()
         for row in rows:
-            conn.execute(
-                "UPDATE deliveries SET status = ?, last_error = ?, updated_at = ? WHERE id = ?",
-                (Status.SUPERSEDED, f"superseded by version {version}", now, row["id"]),
-            )
-            self._audit(conn, now, "delivery.superseded", {"by_version": version},
-                        report_pk=report_pk, delivery_id=row["id"])
+            facts = _facts(row)
+            if deliveries.allowed(facts, Event.SUPERSEDED):
+                decision = deliveries.decide(facts, Event.SUPERSEDED, None, now, Detail(by_version=version))
+                self._record_decision(conn, row["id"], decision, now, report_pk=report_pk)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -402,11 +415,10 @@ class SQLiteStore:
                 "latest_version": report["latest_version"], "versions": versions, "deliveries": deliveries}
 
     def _delivery_view(self, conn: sqlite3.Connection, d: sqlite3.Row) -> dict[str, Any]:
-        status, held_by = d["status"], None
-        if status in (Status.QUEUED, Status.RETRY_SCHEDULED):
-            blocker = self._blocker(conn, d)
-            if blocker is not None:
-                status, held_by = Status.HELD, blocker
+        status, held_by = Status(d["status"]), None
+        if deliveries.shown_status(status, True) is Status.HELD:
+            held_by = self._blocker(conn, d)
+            status = deliveries.shown_status(status, held_by is not None)
         attempts = [
             {k: a[k] for k in ("id", "part", "operation", "started_at", "finished_at", "outcome",
                                "http_status", "latency_ms", "error", "request_body", "response_body")}
@@ -470,8 +482,7 @@ class SQLiteStore:
         vendor: it becomes in_doubt. Any other goes back to the queue.
         """
         rows = conn.execute(
-            "SELECT id, report_pk, attempts FROM deliveries WHERE status = ?"
-            + ("" if every_lease else " AND lease_until < ?"),
+            "SELECT * FROM deliveries WHERE status = ?" + ("" if every_lease else " AND lease_until < ?"),
             (Status.IN_FLIGHT,) if every_lease else (Status.IN_FLIGHT, now),
         ).fetchall()
         counts = {"requeued": 0, "in_doubt": 0}
@@ -479,34 +490,14 @@ class SQLiteStore:
             open_attempt = conn.execute(
                 "SELECT id FROM attempts WHERE delivery_id = ? AND finished_at IS NULL", (row["id"],)
             ).fetchone()
+            decision = deliveries.decide(_facts(row), Event.LEASE_EXPIRED, None, now,
+                                         Detail(open_attempt=open_attempt is not None))
             if open_attempt is not None:
-                self._reclaim_in_doubt(conn, row, open_attempt["id"], now)
-                counts["in_doubt"] += 1
-            else:
-                status = Status.RETRY_SCHEDULED if row["attempts"] else Status.QUEUED
-                conn.execute(
-                    "UPDATE deliveries SET status = ?, lease_owner = NULL, lease_until = NULL,"
-                    " next_attempt_at = ?, deferred_from = NULL, updated_at = ? WHERE id = ?",
-                    (status, now, now, row["id"]),
-                )
-                self._audit(conn, now, "delivery.reclaimed", {"status": status},
-                            report_pk=row["report_pk"], delivery_id=row["id"])
-                counts["requeued"] += 1
+                conn.execute("UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE id = ?",
+                             (now, decision.attempt_outcome, decision.last_error, open_attempt["id"]))
+            self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"])
+            counts["in_doubt" if decision.status is Status.IN_DOUBT else "requeued"] += 1
         return counts
-
-    def _reclaim_in_doubt(self, conn: sqlite3.Connection, row: sqlite3.Row, attempt_id: int, now: float) -> None:
-        reason = "the gateway stopped while a request may have been on its way to the vendor"
-        conn.execute(
-            "UPDATE attempts SET finished_at = ?, outcome = 'in_doubt', error = ? WHERE id = ?",
-            (now, reason, attempt_id),
-        )
-        conn.execute(
-            "UPDATE deliveries SET status = ?, lease_owner = NULL, lease_until = NULL, last_error = ?,"
-            " attempts = attempts + 1, next_attempt_at = ?, updated_at = ? WHERE id = ?",
-            (Status.IN_DOUBT, reason, now, now, row["id"]),
-        )
-        self._audit(conn, now, "delivery.in_doubt", {"reason": reason},
-                    report_pk=row["report_pk"], delivery_id=row["id"])
 
     async def claim_due(
         self, now: float, owner: str, lease_seconds: float, limit: int,
@@ -541,10 +532,12 @@ class SQLiteStore:
         ).fetchall()
         jobs = []
         for row in rows:
+            facts = _facts(row, reads_back=row["adapter"] in readback_adapters)
+            decision = deliveries.decide(facts, Event.CLAIMED, None, now)
             conn.execute(
                 "UPDATE deliveries SET status = ?, lease_owner = ?, lease_until = ?, updated_at = ?"
                 " WHERE id = ?",
-                (Status.IN_FLIGHT, owner, now + lease_seconds, now, row["id"]),
+                (decision.status, owner, now + lease_seconds, now, row["id"]),
             )
             jobs.append(self._job(conn, row))
         return jobs
@@ -638,18 +631,31 @@ class SQLiteStore:
         self, conn: sqlite3.Connection, delivery_id: int, settle: Settle, now: float, event: str,
         report_pk: int | None,
     ) -> None:
-        conn.execute(
-            "UPDATE deliveries SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
-            " deferred_from = NULL, last_error = ?, vendor_reference = COALESCE(?, vendor_reference),"
-            " warning = COALESCE(?, warning), attempts = attempts + ?, lease_owner = NULL,"
-            " lease_until = NULL, updated_at = ?, at_risk = COALESCE(?, at_risk) WHERE id = ?",
-            (settle.status, settle.next_attempt_at, settle.last_error, settle.vendor_reference,
-             settle.warning, int(settle.count_attempt), now,
-             None if settle.at_risk is None else int(settle.at_risk), delivery_id),
-        )
-        detail = {"status": str(settle.status), "error": settle.last_error,
-                  "vendor_reference": settle.vendor_reference, "warning": settle.warning}
-        self._audit(conn, now, event, {k: v for k, v in detail.items() if v is not None},
+        decision = Decision(settle.status, event, next_attempt_at=settle.next_attempt_at,
+                            last_error=settle.last_error, vendor_reference=settle.vendor_reference,
+                            warning=settle.warning, count_attempt=settle.count_attempt, at_risk=settle.at_risk)
+        self._record_decision(conn, delivery_id, decision, now, report_pk=report_pk)
+
+    def _record_decision(self, conn: sqlite3.Connection, delivery_id: int, decision: Decision, now: float, *,
+               report_pk: int | None = None, actor: str = "gateway") -> None:
+        """Persist what the state machine decided, and audit it (no deciding here)."""
+        at_risk = None if decision.at_risk is None else int(decision.at_risk)
+        if not decision.changes_state:
+            conn.execute("UPDATE deliveries SET at_risk = COALESCE(?, at_risk) WHERE id = ?", (at_risk, delivery_id))
+        else:
+            conn.execute(
+                "UPDATE deliveries SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
+                " deferred_from = NULL, last_error = ?, vendor_reference = COALESCE(?, vendor_reference),"
+                " warning = COALESCE(?, warning),"
+                " attempts = CASE WHEN ? THEN 0 ELSE attempts + ? END,"
+                " retry_since = CASE WHEN ? THEN ? ELSE retry_since END,"
+                " lease_owner = NULL, lease_until = NULL, updated_at = ?, at_risk = COALESCE(?, at_risk)"
+                " WHERE id = ?",
+                (decision.status, decision.next_attempt_at, decision.last_error, decision.vendor_reference,
+                 decision.warning, int(decision.fresh_budget), int(decision.count_attempt),
+                 int(decision.fresh_budget), decision.next_attempt_at, now, at_risk, delivery_id),
+            )
+        self._audit(conn, now, decision.audit, dict(decision.detail) or _settle_detail(decision), actor=actor,
                     report_pk=report_pk, delivery_id=delivery_id)
 
     async def replace_parts(
@@ -726,7 +732,8 @@ class SQLiteStore:
         Called when the opening hours may have changed (at start) or an endpoint was resumed;
         the dispatcher defers it again if the endpoint is still closed.
         """
-        where, params = "deferred_from IS NOT NULL AND status IN (?, ?)", [Status.QUEUED, Status.RETRY_SCHEDULED]
+        where = "deferred_from IS NOT NULL AND status IN (?, ?)"
+        params: list[str] = [Status.QUEUED, Status.RETRY_SCHEDULED]
         if municipality is not None and adapter is not None:
             where += " AND municipality = ? AND adapter = ?"
             params += [municipality, adapter]
@@ -759,10 +766,11 @@ class SQLiteStore:
         view["at_risk"] = bool(row["at_risk"])
         if row["deferred_from"] is not None and row["status"] in (Status.QUEUED, Status.RETRY_SCHEDULED):
             view["waiting_for_opening_at"] = row["next_attempt_at"]  # the endpoint is closed until then
-        if row["status"] in (Status.QUEUED, Status.RETRY_SCHEDULED):
+        if deliveries.shown_status(Status(row["status"]), True) is Status.HELD:
             blocker = self._blocker(conn, row)
             if blocker is not None:
-                view["status"], view["held_by"] = str(Status.HELD), blocker
+                view["status"] = str(deliveries.shown_status(Status(row["status"]), True))
+                view["held_by"] = blocker
         return view
 
     async def count_at_risk(self) -> int:
@@ -774,42 +782,30 @@ class SQLiteStore:
                       vendor_reference: str | None = None) -> dict[str, list[int]]:
         """Replay, cancel, check or confirm the selected deliveries; each change audited."""
         where, params = _filter_sql(filters)
-        rule = _OPERATIONS[action]
+        event = deliveries.ACTIONS[action]
+        detail = Detail(error=reason, actor=actor, vendor_reference=vendor_reference)
 
         def op(conn: sqlite3.Connection) -> dict[str, list[int]]:
             rows = conn.execute(f"SELECT d.* FROM deliveries d JOIN reports r ON r.id = d.report_pk"
                                 f" WHERE {where} ORDER BY d.id", params).fetchall()
             done: dict[str, list[int]] = {"changed": [], "skipped": []}
             for row in rows:
-                new = rule(row, row["adapter"] in readback_adapters)
-                if new is None:
+                try:
+                    decision = deliveries.decide(_facts(row, row["adapter"] in readback_adapters), event,
+                                                 None, now, detail)
+                except IllegalTransition:
                     done["skipped"].append(row["id"])
                     continue
-                self._operate_one(conn, row, action, new, actor, reason, now, vendor_reference)
+                if event is Event.CONFIRM:
+                    self._confirm_parts(conn, row, vendor_reference, now)
+                self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"], actor=actor)
                 done["changed"].append(row["id"])
             return done
 
         return await self._write(op)
 
-    def _operate_one(self, conn: sqlite3.Connection, row: sqlite3.Row, action: str, new: Status,
-                     actor: str, reason: str, now: float, vendor_reference: str | None) -> None:
-        note = f"{action} by {actor}: {reason}"
-        if action == "confirm":
-            self._confirm(conn, row, note, vendor_reference, now)
-        elif action == "cancel":
-            conn.execute("UPDATE deliveries SET status = ?, last_error = ?, at_risk = 0, updated_at = ?"
-                         " WHERE id = ?", (new, note, now, row["id"]))
-        else:  # replay or check: due now, with a fresh retry budget
-            conn.execute(
-                "UPDATE deliveries SET status = ?, next_attempt_at = ?, attempts = 0, retry_since = ?,"
-                " deferred_from = NULL, last_error = ?, updated_at = ? WHERE id = ?",
-                (new, now, now, note, now, row["id"]),
-            )
-        self._audit(conn, now, f"delivery.{action}", {"from": row["status"], "to": str(new), "reason": reason},
-                    actor=actor, report_pk=row["report_pk"], delivery_id=row["id"])
-
-    def _confirm(self, conn: sqlite3.Connection, row: sqlite3.Row, note: str,
-                 vendor_reference: str | None, now: float) -> None:
+    def _confirm_parts(self, conn: sqlite3.Connection, row: sqlite3.Row, vendor_reference: str | None,
+                       now: float) -> None:
         """The operator found the in-doubt sends at the vendor: record them as delivered parts,
         so a later version is planned against them (and never pays them twice)."""
         record = AttemptRecord("delivered", vendor_reference=vendor_reference)
@@ -818,11 +814,6 @@ class SQLiteStore:
             self._record_part(conn, row["report_pk"], row["adapter"], row["version"],
                               _message(json.loads(a["message"])), record, now)
             conn.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", (a["id"],))
-        conn.execute(
-            "UPDATE deliveries SET status = ?, vendor_reference = COALESCE(?, vendor_reference),"
-            " last_error = ?, at_risk = 0, updated_at = ? WHERE id = ?",
-            (Status.DELIVERED, vendor_reference, note, now, row["id"]),
-        )
 
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
         """Flag undelivered deliveries that will miss their payroll cut-off; return the new ones.
@@ -832,19 +823,18 @@ class SQLiteStore:
         the cut-off has passed and it is still not delivered.
         """
         def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = conn.execute(
+            rows = conn.execute(  # candidates only: the rule is deliveries.is_at_risk
                 "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-                " WHERE d.at_risk = 0 AND d.cutoff_at IS NOT NULL"
-                " AND d.status NOT IN ('delivered', 'not_applicable', 'superseded', 'cancelled')"
-                " AND (d.next_attempt_at > d.cutoff_at OR d.cutoff_at <= ?"
-                "      OR (d.status IN ('in_doubt', 'correction_required', 'failed') AND d.cutoff_at - ? < ?))",
-                (now, now, margin),
+                f" WHERE d.at_risk = 0 AND d.cutoff_at IS NOT NULL AND d.status IN ({_WATCHED_SQL})"
+                " ORDER BY d.id"
             ).fetchall()
             flagged = []
             for row in rows:
-                conn.execute("UPDATE deliveries SET at_risk = 1 WHERE id = ?", (row["id"],))
-                self._audit(conn, now, "delivery.at_risk", {"cutoff_at": row["cutoff_at"]},
-                            report_pk=row["report_pk"], delivery_id=row["id"])
+                facts = _facts(row)
+                if not deliveries.is_at_risk(facts, now, margin):
+                    continue
+                decision = deliveries.decide(facts, Event.AT_RISK, None, now)
+                self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"])
                 flagged.append({k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version",
                                                      "status", "cutoff_at", "next_attempt_at", "last_error")})
             return flagged
@@ -895,24 +885,22 @@ class SQLiteStore:
 
     def _file_delivered(self, conn: sqlite3.Connection, delivery_id: int, item: dict[str, Any],
                         refs: list[str], now: float) -> None:
-        d = conn.execute("SELECT report_pk, adapter, version, status FROM deliveries WHERE id = ?",
-                         (delivery_id,)).fetchone()
-        if d is None or d["status"] == Status.DELIVERED:
-            return
+        d = conn.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
         reference = ", ".join(refs) or None
+        if d is None or not deliveries.allowed(_facts(d), Event.WRITTEN):
+            return
+        decision = deliveries.decide(_facts(d), Event.WRITTEN, None, now, Detail(vendor_reference=reference))
         for part in item["parts"]:
             message = Message(part["part"], part["operation"], part["fields"])
             self._record_part(conn, d["report_pk"], d["adapter"], d["version"], message,
                               AttemptRecord("delivered", vendor_reference=reference), now)
-        self._settle(conn, delivery_id, Settle(Status.DELIVERED, vendor_reference=reference,
-                                               count_attempt=True), now, "delivery.delivered", d["report_pk"])
+        self._record_decision(conn, delivery_id, decision, now, report_pk=d["report_pk"])
 
     async def audit_chain(self) -> list[dict[str, Any]]:
         rows = await self._read(lambda c: c.execute("SELECT * FROM audit_events ORDER BY id").fetchall())
         return [dict(r) for r in rows]
 
 
-_FINAL_SQL = ",".join(f"'{s}'" for s in sorted(FINAL))
 _FILTERS = {
     "id": "d.id = ?",
     "municipality": "d.municipality = ?",
@@ -941,32 +929,10 @@ def _filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
     return " AND ".join(clauses), tuple(params)
 
 
-def _replay(row: sqlite3.Row, reads_back: bool) -> Status | None:
-    status = row["status"]
-    if status == Status.IN_DOUBT:
-        # a vendor that can be asked is asked first; elsewhere the operator checked by hand
-        return Status.IN_DOUBT if reads_back else Status.QUEUED
-    if status in (Status.FAILED, Status.CANCELLED, Status.RETRY_SCHEDULED):
-        return Status.QUEUED
-    return None
-
-
-def _cancel(row: sqlite3.Row, reads_back: bool) -> Status | None:
-    cancellable = {Status.QUEUED, Status.RETRY_SCHEDULED, Status.IN_DOUBT,
-                   Status.CORRECTION_REQUIRED, Status.FAILED}
-    return Status.CANCELLED if row["status"] in cancellable else None
-
-
-def _check(row: sqlite3.Row, reads_back: bool) -> Status | None:
-    checkable = {Status.IN_DOUBT, Status.FAILED, Status.RETRY_SCHEDULED}
-    return Status.IN_DOUBT if reads_back and row["status"] in checkable else None
-
-
-def _confirm(row: sqlite3.Row, reads_back: bool) -> Status | None:
-    return Status.DELIVERED if row["status"] == Status.IN_DOUBT else None
-
-
-_OPERATIONS = {"replay": _replay, "cancel": _cancel, "check": _check, "confirm": _confirm}
+def _settle_detail(decision: Decision) -> dict[str, Any]:
+    detail = {"status": str(decision.status), "error": decision.last_error,
+              "vendor_reference": decision.vendor_reference, "warning": decision.warning}
+    return {k: v for k, v in detail.items() if v is not None}
 
 
 def _message_json(message: Message) -> dict[str, Any]:

@@ -136,3 +136,17 @@ def test_the_built_in_adapters_declare_their_kind_and_capabilities() -> None:
     }
     assert isinstance(loaded["kmd-ind01"], FileAdapter)
     assert all(isinstance(a, MessageAdapter) for n, a in loaded.items() if n != "kmd-ind01")
+
+
+class _DeclaresLate(Good):
+    """An adapter whose schema files are only known once it is built."""
+
+    def __init__(self) -> None:
+        self.schema_files = ("nowhere/late.xsd",)
+
+
+def test_schema_files_declared_by_the_built_adapter_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    ep = EntryPoint("good", f"{__name__}:_DeclaresLate", adapters.registry.GROUP)
+    monkeypatch.setattr(adapters.registry, "entry_points", lambda **_: [ep])
+    with pytest.raises(RegistryError, match=r"^adapter 'good': schema file schemas/nowhere/late.xsd is missing$"):
+        load_adapters()
