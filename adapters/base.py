@@ -429,8 +429,8 @@ async def post(channel: Channel, payload: Payload, url: str | None = None) -> Re
     except (aiohttp.ClientConnectorError, aiohttp.ClientSSLError) as exc:
         raise Transient(f"could not connect: {exc.__class__.__name__}: {exc}") from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise InDoubt(f"no complete answer within {s.read_timeout:g} s of silence or "
-                      f"{s.deadline():g} s in all, after sending") from exc
+        raise InDoubt(f"no answer within {s.read_timeout:g} s of silence or {s.deadline():g} s in all, "
+                      "after sending") from exc
     except aiohttp.ClientError as exc:
         raise InDoubt(f"connection lost after sending: {exc.__class__.__name__}: {exc}") from exc
 
