@@ -87,6 +87,7 @@ __all__ = [
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+DEFAULT_MAX_REPLY_BYTES = 1024 * 1024  # a vendor's answer is a receipt: 1 MiB is generous
 
 
 class Kind(enum.StrEnum):
@@ -259,12 +260,18 @@ class VendorSettings:
     password: str | None = field(default=None, repr=False)
     institution: str | None = None
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    read_timeout: float = 30.0  # between two reads of the answer
     cert_file: str | None = None
     key_file: str | None = None
     ca_file: str | None = None
     # adapter-specific keys (e.g. KMD senderService, type-code overrides, ClientID)
     options: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES  # a longer answer is not read: the delivery is in doubt
+    total_timeout: float | None = None  # the whole request; None: connect + read timeouts
+
+    def deadline(self) -> float:
+        """Seconds one request may take from start to the last byte of the answer."""
+        return self.total_timeout if self.total_timeout is not None else self.connect_timeout + self.read_timeout
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,12 +404,14 @@ async def post(channel: Channel, payload: Payload, url: str | None = None) -> Re
 
     Before the request left (connection refused, DNS, connect timeout, TLS handshake):
     :class:`Transient`. After it may have left (read timeout, reset, disconnect):
-    :class:`InDoubt`.
+    :class:`InDoubt`. An answer that is longer than ``max_reply_bytes`` or not complete
+    within the total deadline is :class:`InDoubt` too: the vendor had the request and may
+    have applied it, so it is reconciled, never resent blindly.
     """
     s = channel.settings
     target = url if url is not None else s.endpoint + payload.path
     timeout = aiohttp.ClientTimeout(
-        total=None, connect=s.connect_timeout, sock_connect=s.connect_timeout,
+        total=s.deadline(), connect=s.connect_timeout, sock_connect=s.connect_timeout,
         sock_read=s.read_timeout,
     )
     headers = {"Content-Type": payload.content_type, **payload.headers}
@@ -413,16 +422,32 @@ async def post(channel: Channel, payload: Payload, url: str | None = None) -> Re
         async with channel.session.post(
             target, data=payload.body, headers=headers, timeout=timeout
         ) as resp:
-            body = await resp.read()
+            body = await _read_bounded(resp, s.max_reply_bytes)
             return Response(resp.status, CIMultiDict(resp.headers), body)
     except aiohttp.ConnectionTimeoutError as exc:
         raise Transient(f"connect timeout after {s.connect_timeout:g} s") from exc
     except (aiohttp.ClientConnectorError, aiohttp.ClientSSLError) as exc:
         raise Transient(f"could not connect: {exc.__class__.__name__}: {exc}") from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise InDoubt(f"no answer within {s.read_timeout:g} s after sending") from exc
+        raise InDoubt(f"no answer within {s.read_timeout:g} s of silence or {s.deadline():g} s in all, "
+                      "after sending") from exc
     except aiohttp.ClientError as exc:
         raise InDoubt(f"connection lost after sending: {exc.__class__.__name__}: {exc}") from exc
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The answer's body, reading at most ``limit + 1`` bytes; InDoubt when it is longer."""
+    too_long = InDoubt(f"the answer is longer than {limit} bytes (status {resp.status}); it was not read, "
+                       "the vendor may have applied the request", status=resp.status)
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_long
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await resp.content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    raise too_long
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

@@ -16,12 +16,14 @@ from adapters.registry import load_adapters
 from adapters.resources import schema_text
 
 from . import compat, intake, ops
+from .auth import AuthFailures, metrics_token
 from .channels import Channels
 from .dispatcher import Dispatcher, build_endpoints
 from .errors import ConfigError, GatewayError
 from .filerun import FileRunner
 from .keys import (
     APP_ADAPTERS,
+    APP_AUTH_FAILURES,
     APP_CALENDARS,
     APP_DISPATCHER,
     APP_ENDPOINTS,
@@ -82,6 +84,26 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
                                       "instance": request.path})
 
 
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'none'",  # JSON and text only; a page may set its own
+}
+
+
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every answer, errors too; ``no-store`` wherever report data or a problem may show.
+
+    A response-prepare signal rather than a middleware, so that it holds whatever the
+    middlewares answer (and in whichever order they run).
+    """
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.path.startswith("/v1/") or response.content_type == PROBLEM:
+        response.headers["Cache-Control"] = "no-store"
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -95,6 +117,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    metrics_token(request)
     store = request.app[APP_STORE]
     counts = await store.count_by_status()
     lines = ["# HELP payroll_gateway_deliveries Deliveries by state.",
@@ -174,6 +197,8 @@ def create_app(
     role = parse_role(role if role is not None else settings.role, "role")
     app = web.Application(middlewares=[correlation, problems], client_max_size=settings.max_body_bytes)
     app[APP_SETTINGS] = settings
+    app[APP_AUTH_FAILURES] = AuthFailures(settings.auth_failures_per_minute)
+    app.on_response_prepare.append(security_headers)
     app[APP_STORE] = store if store is not None else open_store(settings.store_url)
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
     check_routes(settings, app[APP_ADAPTERS])

@@ -13,6 +13,7 @@ import importlib
 import json
 import secrets
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -94,10 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", type=Path)
     render.set_defaults(func=cmd_render)
 
-    keys = sub.add_parser("keys", help="API keys")
+    keys = sub.add_parser("keys", help="API keys (the config file is where they live)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", help="make a new API key and the hash for the config file")
+    create = keys_sub.add_parser("create", help="make a new API key and the line for the config file")
     create.set_defaults(func=cmd_keys_create)
+    listing = keys_sub.add_parser("list", help="the key ids of each municipality, and the operators")
+    listing.add_argument("--config", type=Path, required=True)
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="print the config line that revokes a key (edit the file, "
+                                                "then restart)")
+    revoke.add_argument("--config", type=Path, required=True)
+    revoke.add_argument("--id", required=True, dest="key_id", help="the key's id (pgw_<id>_…)")
+    revoke.set_defaults(func=cmd_keys_revoke)
 
     migrate = sub.add_parser("migrate", help="apply the store's migrations and exit")
     migrate.add_argument("--config", type=Path)
@@ -183,11 +192,12 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     runners = [await _start_simulator(sim, settings) for sim in settings.simulators]
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
+    tls = server_ssl_context(settings)
     try:
-        await web.TCPSite(runner, settings.listen_host, settings.listen_port).start()
+        await web.TCPSite(runner, settings.listen_host, settings.listen_port, ssl_context=tls).start()
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {exc.strerror}") from exc
-    base = f"http://{settings.listen_host}:{settings.listen_port}"
+    base = f"{'https' if tls else 'http'}://{settings.listen_host}:{settings.listen_port}"
     what = f"health at {base}/healthz" if settings.role == "dispatch" else f"intake API at {base}/v1/reports"
     print(f"payroll-gateway: {what} (role {settings.role}, store {settings.store_url.split('://')[0]}, "
           f"{len(settings.tenants)} tenant(s))", flush=True)
@@ -200,6 +210,19 @@ async def _serve(app: web.Application, settings: Settings) -> None:
     await runner.cleanup()
     for sim_runner in runners:
         await sim_runner.cleanup()
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The listener's TLS context when ``[server] tls_cert_file``/``tls_key_file`` are set."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server.tls_cert_file: cannot load the certificate and key: {exc}") from exc
+    return context
 
 
 async def _start_simulator(sim: Any, settings: Settings) -> web.AppRunner:
@@ -500,9 +523,46 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    key = "pgw_" + secrets.token_urlsafe(32)
+    key_id = secrets.token_hex(4)
+    key = f"pgw_{key_id}_{secrets.token_urlsafe(32)}"
     print(f"API key (give it to the sending system; it is not stored): {key}")
-    print(f'config line:  api_key_hashes = ["{hash_api_key(key)}"]')
+    print(f'config line:  api_keys = [{{id = "{key_id}", hash = "{hash_api_key(key)}"}}]')
+    print("(add the {id, hash} entry to the municipality's api_keys list, or use the same hash as an operator's "
+          "token_hash or as [server] metrics_token_hash)")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    """Ids only: a hash is shown by its first 8 digits, a secret never (it is not in the file)."""
+    settings = load(args.config)
+    for municipality, tenant in sorted(settings.tenants.items()):
+        print(f"{municipality} {tenant.name}")
+        for key in tenant.api_keys:
+            print(f"  {key.id:<12} {'revoked' if key.id in tenant.revoked_key_ids else 'active'}")
+        for digest in sorted(tenant.api_key_hashes):
+            print(f"  {'(no id)':<12} active  api_key_hashes {digest[:15]}…")
+        if not tenant.api_keys and not tenant.api_key_hashes:
+            print("  (no keys)")
+    for name, who in sorted(settings.operators.items()):
+        print(f"operator {name}: {who.role} for {', '.join(sorted(who.municipalities))}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """The config file is the source of truth: this says what to write there, and checks the id."""
+    settings = load(args.config)
+    found = [t for t in settings.tenants.values() if any(k.id == args.key_id for k in t.api_keys)]
+    if not found:
+        raise CliError(f"--id: no municipality in {args.config} has a key with id {args.key_id!r} "
+                       "(keys without an id are revoked by deleting their api_key_hashes entry)")
+    tenant = found[0]
+    if args.key_id in tenant.revoked_key_ids:
+        print(f"payroll-gateway: key {args.key_id} of {tenant.municipality} is already revoked")
+        return 0
+    revoked = ", ".join(f'"{k}"' for k in sorted({*tenant.revoked_key_ids, args.key_id}))
+    print(f"In [tenants.{tenant.municipality}] of {args.config}, set:")
+    print(f"revoked_key_ids = [{revoked}]")
+    print("then restart the gateway: from then on the key is answered 401 (you may also delete its api_keys entry)")
     return 0
 
 

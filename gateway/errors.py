@@ -6,12 +6,14 @@ The tree is shaped by what happens next, not by where the error arose::
     ├── GatewayError            an HTTP request fails → RFC 9457 problem+json (app.problems)
     │   ├── BadRequest          400  the request cannot be read
     │   ├── Unauthorized        401  no or unknown key/token (WWW-Authenticate: Bearer)
-    │   ├── Forbidden           403  the key may not act for that municipality
+    │   ├── Forbidden           403  the key or operator may not act for that municipality,
+    │   │                            or the operator's role may not do that
     │   ├── NotFound            404
     │   ├── Conflict            409  same report version, other content (nothing stored)
     │   ├── PayloadTooLarge     413  body or record count over the limit
     │   ├── UnsupportedMediaType 415 not JSON
     │   ├── InvalidReport       422  fails the schema or a vendor rule; ``errors`` point at it
+    │   ├── TooManyRequests     429  too many failed authentications from one address (Retry-After)
     │   └── StoreUnavailable    503  the store could not commit: nothing was acknowledged
     ├── DeliveryError           adapters.base: a vendor call fails → the dispatcher decides
     │   ├── Transient           → retry_scheduled (next_attempt_at from the retry policy,
@@ -65,6 +67,7 @@ __all__ = [
     "PayloadTooLarge",
     "Rejected",
     "StoreUnavailable",
+    "TooManyRequests",
     "Transient",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -147,6 +150,14 @@ class UnsupportedMediaType(GatewayError):
 
 class InvalidReport(GatewayError):
     status, title = 422, "Invalid report"
+
+
+class TooManyRequests(GatewayError):
+    status, title = 429, "Too many requests"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = str(retry_after)
 
 
 class StoreUnavailable(GatewayError):

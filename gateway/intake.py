@@ -15,6 +15,7 @@ from aiohttp import web
 
 from adapters.base import Adapter, mask_cpr
 
+from .auth import bearer, refuse
 from .errors import (
     BadRequest,
     Conflict,
@@ -24,7 +25,6 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     StoreUnavailable,
-    Unauthorized,
 )
 from .keys import APP_ADAPTERS, APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .payroll_calendar import CutoffCalendar
@@ -38,13 +38,11 @@ routes = web.RouteTableDef()
 
 
 def authenticate(request: web.Request) -> Tenant:
-    header = request.headers.get("Authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
-    tenant = request.app[APP_SETTINGS].tenant_for_key(key.strip())
+    """The tenant of the request's API key; failures count against the client's address."""
+    key = bearer(request, "an API key")
+    tenant = request.app[APP_SETTINGS].tenant_for_key(key)
     if tenant is None:
-        raise Unauthorized("unknown API key")
+        raise refuse(request, "unknown or revoked API key")
     return tenant
 
 

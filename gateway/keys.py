@@ -13,6 +13,7 @@ from .settings import Settings
 from .store import Store
 
 if TYPE_CHECKING:
+    from .auth import AuthFailures
     from .dispatcher import Dispatcher
     from .endpoints import Endpoints
     from .filerun import FileRunner
@@ -29,3 +30,4 @@ APP_WATCH: web.AppKey[AtRiskWatch] = web.AppKey("at_risk_watch")
 APP_CALENDARS: web.AppKey[Mapping[tuple[str, str], CutoffCalendar]] = web.AppKey("calendars")
 APP_ENDPOINTS: web.AppKey[Endpoints] = web.AppKey("endpoints")
 APP_SOURCES: web.AppKey[list[Os2Indberetning]] = web.AppKey("sources")
+APP_AUTH_FAILURES: web.AppKey[AuthFailures] = web.AppKey("auth_failures")

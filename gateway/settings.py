@@ -8,6 +8,7 @@ inline, and never appear in a ``repr``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import re
 import tomllib
@@ -17,7 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from adapters.base import VendorSettings
+from adapters.base import DEFAULT_MAX_REPLY_BYTES, VendorSettings
 
 from .errors import ConfigError
 
@@ -60,10 +61,37 @@ class EndpointPolicy:
     cutoff: Mapping[str, Any] | None = None  # the payroll cut-off calendar, as configured
 
 
+OPERATOR_ROLES = ("viewer", "operator", "admin")  # each may do what the one before may, and more
+ALL_MUNICIPALITIES = "*"
+
+
 @dataclass(frozen=True, slots=True)
 class Operator:
+    """Who may use the ops API, with which role, for which municipalities (``"*"``: all).
+
+    The config file always names ``role`` and ``municipalities``; the defaults here are the
+    behaviour before roles existed, for code that builds settings directly (tests).
+    """
+
     name: str
     token_hash: str = field(repr=False)
+    role: str = "admin"
+    municipalities: frozenset[str] = frozenset({ALL_MUNICIPALITIES})
+
+    def may(self, role: str) -> bool:
+        """Has at least ``role`` (viewer < operator < admin)."""
+        return OPERATOR_ROLES.index(self.role) >= OPERATOR_ROLES.index(role)
+
+    def covers(self, municipality: str) -> bool:
+        return ALL_MUNICIPALITIES in self.municipalities or municipality in self.municipalities
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A key with a public id: the key is ``pgw_<id>_<secret>``, the config holds the id and hash."""
+
+    id: str
+    hash: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +111,14 @@ class PullSource:
 class Tenant:
     municipality: str
     name: str
-    api_key_hashes: frozenset[str] = field(repr=False)
+    api_key_hashes: frozenset[str] = field(repr=False)  # keys without an id (before ids existed)
     routes: Mapping[str, str]
     vendors: Mapping[str, VendorSettings]
     retry: Mapping[str, RetryPolicy]  # per adapter; falls back to the global policy
     endpoints: Mapping[str, EndpointPolicy] = field(default_factory=dict)  # per adapter
     sources: Mapping[str, PullSource] = field(default_factory=dict)  # pull sources, by name
+    api_keys: tuple[ApiKey, ...] = ()  # keys with an id (payroll-gateway keys create)
+    revoked_key_ids: frozenset[str] = frozenset()  # always refused, even if still listed
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,19 +152,41 @@ class Settings:
     at_risk_check_seconds: float = 30.0
     at_risk_margin_seconds: float = 24 * 3600.0  # waiting for an operator this close to cut-off
     role: str = "all"  # intake | dispatch | all (DESIGN.md §5, serve --role)
+    tls_cert_file: Path | None = None  # both set: the listener speaks HTTPS only
+    tls_key_file: Path | None = None
+    metrics_token_hash: str | None = field(default=None, repr=False)  # set: /metrics needs the token
+    auth_failures_per_minute: int = 10  # per client address, then 429 until the minute is over
 
     def operator_for_token(self, token: str) -> Operator | None:
+        """Every operator's hash is compared in constant time; none is skipped by an early match."""
         digest = hash_api_key(token)
-        return next((o for o in self.operators.values() if o.token_hash == digest), None)
+        found = None
+        for candidate in self.operators.values():
+            if hmac.compare_digest(candidate.token_hash, digest):
+                found = candidate
+        return found
 
     def endpoint(self, municipality: str, adapter: str) -> EndpointPolicy:
         tenant = self.tenants.get(municipality)
         return tenant.endpoints.get(adapter, EndpointPolicy()) if tenant else EndpointPolicy()
 
     def tenant_for_key(self, api_key: str) -> Tenant | None:
+        """The tenant of a key, None for an unknown or revoked one.
+
+        A ``pgw_<id>_<secret>`` key is found by its public id, then its hash is compared in
+        constant time (keys made before ids existed may look alike, so a miss falls through). A key without an id is found by a set lookup of its SHA-256 digest:
+        the timing of that lookup can only tell an attacker about the digest, which does not
+        help to guess a key; the match is then confirmed with a constant-time comparison.
+        """
         digest = hash_api_key(api_key)
+        key_id = key_id_of(api_key)
         for tenant in self.tenants.values():
-            if digest in tenant.api_key_hashes:
+            if key_id is not None:
+                entry = next((k for k in tenant.api_keys if k.id == key_id), None)
+                if entry is not None and hmac.compare_digest(entry.hash, digest):
+                    return None if key_id in tenant.revoked_key_ids else tenant
+            if digest in tenant.api_key_hashes and any(
+                    hmac.compare_digest(h, digest) for h in tenant.api_key_hashes):
                 return tenant
         return None
 
@@ -146,6 +198,16 @@ class Settings:
 def hash_api_key(api_key: str) -> str:
     """API keys are long random strings, so a plain SHA-256 is the right hash."""
     return "sha256:" + hashlib.sha256(api_key.encode()).hexdigest()
+
+
+KEY_ID = re.compile(r"[a-z0-9]{4,32}")
+
+
+def key_id_of(api_key: str) -> str | None:
+    """The public id of a ``pgw_<id>_<secret>`` key; None for a key without one."""
+    prefix, _, rest = api_key.partition("_")
+    key_id, sep, secret = rest.partition("_")
+    return key_id if prefix == "pgw" and sep and secret and KEY_ID.fullmatch(key_id) else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -179,7 +241,7 @@ _VENDOR_KEYS = {
     "endpoint", "username", "password_file", "password_env", "institution",
     "connect_timeout_seconds", "read_timeout_seconds", "cert_file", "key_file", "ca_file",
     "options", "retry", "dev_certificates", "breaker", "max_in_flight", "rate_per_second",
-    "opening_hours", "cutoff",
+    "opening_hours", "cutoff", "max_reply_bytes", "total_timeout_seconds",
 }
 _BREAKER_KEYS = {"window_seconds", "min_calls", "failure_rate", "open_seconds"}
 
@@ -193,7 +255,8 @@ class _Reader:
     def settings(self, raw: dict[str, Any]) -> Settings:
         _no_unknown(raw, _ALLOWED_TOP, "")
         server = _table(raw, "server", "")
-        _no_unknown(server, {"listen", "store", "data_dir", "max_body_bytes", "role"}, "server")
+        _no_unknown(server, {"listen", "store", "data_dir", "max_body_bytes", "role", "tls_cert_file",
+                             "tls_key_file", "metrics_token_hash", "auth_failures_per_minute"}, "server")
         disp = _table(raw, "dispatcher", "")
         _no_unknown(disp, {"workers", "lease_seconds", "poll_seconds", "at_risk_check_seconds",
                            "at_risk_margin_hours"}, "dispatcher")
@@ -204,6 +267,10 @@ class _Reader:
         disabled = frozenset(_get(adapters, "disabled", list, "adapters", []))
         data_dir = self.path(_get(server, "data_dir", str, "server", "."))
         self.data_dir = data_dir
+        lease = float(_positive(disp, "lease_seconds", (int, float), "dispatcher", 120))
+        tenants = self.tenants(_table(raw, "tenants", ""), retry)
+        check_deadlines(tenants, lease)
+        cert, key = self.tls(server)
         return Settings(
             listen_host=host,
             listen_port=port,
@@ -213,31 +280,58 @@ class _Reader:
             data_dir=data_dir,
             max_body_bytes=_positive(server, "max_body_bytes", int, "server", 4 * 1024 * 1024),
             workers=_positive(disp, "workers", int, "dispatcher", 16),
-            lease_seconds=float(_positive(disp, "lease_seconds", (int, float), "dispatcher", 120)),
+            lease_seconds=lease,
             poll_seconds=float(_positive(disp, "poll_seconds", (int, float), "dispatcher", 0.2)),
             at_risk_check_seconds=float(_positive(disp, "at_risk_check_seconds", (int, float), "dispatcher", 30)),
             at_risk_margin_seconds=3600.0 * _positive(disp, "at_risk_margin_hours", (int, float), "dispatcher", 24),
             retry=retry,
             disabled_adapters=disabled,
-            tenants=MappingProxyType(self.tenants(_table(raw, "tenants", ""), retry)),
+            tenants=MappingProxyType(tenants),
             simulators=self.simulators(_table(raw, "simulators", "")),
             operators=MappingProxyType(self.operators(_table(raw, "operators", ""))),
             alert_url=self.alerts(_table(raw, "alerts", "")),
             role=parse_role(_get(server, "role", str, "server", "all"), "server.role"),
+            tls_cert_file=cert,
+            tls_key_file=key,
+            metrics_token_hash=_hash_or_none(server, "metrics_token_hash", "server"),
+            auth_failures_per_minute=_positive(server, "auth_failures_per_minute", int, "server", 10),
         )
+
+    def tls(self, server: dict[str, Any]) -> tuple[Path | None, Path | None]:
+        """The listener's certificate chain and key: both or neither, and both readable files."""
+        files = [self.path(_get(server, k, str, "server", "")) if k in server else None
+                 for k in ("tls_cert_file", "tls_key_file")]
+        if (files[0] is None) != (files[1] is None):
+            missing = "tls_key_file" if files[1] is None else "tls_cert_file"
+            raise ConfigError(f"server.{missing}: give both tls_cert_file and tls_key_file (or neither)")
+        for name, path in zip(("tls_cert_file", "tls_key_file"), files, strict=True):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"server.{name}: no such file: {path}")
+        return files[0], files[1]
 
     def operators(self, raw: dict[str, Any]) -> dict[str, Operator]:
         operators = {}
         for name, table in raw.items():
             where = f"operators.{name}"
             if not isinstance(table, dict):
-                raise ConfigError(f"{where}: must be a table with token_hash")
-            _no_unknown(table, {"token_hash"}, where)
+                raise ConfigError(f"{where}: must be a table with token_hash, role and municipalities")
+            _no_unknown(table, {"token_hash", "role", "municipalities"}, where)
             digest = _get(table, "token_hash", str, where, "")
             if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
                 raise ConfigError(f"{where}.token_hash: expected 'sha256:<64 hex>' (payroll-gateway keys create)")
-            operators[name] = Operator(name, digest)
+            # no default: a table written before roles existed must not silently become admin for all
+            role = _get(table, "role", str, where, None)
+            if role not in OPERATOR_ROLES:
+                raise ConfigError(f"{where}.role: required, one of {', '.join(OPERATOR_ROLES)}; got {role!r}")
+            operators[name] = Operator(name, digest, role, self.municipalities(table, where))
         return operators
+
+    def municipalities(self, table: dict[str, Any], where: str) -> frozenset[str]:
+        listed = _get(table, "municipalities", list, where, None)
+        if not listed or not all(isinstance(m, str) and re.fullmatch(r"[0-9]{3}|\*", m) for m in listed):
+            raise ConfigError(f"{where}.municipalities: required, a list of 3-digit codes or [\"*\"] (all); "
+                              f"got {listed!r}")
+        return frozenset(listed)
 
     def alerts(self, raw: dict[str, Any]) -> str | None:
         _no_unknown(raw, {"url"}, "alerts")
@@ -275,7 +369,8 @@ class _Reader:
         return tenants
 
     def tenant(self, municipality: str, raw: dict[str, Any], where: str, retry: RetryPolicy) -> Tenant:
-        _no_unknown(raw, {"name", "api_key_hashes", "routes", "vendors", "sources"}, where)
+        _no_unknown(raw, {"name", "api_key_hashes", "api_keys", "revoked_key_ids", "routes", "vendors",
+                          "sources"}, where)
         hashes = _get(raw, "api_key_hashes", list, where, [])
         for i, h in enumerate(hashes):
             if not isinstance(h, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", h):
@@ -306,6 +401,8 @@ class _Reader:
             retry=MappingProxyType(policies),
             endpoints=MappingProxyType(endpoints),
             sources=MappingProxyType(self.sources(_table(raw, "sources", where), f"{where}.sources", routes)),
+            api_keys=api_keys(raw, where),
+            revoked_key_ids=revoked_key_ids(raw, where),
         )
 
     def sources(self, raw: dict[str, Any], where: str, routes: Mapping[str, Any]) -> dict[str, PullSource]:
@@ -389,14 +486,21 @@ class _Reader:
         for key, value in files.items():
             if not Path(value).is_file():
                 raise ConfigError(f"{where}.{key}: no such file: {value}")
+        connect = float(_positive(raw, "connect_timeout_seconds", (int, float), where, 5))
+        total = _get(raw, "total_timeout_seconds", (int, float), where, None)
+        if total is not None and total <= connect:
+            raise ConfigError(f"{where}.total_timeout_seconds: must be longer than connect_timeout_seconds "
+                              f"({connect:g}), got {total!r}")
         return VendorSettings(
             endpoint=_get(raw, "endpoint", str, where, ""),
             username=_get(raw, "username", str, where, None),
             password=self.secret(raw, where),
             institution=_get(raw, "institution", str, where, None),
-            connect_timeout=float(_positive(raw, "connect_timeout_seconds", (int, float), where, 5)),
+            connect_timeout=connect,
             read_timeout=float(_positive(raw, "read_timeout_seconds", (int, float), where, 30)),
             options=MappingProxyType(dict(_table(raw, "options", where))),
+            max_reply_bytes=_positive(raw, "max_reply_bytes", int, where, DEFAULT_MAX_REPLY_BYTES),
+            total_timeout=float(total) if total is not None else None,
             **files,
         )
 
@@ -448,6 +552,53 @@ class _Reader:
                 )
             )
         return tuple(sims)
+
+
+def api_keys(raw: dict[str, Any], where: str) -> tuple[ApiKey, ...]:
+    """``api_keys = [{id = "…", hash = "sha256:…"}]``: ids unique within the tenant."""
+    entries = _get(raw, "api_keys", list, where, [])
+    keys: list[ApiKey] = []
+    for i, entry in enumerate(entries):
+        at = f"{where}.api_keys[{i}]"
+        if not isinstance(entry, dict) or set(entry) != {"id", "hash"}:
+            raise ConfigError(f"{at}: expected {{id = \"…\", hash = \"sha256:…\"}} (payroll-gateway keys create)")
+        if not isinstance(entry["id"], str) or not KEY_ID.fullmatch(entry["id"]):
+            raise ConfigError(f"{at}.id: expected 4-32 lowercase letters or digits, got {entry['id']!r}")
+        if not isinstance(entry["hash"], str) or not _HASH.fullmatch(entry["hash"]):
+            raise ConfigError(f"{at}.hash: expected 'sha256:<64 hex>' (payroll-gateway keys create)")
+        if any(k.id == entry["id"] for k in keys):
+            raise ConfigError(f"{at}.id: {entry['id']!r} is listed twice")
+        keys.append(ApiKey(entry["id"], entry["hash"]))
+    return tuple(keys)
+
+
+def revoked_key_ids(raw: dict[str, Any], where: str) -> frozenset[str]:
+    revoked = _get(raw, "revoked_key_ids", list, where, [])
+    for i, key_id in enumerate(revoked):
+        if not isinstance(key_id, str) or not KEY_ID.fullmatch(key_id):
+            raise ConfigError(f"{where}.revoked_key_ids[{i}]: expected a key id, got {key_id!r}")
+    return frozenset(revoked)
+
+
+def check_deadlines(tenants: Mapping[str, Tenant], lease_seconds: float) -> None:
+    """A request that may outlast the lease could be sent twice by two dispatchers."""
+    for municipality, tenant in tenants.items():
+        for adapter, vendor in tenant.vendors.items():
+            if vendor.deadline() >= lease_seconds:
+                given = "" if vendor.total_timeout is not None else " (connect + read timeouts)"
+                raise ConfigError(
+                    f"tenants.{municipality}.vendors.{adapter}.total_timeout_seconds: {vendor.deadline():g} s"
+                    f"{given} must be shorter than dispatcher.lease_seconds ({lease_seconds:g})")
+
+
+def _hash_or_none(raw: Mapping[str, Any], key: str, where: str) -> str | None:
+    value: str | None = _get(raw, key, str, where, None)
+    if value is not None and not _HASH.fullmatch(value):
+        raise ConfigError(f"{where}.{key}: expected 'sha256:<64 hex>' (payroll-gateway keys create)")
+    return value
+
+
+_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def _valid_cron(expression: str) -> bool:

@@ -265,3 +265,34 @@ def test_store_from_the_file_is_relative_to_it_and_store_flag_to_the_cwd(
     assert main(["migrate", "--config", "../etc/gw.toml", "--store", "sqlite:///from-flag.db"]) == 0
     assert sorted(p.name for p in tmp_path.rglob("*.db")) == ["from-file.db", "from-flag.db"]
     assert (tmp_path / "etc" / "from-file.db").is_file() and (tmp_path / "run" / "from-flag.db").is_file()
+
+
+def test_keys_create_prints_a_key_with_its_id(capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.settings import key_id_of
+
+    assert main(["keys", "create"]) == 0
+    out = capsys.readouterr().out
+    key = out.split("): ")[1].split()[0]
+    key_id = key_id_of(key)
+    assert key_id is not None
+    assert f'api_keys = [{{id = "{key_id}", hash = "{hash_api_key(key)}"}}]' in out
+
+
+def test_keys_list_and_revoke_show_ids_never_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _demo_config(tmp_path)
+    secret = "pgw_0a0b0c0d_the-secret"
+    text = cfg.read_text().replace('name = "Demo Kommune 840"', 'name = "Demo Kommune 840"\n'
+                                   f'api_keys = [{{id = "0a0b0c0d", hash = "{hash_api_key(secret)}"}}]')
+    cfg.write_text(text)
+    assert main(["keys", "list", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "0a0b0c0d     active" in out and "operator demo: operator for 746, 840, 851" in out
+    assert hash_api_key(secret) not in out and hash_api_key("demo-key-746") not in out and secret not in out
+    assert main(["keys", "revoke", "--config", str(cfg), "--id", "0a0b0c0d"]) == 0
+    out = capsys.readouterr().out
+    assert "In [tenants.840]" in out and 'revoked_key_ids = ["0a0b0c0d"]' in out
+    cfg.write_text(text.replace('api_keys = [', 'revoked_key_ids = ["0a0b0c0d"]\napi_keys = ['))
+    assert main(["keys", "list", "--config", str(cfg)]) == 0
+    assert "0a0b0c0d     revoked" in capsys.readouterr().out
+    assert main(["keys", "revoke", "--config", str(cfg), "--id", "ffffffff"]) == 1
+    assert "no municipality" in capsys.readouterr().err

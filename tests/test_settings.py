@@ -125,3 +125,87 @@ def test_a_missing_file_is_named_with_the_folder_it_was_looked_for_in(tmp_path: 
     text = BASE.replace('password_env = "SD_PW"', 'password_file = "nope"')
     with pytest.raises(ConfigError, match=re.escape(f"password_file: cannot read {tmp_path.resolve() / 'nope'}: ")):
         load(write(tmp_path, text))
+
+
+# -- keys with ids, operators, vendor limits, TLS (issue 10) ----------------------------------------
+
+KEYED = BASE.replace('api_key_hashes = ["{hash}"]', 'api_key_hashes = ["{hash}"]\n'
+                     'api_keys = [{id = "ab12cd34", hash = "{hash}"}, {id = "ee77ff88", hash = "{hash}"}]\n'
+                     'revoked_key_ids = ["ee77ff88"]')
+OPERATOR = '\n[operators.alice]\ntoken_hash = "{hash}"\nrole = "viewer"\nmunicipalities = ["746"]\n'
+
+
+def test_keys_with_ids_and_revoked_ids(tmp_path: Path) -> None:
+    tenant = load(write(tmp_path, KEYED), env={"SD_PW": "x"}).tenants["746"]
+    assert [k.id for k in tenant.api_keys] == ["ab12cd34", "ee77ff88"]
+    assert tenant.revoked_key_ids == {"ee77ff88"}
+    assert hash_api_key("k") not in repr(tenant)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ('id = "ab12cd34"', r"tenants.746.api_keys\[1\].id: 'ab12cd34' is listed twice"),
+    ('id = "AB_12"', r"tenants.746.api_keys\[1\].id: expected 4-32 lowercase letters or digits"),
+    ('hash = "plain"', r"tenants.746.api_keys\[1\].hash: expected 'sha256:<64 hex>'"),
+])
+def test_bad_key_entries_name_the_key(tmp_path: Path, change: str, message: str) -> None:
+    key, _, _ = change.partition(" = ")
+    old = 'id = "ee77ff88"' if key == "id" else 'hash = "{hash}"}]'
+    new = change if key == "id" else change + "}]"
+    with pytest.raises(ConfigError, match=message):
+        load(write(tmp_path, KEYED.replace(old, new)), env={"SD_PW": "x"})
+
+
+def test_operators_have_a_role_and_municipalities(tmp_path: Path) -> None:
+    alice = load(write(tmp_path, BASE + OPERATOR), env={"SD_PW": "x"}).operators["alice"]
+    assert (alice.role, alice.municipalities) == ("viewer", {"746"})
+    assert alice.may("viewer") and not alice.may("operator") and alice.covers("746") and not alice.covers("840")
+    assert hash_api_key("k") not in repr(alice)
+    with pytest.raises(ConfigError, match=r"^operators.alice.role: required, one of viewer, operator, admin"):
+        load(write(tmp_path, BASE + OPERATOR.replace('role = "viewer"\n', "")), env={"SD_PW": "x"})
+    with pytest.raises(ConfigError, match=r"^operators.alice.role: .*'root'"):
+        load(write(tmp_path, BASE + OPERATOR.replace('"viewer"', '"root"')), env={"SD_PW": "x"})
+    with pytest.raises(ConfigError, match=r"^operators.alice.municipalities: required"):
+        load(write(tmp_path, BASE + OPERATOR.replace('["746"]', '["all"]')), env={"SD_PW": "x"})
+    everyone = load(write(tmp_path, BASE + OPERATOR.replace('["746"]', '["*"]')), env={"SD_PW": "x"})
+    assert everyone.operators["alice"].covers("999")
+
+
+def test_the_demo_has_the_ops_token_as_an_operator_of_every_demo_municipality() -> None:
+    settings = load(REPO / "examples" / "demo.toml")
+    demo = settings.operator_for_token("demo-ops-token")
+    assert demo is not None and demo.role == "operator"
+    assert all(demo.covers(m) for m in settings.tenants)
+
+
+def test_vendor_limits_and_the_deadline_against_the_lease(tmp_path: Path) -> None:
+    limits = 'institution = "XY"\nmax_reply_bytes = 65536\ntotal_timeout_seconds = 50'
+    vendor = load(write(tmp_path, BASE.replace('institution = "XY"', limits)),
+                  env={"SD_PW": "x"}).tenants["746"].vendors["sd-koersel"]
+    assert (vendor.max_reply_bytes, vendor.total_timeout, vendor.deadline()) == (65536, 50.0, 50.0)
+    defaults = load(write(tmp_path, BASE), env={"SD_PW": "x"}).tenants["746"].vendors["sd-koersel"]
+    assert (defaults.max_reply_bytes, defaults.deadline()) == (1024 * 1024, 35.0)
+    short = BASE + "[dispatcher]\nlease_seconds = 40\n"
+    with pytest.raises(ConfigError, match=r"^tenants.746.vendors.sd-koersel.total_timeout_seconds: 50 s must be "
+                                          r"shorter than dispatcher.lease_seconds \(40\)$"):
+        load(write(tmp_path, short.replace('institution = "XY"', limits)), env={"SD_PW": "x"})
+    with pytest.raises(ConfigError, match=r"total_timeout_seconds: 35 s \(connect \+ read timeouts\) must be"):
+        load(write(tmp_path, BASE + "[dispatcher]\nlease_seconds = 30\n"), env={"SD_PW": "x"})
+    with pytest.raises(ConfigError, match=r"total_timeout_seconds: must be longer than connect_timeout_seconds"):
+        load(write(tmp_path, BASE.replace('institution = "XY"', 'institution = "XY"\ntotal_timeout_seconds = 2')),
+             env={"SD_PW": "x"})
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    both = BASE.replace('store = "sqlite:///data/gw.db"',
+                        'store = "sqlite:///data/gw.db"\ntls_cert_file = "cert.pem"\ntls_key_file = "key.pem"')
+    settings = load(write(tmp_path, both), env={"SD_PW": "x"})
+    assert settings.tls_cert_file == tmp_path / "cert.pem"
+    with pytest.raises(ConfigError, match=r"^server.tls_key_file: give both"):
+        load(write(tmp_path, both.replace('tls_key_file = "key.pem"', "")), env={"SD_PW": "x"})
+    with pytest.raises(ConfigError, match=r"^server.tls_cert_file: no such file"):
+        load(write(tmp_path, both.replace('"cert.pem"', '"missing.pem"')), env={"SD_PW": "x"})
+    with pytest.raises(ConfigError, match=r"^server.metrics_token_hash: expected 'sha256:<64 hex>'"):
+        load(write(tmp_path, both.replace('tls_key_file = "key.pem"', 'tls_key_file = "key.pem"\n'
+                                          'metrics_token_hash = "plain"')), env={"SD_PW": "x"})
