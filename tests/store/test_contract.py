@@ -156,7 +156,7 @@ async def test_attempts_parts_and_settle(store: Store) -> None:
     assert d["attempts"][0]["outcome"] == "delivered"
     assert (await store.deliveries_of([view["versions"][0]["id"]]))[view["versions"][0]["id"]][0]["status"] == "delivered"
     events = [e["event"] for e in await store.audit_for(job.delivery_id)]
-    assert events[-2:] == ["attempt.delivered", "delivery.delivered"]
+    assert events[-3:] == ["attempt.delivered", "delivery.delivered", "delivery.read_back"]
 
 
 async def test_operations_replay_cancel_confirm(store: Store) -> None:
