@@ -109,7 +109,7 @@ async def test_concurrent_claimers_never_share_a_lane(store_url: str) -> None:
                     lane = j.report["employee"]["employment_id"]
                     assert lane not in in_flight, f"{owner} and {in_flight.get(lane)} both work lane {lane}"
                     in_flight[lane] = owner
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.005)  # the other claimer claims meanwhile
                 for j in jobs:
                     del in_flight[j.report["employee"]["employment_id"]]
                     delivered.append(j.report["report_id"])
