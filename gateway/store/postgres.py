@@ -144,7 +144,11 @@ class PostgresStore:
             self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size)
         except Exception as exc:
             raise (store_error(exc) or StoreError(f"cannot open the PostgreSQL store: {exc}")) from exc
-        await self._guard(self._migrate())
+        try:
+            await self._guard(self._migrate())
+        except BaseException:
+            await self.aclose()  # a refused schema leaves no connection behind
+            raise
 
     async def aclose(self) -> None:
         if self._pool is not None:

@@ -245,29 +245,42 @@ async def test_the_audit_chain_holds_across_stores(store_url: str, store: Store)
         await other.aclose()
 
 
-async def test_a_database_newer_than_the_code_is_refused(store_url: str, store: Store) -> None:
-    await store.record_event("x", {}, time.time())  # the schema exists
-    await store.aclose()
-    if store_url.startswith("sqlite"):
-        import sqlite3
-
-        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
-            conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 'now')", (LATEST + 1,))
-    else:
-        import asyncpg
-
-        conn = await asyncpg.connect(store_url)
-        await conn.execute("INSERT INTO schema_migrations VALUES ($1, 'future', 'now')", LATEST + 1)
-        await conn.close()
-    again = open_store(store_url)
-    with pytest.raises(StoreError, match=f"version {LATEST + 1}.*version {LATEST}"):
-        await again.open()
-    await again.aclose()
-
-
 async def test_a_closed_store_raises_store_error(store: Store) -> None:
     await store.aclose()
     with pytest.raises(StoreError):
         await store.submit([new("A")], time.time())
     with pytest.raises(StoreError):
         await store.list_deliveries({})
+
+
+def test_migrate_applies_and_refuses_a_newer_schema(store_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    assert main(["migrate", "--store", store_url]) == 0
+    assert main(["migrate", "--store", store_url]) == 0  # idempotent
+    store = open_store(store_url)
+
+    async def future() -> None:
+        await store.open()
+        await store.record_event("x", {}, time.time())
+        await store.aclose()
+
+    asyncio.run(future())
+    if store_url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+            conn.execute("INSERT INTO schema_migrations VALUES (?, 'future', 'now')", (LATEST + 1,))
+    else:
+        async def bump() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(store_url)
+            await conn.execute("INSERT INTO schema_migrations VALUES ($1, 'future', 'now')", LATEST + 1)
+            await conn.close()
+
+        asyncio.run(bump())
+    capsys.readouterr()
+    assert main(["migrate", "--store", store_url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"version {LATEST + 1}" in err and f"version {LATEST}" in err
