@@ -174,7 +174,7 @@ def create_app(
     role = parse_role(role if role is not None else settings.role, "role")
     app = web.Application(middlewares=[correlation, problems], client_max_size=settings.max_body_bytes)
     app[APP_SETTINGS] = settings
-    app[APP_STORE] = store if store is not None else open_store(settings.store_url)
+    app[APP_STORE] = store if store is not None else open_store(settings.store_url, settings.store_pool_size)
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
     check_routes(settings, app[APP_ADAPTERS])
     app[APP_CALENDARS] = build_calendars(settings)

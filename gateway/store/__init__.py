@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -200,14 +201,20 @@ class Store(Protocol):
         self, municipality: str, source: str, records: Sequence[PulledRecord], now: float
     ) -> list[PullOutcome]: ...
     async def list_rejections(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]: ...
+    # several processes: only one writes a file (IND01) at a time
+    def file_lock(self, key: str) -> AbstractAsyncContextManager[None]: ...
 
 
-def open_store(url: str) -> Store:
-    """The store engine for a SQLAlchemy-style URL."""
+def open_store(url: str, pool_size: int = 10) -> Store:
+    """The store engine for a SQLAlchemy-style URL (``pool_size``: PostgreSQL connections)."""
     if url.startswith("sqlite:///"):
         from .sqlite import SQLiteStore
 
         return SQLiteStore(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, pool_size)
     raise StoreError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")
 
 
