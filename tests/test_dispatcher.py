@@ -30,8 +30,7 @@ from adapters.base import (
 from gateway.dispatcher import Dispatcher
 from gateway.retry import next_delay
 from gateway.settings import RetryPolicy, Settings
-from gateway.store import NewReport, Status
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import NewReport, Status, Store, open_store
 from gateway.watch import AtRiskWatch
 from tests.conftest import DRIVE, tenant
 
@@ -101,7 +100,7 @@ class FakeChannels:
 
 @dataclass
 class Rig:
-    store: SQLiteStore
+    store: Store
     adapter: FakeAdapter
     clock: Clock
     dispatcher: Dispatcher
@@ -133,13 +132,14 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, store_url: str) -> AsyncIterator[Rig]:
+    """The dispatcher on a fake clock and a fake adapter, on each store engine."""
     settings = Settings(
-        store_url=f"sqlite:///{tmp_path / 'gateway.db'}", data_dir=tmp_path, workers=8, lease_seconds=30,
+        store_url=store_url, data_dir=tmp_path, workers=8, lease_seconds=30,
         poll_seconds=0.05, retry=POLICY, max_body_bytes=256 * 1024,
         tenants={"746": tenant("746", "k", {}, {"drive": "fake"})},
     )
-    store = SQLiteStore(str(tmp_path / "gateway.db"))
+    store = open_store(store_url)
     await store.open()
     adapter, clock = FakeAdapter(), Clock()
     dispatcher = Dispatcher(store, {"fake": adapter}, settings, FakeChannels(), clock=clock)  # type: ignore[arg-type]
