@@ -40,7 +40,7 @@ from .deliveries import Decision, Delivery, Detail, Event, decide
 from .endpoints import BreakerState, Endpoints, Key
 from .errors import ConfigError
 from .settings import Settings
-from .store import AttemptRecord, Job, Status, Store
+from .store import AttemptRecord, Job, LeaseLost, Status, Store
 
 log = logging.getLogger(__name__)
 _BODY_LIMIT = 64 * 1024  # attempt bodies kept in the audit trail, per direction
@@ -324,7 +324,14 @@ class Dispatcher:
             await self._settle_error(run, exc, attempted=False)
             return False
         request = _text(payload.body, run.cprs)
-        attempt_id = await self.store.begin_attempt(job.delivery_id, message, request, self.clock())
+        try:
+            attempt_id = await self.store.begin_attempt(job.delivery_id, message, request, self.clock(),
+                                                        owner=self.owner)
+        except LeaseLost as exc:
+            # reclaimed (and perhaps claimed by another process) while this one planned:
+            # it is no longer ours to send or to settle; whoever holds it now goes on
+            log.warning("delivery %s: abandoned without sending: %s", job.delivery_id, exc)
+            return False
         started = time.monotonic()
         try:
             receipt = await adapter.send(payload, self.channels.get(job.municipality, job.adapter))

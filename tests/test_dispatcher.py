@@ -281,6 +281,20 @@ async def test_a_lease_that_expires_mid_send_is_in_doubt(rig: Rig) -> None:
     assert rig.adapter.sent == []
 
 
+async def test_a_claimer_whose_lease_was_taken_over_abandons_without_sending(rig: Rig) -> None:
+    await rig.submit("R-1")
+    job, = await rig.dispatcher._claim(rig.settings.workers)
+    rig.clock.advance_to(START + 31)  # this process stalled past its lease: another one takes over
+    assert await rig.store.reclaim(rig.clock(), every_lease=False) == {"requeued": 1, "in_doubt": 0}
+    other, = await rig.store.claim_due(rig.clock(), "other", 30, 10, ["fake"], [])
+    await rig.dispatcher._guarded(job)  # the stalled process wakes up
+    assert rig.adapter.sent == []
+    d = await rig.latest("R-1")
+    assert (d["status"], d["attempts"]) == ("in_flight", 0)  # still the other process's to deliver
+    view = await rig.store.get_report("746", "R-1")
+    assert view is not None and view["deliveries"][0]["attempts"] == []
+
+
 async def test_operators_get_a_conflict_for_a_state_without_that_action(rig: Rig) -> None:
     await rig.submit("R-1")
     await rig.tick()

@@ -56,6 +56,11 @@ class StoreError(Exception):
     """The store could not do what was asked (connection lost, disk full, commit failed)."""
 
 
+class LeaseLost(StoreError):
+    """The caller no longer holds the delivery's lease (it expired, or another claimer took
+    it): the caller must not send anything for it."""
+
+
 @dataclass(frozen=True, slots=True)
 class NewReport:
     """One validated, normalised report version as intake hands it to the store."""
@@ -155,8 +160,9 @@ class Store(Protocol):
         adapters: Sequence[str], readback_adapters: Sequence[str], municipality: str | None = None,
         lane_order: bool = True,
     ) -> list[Job]: ...
+    # with ``owner``: raises LeaseLost unless ``owner`` still holds an unexpired lease on it
     async def begin_attempt(
-        self, delivery_id: int, message: Message, request_body: str, now: float
+        self, delivery_id: int, message: Message, request_body: str, now: float, owner: str | None = None,
     ) -> int: ...
     async def end_attempt(
         self, attempt_id: int, delivery_id: int, report_pk: int, adapter: str, version: int,

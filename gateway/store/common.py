@@ -61,6 +61,19 @@ def facts(row: Row, reads_back: bool = False) -> Delivery:
     )
 
 
+def lease_refusal(row: Row | None, owner: str, now: float) -> str | None:
+    """Why ``owner`` may not start an attempt on this delivery (None: it may): the fence
+    that keeps a claimer whose lease expired (and was reclaimed, perhaps re-claimed) from
+    sending a second time."""
+    if row is None:
+        return "the delivery does not exist"
+    if row["status"] != Status.IN_FLIGHT or row["lease_owner"] != owner:
+        return f"the lease is no longer held by {owner} (now {row['status']}, {row['lease_owner'] or 'no owner'})"
+    if row["lease_until"] is None or row["lease_until"] < now:
+        return f"the lease of {owner} expired"
+    return None
+
+
 def settled(settle: Settle, event: str) -> Decision:
     """A ``Settle`` (what ``settle``/``end_attempt`` are given) as the decision it came from."""
     return Decision(settle.status, event, next_attempt_at=settle.next_attempt_at,

@@ -28,6 +28,7 @@ from . import (
     AttemptRecord,
     ConflictingReport,
     Job,
+    LeaseLost,
     NewReport,
     PulledRecord,
     PullOutcome,
@@ -50,6 +51,7 @@ from .common import (
     delivery_view,
     facts,
     filter_sql,
+    lease_refusal,
     list_view,
     message,
     message_json,
@@ -417,8 +419,15 @@ class PostgresStore:
 
         return await self._write(op, audited=False)
 
-    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float) -> int:
+    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float,
+                            owner: str | None = None) -> int:
         async def op(tx: _Tx) -> int:
+            if owner is not None:  # the row lock orders this against a reclaim or a claim
+                lease = await tx.fetchrow("SELECT status, lease_owner, lease_until FROM deliveries"
+                                          " WHERE id = ? FOR UPDATE", delivery_id)
+                refusal = lease_refusal(lease, owner, now)
+                if refusal is not None:
+                    raise LeaseLost(f"delivery {delivery_id}: {refusal}")
             return int(await tx.fetchval(
                 "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
                 " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",

@@ -25,6 +25,7 @@ from . import (
     AttemptRecord,
     ConflictingReport,
     Job,
+    LeaseLost,
     NewReport,
     PulledRecord,
     PullOutcome,
@@ -47,6 +48,7 @@ from .common import (
     delivery_view,
     facts,
     filter_sql,
+    lease_refusal,
     list_view,
     message,
     message_json,
@@ -553,8 +555,15 @@ class SQLiteStore:
                 f" AND outcome IN {PENDING_OUTCOMES!r} ORDER BY id", (row["id"],))]
         return build_job(row, version, parts, texts)
 
-    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float) -> int:
+    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float,
+                            owner: str | None = None) -> int:
         def op(conn: sqlite3.Connection) -> int:
+            if owner is not None:
+                lease = conn.execute("SELECT status, lease_owner, lease_until FROM deliveries WHERE id = ?",
+                                     (delivery_id,)).fetchone()
+                refusal = lease_refusal(lease, owner, now)
+                if refusal is not None:
+                    raise LeaseLost(f"delivery {delivery_id}: {refusal}")
             cur = conn.execute(
                 "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
                 " VALUES (?, ?, ?, ?, ?, ?)",

@@ -14,6 +14,7 @@ from gateway.audit import verify_chain
 from gateway.store import (
     AttemptRecord,
     ConflictingReport,
+    LeaseLost,
     NewReport,
     PulledRecord,
     PullOutcome,
@@ -135,6 +136,36 @@ async def test_reclaim_takes_back_only_expired_leases(store: Store) -> None:
     assert await store.reclaim(now + 11, every_lease=False) == {"requeued": 1, "in_doubt": 1}
     statuses = {d["report_id"]: d["status"] for d in await store.list_deliveries({})}
     assert statuses == {"A": "queued", "B": "in_doubt"}
+
+
+async def test_an_attempt_is_fenced_by_the_lease(store: Store) -> None:
+    """Only the lease holder starts an attempt, and only while its lease runs; a refused
+    attempt records nothing."""
+    now = time.time()
+    await store.submit([new("A")], now)
+    [job] = await claim(store, now, owner="p1", lease=10)
+    message = Message("p", "create")
+    with pytest.raises(LeaseLost):
+        await store.begin_attempt(job.delivery_id, message, "<b/>", now, owner="p2")  # not its lease
+    with pytest.raises(LeaseLost):
+        await store.begin_attempt(job.delivery_id, message, "<b/>", now + 11, owner="p1")  # expired
+    assert isinstance(await store.begin_attempt(job.delivery_id, message, "<b/>", now + 1, owner="p1"), int)
+    # reclaimed (the open attempt makes it in doubt) and no longer p1's: refused
+    assert await store.reclaim(now + 11, every_lease=False) == {"requeued": 0, "in_doubt": 1}
+    with pytest.raises(LeaseLost):
+        await store.begin_attempt(job.delivery_id, message, "<b/>", now + 12, owner="p1")
+    # requeued and claimed by another process: p2 may, p1 may not
+    await store.submit([new("B", employee="E2")], now)
+    [b1] = await claim(store, now, owner="p1", lease=10)
+    assert await store.reclaim(now + 11, every_lease=False) == {"requeued": 1, "in_doubt": 0}
+    [b2] = await claim(store, now + 12, owner="p2", lease=10)
+    assert b2.delivery_id == b1.delivery_id
+    with pytest.raises(LeaseLost):
+        await store.begin_attempt(b1.delivery_id, message, "<b/>", now + 13, owner="p1")
+    await store.begin_attempt(b2.delivery_id, message, "<b/>", now + 13, owner="p2")
+    await store.begin_attempt(b2.delivery_id, message, "<b/>", now + 13)  # no owner: not fenced (old callers)
+    view = await store.get_report("746", "B")
+    assert view is not None and len(view["deliveries"][0]["attempts"]) == 2
 
 
 async def test_attempts_parts_and_settle(store: Store) -> None:
