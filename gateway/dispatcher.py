@@ -186,6 +186,8 @@ class Dispatcher:
             if any(counts.values()):
                 log.warning("reclaimed expired leases: %s", counts)
         self.endpoints.set_paused(await self.store.paused_endpoints())
+        for key in self.endpoints.apply_openings(await self.store.breakers_open(now), now):
+            log.warning("%s/%s: circuit breaker open (opened by another process)", key[0], key[1])
         for endpoint in self.endpoints:
             at = datetime.fromtimestamp(now, UTC)
             if endpoint.key[1] in self._sendable and not endpoint.hours.is_open(at):
@@ -234,6 +236,10 @@ class Dispatcher:
         log.warning("%s/%s: circuit breaker %s", key[0], key[1], change)
         with contextlib.suppress(Exception):
             await self.store.record_event(event, {"municipality": key[0], "adapter": key[1]}, now)
+        endpoint = self.endpoints.get(key)
+        if change is BreakerState.OPEN and endpoint is not None:
+            with contextlib.suppress(Exception):  # the other processes hold back too
+                await self.store.open_breaker(key[0], key[1], endpoint.breaker.open_ends)
 
     # -- one delivery --------------------------------------------------------------------
 

@@ -295,6 +295,15 @@ async def test_a_claimer_whose_lease_was_taken_over_abandons_without_sending(rig
     assert view is not None and view["deliveries"][0]["attempts"] == []
 
 
+async def test_a_breaker_opened_by_another_process_holds_deliveries_back(rig: Rig) -> None:
+    await rig.store.open_breaker("746", "fake", START + 60)  # another dispatcher's breaker opened
+    await rig.submit("R-1")
+    assert await rig.tick() == 0
+    rig.clock.advance_to(START + 60)
+    assert await rig.tick() == 1  # the probe
+    assert (await rig.latest("R-1"))["status"] == "delivered"
+
+
 async def test_operators_get_a_conflict_for_a_state_without_that_action(rig: Rig) -> None:
     await rig.submit("R-1")
     await rig.tick()

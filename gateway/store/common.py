@@ -116,6 +116,16 @@ def decision_audit(decision: Decision) -> dict[str, Any]:
     return {k: v for k, v in detail.items() if v is not None}
 
 
+#: a breaker opening is kept until the latest ``until`` any process gave it (both engines)
+OPEN_BREAKER = (
+    "INSERT INTO endpoint_breakers (municipality, adapter, open_until) VALUES (?, ?, ?)"
+    " ON CONFLICT (municipality, adapter) DO UPDATE SET open_until = CASE"
+    " WHEN excluded.open_until > endpoint_breakers.open_until THEN excluded.open_until"
+    " ELSE endpoint_breakers.open_until END"
+)
+BREAKERS_OPEN = "SELECT municipality, adapter, open_until FROM endpoint_breakers WHERE open_until > ?"
+
+
 def filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
     """A WHERE clause from known filter names only (values are always parameters)."""
     clauses, params = ["1 = 1"], []

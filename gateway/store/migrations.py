@@ -172,6 +172,18 @@ CREATE INDEX intake_rejections_recent ON intake_rejections (municipality, first_
 ALTER TABLE deliveries ADD COLUMN deferred_from DOUBLE PRECISION;
 """,
     ),
+    (
+        6,
+        "circuit breaker openings are shared by every gateway process through the store",
+        """
+CREATE TABLE endpoint_breakers (
+    municipality    TEXT NOT NULL,
+    adapter         TEXT NOT NULL,
+    open_until      DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (municipality, adapter)
+);
+""",
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

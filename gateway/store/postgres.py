@@ -40,7 +40,9 @@ from . import (
 from .common import (
     AUDIT_INSERT,
     BLOCKING_SQL,
+    BREAKERS_OPEN,
     CONFLICT_ERRORS,
+    OPEN_BREAKER,
     PENDING_OUTCOMES,
     WATCHED_SQL,
     audit_rows,
@@ -483,6 +485,13 @@ class PostgresStore:
         rows = await self._read(lambda tx: tx.fetch(
             "SELECT municipality, adapter, reason FROM endpoint_controls WHERE paused = 1"))
         return {(r[0], r[1]): r[2] or "" for r in rows}
+
+    async def open_breaker(self, municipality: str, adapter: str, until: float) -> None:
+        await self._write(lambda tx: tx.execute(OPEN_BREAKER, municipality, adapter, until), audited=False)
+
+    async def breakers_open(self, now: float) -> dict[tuple[str, str], float]:
+        rows = await self._read(lambda tx: tx.fetch(BREAKERS_OPEN, now))
+        return {(r[0], r[1]): r[2] for r in rows}
 
     async def set_paused(self, municipality: str, adapter: str, paused: bool, reason: str,
                          actor: str, now: float) -> None:

@@ -37,7 +37,9 @@ from . import (
 from .common import (
     AUDIT_INSERT,
     BLOCKING_SQL,
+    BREAKERS_OPEN,
     CONFLICT_ERRORS,
+    OPEN_BREAKER,
     PENDING_OUTCOMES,
     WATCHED_SQL,
     audit_rows,
@@ -669,6 +671,16 @@ class SQLiteStore:
         rows = await self._read(lambda c: c.execute(
             "SELECT municipality, adapter, reason FROM endpoint_controls WHERE paused = 1").fetchall())
         return {(r[0], r[1]): r[2] or "" for r in rows}
+
+    async def open_breaker(self, municipality: str, adapter: str, until: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(OPEN_BREAKER, (municipality, adapter, until))
+
+        await self._write(op)
+
+    async def breakers_open(self, now: float) -> dict[tuple[str, str], float]:
+        rows = await self._read(lambda c: c.execute(BREAKERS_OPEN, (now,)).fetchall())
+        return {(r[0], r[1]): r[2] for r in rows}
 
     async def set_paused(self, municipality: str, adapter: str, paused: bool, reason: str,
                          actor: str, now: float) -> None:

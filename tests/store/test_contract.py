@@ -168,6 +168,25 @@ async def test_an_attempt_is_fenced_by_the_lease(store: Store) -> None:
     assert view is not None and len(view["deliveries"][0]["attempts"]) == 2
 
 
+async def test_breaker_openings_are_shared(store_url: str, store: Store) -> None:
+    """An opening one process stores is seen by another until it ends; the later end wins."""
+    now = time.time()
+    assert await store.breakers_open(now) == {}
+    await store.open_breaker("746", SD, now + 30)
+    await store.open_breaker("746", SD, now + 10)  # an earlier end does not shorten it
+    await store.open_breaker("840", SD, now + 5)
+    other = open_store(store_url)
+    await other.open()
+    try:
+        assert await other.breakers_open(now) == {("746", SD): now + 30, ("840", SD): now + 5}
+        assert await other.breakers_open(now + 6) == {("746", SD): now + 30}
+        await other.open_breaker("746", SD, now + 60)
+    finally:
+        await other.aclose()
+    assert await store.breakers_open(now + 31) == {("746", SD): now + 60}
+    assert await store.breakers_open(now + 60) == {}
+
+
 async def test_attempts_parts_and_settle(store: Store) -> None:
     now = time.time()
     await store.submit([new("A")], now)
