@@ -199,7 +199,7 @@ def create_app(
     app[APP_SETTINGS] = settings
     app[APP_AUTH_FAILURES] = AuthFailures(settings.auth_failures_per_minute)
     app.on_response_prepare.append(security_headers)
-    app[APP_STORE] = store if store is not None else open_store(settings.store_url)
+    app[APP_STORE] = store if store is not None else open_store(settings.store_url, settings.store_pool_size)
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
     check_routes(settings, app[APP_ADAPTERS])
     app[APP_CALENDARS] = build_calendars(settings)

@@ -30,6 +30,7 @@ from . import logs
 from .errors import ConfigError, GatewayError
 from .settings import ROLES, Settings, hash_api_key, load, parse_listen, resolve_store_url
 from .simulators import SimulatorOptions
+from .store import StoreError
 
 SIMULATORS = {"sd": "sd", "kmd": "kmd", "kmd-engangsydelser": "engangsydelser",
               "os2indberetning": "os2indberetning"}
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CliError, ConfigError, RegistryError) as exc:
+    except (CliError, ConfigError, RegistryError, StoreError) as exc:
         print(f"payroll-gateway: {mask_cpr(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -431,7 +432,7 @@ def _with_store(args: argparse.Namespace, work: Any) -> Any:
     settings = _settings(args)
 
     async def run() -> Any:
-        store = open_store(settings.store_url)
+        store = open_store(settings.store_url, settings.store_pool_size)
         await store.open()
         try:
             return await work(store, settings)
@@ -572,7 +573,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def run() -> None:
-        store = open_store(settings.store_url)
+        store = open_store(settings.store_url, settings.store_pool_size)
         await store.open()
         await store.aclose()
 
@@ -588,7 +589,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def run() -> tuple[int, int | None]:
-        store = open_store(settings.store_url)
+        store = open_store(settings.store_url, settings.store_pool_size)
         await store.open()
         try:
             return verify_chain(await store.audit_chain())

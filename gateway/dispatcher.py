@@ -40,7 +40,7 @@ from .deliveries import Decision, Delivery, Detail, Event, decide
 from .endpoints import BreakerState, Endpoints, Key
 from .errors import ConfigError
 from .settings import Settings
-from .store import AttemptRecord, Job, Status, Store
+from .store import AttemptRecord, Job, LeaseLost, Status, Store
 
 log = logging.getLogger(__name__)
 _BODY_LIMIT = 64 * 1024  # attempt bodies kept in the audit trail, per direction
@@ -186,6 +186,8 @@ class Dispatcher:
             if any(counts.values()):
                 log.warning("reclaimed expired leases: %s", counts)
         self.endpoints.set_paused(await self.store.paused_endpoints())
+        for key in self.endpoints.apply_openings(await self.store.breakers_open(now), now):
+            log.warning("%s/%s: circuit breaker open (opened by another process)", key[0], key[1])
         for endpoint in self.endpoints:
             at = datetime.fromtimestamp(now, UTC)
             if endpoint.key[1] in self._sendable and not endpoint.hours.is_open(at):
@@ -234,6 +236,10 @@ class Dispatcher:
         log.warning("%s/%s: circuit breaker %s", key[0], key[1], change)
         with contextlib.suppress(Exception):
             await self.store.record_event(event, {"municipality": key[0], "adapter": key[1]}, now)
+        endpoint = self.endpoints.get(key)
+        if change is BreakerState.OPEN and endpoint is not None:
+            with contextlib.suppress(Exception):  # the other processes hold back too
+                await self.store.open_breaker(key[0], key[1], endpoint.breaker.open_ends)
 
     # -- one delivery --------------------------------------------------------------------
 
@@ -324,7 +330,14 @@ class Dispatcher:
             await self._settle_error(run, exc, attempted=False)
             return False
         request = _text(payload.body, run.cprs)
-        attempt_id = await self.store.begin_attempt(job.delivery_id, message, request, self.clock())
+        try:
+            attempt_id = await self.store.begin_attempt(job.delivery_id, message, request, self.clock(),
+                                                        owner=self.owner)
+        except LeaseLost as exc:
+            # reclaimed (and perhaps claimed by another process) while this one planned:
+            # it is no longer ours to send or to settle; whoever holds it now goes on
+            log.warning("delivery %s: abandoned without sending: %s", job.delivery_id, exc)
+            return False
         started = time.monotonic()
         try:
             receipt = await adapter.send(payload, self.channels.get(job.municipality, job.adapter))

@@ -70,6 +70,22 @@ class Breaker:
             return self._open(now)
         return None
 
+    def open_until(self, until: float, now: float) -> bool:
+        """Another process opened this endpoint's breaker until ``until``: hold back here too
+        (then probe, as after an own opening). False when nothing changed: it is already
+        open as long, a probe is running (its outcome decides), or ``until`` has passed."""
+        if until <= now or (self.state is BreakerState.HALF_OPEN and self.probing):
+            return False
+        if self.state is BreakerState.OPEN and self.opened_at + self.policy.open_seconds >= until:
+            return False
+        self._open(until - self.policy.open_seconds)
+        return True
+
+    @property
+    def open_ends(self) -> float:
+        """When an open breaker lets its probe through."""
+        return self.opened_at + self.policy.open_seconds
+
     def _open(self, now: float) -> BreakerState:
         self.state, self.opened_at = BreakerState.OPEN, now
         self.calls.clear()
@@ -152,6 +168,11 @@ class Endpoints:
     def set_paused(self, paused: Mapping[Key, str]) -> None:
         for key, endpoint in self._all.items():
             endpoint.paused = paused.get(key)
+
+    def apply_openings(self, openings: Mapping[Key, float], now: float) -> list[Key]:
+        """Breaker openings other processes shared (by endpoint: open until); the changed ones."""
+        return [key for key, until in openings.items()
+                if key in self._all and self._all[key].breaker.open_until(until, now)]
 
     def record(self, key: Key, ok: bool, now: float) -> BreakerState | None:
         """One vendor call's outcome (the vendor answered, or was unavailable)."""

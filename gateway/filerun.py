@@ -144,7 +144,7 @@ class FileRunner:
     async def run_once(self, municipality: str, adapter: str) -> RunSummary:
         """One run now (also what the schedule calls). Runs of one file never overlap."""
         path = self.path(municipality, adapter)
-        async with self._locks.setdefault(str(path), asyncio.Lock()):
+        async with self._locks.setdefault(str(path), asyncio.Lock()), self.store.file_lock(str(path)):
             path.parent.mkdir(parents=True, exist_ok=True)
             summary = RunSummary()
             summary.recovered = await self._recover(municipality, adapter, path)

@@ -138,6 +138,7 @@ class Settings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     store_url: str = "sqlite:///payroll-gateway.db"
+    store_pool_size: int = 10  # PostgreSQL: connections per process
     data_dir: Path = Path(".")
     max_body_bytes: int = 4 * 1024 * 1024
     workers: int = 16
@@ -255,7 +256,7 @@ class _Reader:
     def settings(self, raw: dict[str, Any]) -> Settings:
         _no_unknown(raw, _ALLOWED_TOP, "")
         server = _table(raw, "server", "")
-        _no_unknown(server, {"listen", "store", "data_dir", "max_body_bytes", "role", "tls_cert_file",
+        _no_unknown(server, {"listen", "store", "store_pool_size", "data_dir", "max_body_bytes", "role", "tls_cert_file",
                              "tls_key_file", "metrics_token_hash", "auth_failures_per_minute"}, "server")
         disp = _table(raw, "dispatcher", "")
         _no_unknown(disp, {"workers", "lease_seconds", "poll_seconds", "at_risk_check_seconds",
@@ -277,6 +278,7 @@ class _Reader:
             store_url=resolve_store_url(
                 _get(server, "store", str, "server", "sqlite:///payroll-gateway.db"), self.base
             ),
+            store_pool_size=_positive(server, "store_pool_size", int, "server", 10),
             data_dir=data_dir,
             max_body_bytes=_positive(server, "max_body_bytes", int, "server", 4 * 1024 * 1024),
             workers=_positive(disp, "workers", int, "dispatcher", 16),

@@ -1,18 +1,28 @@
-"""Shared fixtures: real simulators on loopback, a real SQLite file, the real app."""
+"""Shared fixtures: real simulators on loopback, a real store (SQLite file and PostgreSQL), the real app.
+
+Every test that takes ``settings`` (or ``store_url``) runs on both engines. PostgreSQL tests
+get a database of their own, dropped afterwards; without PostgreSQL they are skipped with
+the reason, unless ``PAYROLL_GATEWAY_TEST_PG`` is set (CI, ``make test``): then they fail.
+A test marked ``sqlite_only`` runs on SQLite alone (it looks at the file itself).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import json
+import os
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -71,14 +81,62 @@ def tenant(municipality: str, key: str, vendors: dict[str, VendorSettings], rout
     )
 
 
+PG_ENV = "PAYROLL_GATEWAY_TEST_PG"
+PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``sqlite_only`` tests are not collected for PostgreSQL (they are not skipped: not applicable)."""
+    keep, drop = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        engine = callspec.params.get("store_url") if callspec is not None else None
+        (drop if engine == "postgresql" and item.get_closest_marker("sqlite_only") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@contextlib.asynccontextmanager
+async def fresh_pg_database() -> AsyncIterator[str]:
+    """A new, empty PostgreSQL database (its URL), dropped afterwards."""
+    required = os.environ.get(PG_ENV)
+    admin_url = required or PG_DEFAULT
+    try:
+        admin = await asyncpg.connect(admin_url, timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        message = f"PostgreSQL is not reachable at {admin_url}: {exc.__class__.__name__}: {exc}"
+        if required:
+            pytest.fail(f"{message} ({PG_ENV} is set, so the PostgreSQL tests must run)")
+        pytest.skip(f"{message} (set {PG_ENV} to require it)")
+    name = f"pg_{uuid.uuid4().hex[:16]}"
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture(params=ENGINES)
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh store on each engine."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    async with fresh_pg_database() as url:
+        yield url
+
+
 @pytest.fixture
-def settings(tmp_path: Path, sd_server: TestServer) -> Settings:
+def settings(tmp_path: Path, sd_server: TestServer, store_url: str) -> Settings:
     sd = VendorSettings(
         endpoint=str(sd_server.make_url("/sdws/AnsaettelseKoerselOpret20170501")),
         username=SD_USER, password=SD_PASSWORD, institution="XY", connect_timeout=2, read_timeout=2,
     )
     return Settings(
-        store_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        store_url=store_url,
         data_dir=tmp_path,
         workers=4,
         lease_seconds=30,
@@ -147,7 +205,11 @@ async def _json(resp: Any) -> Any:
 
 
 @pytest.fixture
-def make_gateway(aiohttp_client: Callable[..., Awaitable[TestClient]]) -> Callable[..., Awaitable[Gateway]]:
+def make_gateway(request: pytest.FixtureRequest) -> Callable[..., Awaitable[Gateway]]:
+    if "store_url" in request.fixturenames:  # set up first, so the database outlives the apps
+        request.getfixturevalue("store_url")
+    aiohttp_client: Callable[..., Awaitable[TestClient]] = request.getfixturevalue("aiohttp_client")
+
     async def make(settings: Settings, **kw: Any) -> Gateway:
         adapters = kw.pop("adapters", None) or load_adapters()
         app = create_app(settings, adapters=adapters, **kw)

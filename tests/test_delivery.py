@@ -20,6 +20,12 @@ from gateway.store.sqlite import SQLiteStore
 from tests.conftest import KEY_840, Gateway, drive, with_retry
 
 
+def dead_lease(settings: Settings) -> float:
+    """A dead process's lease: SQLite (one process) takes every lease back at start;
+    PostgreSQL (several) only expired ones."""
+    return 600 if settings.store_url.startswith("sqlite") else 0.2
+
+
 def accepted(sd_server: TestServer) -> list[Any]:
     return sd_server.app[SD_STATE].accepted
 
@@ -125,9 +131,10 @@ async def test_restart_with_a_claimed_unfinished_delivery_delivers_once(
     first = await make_gateway(settings, run_dispatcher=False)
     await first.post(drive())
     # a dispatcher claimed it and died before sending (its lease is still valid)
-    jobs = await first.store.claim_due(time.time(), "dead-process", 600, 10, ["sd-koersel"], [])
+    jobs = await first.store.claim_due(time.time(), "dead-process", dead_lease(settings), 10, ["sd-koersel"], [])
     assert len(jobs) == 1
     await first.client.close()
+    await asyncio.sleep(0.3)  # PostgreSQL: the dead process's lease has expired
     second = await make_gateway(settings)
     view = await second.wait_for("R-1", {"delivered"})
     assert len(accepted(sd_server)) == 1
@@ -141,15 +148,17 @@ async def test_restart_after_a_request_may_have_left_is_in_doubt(
 
     first = await make_gateway(settings, run_dispatcher=False)
     await first.post(drive())
-    [job] = await first.store.claim_due(time.time(), "dead-process", 600, 10, ["sd-koersel"], [])
+    [job] = await first.store.claim_due(time.time(), "dead-process", dead_lease(settings), 10, ["sd-koersel"], [])
     await first.store.begin_attempt(job.delivery_id, Message("wage_code", "create"), "<masked/>", time.time())
     await first.client.close()
+    await asyncio.sleep(0.3)  # PostgreSQL: the dead process's lease has expired
     second = await make_gateway(settings)
     view = await second.wait_for("R-1", {"in_doubt"})
     assert "may have been on its way" in view["deliveries"][0]["last_error"]
     assert accepted(sd_server) == []  # never resent blindly
 
 
+@pytest.mark.sqlite_only
 async def test_a_failed_commit_never_answers_202(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(self: SQLiteStore, conn: sqlite3.Connection) -> None:
         raise sqlite3.OperationalError("disk I/O error")
@@ -161,6 +170,7 @@ async def test_a_failed_commit_never_answers_202(gateway: Gateway, monkeypatch: 
     assert (await gateway.get("746", "R-1"))[0] == 404  # rolled back: not stored
 
 
+@pytest.mark.sqlite_only
 async def test_a_stopped_writer_never_answers_202(gateway: Gateway) -> None:
     writer = gateway.store._writer_task
     writer.cancel()
@@ -183,6 +193,7 @@ async def test_audit_trail_records_every_change_and_verifies(gateway: Gateway, s
     assert verify_chain(tampered)[1] == tampered[1]["id"]
 
 
+@pytest.mark.sqlite_only
 async def test_no_cpr_in_logs_or_stored_attempts(gateway: Gateway, sd_server: TestServer,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)

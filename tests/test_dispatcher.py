@@ -30,8 +30,7 @@ from adapters.base import (
 from gateway.dispatcher import Dispatcher
 from gateway.retry import next_delay
 from gateway.settings import RetryPolicy, Settings
-from gateway.store import NewReport, Status
-from gateway.store.sqlite import SQLiteStore
+from gateway.store import NewReport, Status, Store, open_store
 from gateway.watch import AtRiskWatch
 from tests.conftest import DRIVE, tenant
 
@@ -101,7 +100,7 @@ class FakeChannels:
 
 @dataclass
 class Rig:
-    store: SQLiteStore
+    store: Store
     adapter: FakeAdapter
     clock: Clock
     dispatcher: Dispatcher
@@ -133,13 +132,14 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, store_url: str) -> AsyncIterator[Rig]:
+    """The dispatcher on a fake clock and a fake adapter, on each store engine."""
     settings = Settings(
-        store_url=f"sqlite:///{tmp_path / 'gateway.db'}", data_dir=tmp_path, workers=8, lease_seconds=30,
+        store_url=store_url, data_dir=tmp_path, workers=8, lease_seconds=30,
         poll_seconds=0.05, retry=POLICY, max_body_bytes=256 * 1024,
         tenants={"746": tenant("746", "k", {}, {"drive": "fake"})},
     )
-    store = SQLiteStore(str(tmp_path / "gateway.db"))
+    store = open_store(store_url)
     await store.open()
     adapter, clock = FakeAdapter(), Clock()
     dispatcher = Dispatcher(store, {"fake": adapter}, settings, FakeChannels(), clock=clock)  # type: ignore[arg-type]
@@ -279,6 +279,29 @@ async def test_a_lease_that_expires_mid_send_is_in_doubt(rig: Rig) -> None:
     d = await rig.latest("R-1")
     assert (d["status"], d["attempts"]) == ("in_doubt", 1)
     assert rig.adapter.sent == []
+
+
+async def test_a_claimer_whose_lease_was_taken_over_abandons_without_sending(rig: Rig) -> None:
+    await rig.submit("R-1")
+    job, = await rig.dispatcher._claim(rig.settings.workers)
+    rig.clock.advance_to(START + 31)  # this process stalled past its lease: another one takes over
+    assert await rig.store.reclaim(rig.clock(), every_lease=False) == {"requeued": 1, "in_doubt": 0}
+    other, = await rig.store.claim_due(rig.clock(), "other", 30, 10, ["fake"], [])
+    await rig.dispatcher._guarded(job)  # the stalled process wakes up
+    assert rig.adapter.sent == []
+    d = await rig.latest("R-1")
+    assert (d["status"], d["attempts"]) == ("in_flight", 0)  # still the other process's to deliver
+    view = await rig.store.get_report("746", "R-1")
+    assert view is not None and view["deliveries"][0]["attempts"] == []
+
+
+async def test_a_breaker_opened_by_another_process_holds_deliveries_back(rig: Rig) -> None:
+    await rig.store.open_breaker("746", "fake", START + 60)  # another dispatcher's breaker opened
+    await rig.submit("R-1")
+    assert await rig.tick() == 0
+    rig.clock.advance_to(START + 60)
+    assert await rig.tick() == 1  # the probe
+    assert (await rig.latest("R-1"))["status"] == "delivered"
 
 
 async def test_operators_get_a_conflict_for_a_state_without_that_action(rig: Rig) -> None:

@@ -60,3 +60,15 @@ def test_pause_and_opening_hours_stop_claims() -> None:
     night = datetime(2026, 11, 30, 23, 0, tzinfo=UTC).timestamp()  # 00:00 in Copenhagen
     sd = Endpoints({KEY: EndpointPolicy()}, {"sd-koersel": "06:00-22:00"}).get(KEY)
     assert sd is not None and sd.capacity(night) == 0 and not sd.view(night)["open_now"]
+
+
+def test_an_opening_shared_by_another_process_holds_back_then_probes() -> None:
+    breaker = Breaker(BreakerPolicy(window_seconds=10, min_calls=4, failure_rate=0.5, open_seconds=5))
+    assert not breaker.open_until(10, now=10)  # already over
+    assert breaker.open_until(20, now=12)
+    assert breaker.allowance(19.9) == 0
+    assert not breaker.open_until(18, now=13)  # an earlier end changes nothing
+    assert breaker.allowance(20) == 1  # then one probe, as after an own opening
+    breaker.started(1)
+    assert not breaker.open_until(30, now=20)  # a running probe decides
+    assert breaker.record(True, 21) is BreakerState.CLOSED

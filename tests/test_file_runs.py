@@ -12,7 +12,6 @@ import pytest
 from adapters.base import VendorSettings
 from gateway.keys import APP_FILE_RUNNER
 from gateway.settings import Settings
-from gateway.store.sqlite import SQLiteStore
 from tests.conftest import Gateway, drive, tenant
 
 KEY_851 = "test-key-851"
@@ -105,10 +104,10 @@ async def test_a_crash_between_write_and_commit_loses_and_doubles_nothing(
     first = await make_gateway(ind01_settings)
     await submit(first, report("A", "10.00"), report("B", "3.00", date="2026-04-02"))
 
-    async def crash(self: SQLiteStore, *args: Any) -> None:
+    async def crash(self: Any, *args: Any) -> None:
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(SQLiteStore, "file_run_finish", crash)
+    monkeypatch.setattr(type(first.store), "file_run_finish", crash)
     with pytest.raises(RuntimeError):
         await first.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
     written = file_of(tmp_path).read_text()
@@ -200,10 +199,10 @@ async def test_a_crash_with_a_non_ascii_header_is_recovered_from_the_journal(
     first = await make_gateway(aero)
     await submit(first, report("A", "10.00"))
 
-    async def crash(self: SQLiteStore, *args: Any) -> None:
+    async def crash(self: Any, *args: Any) -> None:
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(SQLiteStore, "file_run_finish", crash)
+    monkeypatch.setattr(type(first.store), "file_run_finish", crash)
     with pytest.raises(RuntimeError):
         await first.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
     written = file_of(tmp_path).read_bytes()

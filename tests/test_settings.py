@@ -74,6 +74,8 @@ def test_secret_from_file(tmp_path: Path) -> None:
         (('[server]', '[server]\nworkers = 3'), "server.workers: unknown setting"),
         (('password_env = "SD_PW"', 'password_env = "NOT_SET"'), "password_env: environment variable NOT_SET is not set"),
         (('store = "sqlite:///data/gw.db"', 'store = "mysql://x"'), "server.store: unsupported store URL"),
+        (('[server]', '[server]\nstore_pool_size = 0'), "server.store_pool_size: must be positive"),
+        (('[server]', '[server]\nstore_pool_size = "ten"'), "server.store_pool_size: expected int"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:

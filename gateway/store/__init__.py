@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,6 +54,11 @@ class ConflictingReport(Exception):
 
 class StoreError(Exception):
     """The store could not do what was asked (connection lost, disk full, commit failed)."""
+
+
+class LeaseLost(StoreError):
+    """The caller no longer holds the delivery's lease (it expired, or another claimer took
+    it): the caller must not send anything for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +160,9 @@ class Store(Protocol):
         adapters: Sequence[str], readback_adapters: Sequence[str], municipality: str | None = None,
         lane_order: bool = True,
     ) -> list[Job]: ...
+    # with ``owner``: raises LeaseLost unless ``owner`` still holds an unexpired lease on it
     async def begin_attempt(
-        self, delivery_id: int, message: Message, request_body: str, now: float
+        self, delivery_id: int, message: Message, request_body: str, now: float, owner: str | None = None,
     ) -> int: ...
     async def end_attempt(
         self, attempt_id: int, delivery_id: int, report_pk: int, adapter: str, version: int,
@@ -176,6 +183,9 @@ class Store(Protocol):
     ) -> None: ...
     # endpoints and operations
     async def paused_endpoints(self) -> dict[tuple[str, str], str]: ...
+    # a breaker opened by one process holds the endpoint back in every process until ``until``
+    async def open_breaker(self, municipality: str, adapter: str, until: float) -> None: ...
+    async def breakers_open(self, now: float) -> dict[tuple[str, str], float]: ...
     async def set_paused(
         self, municipality: str, adapter: str, paused: bool, reason: str, actor: str, now: float
     ) -> None: ...
@@ -200,14 +210,20 @@ class Store(Protocol):
         self, municipality: str, source: str, records: Sequence[PulledRecord], now: float
     ) -> list[PullOutcome]: ...
     async def list_rejections(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]: ...
+    # several processes: only one writes a file (IND01) at a time
+    def file_lock(self, key: str) -> AbstractAsyncContextManager[None]: ...
 
 
-def open_store(url: str) -> Store:
-    """The store engine for a SQLAlchemy-style URL."""
+def open_store(url: str, pool_size: int = 10) -> Store:
+    """The store engine for a SQLAlchemy-style URL (``pool_size``: PostgreSQL connections)."""
     if url.startswith("sqlite:///"):
         from .sqlite import SQLiteStore
 
         return SQLiteStore(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url, pool_size)
     raise StoreError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")
 
 

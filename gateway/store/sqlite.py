@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,13 +20,12 @@ from typing import Any, TypeVar
 from adapters.base import DeliveredPart, Message
 
 from .. import deliveries
-from ..audit import event_hash
-from ..deliveries import Decision, Delivery, Detail, Event, IllegalTransition
+from ..deliveries import Decision, Detail, Event, IllegalTransition
 from . import (
-    BLOCKING,
     AttemptRecord,
     ConflictingReport,
     Job,
+    LeaseLost,
     NewReport,
     PulledRecord,
     PullOutcome,
@@ -35,27 +34,50 @@ from . import (
     StoreError,
     Submitted,
 )
-from .migrations import MIGRATIONS
+from .common import (
+    AUDIT_INSERT,
+    BLOCKING_SQL,
+    BREAKERS_OPEN,
+    CONFLICT_ERRORS,
+    OPEN_BREAKER,
+    PENDING_OUTCOMES,
+    WATCHED_SQL,
+    audit_rows,
+    blocker_view,
+    decision_audit,
+    decision_update,
+    delivered_part,
+    delivery_view,
+    facts,
+    filter_sql,
+    lease_refusal,
+    list_view,
+    message,
+    message_json,
+    rejection_view,
+    settled,
+    waits_in_lane,
+)
+from .common import job as build_job
+from .migrations import SCHEMA_TABLE, applied_at, check_version, pending, statements
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 _MAX_BATCH = 512
-_BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
-_WATCHED_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.WATCHED))
 
 
-def _facts(row: sqlite3.Row, reads_back: bool = False) -> Delivery:
-    """What the state machine looks at, from a ``deliveries`` row."""
-    keys = row.keys()
-    retry_since = row["retry_since"] if "retry_since" in keys and row["retry_since"] is not None else 0.0
-    return Delivery(
-        Status(row["status"]), attempts=row["attempts"] if "attempts" in keys else 0,
-        retry_since=retry_since, reads_back=reads_back,
-        cutoff_at=row["cutoff_at"] if "cutoff_at" in keys else None,
-        next_attempt_at=row["next_attempt_at"] if "next_attempt_at" in keys else None,
-        at_risk=bool(row["at_risk"]) if "at_risk" in keys else False,
-        last_error=row["last_error"] if "last_error" in keys else None,
-    )
+def store_error(exc: BaseException) -> StoreError | None:
+    """The one place SQLite's failures become ``StoreError`` (intake answers 503, not 500):
+    a full disk, I/O errors, a lock held too long, a database that cannot be opened."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.IntegrityError | sqlite3.ProgrammingError
+    ):
+        return StoreError(f"the SQLite store failed: {exc}")
+    if isinstance(exc, OSError):
+        return StoreError(f"the SQLite store failed: {exc}")
+    return None
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -112,25 +134,24 @@ class SQLiteStore:
     def _migrate(self) -> None:
         conn = self._wconn
         assert conn is not None
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations "
-            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
-        )
+        conn.execute(SCHEMA_TABLE)
         done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
-        for number, name, sql in MIGRATIONS:
-            if number in done:
-                continue
+        check_version(max(done, default=None))
+        for number, name, sql in pending(done):
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in filter(str.strip, sql.split(";")):
+                for statement in statements(sql, "sqlite"):
                     conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations VALUES (?, ?, datetime('now'))", (number, name)
-                )
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (number, name, applied_at()))
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+
+    @contextlib.asynccontextmanager
+    async def file_lock(self, key: str) -> AsyncIterator[None]:
+        """One process only: the file runner's own lock (and the file's flock) suffice."""
+        yield
 
     # -- the writer ----------------------------------------------------------------------
 
@@ -176,7 +197,7 @@ class SQLiteStore:
         except Exception as exc:  # the commit (or BEGIN) failed: nothing of the batch is durable
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            error = StoreError(f"commit failed: {exc}")
+            error = StoreError(f"commit failed: {store_error(exc) or exc}")
             return [(False, error)] * len(ops)
         return results
 
@@ -187,7 +208,7 @@ class SQLiteStore:
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
-            return False, exc
+            return False, store_error(exc) or exc
         conn.execute("RELEASE op")
         return True, value
 
@@ -204,7 +225,13 @@ class SQLiteStore:
         conn = self._rconn
         if conn is None:
             raise StoreError("store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._rpool, fn, conn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._rpool, fn, conn)
+        except Exception as exc:
+            mapped = store_error(exc)
+            if mapped is None or mapped is exc:
+                raise
+            raise mapped from exc
 
     # -- audit ---------------------------------------------------------------------------
 
@@ -213,16 +240,10 @@ class SQLiteStore:
         *, actor: str = "gateway", report_pk: int | None = None, delivery_id: int | None = None,
     ) -> None:
         """Append to the hash-chained audit trail, inside the caller's transaction."""
-        text = json.dumps(detail, sort_keys=True, default=str)
         # read inside the write transaction: another process (the CLI) may have appended
         row = conn.execute("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
-        prev = row[0] if row else ""
-        digest = event_hash(prev, now, actor, event, report_pk, delivery_id, text)
-        conn.execute(
-            "INSERT INTO audit_events (at, actor, event, report_pk, delivery_id, detail, prev_hash, hash)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (now, actor, event, report_pk, delivery_id, text, prev, digest),
-        )
+        conn.execute(AUDIT_INSERT, audit_rows(row[0] if row else "",
+                                              [(now, actor, event, report_pk, delivery_id, detail)])[0])
 
     # -- intake --------------------------------------------------------------------------
 
@@ -270,8 +291,7 @@ class SQLiteStore:
             return PullOutcome.INVALID
         existing = self._stored_version(conn, record.report)
         if existing is not None and existing["content_hash"] != record.report.content_hash:
-            errors = (("/Id", "this Id was already received with different content; the gateway keeps the "
-                               "first (change it in OS2indberetning as a new record, or ask the payroll office)"),)
+            errors = CONFLICT_ERRORS
             self._reject(conn, municipality, source, record, PullOutcome.CONFLICT, errors, now)
             return PullOutcome.CONFLICT
         if existing is None:
@@ -315,10 +335,7 @@ class SQLiteStore:
         sql = (f"SELECT * FROM intake_rejections WHERE {' AND '.join(clauses)}"
                " ORDER BY first_seen_at DESC, id DESC LIMIT ?")
         rows = await self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())
-        return [{"id": r["id"], "municipality": r["municipality"], "source": r["source"],
-                 "record_id": r["record_id"], "kind": r["kind"], "errors": json.loads(r["errors"]),
-                 "first_seen_at": r["first_seen_at"], "last_seen_at": r["last_seen_at"],
-                 "times_seen": r["times_seen"], "resolved_at": r["resolved_at"]} for r in rows]
+        return [rejection_view(r) for r in rows]
 
     def _existing(self, conn: sqlite3.Connection, version_pk: int, new: NewReport) -> Submitted:
         row = conn.execute("SELECT status FROM deliveries WHERE version_pk = ?", (version_pk,)).fetchone()
@@ -383,9 +400,9 @@ class SQLiteStore:
             (report_pk, adapter, version),
         ).fetchall()
         for row in rows:
-            facts = _facts(row)
-            if deliveries.allowed(facts, Event.SUPERSEDED):
-                decision = deliveries.decide(facts, Event.SUPERSEDED, None, now, Detail(by_version=version))
+            delivery = facts(row)
+            if deliveries.allowed(delivery, Event.SUPERSEDED):
+                decision = deliveries.decide(delivery, Event.SUPERSEDED, None, now, Detail(by_version=version))
                 self._record_decision(conn, row["id"], decision, now, report_pk=report_pk)
 
     # -- reads ---------------------------------------------------------------------------
@@ -415,35 +432,18 @@ class SQLiteStore:
                 "latest_version": report["latest_version"], "versions": versions, "deliveries": deliveries}
 
     def _delivery_view(self, conn: sqlite3.Connection, d: sqlite3.Row) -> dict[str, Any]:
-        status, held_by = Status(d["status"]), None
-        if deliveries.shown_status(status, True) is Status.HELD:
-            held_by = self._blocker(conn, d)
-            status = deliveries.shown_status(status, held_by is not None)
-        attempts = [
-            {k: a[k] for k in ("id", "part", "operation", "started_at", "finished_at", "outcome",
-                               "http_status", "latency_ms", "error", "request_body", "response_body")}
-            for a in conn.execute("SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", (d["id"],))
-        ]
-        view = {k: d[k] for k in ("id", "adapter", "version", "vendor_reference", "attempts",
-                                  "next_attempt_at", "last_error", "warning", "cutoff_at",
-                                  "created_at", "updated_at")}
-        view.update(status=str(status), attempt_count=d["attempts"], attempts=attempts,
-                    at_risk=bool(d["at_risk"]))
-        if held_by is not None:
-            view["held_by"] = held_by
-        return view
+        attempts = conn.execute("SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", (d["id"],))
+        return delivery_view(d, attempts, self._blocker(conn, d))
 
     def _blocker(self, conn: sqlite3.Connection, d: sqlite3.Row) -> dict[str, Any] | None:
-        row = conn.execute(
+        if not waits_in_lane(d):
+            return None
+        return blocker_view(conn.execute(
             f"SELECT d.id, d.status, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
             f" WHERE d.municipality = ? AND d.adapter = ? AND d.employee_key = ? AND d.id < ?"
-            f" AND d.status IN ({_BLOCKING_SQL}) ORDER BY d.id LIMIT 1",
+            f" AND d.status IN ({BLOCKING_SQL}) ORDER BY d.id LIMIT 1",
             (d["municipality"], d["adapter"], d["employee_key"], d["id"]),
-        ).fetchone()
-        if row is None:
-            return None
-        return {"delivery_id": row["id"], "report_id": row["report_id"], "status": row["status"],
-                "reason": f"waiting for delivery {row['id']} of the same employee ({row['status']})"}
+        ).fetchone())
 
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._read(
@@ -490,7 +490,7 @@ class SQLiteStore:
             open_attempt = conn.execute(
                 "SELECT id FROM attempts WHERE delivery_id = ? AND finished_at IS NULL", (row["id"],)
             ).fetchone()
-            decision = deliveries.decide(_facts(row), Event.LEASE_EXPIRED, None, now,
+            decision = deliveries.decide(facts(row), Event.LEASE_EXPIRED, None, now,
                                          Detail(open_attempt=open_attempt is not None))
             if open_attempt is not None:
                 conn.execute("UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE id = ?",
@@ -526,14 +526,14 @@ class SQLiteStore:
             f"      OR (d.status = 'in_doubt' AND d.adapter IN ({rb_marks})))"
             f" AND (? = 0 OR NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.municipality = d.municipality"
             f"   AND e.adapter = d.adapter AND e.employee_key = d.employee_key AND e.id < d.id"
-            f"   AND e.status IN ({_BLOCKING_SQL})))"
+            f"   AND e.status IN ({BLOCKING_SQL})))"
             f" ORDER BY d.next_attempt_at, d.id LIMIT ?",
             (now, *adapters, municipality, municipality, *readback_adapters, int(lane_order), limit),
         ).fetchall()
         jobs = []
         for row in rows:
-            facts = _facts(row, reads_back=row["adapter"] in readback_adapters)
-            decision = deliveries.decide(facts, Event.CLAIMED, None, now)
+            delivery = facts(row, reads_back=row["adapter"] in readback_adapters)
+            decision = deliveries.decide(delivery, Event.CLAIMED, None, now)
             conn.execute(
                 "UPDATE deliveries SET status = ?, lease_owner = ?, lease_until = ?, updated_at = ?"
                 " WHERE id = ?",
@@ -548,36 +548,28 @@ class SQLiteStore:
             " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ?",
             (row["version_pk"],),
         ).fetchone()
-        report = json.loads(version["body"])
-        report["employee"]["cpr"] = version["employee_cpr"]
-        if version["approved_by_cpr"] is not None:
-            report["approved_by_cpr"] = version["approved_by_cpr"]
-        delivered = tuple(
-            DeliveredPart(p["part"], p["version"], json.loads(p["fields"]), p["vendor_reference"])
-            for p in conn.execute(
-                "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part",
-                (row["report_pk"], row["adapter"]),
-            )
-        )
-        pending: tuple[Message, ...] = ()
+        parts = conn.execute("SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part",
+                             (row["report_pk"], row["adapter"])).fetchall()
+        texts: list[str] = []
         if row["status"] == Status.IN_DOUBT:
-            # what may have reached the vendor: in doubt, and (asked by an operator's check)
-            # even refused or retried sends, since a vendor may apply and still answer 5xx
-            texts = dict.fromkeys(a["message"] for a in conn.execute(
+            texts = [a["message"] for a in conn.execute(
                 "SELECT message FROM attempts WHERE delivery_id = ?"
-                " AND outcome IN ('in_doubt', 'retry', 'failed') ORDER BY id", (row["id"],)))
-            pending = tuple(_message(json.loads(t)) for t in texts)
-        retry_since = row["retry_since"] if row["retry_since"] is not None else row["created_at"]
-        return Job(row["id"], row["report_pk"], row["municipality"], row["adapter"], row["version"],
-                   row["attempts"], retry_since, row["status"], report, delivered, pending,
-                   cutoff_at=row["cutoff_at"])
+                f" AND outcome IN {PENDING_OUTCOMES!r} ORDER BY id", (row["id"],))]
+        return build_job(row, version, parts, texts)
 
-    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float) -> int:
+    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float,
+                            owner: str | None = None) -> int:
         def op(conn: sqlite3.Connection) -> int:
+            if owner is not None:
+                lease = conn.execute("SELECT status, lease_owner, lease_until FROM deliveries WHERE id = ?",
+                                     (delivery_id,)).fetchone()
+                refusal = lease_refusal(lease, owner, now)
+                if refusal is not None:
+                    raise LeaseLost(f"delivery {delivery_id}: {refusal}")
             cur = conn.execute(
                 "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (delivery_id, message.part, message.operation, json.dumps(_message_json(message)),
+                (delivery_id, message.part, message.operation, json.dumps(message_json(message)),
                  now, request_body),
             )
             assert cur.lastrowid is not None
@@ -631,31 +623,13 @@ class SQLiteStore:
         self, conn: sqlite3.Connection, delivery_id: int, settle: Settle, now: float, event: str,
         report_pk: int | None,
     ) -> None:
-        decision = Decision(settle.status, event, next_attempt_at=settle.next_attempt_at,
-                            last_error=settle.last_error, vendor_reference=settle.vendor_reference,
-                            warning=settle.warning, count_attempt=settle.count_attempt, at_risk=settle.at_risk)
-        self._record_decision(conn, delivery_id, decision, now, report_pk=report_pk)
+        self._record_decision(conn, delivery_id, settled(settle, event), now, report_pk=report_pk)
 
     def _record_decision(self, conn: sqlite3.Connection, delivery_id: int, decision: Decision, now: float, *,
-               report_pk: int | None = None, actor: str = "gateway") -> None:
+                         report_pk: int | None = None, actor: str = "gateway") -> None:
         """Persist what the state machine decided, and audit it (no deciding here)."""
-        at_risk = None if decision.at_risk is None else int(decision.at_risk)
-        if not decision.changes_state:
-            conn.execute("UPDATE deliveries SET at_risk = COALESCE(?, at_risk) WHERE id = ?", (at_risk, delivery_id))
-        else:
-            conn.execute(
-                "UPDATE deliveries SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
-                " deferred_from = NULL, last_error = ?, vendor_reference = COALESCE(?, vendor_reference),"
-                " warning = COALESCE(?, warning),"
-                " attempts = CASE WHEN ? THEN 0 ELSE attempts + ? END,"
-                " retry_since = CASE WHEN ? THEN ? ELSE retry_since END,"
-                " lease_owner = NULL, lease_until = NULL, updated_at = ?, at_risk = COALESCE(?, at_risk)"
-                " WHERE id = ?",
-                (decision.status, decision.next_attempt_at, decision.last_error, decision.vendor_reference,
-                 decision.warning, int(decision.fresh_budget), int(decision.count_attempt),
-                 int(decision.fresh_budget), decision.next_attempt_at, now, at_risk, delivery_id),
-            )
-        self._audit(conn, now, decision.audit, dict(decision.detail) or _settle_detail(decision), actor=actor,
+        conn.execute(*decision_update(delivery_id, decision, now))
+        self._audit(conn, now, decision.audit, decision_audit(decision), actor=actor,
                     report_pk=report_pk, delivery_id=delivery_id)
 
     async def replace_parts(
@@ -683,8 +657,7 @@ class SQLiteStore:
         rows = await self._read(lambda c: c.execute(
             "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", (report_pk, adapter)
         ).fetchall())
-        return [DeliveredPart(r["part"], r["version"], json.loads(r["fields"]), r["vendor_reference"])
-                for r in rows]
+        return [delivered_part(r) for r in rows]
 
     async def record_event(self, event: str, detail: dict[str, Any], now: float, *,
                            actor: str = "gateway", delivery_id: int | None = None) -> None:
@@ -698,6 +671,16 @@ class SQLiteStore:
         rows = await self._read(lambda c: c.execute(
             "SELECT municipality, adapter, reason FROM endpoint_controls WHERE paused = 1").fetchall())
         return {(r[0], r[1]): r[2] or "" for r in rows}
+
+    async def open_breaker(self, municipality: str, adapter: str, until: float) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(OPEN_BREAKER, (municipality, adapter, until))
+
+        await self._write(op)
+
+    async def breakers_open(self, now: float) -> dict[tuple[str, str], float]:
+        rows = await self._read(lambda c: c.execute(BREAKERS_OPEN, (now,)).fetchall())
+        return {(r[0], r[1]): r[2] for r in rows}
 
     async def set_paused(self, municipality: str, adapter: str, paused: bool, reason: str,
                          actor: str, now: float) -> None:
@@ -749,7 +732,7 @@ class SQLiteStore:
     # -- operations ------------------------------------------------------------------------
 
     async def list_deliveries(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]:
-        where, params = _filter_sql(filters)
+        where, params = filter_sql(filters)
         sql = ("SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
                f" WHERE {where} ORDER BY d.id LIMIT ?")
 
@@ -760,18 +743,7 @@ class SQLiteStore:
         return await self._read(read)
 
     def _list_view(self, conn: sqlite3.Connection, row: sqlite3.Row) -> dict[str, Any]:
-        view = {k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version", "status",
-                                    "attempts", "next_attempt_at", "last_error", "vendor_reference",
-                                    "warning", "cutoff_at", "created_at", "updated_at")}
-        view["at_risk"] = bool(row["at_risk"])
-        if row["deferred_from"] is not None and row["status"] in (Status.QUEUED, Status.RETRY_SCHEDULED):
-            view["waiting_for_opening_at"] = row["next_attempt_at"]  # the endpoint is closed until then
-        if deliveries.shown_status(Status(row["status"]), True) is Status.HELD:
-            blocker = self._blocker(conn, row)
-            if blocker is not None:
-                view["status"] = str(deliveries.shown_status(Status(row["status"]), True))
-                view["held_by"] = blocker
-        return view
+        return list_view(row, self._blocker(conn, row))
 
     async def count_at_risk(self) -> int:
         return int(await self._read(lambda c: c.execute(
@@ -781,7 +753,7 @@ class SQLiteStore:
                       now: float, readback_adapters: Sequence[str] = (),
                       vendor_reference: str | None = None) -> dict[str, list[int]]:
         """Replay, cancel, check or confirm the selected deliveries; each change audited."""
-        where, params = _filter_sql(filters)
+        where, params = filter_sql(filters)
         event = deliveries.ACTIONS[action]
         detail = Detail(error=reason, actor=actor, vendor_reference=vendor_reference)
 
@@ -791,7 +763,7 @@ class SQLiteStore:
             done: dict[str, list[int]] = {"changed": [], "skipped": []}
             for row in rows:
                 try:
-                    decision = deliveries.decide(_facts(row, row["adapter"] in readback_adapters), event,
+                    decision = deliveries.decide(facts(row, row["adapter"] in readback_adapters), event,
                                                  None, now, detail)
                 except IllegalTransition:
                     done["skipped"].append(row["id"])
@@ -812,7 +784,7 @@ class SQLiteStore:
         for a in conn.execute("SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
                               " ORDER BY id", (row["id"],)).fetchall():
             self._record_part(conn, row["report_pk"], row["adapter"], row["version"],
-                              _message(json.loads(a["message"])), record, now)
+                              message(json.loads(a["message"])), record, now)
             conn.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", (a["id"],))
 
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
@@ -825,15 +797,15 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(  # candidates only: the rule is deliveries.is_at_risk
                 "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-                f" WHERE d.at_risk = 0 AND d.cutoff_at IS NOT NULL AND d.status IN ({_WATCHED_SQL})"
+                f" WHERE d.at_risk = 0 AND d.cutoff_at IS NOT NULL AND d.status IN ({WATCHED_SQL})"
                 " ORDER BY d.id"
             ).fetchall()
             flagged = []
             for row in rows:
-                facts = _facts(row)
-                if not deliveries.is_at_risk(facts, now, margin):
+                delivery = facts(row)
+                if not deliveries.is_at_risk(delivery, now, margin):
                     continue
-                decision = deliveries.decide(facts, Event.AT_RISK, None, now)
+                decision = deliveries.decide(delivery, Event.AT_RISK, None, now)
                 self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"])
                 flagged.append({k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version",
                                                      "status", "cutoff_at", "next_attempt_at", "last_error")})
@@ -887,9 +859,9 @@ class SQLiteStore:
                         refs: list[str], now: float) -> None:
         d = conn.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
         reference = ", ".join(refs) or None
-        if d is None or not deliveries.allowed(_facts(d), Event.WRITTEN):
+        if d is None or not deliveries.allowed(facts(d), Event.WRITTEN):
             return
-        decision = deliveries.decide(_facts(d), Event.WRITTEN, None, now, Detail(vendor_reference=reference))
+        decision = deliveries.decide(facts(d), Event.WRITTEN, None, now, Detail(vendor_reference=reference))
         for part in item["parts"]:
             message = Message(part["part"], part["operation"], part["fields"])
             self._record_part(conn, d["report_pk"], d["adapter"], d["version"], message,
@@ -899,49 +871,6 @@ class SQLiteStore:
     async def audit_chain(self) -> list[dict[str, Any]]:
         rows = await self._read(lambda c: c.execute("SELECT * FROM audit_events ORDER BY id").fetchall())
         return [dict(r) for r in rows]
-
-
-_FILTERS = {
-    "id": "d.id = ?",
-    "municipality": "d.municipality = ?",
-    "adapter": "d.adapter = ?",
-    "status": "d.status = ?",
-    "report_id": "r.report_id = ?",
-    "since": "d.created_at >= ?",
-    "until": "d.created_at < ?",
-    "error": "d.last_error LIKE '%' || ? || '%'",
-    "at_risk": "d.at_risk = ?",
-}
-
-
-def _filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
-    """A WHERE clause from known filter names only (values are always parameters)."""
-    clauses, params = ["1 = 1"], []
-    for name, value in filters.items():
-        if value is None:
-            continue
-        if name == "ids":
-            clauses.append(f"d.id IN ({','.join('?' * len(value)) or 'NULL'})")
-            params.extend(value)
-            continue
-        clauses.append(_FILTERS[name])
-        params.append(int(value) if name == "at_risk" else value)
-    return " AND ".join(clauses), tuple(params)
-
-
-def _settle_detail(decision: Decision) -> dict[str, Any]:
-    detail = {"status": str(decision.status), "error": decision.last_error,
-              "vendor_reference": decision.vendor_reference, "warning": decision.warning}
-    return {k: v for k, v in detail.items() if v is not None}
-
-
-def _message_json(message: Message) -> dict[str, Any]:
-    return {"part": message.part, "operation": message.operation,
-            "fields": dict(message.fields), "deletes": message.deletes}
-
-
-def _message(data: dict[str, Any]) -> Message:
-    return Message(data["part"], data["operation"], data["fields"], data["deletes"])
 
 
 __all__ = ["SQLiteStore"]

@@ -1,0 +1,244 @@
+"""Engine-independent parts of the store: filters, the state machine's facts from a row,
+how a decision is written, row views, job building.
+
+Both engines (``sqlite.py``, ``postgres.py``) run the same SQL where they can (``?``
+placeholders; PostgreSQL numbers them) and turn rows into the same dicts here. Neither
+decides a delivery's state: :mod:`gateway.deliveries` does; the engines fetch candidates,
+ask it, and write its :class:`~gateway.deliveries.Decision` with :func:`decision_update`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+from adapters.base import DeliveredPart, Message
+
+from .. import deliveries
+from ..audit import event_hash
+from ..deliveries import Decision, Delivery
+from . import BLOCKING, Job, Settle, Status
+
+
+class Row(Protocol):
+    """A row by column name: ``sqlite3.Row``, ``asyncpg.Record`` or a dict."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+    def keys(self) -> Iterable[str]: ...
+
+
+BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
+WATCHED_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.WATCHED))
+CONFLICT_ERRORS = (("/Id", "this Id was already received with different content; the gateway keeps the "
+                           "first (change it in OS2indberetning as a new record, or ask the payroll office)"),)
+AUDIT_INSERT = ("INSERT INTO audit_events (at, actor, event, report_pk, delivery_id, detail, prev_hash, hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+FILTERS = {
+    "id": "d.id = ?",
+    "municipality": "d.municipality = ?",
+    "adapter": "d.adapter = ?",
+    "status": "d.status = ?",
+    "report_id": "r.report_id = ?",
+    "since": "d.created_at >= ?",
+    "until": "d.created_at < ?",
+    "error": "d.last_error LIKE '%' || ? || '%'",
+    "at_risk": "d.at_risk = ?",
+}
+
+
+def facts(row: Row, reads_back: bool = False) -> Delivery:
+    """What the state machine looks at, from a ``deliveries`` row (``SELECT *`` or a part of it)."""
+    keys = set(row.keys())
+
+    def get(name: str, default: Any = None) -> Any:
+        return row[name] if name in keys and row[name] is not None else default
+
+    return Delivery(
+        Status(row["status"]), attempts=get("attempts", 0), retry_since=get("retry_since", 0.0),
+        reads_back=reads_back, cutoff_at=get("cutoff_at"), next_attempt_at=get("next_attempt_at"),
+        at_risk=bool(get("at_risk", False)), last_error=get("last_error"),
+    )
+
+
+def lease_refusal(row: Row | None, owner: str, now: float) -> str | None:
+    """Why ``owner`` may not start an attempt on this delivery (None: it may): the fence
+    that keeps a claimer whose lease expired (and was reclaimed, perhaps re-claimed) from
+    sending a second time."""
+    if row is None:
+        return "the delivery does not exist"
+    if row["status"] != Status.IN_FLIGHT or row["lease_owner"] != owner:
+        return f"the lease is no longer held by {owner} (now {row['status']}, {row['lease_owner'] or 'no owner'})"
+    if row["lease_until"] is None or row["lease_until"] < now:
+        return f"the lease of {owner} expired"
+    return None
+
+
+def settled(settle: Settle, event: str) -> Decision:
+    """A ``Settle`` (what ``settle``/``end_attempt`` are given) as the decision it came from."""
+    return Decision(settle.status, event, next_attempt_at=settle.next_attempt_at,
+                    last_error=settle.last_error, vendor_reference=settle.vendor_reference,
+                    warning=settle.warning, count_attempt=settle.count_attempt, at_risk=settle.at_risk)
+
+
+def decision_update(delivery_id: int, decision: Decision, now: float) -> tuple[str, tuple[Any, ...]]:
+    """The one UPDATE that persists a decision (both engines; no deciding here).
+
+    The status; ``next_attempt_at`` only if given; ``last_error`` replaced; vendor reference
+    and warning only if given; attempts reset on a fresh budget (which starts at the next
+    attempt) or counted; the deferral and the lease cleared; ``at_risk`` only if decided.
+    A decision that changes no state (at risk) writes ``at_risk`` only.
+    """
+    at_risk = None if decision.at_risk is None else int(decision.at_risk)
+    if not decision.changes_state:
+        return "UPDATE deliveries SET at_risk = COALESCE(?, at_risk) WHERE id = ?", (at_risk, delivery_id)
+    fresh = int(decision.fresh_budget)
+    return (
+        "UPDATE deliveries SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
+        " deferred_from = NULL, last_error = ?, vendor_reference = COALESCE(?, vendor_reference),"
+        " warning = COALESCE(?, warning),"
+        " attempts = CASE WHEN ? = 1 THEN 0 ELSE attempts + ? END,"
+        " retry_since = CASE WHEN ? = 1 THEN ? ELSE retry_since END,"
+        " lease_owner = NULL, lease_until = NULL, updated_at = ?, at_risk = COALESCE(?, at_risk)"
+        " WHERE id = ?",
+        (str(decision.status), decision.next_attempt_at, decision.last_error, decision.vendor_reference,
+         decision.warning, fresh, int(decision.count_attempt), fresh, decision.next_attempt_at, now,
+         at_risk, delivery_id),
+    )
+
+
+def decision_audit(decision: Decision) -> dict[str, Any]:
+    """The audit detail of a decision: its own, or what a settle records."""
+    if decision.detail:
+        return dict(decision.detail)
+    detail = {"status": str(decision.status), "error": decision.last_error,
+              "vendor_reference": decision.vendor_reference, "warning": decision.warning}
+    return {k: v for k, v in detail.items() if v is not None}
+
+
+#: a breaker opening is kept until the latest ``until`` any process gave it (both engines)
+OPEN_BREAKER = (
+    "INSERT INTO endpoint_breakers (municipality, adapter, open_until) VALUES (?, ?, ?)"
+    " ON CONFLICT (municipality, adapter) DO UPDATE SET open_until = CASE"
+    " WHEN excluded.open_until > endpoint_breakers.open_until THEN excluded.open_until"
+    " ELSE endpoint_breakers.open_until END"
+)
+BREAKERS_OPEN = "SELECT municipality, adapter, open_until FROM endpoint_breakers WHERE open_until > ?"
+
+
+def filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """A WHERE clause from known filter names only (values are always parameters)."""
+    clauses, params = ["1 = 1"], []
+    for name, value in filters.items():
+        if value is None:
+            continue
+        if name == "ids":
+            clauses.append(f"d.id IN ({','.join('?' * len(value)) or 'NULL'})")
+            params.extend(value)
+            continue
+        clauses.append(FILTERS[name])
+        params.append(int(value) if name == "at_risk" else value)
+    return " AND ".join(clauses), tuple(params)
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    return {"part": message.part, "operation": message.operation,
+            "fields": dict(message.fields), "deletes": message.deletes}
+
+
+def message(data: dict[str, Any]) -> Message:
+    return Message(data["part"], data["operation"], data["fields"], data["deletes"])
+
+
+def audit_rows(prev: str, events: Iterable[tuple[float, str, str, int | None, int | None, dict[str, Any]]],
+               ) -> list[tuple[Any, ...]]:
+    """Audit rows (for ``AUDIT_INSERT``) chained onto ``prev``, the last stored hash."""
+    rows = []
+    for now, actor, event, report_pk, delivery_id, detail in events:
+        text = json.dumps(detail, sort_keys=True, default=str)
+        digest = event_hash(prev, now, actor, event, report_pk, delivery_id, text)
+        rows.append((now, actor, event, report_pk, delivery_id, text, prev, digest))
+        prev = digest
+    return rows
+
+
+def blocker_view(row: Row | None) -> dict[str, Any] | None:
+    """What holds a delivery back: the first earlier unfinished delivery of its lane."""
+    if row is None:
+        return None
+    return {"delivery_id": row["id"], "report_id": row["report_id"], "status": row["status"],
+            "reason": f"waiting for delivery {row['id']} of the same employee ({row['status']})"}
+
+
+def waits_in_lane(row: Row) -> bool:
+    """Whether a delivery in this state may be held by an earlier one of its lane."""
+    return deliveries.shown_status(Status(row["status"]), True) is Status.HELD
+
+
+def shown(row: Row, blocker: dict[str, Any] | None) -> str:
+    """The state to show for a delivery row: ``held`` when an earlier one blocks its lane."""
+    return str(deliveries.shown_status(Status(row["status"]), blocker is not None))
+
+
+ATTEMPT_FIELDS = ("id", "part", "operation", "started_at", "finished_at", "outcome",
+                  "http_status", "latency_ms", "error", "request_body", "response_body")
+
+
+def delivery_view(d: Row, attempts: Iterable[Row], blocker: dict[str, Any] | None) -> dict[str, Any]:
+    """A delivery as ``get_report`` shows it (held when an earlier one blocks it)."""
+    view = {k: d[k] for k in ("id", "adapter", "version", "vendor_reference", "attempts",
+                              "next_attempt_at", "last_error", "warning", "cutoff_at",
+                              "created_at", "updated_at")}
+    view.update(status=shown(d, blocker), attempt_count=d["attempts"],
+                attempts=[{k: a[k] for k in ATTEMPT_FIELDS} for a in attempts],
+                at_risk=bool(d["at_risk"]))
+    if blocker is not None:
+        view["held_by"] = blocker
+    return view
+
+
+def list_view(row: Row, blocker: dict[str, Any] | None) -> dict[str, Any]:
+    """A delivery as ``list_deliveries`` shows it."""
+    view = {k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version", "status",
+                                "attempts", "next_attempt_at", "last_error", "vendor_reference",
+                                "warning", "cutoff_at", "created_at", "updated_at")}
+    view["at_risk"] = bool(row["at_risk"])
+    if row["deferred_from"] is not None and waits_in_lane(row):
+        view["waiting_for_opening_at"] = row["next_attempt_at"]  # the endpoint is closed until then
+    view["status"] = shown(row, blocker)
+    if blocker is not None:
+        view["held_by"] = blocker
+    return view
+
+
+def rejection_view(r: Row) -> dict[str, Any]:
+    return {"id": r["id"], "municipality": r["municipality"], "source": r["source"],
+            "record_id": r["record_id"], "kind": r["kind"], "errors": json.loads(r["errors"]),
+            "first_seen_at": r["first_seen_at"], "last_seen_at": r["last_seen_at"],
+            "times_seen": r["times_seen"], "resolved_at": r["resolved_at"]}
+
+
+def delivered_part(p: Row) -> DeliveredPart:
+    return DeliveredPart(p["part"], p["version"], json.loads(p["fields"]), p["vendor_reference"])
+
+
+def job(row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[str]) -> Job:
+    """A claimed delivery as the dispatcher gets it: the report with its CPR numbers restored,
+    what was delivered of it before, and (in doubt) what may have reached the vendor."""
+    report = json.loads(version["body"])
+    report["employee"]["cpr"] = version["employee_cpr"]
+    if version["approved_by_cpr"] is not None:
+        report["approved_by_cpr"] = version["approved_by_cpr"]
+    delivered = tuple(delivered_part(p) for p in parts)
+    pending: tuple[Message, ...] = ()
+    if row["status"] == Status.IN_DOUBT:
+        pending = tuple(message(json.loads(t)) for t in dict.fromkeys(pending_texts))
+    retry_since = row["retry_since"] if row["retry_since"] is not None else row["created_at"]
+    return Job(row["id"], row["report_pk"], row["municipality"], row["adapter"], row["version"],
+               row["attempts"], retry_since, row["status"], report, delivered, pending,
+               cutoff_at=row["cutoff_at"])
+
+
+#: attempt outcomes whose message may have reached the vendor: in doubt, and (asked by an
+#: operator's check) even refused or retried sends, since a vendor may apply and still answer 5xx
+PENDING_OUTCOMES = ("in_doubt", "retry", "failed")
