@@ -909,7 +909,7 @@ _FILTERS = {
     "report_id": "r.report_id = ?",
     "since": "d.created_at >= ?",
     "until": "d.created_at < ?",
-    "error": "d.last_error LIKE '%' || ? || '%'",
+    "error": "d.last_error LIKE '%' || ? || '%' ESCAPE '\\'",  # a substring, never a pattern
     "at_risk": "d.at_risk = ?",
 }
 
@@ -925,6 +925,8 @@ def _filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
             params.extend(value)
             continue
         clauses.append(_FILTERS[name])
+        if name == "error":
+            value = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         params.append(int(value) if name == "at_risk" else value)
     return " AND ".join(clauses), tuple(params)
 
