@@ -27,6 +27,7 @@ ACTIONS = tuple(deliveries.ACTIONS)  # what each may do is the state machine's t
 STATES = tuple(str(s) for s in Status)
 MAX_ID = 2**63 - 1  # ids are 64-bit integers in every engine
 MAX_IDS = 5000
+FLAGS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 FILTER_KEYS = ("municipality", "adapter", "status", "report_id", "since", "until", "error", "at_risk")
 
 
@@ -54,7 +55,7 @@ def parse_filters(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
         elif key == "ids":
             filters["ids"] = _ids(value, pointer)
         elif key == "at_risk":
-            filters[key] = str(value).lower() in ("1", "true", "yes")
+            filters[key] = _flag(value, pointer)
         elif not isinstance(value, str) or not readable_text(value) or len(value) > 500:
             raise InvalidReport(f"bad {key}", [FieldError(pointer, "must be a text of at most 500 "
                                                                    "readable characters")])
@@ -63,6 +64,14 @@ def parse_filters(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
         else:
             filters[key] = value
     return filters
+
+
+def _flag(value: Any, pointer: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in FLAGS:
+        return FLAGS[value.lower()]
+    raise InvalidReport("bad flag", [FieldError(pointer, f"must be one of: {', '.join(FLAGS)}")])
 
 
 def _ids(value: Any, pointer: str) -> list[int]:
@@ -236,5 +245,5 @@ def rejection_filters(raw: Any) -> dict[str, Any]:
         raise InvalidReport("bad filter", [FieldError("/", "filters must be texts of at most 500 readable characters")])
     if "kind" in filters and filters["kind"] not in ("invalid", "conflict"):
         raise InvalidReport("bad kind", [FieldError("/kind", "must be 'invalid' or 'conflict'")])
-    filters["unresolved"] = str(raw.get("unresolved", "")).lower() in ("1", "true", "yes")
+    filters["unresolved"] = _flag(raw.get("unresolved", False), "/unresolved")
     return filters

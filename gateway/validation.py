@@ -67,6 +67,8 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 
 
 _VALIDATORS = _load_validators()
+#: each kind's schema as validated (flat, self-contained): inlined in the OpenAPI document
+REPORT_SCHEMAS: dict[str, dict[str, Any]] = {kind: v.schema for kind, v in _VALIDATORS.items()}
 
 
 def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
