@@ -1,8 +1,9 @@
 """Request bodies read as JSON: strictly (RFC 8259, UTF-8, no NaN, no duplicate keys) and bounded.
 
-``parse`` is a pure function meant to run in a worker thread: a top-level array is read one
-record at a time and refused past the record limit before the rest is even parsed, so a
-hostile body costs neither the event loop nor the memory of a million parsed records.
+``parse`` is a pure function meant to run in a worker thread: a top-level array (or the
+``reports`` array of a top-level object) is read one record at a time and refused past the
+record limit before the rest is even parsed, so a hostile body costs neither the event loop
+nor the time and memory of a million parsed records.
 """
 
 from __future__ import annotations
@@ -71,17 +72,25 @@ def parse(raw: bytes, max_records: int | None = None) -> Any:
 
 
 def _records(text: str, limit: int) -> Any:
+    """A top-level array, or a top-level object's ``reports`` array, read one item at a time."""
     start = _skip(text, 0)
-    if not text.startswith("[", start):
-        value = _DECODER.decode(text)
-        reports = value.get("reports") if isinstance(value, dict) else None
-        if isinstance(reports, list) and len(reports) > limit:
-            raise TooManyRecords(limit)
-        return value
+    value: Any
+    if text.startswith("[", start):
+        value, end = _array(text, start, limit)
+    elif text.startswith("{", start):
+        value, end = _object(text, start, limit)
+    else:
+        return _DECODER.decode(text)
+    if _skip(text, end) != len(text):
+        raise json.JSONDecodeError("Extra data", text, _skip(text, end))
+    return value
+
+
+def _array(text: str, pos: int, limit: int) -> tuple[list[Any], int]:
     items: list[Any] = []
-    pos = _skip(text, start + 1)
+    pos = _skip(text, pos + 1)
     if text.startswith("]", pos):
-        return _end(text, pos, items)
+        return items, pos + 1
     while True:
         if len(items) == limit:
             raise TooManyRecords(limit)
@@ -89,7 +98,33 @@ def _records(text: str, limit: int) -> Any:
         items.append(item)
         pos = _skip(text, pos)
         if text.startswith("]", pos):
-            return _end(text, pos, items)
+            return items, pos + 1
+        if not text.startswith(",", pos):
+            raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+        pos = _skip(text, pos + 1)
+
+
+def _object(text: str, pos: int, limit: int) -> tuple[dict[str, Any], int]:
+    pairs: list[tuple[str, Any]] = []
+    pos = _skip(text, pos + 1)
+    if text.startswith("}", pos):
+        return {}, pos + 1
+    while True:
+        if not text.startswith('"', pos):
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+        key, pos = _DECODER.raw_decode(text, pos)
+        pos = _skip(text, pos)
+        if not text.startswith(":", pos):
+            raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+        pos = _skip(text, pos + 1)
+        if key == "reports" and text.startswith("[", pos):
+            value, pos = _array(text, pos, limit)
+        else:
+            value, pos = _DECODER.raw_decode(text, pos)
+        pairs.append((key, value))
+        pos = _skip(text, pos)
+        if text.startswith("}", pos):
+            return _pairs(pairs), pos + 1
         if not text.startswith(",", pos):
             raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
         pos = _skip(text, pos + 1)
@@ -98,13 +133,6 @@ def _records(text: str, limit: int) -> Any:
 def _skip(text: str, pos: int) -> int:
     match = _WS.match(text, pos)
     return match.end() if match else pos
-
-
-def _end(text: str, pos: int, items: list[Any]) -> list[Any]:
-    end = _skip(text, pos + 1)
-    if end != len(text):
-        raise json.JSONDecodeError("Extra data", text, end)
-    return items
 
 
 def _too_deep(value: Any) -> bool:
