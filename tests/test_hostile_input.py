@@ -307,6 +307,7 @@ async def test_unparseable_http_is_a_problem_without_the_request_line(gateway: G
     await writer.drain()
     answer = await asyncio.wait_for(reader.read(), 5)
     writer.close()
+    await writer.wait_closed()
     head, _, body = answer.partition(b"\r\n\r\n")
     status = int(head.split()[1])
     content_type = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
