@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_CURL := curl -sS -X POST http://127.0.0.1:8080/v1/reports -H 'Authorization: Bearer demo-key-746' -H 'Content-Type: application/json' --data @examples/report-drive-746.json
 
-.PHONY: install run test lint check bench clean
+.PHONY: install run test lint check bench fuzz openapi clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ PAYROLL_GATEWAY_TEST_PG ?= postgresql://postgres@127.0.0.1:5432/test
 
 test: $(STAMP)
 	PAYROLL_GATEWAY_TEST_PG=$(PAYROLL_GATEWAY_TEST_PG) $(PY) -m pytest
+
+# schemathesis against every operation of /openapi.json: 100 cases per operation and mode
+# (>= 2,000 in all); a 5xx or a response the document does not allow fails it
+fuzz: $(STAMP)
+	$(PY) -W error -m tests.fuzz 100
+
+# rewrite schemas/openapi.json with the report schemas inlined (tests/test_openapi.py checks it)
+openapi: $(STAMP)
+	$(PY) -m gateway.openapi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway adapters tests bench

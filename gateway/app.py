@@ -8,8 +8,11 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from http import HTTPStatus
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from adapters.base import Adapter, mask_cpr
 from adapters.registry import load_adapters
@@ -59,7 +62,12 @@ async def correlation(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 def problem_response(status: int, body: dict[str, object], headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM, headers=headers)
+    # the last guard of "never echo a CPR": whatever a message quotes, a CPR leaves masked
+    return web.Response(status=status, text=mask_cpr(json.dumps(body)), content_type=PROBLEM, headers=headers)
+
+
+def _plain_problem(status: int, title: str, detail: str, instance: str) -> dict[str, object]:
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance}
 
 
 @web.middleware
@@ -70,18 +78,62 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except GatewayError as exc:
         return problem_response(exc.status, exc.problem(request.path), exc.headers)
     except web.HTTPRequestEntityTooLarge:
-        return problem_response(413, {"type": "about:blank", "title": "Payload too large", "status": 413,
-                                      "detail": "the body is too large", "instance": request.path})
+        limit = request.app[APP_SETTINGS].max_body_bytes
+        return problem_response(413, {**_plain_problem(413, "Payload too large", f"the body is larger than {limit} bytes",
+                                                       request.path), "limit": limit})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return problem_response(exc.status, {"type": "about:blank", "title": exc.reason, "status": exc.status,
-                                             "detail": exc.reason, "instance": request.path})
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 says what is allowed
+        return problem_response(exc.status, _plain_problem(exc.status, exc.reason, exc.reason, request.path), allow)
     except Exception as exc:  # a bug: say so without details, log it masked
         log.error("unhandled error on %s %s: %s", request.method, request.path, mask_cpr(repr(exc)))
-        return problem_response(500, {"type": "about:blank", "title": "Internal error", "status": 500,
-                                      "detail": "an internal error occurred; it has been logged",
-                                      "instance": request.path})
+        return problem_response(500, _plain_problem(500, "Internal error", "an internal error occurred; it has "
+                                                    "been logged", request.path))
+
+
+def _protocol_problem(self: RequestHandler, request: BaseRequest, status: int = 500,
+                      exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+    """aiohttp's own answer to a request it cannot parse (bad request line, bad or too long
+    headers), as problem+json. Its plain-text page quotes the request line, which may hold a
+    CPR; so does its log line: this one names only the kind of error."""
+    if request.writer.output_size > 0:
+        raise ConnectionError("a response was sent already; the connection is closed")
+    log.warning("unreadable HTTP request (%d): %s", status, type(exc).__name__ if exc else "unknown")
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    detail = ("the request could not be read as HTTP/1.1" if status < 500
+              else "an internal error occurred; it has been logged")
+    response = problem_response(status, _plain_problem(status, title, detail, "/"))
+    response.force_close()
+    return response
+
+
+def _serves_gateway(handler: RequestHandler) -> bool:
+    app = getattr(getattr(handler, "_manager", None), "request_handler", None)
+    return APP_SETTINGS in getattr(app, "__self__", {})
+
+
+def _install_protocol_problems() -> None:
+    """aiohttp has no hook for these pages, so the method is wrapped once, for gateway apps only
+    (the simulators, which stand in for vendors, keep aiohttp's own pages)."""
+    original = RequestHandler.handle_error
+    if getattr(original, "_gateway", False):
+        return
+
+    def handle_error(self: RequestHandler, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+        if _serves_gateway(self):
+            return _protocol_problem(self, request, status, exc, message)
+        return original(self, request, status, exc, message)
+
+    handle_error._gateway = True  # type: ignore[attr-defined]
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
+
+
+_install_protocol_problems()
 
 
 SECURITY_HEADERS = {

@@ -19,7 +19,15 @@ from aiohttp import web
 from adapters.base import Adapter, payroll_date
 
 from .errors import FieldError, InvalidReport
-from .intake import authenticate, cutoff_finder, read_json, submit, to_new_reports
+from .intake import (
+    MAX_BATCH,
+    authenticate,
+    cutoff_finder,
+    off_loop,
+    read_json,
+    submit,
+    to_new_reports,
+)
 from .keys import APP_ADAPTERS
 from .settings import Tenant
 from .store import NewReport
@@ -49,9 +57,10 @@ def _lower_keys(record: dict[str, Any]) -> dict[str, Any]:
     return {str(k).lower(): v for k, v in record.items()}
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
+def _text(value: Any) -> Any:
+    """A text or number as a trimmed text; anything else is passed on for the schema to reject."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
+        return value
     text = str(value).strip()
     return text or None
 
@@ -71,13 +80,14 @@ def _date(value: Any) -> Any:
         return value
     try:
         return payroll_date(value.strip()).isoformat()
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: year 9999 with an offset
         match = _DATE.match(value)  # an impossible date is reported as one, at /DriveDate
         return match.group(1) if match else value
 
 
 def _digit(value: Any) -> Any:
-    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    text = value.strip() if isinstance(value, str) else ""
+    return int(text) if text.isascii() and text.isdecimal() and len(text) < 10 else value
 
 
 def to_canonical(record: Any, municipality: str) -> Any:
@@ -141,14 +151,19 @@ def to_new_report(tenant: Tenant, record: Any, cutoff: Callable[[str], float | N
 @routes.post("/v1/compat/os2indberetning/drive-reports")
 async def post_drive_reports(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    body = await read_json(request)
+    body = await read_json(request, MAX_BATCH)
+    new = await off_loop(to_new_records, tenant, body, cutoff_finder(request, tenant), request.app[APP_ADAPTERS])
+    return await submit(request, new, "/{}")
+
+
+def to_new_records(tenant: Tenant, body: Any, cutoff: Callable[[str], float | None],
+                   adapters: Mapping[str, Adapter]) -> list[NewReport]:
+    """The export records of a compat body as report versions, pointers in the sender's keys."""
     if not isinstance(body, list) or not body:
         raise InvalidReport("expected a non-empty JSON array of OS2indberetning records",
                             [FieldError("/", "must be a non-empty array")])
     reports = [to_canonical(r, tenant.municipality) for r in body]
     try:
-        new = to_new_reports(tenant, reports, "/{}", cutoff_finder(request, tenant),
-                             request.app[APP_ADAPTERS])
+        return to_new_reports(tenant, reports, "/{}", cutoff, adapters)
     except InvalidReport as exc:
         raise InvalidReport(exc.detail, [_os2_pointer(e) for e in exc.errors]) from exc
-    return await submit(request, new, "/{}")

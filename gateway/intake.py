@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from adapters.base import Adapter, mask_cpr
 
 from .auth import bearer, refuse
 from .errors import (
-    BadRequest,
     Conflict,
     FieldError,
     Forbidden,
@@ -25,16 +25,20 @@ from .errors import (
     NotFound,
     PayloadTooLarge,
     StoreUnavailable,
+    UnsupportedMediaType,
 )
+from .jsonbody import MAX_RECORDS, TooManyRecords, parse
 from .keys import APP_ADAPTERS, APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .payroll_calendar import CutoffCalendar
 from .settings import Tenant
 from .store import SETTLED, ConflictingReport, NewReport, Store, StoreError, Submitted
-from .validation import normalise, validate_report, vendor_fields
+from .validation import normalise, readable_text, validate_report, vendor_fields
 
-MAX_BATCH = 1000
+MAX_BATCH = MAX_RECORDS
+MAX_ERRORS = 100  # listed in one problem; a hostile body must not buy a 40 MB answer
 MAX_WAIT = 30.0  # seconds a sender may ask to wait for the vendor's answer (Prefer: wait)
 routes = web.RouteTableDef()
+T = TypeVar("T")
 
 
 def authenticate(request: web.Request) -> Tenant:
@@ -46,21 +50,33 @@ def authenticate(request: web.Request) -> Tenant:
     return tenant
 
 
-async def read_json(request: web.Request) -> Any:
+def check_json_type(request: web.Request) -> None:
+    """415 for a body declared as anything but JSON; no Content-Type at all is read as JSON."""
+    if hdrs.CONTENT_TYPE not in request.headers:
+        return
+    mime, charset = request.content_type, request.charset
+    is_json = mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+    if not is_json or (charset is not None and charset.lower() not in ("utf-8", "utf8")):
+        raise UnsupportedMediaType("send the body as application/json (UTF-8)")
+
+
+async def read_json(request: web.Request, max_records: int | None = None) -> Any:
+    """The body as JSON, parsed in a worker thread (see ``jsonbody``)."""
+    check_json_type(request)
     limit = request.app[APP_SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes", limit=limit)
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLarge(f"the body is larger than {limit} bytes") from exc
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc.__class__.__name__} at position "
-                         f"{getattr(exc, 'pos', getattr(exc, 'start', '?'))}") from exc
-    except RecursionError as exc:
-        raise BadRequest("the body is nested too deeply") from exc
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes", limit=limit) from exc
+    return await off_loop(parse, raw, max_records)
+
+
+async def off_loop(func: Callable[..., T], *args: Any) -> T:
+    """CPU work on a request (parsing, validating up to MAX_RECORDS reports) in a worker thread,
+    so that no request delays /healthz or another request's answer."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(func, *args))
 
 
 def split_batch(body: Any) -> tuple[list[Any], str]:
@@ -71,8 +87,7 @@ def split_batch(body: Any) -> tuple[list[Any], str]:
             raise InvalidReport("'reports' must be a non-empty array",
                                 [FieldError("/reports", "must be a non-empty array")])
         if len(reports) > MAX_BATCH:
-            raise InvalidReport(f"at most {MAX_BATCH} reports per request",
-                                [FieldError("/reports", f"must have at most {MAX_BATCH} items")])
+            raise TooManyRecords(MAX_BATCH)
         return reports, "/reports/{}"
     return [body], ""
 
@@ -89,7 +104,8 @@ def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str,
     for i, data in enumerate(reports):
         errors.extend(validate_report(data, pointer.format(i)))
     if errors:
-        raise InvalidReport(f"{len(errors)} problem(s) in the submitted report(s)", errors)
+        listed = "" if len(errors) <= MAX_ERRORS else f"; the first {MAX_ERRORS} are listed"
+        raise InvalidReport(f"{len(errors)} problem(s) in the submitted report(s){listed}", errors[:MAX_ERRORS])
     for i, data in enumerate(reports):
         if data["municipality"] != tenant.municipality:
             raise Forbidden(f"this API key is not allowed for municipality {data['municipality']} "
@@ -211,18 +227,23 @@ def _submitted(r: Submitted) -> dict[str, Any]:
 @routes.post("/v1/reports")
 async def post_reports(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    reports, pointer = split_batch(await read_json(request))
-    new = to_new_reports(tenant, reports, pointer, cutoff_finder(request, tenant), request.app[APP_ADAPTERS])
+    reports, pointer = split_batch(await read_json(request, MAX_BATCH))
+    new = await off_loop(to_new_reports, tenant, reports, pointer, cutoff_finder(request, tenant),
+                         request.app[APP_ADAPTERS])
     return await submit(request, new, pointer)
 
 
 @routes.get("/v1/reports/{municipality}/{report_id}")
 async def get_report(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    municipality = request.match_info["municipality"]
+    municipality, report_id = request.match_info["municipality"], request.match_info["report_id"]
     if municipality != tenant.municipality:
+        if not (len(municipality) == 3 and municipality.isascii() and municipality.isdecimal()):
+            raise NotFound("no such report")  # not a kommunekode: said without echoing it
         raise Forbidden(f"this API key is not allowed for municipality {municipality}")
-    view = await request.app[APP_STORE].get_report(municipality, request.match_info["report_id"])
+    if not 1 <= len(report_id) <= 64 or not readable_text(report_id):
+        raise NotFound("no such report")  # could never have been stored
+    view = await request.app[APP_STORE].get_report(municipality, report_id)
     if view is None:
         raise NotFound("no such report")
     for v in view["versions"]:

@@ -9,8 +9,8 @@ trail with every action, and every action needs a reason.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -21,9 +21,15 @@ from .errors import BadRequest, Conflict, FieldError, InvalidReport, NotFound
 from .intake import _iso_times, read_json
 from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_STORE
 from .settings import ALL_MUNICIPALITIES, Operator
+from .store import Status
+from .validation import pointer_token, readable_text
 
 routes = web.RouteTableDef()
 ACTIONS = tuple(deliveries.ACTIONS)  # what each may do is the state machine's to say
+STATES = tuple(str(s) for s in Status)
+MAX_ID = 2**63 - 1  # ids are 64-bit integers in every engine
+MAX_IDS = 5000
+FLAGS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 FILTER_KEYS = ("municipality", "adapter", "status", "report_id", "since", "until", "error", "at_risk")
 
 
@@ -53,30 +59,55 @@ async def require_deliveries(request: web.Request, who: Operator, ids: list[int]
         require_municipality(who, municipality)
 
 
-def parse_filters(raw: dict[str, Any], where: str) -> dict[str, Any]:
-    """Known filter names only; times as ISO-8601 (or epoch seconds)."""
+def parse_filters(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Known filter names only, each of its type; times as ISO-8601 (or epoch seconds)."""
     unknown = set(raw) - set(FILTER_KEYS) - {"ids"}
     if unknown:
-        raise InvalidReport("unknown filter", [FieldError(f"{where}/{k}", "is not a known filter") for k in sorted(unknown)])
+        raise InvalidReport("unknown filter", [FieldError(f"{where}/{pointer_token(k)}", "is not a known filter")
+                                               for k in sorted(unknown)])
     filters: dict[str, Any] = {}
     for key, value in raw.items():
+        pointer = f"{where}/{key}"
         if key in ("since", "until"):
-            filters[key] = _time(value, f"{where}/{key}")
+            filters[key] = _time(value, pointer)
         elif key == "ids":
-            if not isinstance(value, list) or not all(isinstance(i, int) for i in value):
-                raise InvalidReport("bad ids", [FieldError(f"{where}/ids", "must be an array of delivery ids")])
-            filters["ids"] = value
+            filters["ids"] = _ids(value, pointer)
         elif key == "at_risk":
-            filters[key] = str(value).lower() in ("1", "true", "yes")
+            filters[key] = _flag(value, pointer)
+        elif not isinstance(value, str) or not readable_text(value) or len(value) > 500:
+            raise InvalidReport(f"bad {key}", [FieldError(pointer, "must be a text of at most 500 "
+                                                                   "readable characters")])
+        elif key == "status" and value not in STATES:
+            raise InvalidReport("bad status", [FieldError(pointer, f"must be one of: {', '.join(STATES)}")])
         else:
-            filters[key] = str(value)
+            filters[key] = value
     return filters
+
+
+def _flag(value: Any, pointer: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in FLAGS:
+        return FLAGS[value.lower()]
+    raise InvalidReport("bad flag", [FieldError(pointer, f"must be one of: {', '.join(FLAGS)}")])
+
+
+def _ids(value: Any, pointer: str) -> list[int]:
+    if (not isinstance(value, list) or not value or len(value) > MAX_IDS
+            or not all(type(i) is int and 0 < i <= MAX_ID for i in value)):
+        raise InvalidReport("bad ids", [FieldError(pointer, f"must be an array of 1 to {MAX_IDS} delivery "
+                                                            "ids (positive 64-bit integers)")])
+    return value
 
 
 def _time(value: Any, pointer: str) -> float:
     try:
-        return float(value) if isinstance(value, (int, float)) else datetime.fromisoformat(str(value)).timestamp()
-    except ValueError as exc:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(value)
+        moment = float(value) if not isinstance(value, str) else datetime.fromisoformat(value).timestamp()
+        datetime.fromtimestamp(moment, UTC)  # in range for every engine
+        return moment
+    except (ValueError, OverflowError, OSError) as exc:
         raise InvalidReport("bad time", [FieldError(pointer, "must be an ISO-8601 date or time")]) from exc
 
 
@@ -84,12 +115,14 @@ def _time(value: Any, pointer: str) -> float:
 async def list_deliveries(request: web.Request) -> web.Response:
     who = operator(request)
     raw = {k: v for k, v in request.query.items() if k != "limit"}
-    limit = request.query.get("limit", "200")
-    if not limit.isdigit() or not 0 < int(limit) <= 5000:
-        raise BadRequest("limit must be a whole number from 1 to 5000")
+    try:
+        filters = parse_filters(raw, "")
+    except InvalidReport as exc:  # a bad query parameter is a bad request, not a bad body
+        raise BadRequest(exc.detail, exc.errors) from exc
+    limit = _limit(request)
     store = request.app[APP_STORE]
-    rows = await gather_scoped(who, parse_filters(raw, ""), lambda f: store.list_deliveries(f, int(limit)))
-    rows = sorted(rows, key=lambda r: r["id"])[:int(limit)]
+    rows = await gather_scoped(who, filters, lambda f: store.list_deliveries(f, limit))
+    rows = sorted(rows, key=lambda r: r["id"])[:limit]
     _iso_times(rows)
     return web.json_response({"deliveries": rows, "count": len(rows)})
 
@@ -110,27 +143,41 @@ async def delivery_audit(request: web.Request) -> web.Response:
 
 def _id(request: web.Request) -> int:
     raw = request.match_info["id"]
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdecimal() and len(raw) <= 19) or not 0 < int(raw) <= MAX_ID:
         raise NotFound("no such delivery")
     return int(raw)
+
+
+def _limit(request: web.Request) -> int:
+    limit = request.query.get("limit", "200")
+    if not (limit.isascii() and limit.isdecimal() and len(limit) <= 4) or not 0 < int(limit) <= 5000:
+        raise BadRequest("limit must be a whole number from 1 to 5000")
+    return int(limit)
+
+
+def _text(value: Any, pointer: str, what: str) -> str:
+    """A reason or reference as stored: readable text, at most 2000 characters."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 2000 or not readable_text(value):
+        raise InvalidReport(f"{what} is required", [FieldError(pointer, "is required: a text of at most "
+                                                                       "2000 readable characters")])
+    return value.strip()
 
 
 async def _act(request: web.Request, action: str, filters: dict[str, Any], reason: Any,
                vendor_reference: Any = None) -> dict[str, Any]:
     who = operator(request, ACTION_ROLES.get(action, "admin"))
-    if not isinstance(reason, str) or not reason.strip():
-        raise InvalidReport("a reason is required", [FieldError("/reason", "is required: say why")])
+    reason = _text(reason, "/reason", "a reason")
     if not filters:
         raise InvalidReport("select deliveries", [FieldError("/filter", "give ids or at least one filter")])
     app = request.app
     readback = [n for n, a in app[APP_ADAPTERS].items() if a.reads_back]
-    if vendor_reference is not None and not isinstance(vendor_reference, str):
-        raise InvalidReport("bad vendor_reference", [FieldError("/vendor_reference", "must be a string")])
+    if vendor_reference is not None:
+        vendor_reference = _text(vendor_reference, "/vendor_reference", "a vendor_reference")
     if filters.get("ids"):
         await require_deliveries(request, who, filters["ids"])
     result: dict[str, list[int]] = {"changed": [], "skipped": []}
     for selection in scoped(who, filters):
-        done = await app[APP_STORE].operate(action, selection, who.name, reason.strip(), time.time(),
+        done = await app[APP_STORE].operate(action, selection, who.name, reason, time.time(),
                                             readback, vendor_reference)
         for key in result:
             result[key] = sorted(result[key] + done[key])
@@ -153,6 +200,8 @@ async def act_on_many(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("expected a JSON object with 'reason' and 'ids' or 'filter'")
+    if not isinstance(body.get("filter", {}), dict):
+        raise InvalidReport("bad filter", [FieldError("/filter", "must be an object")])
     raw = dict(body.get("filter") or {})
     if "ids" in body:
         raw["ids"] = body["ids"]
@@ -193,12 +242,10 @@ async def pause_or_resume(request: web.Request) -> web.Response:
     if endpoint is None:
         raise NotFound(f"no route {key[0]} → {key[1]} is configured")
     body = await read_json(request)
-    reason = body.get("reason") if isinstance(body, dict) else None
-    if not isinstance(reason, str) or not reason.strip():
-        raise InvalidReport("a reason is required", [FieldError("/reason", "is required: say why")])
+    reason = _text(body.get("reason") if isinstance(body, dict) else None, "/reason", "a reason")
     paused = action == "pause"
-    await request.app[APP_STORE].set_paused(*key, paused, reason.strip(), who.name, time.time())
-    endpoint.paused = reason.strip() if paused else None
+    await request.app[APP_STORE].set_paused(*key, paused, reason, who.name, time.time())
+    endpoint.paused = reason if paused else None
     if not paused:
         await request.app[APP_STORE].undefer(*key, time.time())  # re-planned against the hours now
         request.app[APP_DISPATCHER].wake()
@@ -209,13 +256,14 @@ async def pause_or_resume(request: web.Request) -> web.Response:
 async def list_rejections(request: web.Request) -> web.Response:
     """Pulled records the gateway did not accept (and did not acknowledge), newest first."""
     who = operator(request)
-    filters = rejection_filters(request.query)
-    limit = request.query.get("limit", "200")
-    if not limit.isdigit() or not 0 < int(limit) <= 5000:
-        raise BadRequest("limit must be a whole number from 1 to 5000")
+    try:
+        filters = rejection_filters(request.query)
+    except InvalidReport as exc:  # a bad query parameter is a bad request, not a bad body
+        raise BadRequest(exc.detail, exc.errors) from exc
+    limit = _limit(request)
     store = request.app[APP_STORE]
-    rows = await gather_scoped(who, filters, lambda f: store.list_rejections(f, int(limit)))
-    rows = sorted(rows, key=lambda r: (r["first_seen_at"], r["id"]), reverse=True)[:int(limit)]
+    rows = await gather_scoped(who, filters, lambda f: store.list_rejections(f, limit))
+    rows = sorted(rows, key=lambda r: (r["first_seen_at"], r["id"]), reverse=True)[:limit]
     _iso_times(rows)
     return web.json_response({"rejections": rows, "count": len(rows)})
 
@@ -226,9 +274,11 @@ REJECTION_FILTERS = ("municipality", "source", "kind", "record_id", "unresolved"
 def rejection_filters(raw: Any) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(REJECTION_FILTERS) - {"limit"})
     if unknown:
-        raise InvalidReport("unknown filter", [FieldError(f"/{k}", "is not a known filter") for k in unknown])
+        raise InvalidReport("unknown filter", [FieldError(f"/{pointer_token(k)}", "is not a known filter") for k in unknown])
     filters: dict[str, Any] = {k: str(raw[k]) for k in ("municipality", "source", "kind", "record_id") if k in raw}
+    if not all(readable_text(v) and len(v) <= 500 for v in filters.values()):
+        raise InvalidReport("bad filter", [FieldError("/", "filters must be texts of at most 500 readable characters")])
     if "kind" in filters and filters["kind"] not in ("invalid", "conflict"):
         raise InvalidReport("bad kind", [FieldError("/kind", "must be 'invalid' or 'conflict'")])
-    filters["unresolved"] = str(raw.get("unresolved", "")).lower() in ("1", "true", "yes")
+    filters["unresolved"] = _flag(raw.get("unresolved", False), "/unresolved")
     return filters

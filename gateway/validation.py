@@ -17,7 +17,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
-from adapters.base import POSTING_TARGETS, Adapter
+from adapters.base import POSTING_TARGETS, Adapter, mask_cpr
 from adapters.resources import schema_text
 
 from .errors import FieldError
@@ -67,6 +67,8 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 
 
 _VALIDATORS = _load_validators()
+#: each kind's schema as validated (flat, self-contained): inlined in the OpenAPI document
+REPORT_SCHEMAS: dict[str, dict[str, Any]] = {kind: v.schema for kind, v in _VALIDATORS.items()}
 
 
 def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
@@ -74,7 +76,7 @@ def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
     if not isinstance(data, dict):
         return [FieldError(pointer or "/", "a report must be a JSON object")]
     kind = data.get("kind")
-    if kind not in _VALIDATORS:
+    if not isinstance(kind, str) or kind not in _VALIDATORS:
         return [FieldError(f"{pointer}/kind", "must be 'drive' or 'vacation'")]
     unwritable = _unwritable(data, pointer)
     spoken = {e.pointer for e in unwritable}  # the character is the cause: say that alone
@@ -95,6 +97,11 @@ def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
 _UNWRITABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
 
+def readable_text(text: str) -> bool:
+    """True when ``text`` holds no character that a report text may not hold (see above)."""
+    return _UNWRITABLE.search(text) is None
+
+
 def _unwritable(value: Any, pointer: str) -> list[FieldError]:
     """Every text in the report that holds a character no vendor format can carry."""
     if isinstance(value, str):
@@ -105,7 +112,7 @@ def _unwritable(value: Any, pointer: str) -> list[FieldError]:
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     errors = []
     for key, item in items:
-        errors += _unwritable(item, f"{pointer}/{str(key).replace('~', '~0').replace('/', '~1')}")
+        errors += _unwritable(item, f"{pointer}/{pointer_token(key)}")
     return errors
 
 
@@ -162,7 +169,17 @@ def _pointer(error: ValidationError) -> str:
         extra = _unexpected(error)
         if extra:
             path.append(extra)
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+    return "".join("/" + pointer_token(p) for p in path)
+
+
+def pointer_token(key: object) -> str:
+    """One JSON-pointer token; a key the sender made up is echoed only without a CPR in it
+    and without characters that cannot be shown."""
+    text = str(key)
+    if mask_cpr(text) != text or not readable_text(text):
+        return "<unknown key>"
+    text = text if len(text) <= 64 else text[:64] + "…"
+    return text.replace("~", "~0").replace("/", "~1")
 
 
 def _unexpected(error: ValidationError) -> str:
@@ -179,7 +196,7 @@ def _message(error: ValidationError) -> str:
     v, s = error.validator, error.validator_value
     messages = {
         "required": "is required",
-        "type": f"must be of type {' or '.join(s) if isinstance(s, list) else s}",
+        "type": f"must be of type {' or '.join(map(str, s)) if isinstance(s, list) else s}",
         "pattern": f"does not have the required format: {error.schema.get('description', 'see the schema')}",
         "oneOf": f"is not valid: {error.schema.get('description', 'see the schema')}",
         "enum": f"must be one of: {', '.join(map(str, s))}" if isinstance(s, list) else "not allowed",

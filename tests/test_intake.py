@@ -27,7 +27,7 @@ async def test_same_report_again_is_200_with_the_same_id(gateway: Gateway) -> No
 
 async def test_same_version_with_other_content_is_409(gateway: Gateway) -> None:
     await gateway.post(drive())
-    resp = await gateway.client.post("/v1/reports", data=json.dumps(drive(distance_km=13)),
+    resp = await gateway.client.post("/v1/reports", json=drive(distance_km=13),
                                      headers={"Authorization": f"Bearer {KEY_746}"})
     assert resp.status == 409
     assert resp.content_type == PROBLEM
@@ -38,7 +38,7 @@ async def test_same_version_with_other_content_is_409(gateway: Gateway) -> None:
 async def test_invalid_report_is_422_with_pointers_and_nothing_stored(gateway: Gateway) -> None:
     bad = drive(distance_km="12.345", drive_date="2026-03-29T22:00:00Z")
     del bad["wage_code"]
-    resp = await gateway.client.post("/v1/reports", data=json.dumps({"reports": [drive(report_id="ok"), bad]}),
+    resp = await gateway.client.post("/v1/reports", json={"reports": [drive(report_id="ok"), bad]},
                                      headers={"Authorization": f"Bearer {KEY_746}"})
     assert resp.status == 422
     assert resp.content_type == PROBLEM
@@ -77,7 +77,7 @@ async def test_batch_is_stored_atomically(gateway: Gateway) -> None:
 
 
 async def test_auth(gateway: Gateway) -> None:
-    resp = await gateway.client.post("/v1/reports", data=json.dumps(drive()))
+    resp = await gateway.client.post("/v1/reports", json=drive())
     assert resp.status == 401 and resp.content_type == PROBLEM
     assert (await gateway.post(drive(), key="nope"))[0] == 401
     status, problem = await gateway.post(drive(), key=KEY_840)  # a key of 840 posting for 746

@@ -42,7 +42,7 @@ FILTERS = {
     "report_id": "r.report_id = ?",
     "since": "d.created_at >= ?",
     "until": "d.created_at < ?",
-    "error": "d.last_error LIKE '%' || ? || '%'",
+    "error": "d.last_error LIKE '%' || ? || '%' ESCAPE '\\'",  # a substring, never a pattern
     "at_risk": "d.at_risk = ?",
 }
 
@@ -137,6 +137,8 @@ def filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
             params.extend(value)
             continue
         clauses.append(FILTERS[name])
+        if name == "error":  # the text as typed: % and _ are not wildcards
+            value = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         params.append(int(value) if name == "at_risk" else value)
     return " AND ".join(clauses), tuple(params)
 
