@@ -18,7 +18,8 @@ from adapters.base import DeliveredPart, Message
 from .. import deliveries
 from ..audit import event_hash
 from ..deliveries import Decision, Delivery
-from . import BLOCKING, Job, Settle, Status
+from ..privacy import DataKeys
+from . import BLOCKING, Job, NewReport, Settle, Status
 
 
 class Row(Protocol):
@@ -222,13 +223,15 @@ def delivered_part(p: Row) -> DeliveredPart:
     return DeliveredPart(p["part"], p["version"], json.loads(p["fields"]), p["vendor_reference"])
 
 
-def job(row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[str]) -> Job:
-    """A claimed delivery as the dispatcher gets it: the report with its CPR numbers restored,
-    what was delivered of it before, and (in doubt) what may have reached the vendor."""
-    report = json.loads(version["body"])
-    report["employee"]["cpr"] = version["employee_cpr"]
-    if version["approved_by_cpr"] is not None:
-        report["approved_by_cpr"] = version["approved_by_cpr"]
+def job(row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[str], keys: DataKeys) -> Job:
+    """A claimed delivery as the dispatcher gets it: the report with its CPR numbers restored
+    (opened with the data keys), what was delivered of it before, and (in doubt) what may have
+    reached the vendor."""
+    report = open_body(keys, version["id"], version["body"])
+    employee, approver = open_cprs(keys, version["id"], version["employee_cpr"], version["approved_by_cpr"])
+    report["employee"]["cpr"] = employee
+    if approver is not None:
+        report["approved_by_cpr"] = approver
     delivered = tuple(delivered_part(p) for p in parts)
     pending: tuple[Message, ...] = ()
     if row["status"] == Status.IN_DOUBT:
@@ -237,6 +240,116 @@ def job(row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[st
     return Job(row["id"], row["report_pk"], row["municipality"], row["adapter"], row["version"],
                row["attempts"], retry_since, row["status"], report, delivered, pending,
                cutoff_at=row["cutoff_at"])
+
+
+# -- personal data at rest (gateway.privacy): what each engine writes and reads ---------------
+# Each sealed value is bound to its row (the context), so it cannot be moved to another one.
+
+
+def _context(column: str, key: Any) -> str:
+    return f"{column}:{key}"
+
+
+def sealed_cprs(keys: DataKeys, version_pk: int, new: NewReport) -> tuple[str, str | None, str, str | None]:
+    """A ``report_cprs`` row's values after the version_pk: the two CPRs sealed, their lookup hashes."""
+    return (keys.seal(new.employee_cpr, _context("employee_cpr", version_pk)),
+            None if new.approved_by_cpr is None
+            else keys.seal(new.approved_by_cpr, _context("approved_by_cpr", version_pk)),
+            keys.lookup_hash(new.employee_cpr),
+            None if new.approved_by_cpr is None else keys.lookup_hash(new.approved_by_cpr))
+
+
+CPRS_INSERT = ("INSERT INTO report_cprs (version_pk, employee_cpr, approved_by_cpr, employee_cpr_hash,"
+               " approved_cpr_hash) VALUES (?, ?, ?, ?, ?)")
+
+
+def open_cprs(keys: DataKeys, version_pk: int, employee: str, approver: str | None) -> tuple[str, str | None]:
+    return (keys.open_or_plain(employee, _context("employee_cpr", version_pk)),
+            None if approver is None else keys.open_or_plain(approver, _context("approved_by_cpr", version_pk)))
+
+
+def sealed_body(keys: DataKeys, version_pk: int, body: Mapping[str, Any]) -> str:
+    """A version's canonical JSON sealed: free text (purpose, route) may hold a CPR number too."""
+    return keys.seal(json.dumps(body, sort_keys=True), _context("body", version_pk))
+
+
+def open_body(keys: DataKeys, version_pk: int, text: str) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(keys.open_or_plain(text, _context("body", version_pk)))
+    return body
+
+
+def sealed_run_data(keys: DataKeys, run_id: str, data: str) -> str:
+    """An IND01 run's journalled bytes (CPR numbers in every record) sealed as one blob."""
+    return keys.seal(data, _context("file_run", run_id))
+
+
+def open_run(keys: DataKeys, row: Row) -> dict[str, Any]:
+    """A ``file_runs`` row as the journal reads it: the data opened, the deliveries parsed."""
+    return {**{k: row[k] for k in row.keys()},
+            "data": keys.open_or_plain(row["data"], _context("file_run", row["run_id"])),
+            "deliveries": json.loads(row["deliveries"])}
+
+
+#: what ``reseal`` reads, per table: the key column and the sealed columns (and hashes)
+_RESEAL_READ = {
+    "report_cprs": ("SELECT version_pk, employee_cpr, approved_by_cpr, employee_cpr_hash, approved_cpr_hash"
+                    " FROM report_cprs", "version_pk"),
+    "report_versions": ("SELECT id, body FROM report_versions", "id"),
+    "file_runs": ("SELECT run_id, data FROM file_runs", "run_id"),
+}
+#: at start, only rows stored in clear (or without a lookup hash) need work
+_IN_CLEAR = {
+    "report_cprs": "employee_cpr NOT LIKE 'v1:%' OR approved_by_cpr NOT LIKE 'v1:%'"
+                   " OR employee_cpr_hash IS NULL OR (approved_by_cpr IS NOT NULL AND approved_cpr_hash IS NULL)",
+    "report_versions": "body NOT LIKE 'v1:%'",
+    "file_runs": "data NOT LIKE 'v1:%'",
+}
+RESEAL_TABLES = tuple(_RESEAL_READ)
+
+
+def reseal_select(table: str, rotate: bool) -> str:
+    """The rows ``reseal`` looks at: all of them to rotate, else those with work in clear."""
+    sql, key = _RESEAL_READ[table]
+    return f"{sql}{'' if rotate else f' WHERE {_IN_CLEAR[table]}'} ORDER BY {key}"
+
+
+RESEAL_UPDATE = {
+    "report_cprs": "UPDATE report_cprs SET employee_cpr = ?, approved_by_cpr = ?, employee_cpr_hash = ?,"
+                   " approved_cpr_hash = ? WHERE version_pk = ?",
+    "report_versions": "UPDATE report_versions SET body = ? WHERE id = ?",
+    "file_runs": "UPDATE file_runs SET data = ? WHERE run_id = ?",
+}
+
+
+def resealed(keys: DataKeys, table: str, row: Row, rotate: bool) -> tuple[Any, ...] | None:
+    """The ``RESEAL_UPDATE`` parameters for one row, None when it needs nothing.
+
+    Without ``rotate`` only values stored in clear (before encryption) are sealed; with it,
+    every value not sealed under the current key is re-sealed and stale lookup hashes
+    recomputed. Either way a second run finds nothing to do.
+    """
+    def again(value: str | None, context: str) -> str | None:
+        if value is None or (not rotate and value.startswith("v1:")):
+            return None
+        return keys.reseal(value, context)
+
+    if table == "report_cprs":
+        pk = row["version_pk"]
+        emp = again(row["employee_cpr"], _context("employee_cpr", pk))
+        appr = again(row["approved_by_cpr"], _context("approved_by_cpr", pk))
+        fresh = keys.current_id + ":" if rotate else ""  # at start: only missing hashes
+        stale = row["employee_cpr_hash"] is None or not row["employee_cpr_hash"].startswith(fresh) or (
+            row["approved_by_cpr"] is not None
+            and (row["approved_cpr_hash"] is None or not row["approved_cpr_hash"].startswith(fresh)))
+        if emp is None and appr is None and not stale:
+            return None
+        e_plain, a_plain = open_cprs(keys, pk, row["employee_cpr"], row["approved_by_cpr"])
+        return (emp or row["employee_cpr"], appr or row["approved_by_cpr"], keys.lookup_hash(e_plain),
+                None if a_plain is None else keys.lookup_hash(a_plain), pk)
+    key_column, column, context = (("id", "body", "body") if table == "report_versions"
+                                   else ("run_id", "data", "file_run"))
+    value = again(row[column], _context(context, row[key_column]))
+    return None if value is None else (value, row[key_column])
 
 
 #: attempt outcomes whose message may have reached the vendor: in doubt, and (asked by an
