@@ -59,16 +59,19 @@ from .common import (
     filter_sql,
     lease_refusal,
     list_view,
-    message,
-    message_json,
     open_body,
+    open_message,
     open_run,
+    open_run_deliveries,
     rejection_view,
     reseal_select,
     resealed,
     sealed_body,
     sealed_cprs,
+    sealed_message,
+    sealed_part,
     sealed_run_data,
+    sealed_run_deliveries,
     settled,
     waits_in_lane,
 )
@@ -116,8 +119,9 @@ class _Tx:
     """One connection (in a transaction, when writing), ``?`` SQL, and the audit events
     the transaction appends: chained and inserted in one go just before the commit."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, keys: DataKeys) -> None:
         self.conn = conn
+        self.keys = keys  # seal and open personal data (gateway.privacy)
         self.events: list[AuditEvent] = []
 
     async def execute(self, sql: str, *args: Any) -> int:
@@ -227,7 +231,7 @@ class PostgresStore:
             async with self._acquire() as conn, conn.transaction():
                 if audited:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
-                tx = _Tx(conn)
+                tx = _Tx(conn, self.keys)
                 result = await fn(tx)
                 await tx.flush_audit()
                 return result
@@ -237,7 +241,7 @@ class PostgresStore:
     async def _read(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
         async def run() -> T:
             async with self._acquire() as conn:
-                return await fn(_Tx(conn))
+                return await fn(_Tx(conn, self.keys))
 
         return await self._guard(run())
 
@@ -363,7 +367,7 @@ class PostgresStore:
     async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]:
         rows = await self._read(lambda tx: tx.fetch(
             "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", report_pk, adapter))
-        return [delivered_part(r) for r in rows]
+        return [delivered_part(self.keys, r) for r in rows]
 
     async def audit_chain(self) -> list[dict[str, Any]]:
         rows = await self._read(lambda tx: tx.fetch("SELECT * FROM audit_events ORDER BY id"))
@@ -461,7 +465,7 @@ class PostgresStore:
             return int(await tx.fetchval(
                 "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
                 " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                delivery_id, message.part, message.operation, json.dumps(message_json(message)),
+                delivery_id, message.part, message.operation, sealed_message(self.keys, delivery_id, message),
                 now, request_body))
 
         return await self._write(op, audited=False)
@@ -498,7 +502,7 @@ class PostgresStore:
             await tx.executemany(
                 "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference,"
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(report_pk, adapter, p.part, p.version, json.dumps(dict(p.fields), sort_keys=True),
+                [(report_pk, adapter, p.part, p.version, sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
                   p.vendor_reference, now) for p in parts])
             await tx.execute("UPDATE attempts SET outcome = 'in_doubt_reconciled' WHERE delivery_id = ?"
                              " AND outcome = 'in_doubt'", delivery_id)
@@ -625,7 +629,7 @@ class PostgresStore:
                 "INSERT INTO file_runs (run_id, municipality, adapter, file, offset_before, data,"
                 " first_line, header_lines, deliveries, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 run["run_id"], run["municipality"], run["adapter"], run["file"], run["offset_before"],
-                sealed_run_data(self.keys, run["run_id"], run["data"]), run["first_line"], run["header_lines"], json.dumps(run["deliveries"]), now)
+                sealed_run_data(self.keys, run["run_id"], run["data"]), run["first_line"], run["header_lines"], sealed_run_deliveries(self.keys, run["run_id"], run["deliveries"]), now)
             tx.audit(now, "file_run.begin", {"run_id": run["run_id"], "file": run["file"],
                                              "deliveries": len(run["deliveries"])})
 
@@ -646,7 +650,7 @@ class PostgresStore:
                              now, outcome, run_id)
             tx.audit(now, "file_run.finish", {"run_id": run_id, "outcome": outcome})
             name = Path(run["file"]).name
-            for delivery_id, item in json.loads(run["deliveries"]).items():
+            for delivery_id, item in open_run_deliveries(self.keys, run_id, run["deliveries"]).items():
                 refs = [f"{name}:{line_numbers[i]}" for i in item["lines"]]
                 await _file_delivered(tx, int(delivery_id), item, refs, now)
 
@@ -720,7 +724,7 @@ async def _record_part(tx: _Tx, report_pk: int, adapter: str, version: int, msg:
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (report_pk, adapter, part) DO UPDATE SET"
         " version = excluded.version, fields = excluded.fields,"
         " vendor_reference = excluded.vendor_reference, updated_at = excluded.updated_at",
-        report_pk, adapter, msg.part, version, json.dumps(dict(msg.fields), sort_keys=True),
+        report_pk, adapter, msg.part, version, sealed_part(tx.keys, report_pk, adapter, msg.part, msg.fields),
         record.vendor_reference, now)
 
 
@@ -745,7 +749,7 @@ async def _confirm_parts(tx: _Tx, row: asyncpg.Record, vendor_reference: str | N
     for a in await tx.fetch("SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
                             " ORDER BY id", row["id"]):
         await _record_part(tx, row["report_pk"], row["adapter"], row["version"],
-                           message(json.loads(a["message"])), record, now)
+                           open_message(tx.keys, row["id"], a["message"]), record, now)
         await tx.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", a["id"])
 
 

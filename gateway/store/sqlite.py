@@ -57,16 +57,19 @@ from .common import (
     filter_sql,
     lease_refusal,
     list_view,
-    message,
-    message_json,
     open_body,
+    open_message,
     open_run,
+    open_run_deliveries,
     rejection_view,
     reseal_select,
     resealed,
     sealed_body,
     sealed_cprs,
+    sealed_message,
+    sealed_part,
     sealed_run_data,
+    sealed_run_deliveries,
     settled,
     waits_in_lane,
 )
@@ -628,7 +631,7 @@ class SQLiteStore:
             cur = conn.execute(
                 "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (delivery_id, message.part, message.operation, json.dumps(message_json(message)),
+                (delivery_id, message.part, message.operation, sealed_message(self.keys, delivery_id, message),
                  now, request_body),
             )
             assert cur.lastrowid is not None
@@ -671,8 +674,8 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (report_pk, adapter, part) DO UPDATE SET"
             " version = excluded.version, fields = excluded.fields,"
             " vendor_reference = excluded.vendor_reference, updated_at = excluded.updated_at",
-            (report_pk, adapter, message.part, version, json.dumps(dict(message.fields), sort_keys=True),
-             record.vendor_reference, now),
+            (report_pk, adapter, message.part, version,
+             sealed_part(self.keys, report_pk, adapter, message.part, message.fields), record.vendor_reference, now),
         )
 
     async def settle(self, delivery_id: int, settle: Settle, now: float, event: str) -> None:
@@ -700,7 +703,7 @@ class SQLiteStore:
                 conn.execute(
                     "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference,"
                     " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (report_pk, adapter, p.part, p.version, json.dumps(dict(p.fields), sort_keys=True),
+                    (report_pk, adapter, p.part, p.version, sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
                      p.vendor_reference, now),
                 )
             conn.execute(
@@ -716,7 +719,7 @@ class SQLiteStore:
         rows = await self._read(lambda c: c.execute(
             "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", (report_pk, adapter)
         ).fetchall())
-        return [delivered_part(r) for r in rows]
+        return [delivered_part(self.keys, r) for r in rows]
 
     async def record_event(self, event: str, detail: dict[str, Any], now: float, *,
                            actor: str = "gateway", delivery_id: int | None = None) -> None:
@@ -843,7 +846,7 @@ class SQLiteStore:
         for a in conn.execute("SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
                               " ORDER BY id", (row["id"],)).fetchall():
             self._record_part(conn, row["report_pk"], row["adapter"], row["version"],
-                              message(json.loads(a["message"])), record, now)
+                              open_message(self.keys, row["id"], a["message"]), record, now)
             conn.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", (a["id"],))
 
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
@@ -886,7 +889,7 @@ class SQLiteStore:
                 "INSERT INTO file_runs (run_id, municipality, adapter, file, offset_before, data,"
                 " first_line, header_lines, deliveries, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run["run_id"], run["municipality"], run["adapter"], run["file"], run["offset_before"],
-                 sealed_run_data(self.keys, run["run_id"], run["data"]), run["first_line"], run["header_lines"], json.dumps(run["deliveries"]), now),
+                 sealed_run_data(self.keys, run["run_id"], run["data"]), run["first_line"], run["header_lines"], sealed_run_deliveries(self.keys, run["run_id"], run["deliveries"]), now),
             )
             self._audit(conn, now, "file_run.begin", {"run_id": run["run_id"], "file": run["file"],
                                                        "deliveries": len(run["deliveries"])})
@@ -908,7 +911,7 @@ class SQLiteStore:
                          (now, outcome, run_id))
             self._audit(conn, now, "file_run.finish", {"run_id": run_id, "outcome": outcome})
             name = Path(run["file"]).name
-            for delivery_id, item in json.loads(run["deliveries"]).items():
+            for delivery_id, item in open_run_deliveries(self.keys, run_id, run["deliveries"]).items():
                 refs = [f"{name}:{line_numbers[i]}" for i in item["lines"]]
                 self._file_delivered(conn, int(delivery_id), item, refs, now)
 
