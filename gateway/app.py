@@ -201,11 +201,13 @@ def create_app(
     app[APP_SETTINGS] = settings
     app[APP_AUTH_FAILURES] = AuthFailures(settings.auth_failures_per_minute)
     app.on_response_prepare.append(security_headers)
-    app[APP_STORE] = store if store is not None else open_store(settings.store_url, settings.store_pool_size,
-                                                                   keys_for(settings.data_keys, settings.store_url))
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
     check_routes(settings, app[APP_ADAPTERS])
     app[APP_CALENDARS] = build_calendars(settings)
+    # after the config checks: a key file is generated (SQLite, no key configured) only for a
+    # gateway that will start; PostgreSQL without a configured key refuses here
+    app[APP_STORE] = store if store is not None else open_store(
+        settings.store_url, settings.store_pool_size, keys_for(settings.data_keys, settings.store_url))
     FileRunner(app[APP_STORE], app[APP_ADAPTERS], settings).check_schedules()
     app[APP_ENDPOINTS] = build_endpoints(settings, app[APP_ADAPTERS])
     warn_short_leases(settings)

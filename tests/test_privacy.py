@@ -23,8 +23,8 @@ from gateway.errors import ConfigError
 from gateway.keys import APP_FILE_RUNNER
 from gateway.privacy import DataKeys, SealError, keys_for
 from gateway.settings import Settings, load
-from gateway.store import NewReport, open_store
 from gateway.simulators import kmd as kmd_sim
+from gateway.store import NewReport, open_store
 from tests.conftest import KEY_746, TEST_KEYS, Gateway, drive, tenant, tls_simulator, tls_vendor
 
 KEY_851 = "test-key-851"
