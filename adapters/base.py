@@ -224,25 +224,31 @@ def payroll_date(text: str) -> date:
     return moment.date()
 
 
-_CPR_RE = re.compile(r"(?<!\d)(\d{6})-?(\d{4})(?!\d)")
+#: how a CPR number is shown wherever it is shown at all (the gateway's one form)
+MASKED_CPR = "xxxxxx-xxxx"
+#: ten digits written ``DDMMYYXXXX``, ``DDMMYY-XXXX`` or ``DDMMYY XXXX``
+_CPR_RE = re.compile(r"(?<!\d)(\d{6})[- ]?(\d{4})(?!\d)")
 
 
 def mask_cpr(text: str, cprs: Sequence[str] = ()) -> str:
-    """Replace CPR numbers in ``text`` with ``DDMMYY-xxxx``.
+    """Replace CPR numbers in ``text`` with ``xxxxxx-xxxx`` (the one masking function: logs,
+    API answers, errors, the CLI, stored attempt bodies; ``gateway.privacy`` re-exports it).
 
-    Known CPRs of the report are masked wherever they stand; any other ten-digit run
-    whose first six digits form a plausible DDMMYY date is masked too.
+    Known CPRs of the report are masked wherever and however they are written; any other
+    ten-digit number (also written ``DDMMYY-XXXX`` or ``DDMMYY XXXX``) whose first six digits
+    form a plausible DDMMYY (replacement numbers: day 61-91) is masked too.
     """
     for cpr in cprs:
-        if cpr:
-            text = text.replace(cpr, cpr[:6] + "-xxxx")
+        if cpr and len(cpr) == 10:
+            for written in (cpr, f"{cpr[:6]}-{cpr[6:]}", f"{cpr[:6]} {cpr[6:]}"):
+                text = text.replace(written, MASKED_CPR)
     return _CPR_RE.sub(_mask_match, text)
 
 
 def _mask_match(m: re.Match[str]) -> str:
     day, month = int(m.group(1)[:2]), int(m.group(1)[2:4])
     if (1 <= day <= 31 or 61 <= day <= 91) and 1 <= month <= 12:
-        return m.group(1) + "-xxxx"
+        return MASKED_CPR
     return m.group(0)
 
 

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from adapters.base import Adapter, mask_cpr
+from adapters.base import Adapter
 from adapters.registry import load_adapters
 from adapters.resources import schema_text
 
@@ -38,6 +38,7 @@ from .keys import (
 )
 from .logs import correlation_id
 from .payroll_calendar import CutoffCalendar
+from .privacy import keys_for, mask_cpr
 from .settings import Settings, parse_role
 from .sources import build_pullers
 from .store import Store, open_store
@@ -51,11 +52,12 @@ LEASE_MARGIN_SECONDS = 10.0
 
 @web.middleware
 async def correlation(request: web.Request, handler: Handler) -> web.StreamResponse:
-    rid = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-    token = correlation_id.set(rid[:64])
+    # a caller's id is logged and echoed: a CPR number in it is masked in both
+    rid = mask_cpr((request.headers.get("X-Request-ID") or uuid.uuid4().hex)[:64])
+    token = correlation_id.set(rid)
     try:
         response = await handler(request)
-        response.headers["X-Request-ID"] = rid[:64]
+        response.headers["X-Request-ID"] = rid
         return response
     finally:
         correlation_id.reset(token)
@@ -251,10 +253,13 @@ def create_app(
     app[APP_SETTINGS] = settings
     app[APP_AUTH_FAILURES] = AuthFailures(settings.auth_failures_per_minute)
     app.on_response_prepare.append(security_headers)
-    app[APP_STORE] = store if store is not None else open_store(settings.store_url, settings.store_pool_size)
     app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
     check_routes(settings, app[APP_ADAPTERS])
     app[APP_CALENDARS] = build_calendars(settings)
+    # after the config checks: a key file is generated (SQLite, no key configured) only for a
+    # gateway that will start; PostgreSQL without a configured key refuses here
+    app[APP_STORE] = store if store is not None else open_store(
+        settings.store_url, settings.store_pool_size, keys_for(settings.data_keys, settings.store_url))
     FileRunner(app[APP_STORE], app[APP_ADAPTERS], settings).check_schedules()
     app[APP_ENDPOINTS] = build_endpoints(settings, app[APP_ADAPTERS])
     warn_short_leases(settings)

@@ -23,11 +23,12 @@ from typing import Any, NoReturn, cast
 
 from aiohttp import web
 
-from adapters.base import Adapter, DeliveryError, FileAdapter, Report, VendorSettings, mask_cpr
+from adapters.base import Adapter, DeliveryError, FileAdapter, Report, VendorSettings
 from adapters.registry import RegistryError
 
 from . import logs
 from .errors import ConfigError, GatewayError
+from .privacy import mask_cpr
 from .settings import ROLES, Settings, hash_api_key, load, parse_listen, resolve_store_url
 from .simulators import SimulatorOptions
 from .store import StoreError
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", type=Path)
     render.set_defaults(func=cmd_render)
 
-    keys = sub.add_parser("keys", help="API keys (the config file is where they live)")
+    keys = sub.add_parser("keys", help="API keys (the config file is where they live) and data keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="make a new API key and the line for the config file")
     create.set_defaults(func=cmd_keys_create)
@@ -108,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("--config", type=Path, required=True)
     revoke.add_argument("--id", required=True, dest="key_id", help="the key's id (pgw_<id>_…)")
     revoke.set_defaults(func=cmd_keys_revoke)
+    data_key = keys_sub.add_parser("create-data-key", help="print a new data key (for [privacy] data_key_file)")
+    data_key.set_defaults(func=cmd_keys_create_data_key)
+    rotate = keys_sub.add_parser("rotate-data-key", help="re-encrypt every stored CPR number and IND01 journal "
+                                                         "under the current data key")
+    rotate.add_argument("--config", type=Path, required=True)
+    rotate.add_argument("--store", help="store URL, overrides the file")
+    rotate.set_defaults(func=cmd_keys_rotate_data_key)
 
     migrate = sub.add_parser("migrate", help="apply the store's migrations and exit")
     migrate.add_argument("--config", type=Path)
@@ -432,7 +440,7 @@ def _with_store(args: argparse.Namespace, work: Any) -> Any:
     settings = _settings(args)
 
     async def run() -> Any:
-        store = open_store(settings.store_url, settings.store_pool_size)
+        store = open_store(settings.store_url, settings.store_pool_size, settings.data_keys)
         await store.open()
         try:
             return await work(store, settings)
@@ -567,13 +575,33 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_create_data_key(args: argparse.Namespace) -> int:
+    from .privacy import new_data_key
+
+    print(new_data_key())
+    print("(write it alone to a file readable only by the gateway (chmod 600) and name that file in "
+          "[privacy] data_key_file; to rotate, move the old file to old_data_key_files, then run "
+          "payroll-gateway keys rotate-data-key)", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_rotate_data_key(args: argparse.Namespace) -> int:
+    """Re-seal every stored value under the current key; a second run changes nothing."""
+    counts = _with_store(args, lambda store, _: store.reseal(rotate=True))
+    settings = _settings(args)
+    current = (settings.data_keys.current_id if settings.data_keys is not None else "the default key")
+    print(f"payroll-gateway: re-encrypted under data key {current}: "
+          + ", ".join(f"{table} {count}" for table, count in counts.items()))
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from .store import open_store
 
     settings = _settings(args)
 
     async def run() -> None:
-        store = open_store(settings.store_url, settings.store_pool_size)
+        store = open_store(settings.store_url, settings.store_pool_size, settings.data_keys)
         await store.open()
         await store.aclose()
 
@@ -589,7 +617,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def run() -> tuple[int, int | None]:
-        store = open_store(settings.store_url, settings.store_pool_size)
+        store = open_store(settings.store_url, settings.store_pool_size, settings.data_keys)
         await store.open()
         try:
             return verify_chain(await store.audit_chain())

@@ -32,13 +32,13 @@ from adapters.base import (
     Rejected,
     Report,
     Transient,
-    mask_cpr,
 )
 
 from .channels import Channels
 from .deliveries import Decision, Delivery, Detail, Event, decide
 from .endpoints import BreakerState, Endpoints, Key
 from .errors import ConfigError
+from .privacy import mask_cpr
 from .settings import Settings
 from .store import AttemptRecord, Job, LeaseLost, Status, Store
 

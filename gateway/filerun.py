@@ -21,11 +21,12 @@ from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 from adapters import kmd_ind01
-from adapters.base import Adapter, DeliveryError, FileAdapter, Report, VendorSettings, mask_cpr
+from adapters.base import Adapter, DeliveryError, FileAdapter, Report, VendorSettings
 
 from .deliveries import Delivery, Detail, Event, decide
 from .errors import ConfigError
 from .ind01_file import AppendResult, FileConflict, FileRun, JournalEntry, next_run
+from .privacy import mask_cpr
 from .settings import Settings
 from .store import Job, Status, Store
 

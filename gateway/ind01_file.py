@@ -116,6 +116,11 @@ class MemoryJournal:
 # ---------------------------------------------------------------------------------------
 
 
+#: backups and the lock file are the gateway's own (CPR numbers in every record); the file
+#: itself keeps 0640, so the pick-up (in the gateway's group) can read it
+PRIVATE_MODE = 0o600
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -169,7 +174,7 @@ def _write_at(path: Path, offset: int, data: bytes) -> None:
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock on ``<file>.lock``: two runs (threads or processes) never interleave."""
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -268,10 +273,14 @@ class FileRun:
 
     def _backup(self, run_id: str) -> Path:
         folder = self.path.parent / "backup"
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         stamp = self.clock().strftime("%Y%m%dT%H%M%S%fZ")
         target = folder / f"{stamp}_{_safe(run_id)}_{self.path.name}"
-        shutil.copy2(self.path, target)
+        # a copy for the gateway only: created 0600 before a byte of it is written
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+        shutil.copyfile(self.path, target)  # into the file made above: its mode stays
+        source = self.path.stat()
+        os.utime(target, ns=(source.st_atime_ns, source.st_mtime_ns))
         return target
 
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from aiohttp import hdrs, web
 
-from adapters.base import Adapter, mask_cpr
+from adapters.base import Adapter
 
 from .auth import bearer, refuse
 from .errors import (
@@ -30,6 +30,7 @@ from .errors import (
 from .jsonbody import MAX_RECORDS, TooManyRecords, parse
 from .keys import APP_ADAPTERS, APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
 from .payroll_calendar import CutoffCalendar
+from .privacy import MASKED_CPR, mask_cpr, mask_strings
 from .settings import Tenant
 from .store import SETTLED, ConflictingReport, NewReport, Store, StoreError, Submitted
 from .validation import normalise, readable_text, validate_report, vendor_fields
@@ -246,10 +247,11 @@ async def get_report(request: web.Request) -> web.Response:
     view = await request.app[APP_STORE].get_report(municipality, report_id)
     if view is None:
         raise NotFound("no such report")
-    for v in view["versions"]:
-        v["report"]["employee"]["cpr"] = "xxxxxx-xxxx"
+    for v in view["versions"]:  # free text (purpose, route) may hold a CPR number too
+        v["report"] = mask_strings(v["report"])
+        v["report"]["employee"]["cpr"] = MASKED_CPR
         if v["report"].get("approved_by_cpr"):
-            v["report"]["approved_by_cpr"] = "xxxxxx-xxxx"
+            v["report"]["approved_by_cpr"] = MASKED_CPR
     _iso_times(view)
     latest = [d for d in view["deliveries"] if d["version"] == view["latest_version"]]
     view["status"] = latest[-1]["status"] if latest else "not_routed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 
-from adapters.base import mask_cpr
+from .privacy import mask_cpr
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="-")
 

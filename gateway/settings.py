@@ -21,6 +21,7 @@ from typing import Any
 from adapters.base import DEFAULT_MAX_REPLY_BYTES, VendorSettings
 
 from .errors import ConfigError
+from .privacy import DataKeys, parse_key, read_key_file
 
 KINDS = ("drive", "vacation")
 _SECRET_KEYS = ("password",)
@@ -157,6 +158,8 @@ class Settings:
     tls_key_file: Path | None = None
     metrics_token_hash: str | None = field(default=None, repr=False)  # set: /metrics needs the token
     auth_failures_per_minute: int = 10  # per client address, then 429 until the minute is over
+    # [privacy]: None = the embedded default (privacy.keys_for: a generated key file, SQLite only)
+    data_keys: DataKeys | None = field(default=None, repr=False)
 
     def operator_for_token(self, token: str) -> Operator | None:
         """Every operator's hash is compared in constant time; none is skipped by an early match."""
@@ -228,7 +231,8 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     return _Reader(path.resolve().parent, env).settings(raw)
 
 
-_ALLOWED_TOP = {"server", "dispatcher", "retry", "adapters", "tenants", "simulators", "operators", "alerts"}
+_ALLOWED_TOP = {"server", "dispatcher", "retry", "adapters", "tenants", "simulators", "operators", "alerts",
+                "privacy"}
 _RETRY_KEYS = {
     "first_delay_seconds": "first_delay",
     "multiplier": "multiplier",
@@ -297,7 +301,32 @@ class _Reader:
             tls_key_file=key,
             metrics_token_hash=_hash_or_none(server, "metrics_token_hash", "server"),
             auth_failures_per_minute=_positive(server, "auth_failures_per_minute", int, "server", 10),
+            data_keys=self.privacy(_table(raw, "privacy", "")),
         )
+
+    def privacy(self, raw: dict[str, Any]) -> DataKeys | None:
+        """``[privacy]``: the current data key (``data_key_file`` or ``data_key_env``) and the
+        older ones still needed to read what they sealed (``old_data_key_files``)."""
+        _no_unknown(raw, {"data_key_file", "data_key_env", "old_data_key_files"}, "privacy")
+        if "data_key_file" in raw and "data_key_env" in raw:
+            raise ConfigError("privacy.data_key_env: give either data_key_file or data_key_env, not both")
+        old = _get(raw, "old_data_key_files", list, "privacy", [])
+        older = []
+        for i, name in enumerate(old):
+            if not isinstance(name, str):
+                raise ConfigError(f"privacy.old_data_key_files[{i}]: expected a file name, got {name!r}")
+            older.append(read_key_file(self.path(name), f"privacy.old_data_key_files[{i}]"))
+        if "data_key_file" in raw:
+            path = self.path(_get(raw, "data_key_file", str, "privacy", ""))
+            return DataKeys(read_key_file(path, "privacy.data_key_file"), tuple(older), str(path))
+        if "data_key_env" in raw:
+            variable = _get(raw, "data_key_env", str, "privacy", "")
+            if variable not in self.env:
+                raise ConfigError(f"privacy.data_key_env: environment variable {variable} is not set")
+            return DataKeys(parse_key(self.env[variable], "privacy.data_key_env"), tuple(older), f"${variable}")
+        if older:
+            raise ConfigError("privacy.old_data_key_files: also give the current key (data_key_file or data_key_env)")
+        return None
 
     def tls(self, server: dict[str, Any]) -> tuple[Path | None, Path | None]:
         """The listener's certificate chain and key: both or neither, and both readable files."""

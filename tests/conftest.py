@@ -31,6 +31,7 @@ from adapters.base import VendorSettings
 from adapters.registry import load_adapters
 from gateway.app import create_app
 from gateway.keys import APP_DISPATCHER, APP_STORE
+from gateway.privacy import DataKeys
 from gateway.settings import EndpointPolicy, Operator, RetryPolicy, Settings, Tenant, hash_api_key
 from gateway.simulators import SimulatorOptions
 from gateway.simulators import sd as sd_sim
@@ -41,6 +42,8 @@ KEY_746 = "test-key-746"
 KEY_840 = "test-key-840"
 SD_USER, SD_PASSWORD = "SYtest", "sd-test-password"
 OPS_TOKEN = "ops-test-token"
+#: the data key every test store seals with (PostgreSQL needs one configured; SQLite would make one)
+TEST_KEYS = DataKeys(bytes(range(32)), source="tests")
 FAST_RETRY = RetryPolicy(first_delay=0.05, multiplier=2, cap=0.2, jitter=0.0, max_attempts=10, max_age=3600)
 
 DRIVE = {
@@ -148,6 +151,7 @@ def settings(tmp_path: Path, sd_server: TestServer, store_url: str) -> Settings:
             "840": tenant("840", KEY_840, {}, {"drive": "sd-koersel"}),
         },
         operators={"ops": Operator("ops", hash_api_key(OPS_TOKEN))},
+        data_keys=TEST_KEYS,
     )
 
 

@@ -32,7 +32,7 @@ from gateway.retry import next_delay
 from gateway.settings import RetryPolicy, Settings
 from gateway.store import NewReport, Status, Store, open_store
 from gateway.watch import AtRiskWatch
-from tests.conftest import DRIVE, tenant
+from tests.conftest import DRIVE, TEST_KEYS, tenant
 
 START = 1_800_000_000.0
 POLICY = RetryPolicy(first_delay=10, multiplier=2, cap=600, jitter=0, max_attempts=3, max_age=86_400)
@@ -139,7 +139,7 @@ async def rig(tmp_path: Path, store_url: str) -> AsyncIterator[Rig]:
         poll_seconds=0.05, retry=POLICY, max_body_bytes=256 * 1024,
         tenants={"746": tenant("746", "k", {}, {"drive": "fake"})},
     )
-    store = open_store(store_url)
+    store = open_store(store_url, keys=TEST_KEYS)
     await store.open()
     adapter, clock = FakeAdapter(), Clock()
     dispatcher = Dispatcher(store, {"fake": adapter}, settings, FakeChannels(), clock=clock)  # type: ignore[arg-type]

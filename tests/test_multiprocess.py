@@ -11,6 +11,7 @@ operator does: confirmed when SD has them, replayed when it does not.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections import Counter, defaultdict
 from decimal import Decimal
@@ -22,7 +23,7 @@ import asyncpg
 
 from bench.reliability import KEYS, GatewayProcess, free_port, start_simulators, write_config
 from gateway.store import open_store
-from tests.conftest import fresh_pg_database
+from tests.conftest import TEST_KEYS, fresh_pg_database
 
 REPORTS, EMPLOYEES, BATCH = 10_000, 100, 1_000
 LEASE_SECONDS = 4
@@ -43,6 +44,8 @@ def km(i: int) -> str:
 def configure(folder: Path, sims: Any, url: str, port: int) -> Path:
     path = write_config(folder, sims, port, workers=16)
     text = path.read_text().replace('store = "sqlite:///gateway.db"', f'store = "{url}"\nstore_pool_size = 4')
+    (folder / "data-key").write_text(base64.b64encode(TEST_KEYS.current).decode() + "\n")
+    text += '\n[privacy]\ndata_key_file = "data-key"\n'
     path.write_text(text.replace("lease_seconds = 12", f"lease_seconds = {LEASE_SECONDS}"))
     return path
 
@@ -105,7 +108,7 @@ async def post_all(ports: list[int], procs: list[GatewayProcess]) -> None:
 
 async def settle_in_doubt(url: str, sims: Any) -> None:
     """What an operator does with SD deliveries left in doubt: confirm or replay each."""
-    store = open_store(url, pool_size=1)
+    store = open_store(url, pool_size=1, keys=TEST_KEYS)
     await store.open()
     try:
         seen = {str(a.km) for a in sims.sd.accepted}

@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from adapters.base import Adapter, mask_cpr
+from adapters.base import Adapter
 
 from ..compat import to_new_report
 from ..errors import FieldError, GatewayError
 from ..intake import cutoffs
+from ..privacy import mask_cpr
 from ..settings import PullSource, Tenant
 from ..store import PulledRecord, PullOutcome, Store, StoreError
 from . import PullError, next_pull_at

@@ -10,9 +10,12 @@ import enum
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from adapters.base import DeliveredPart, Message
+
+if TYPE_CHECKING:
+    from ..privacy import DataKeys
 
 
 class Status(enum.StrEnum):
@@ -212,18 +215,30 @@ class Store(Protocol):
     async def list_rejections(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]: ...
     # several processes: only one writes a file (IND01) at a time
     def file_lock(self, key: str) -> AbstractAsyncContextManager[None]: ...
+    # personal data: seal values stored in clear (done at open), or (``rotate``) re-seal every
+    # value under the current data key; the rows changed per table (idempotent)
+    async def reseal(self, rotate: bool) -> dict[str, int]: ...
 
 
-def open_store(url: str, pool_size: int = 10) -> Store:
-    """The store engine for a SQLAlchemy-style URL (``pool_size``: PostgreSQL connections)."""
+def open_store(url: str, pool_size: int = 10, keys: DataKeys | None = None) -> Store:
+    """The store engine for a SQLAlchemy-style URL (``pool_size``: PostgreSQL connections).
+
+    ``keys`` seal the personal data it stores (``gateway.privacy``); without, SQLite uses the
+    embedded default (a key file next to the database, made on first use), and a PostgreSQL
+    store opens, migrates and lists, but refuses (ConfigError) to seal or open personal data:
+    ``serve`` requires a configured key there (``privacy.keys_for``).
+    """
+    from ..privacy import keys_for
+
+    keys = keys_for(keys, url, required=False)
     if url.startswith("sqlite:///"):
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite:///"))
+        return SQLiteStore(url.removeprefix("sqlite:///"), keys)
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(url, pool_size)
+        return PostgresStore(url, keys, pool_size)
     raise StoreError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")
 
 

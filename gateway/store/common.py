@@ -18,7 +18,8 @@ from adapters.base import DeliveredPart, Message
 from .. import deliveries
 from ..audit import event_hash
 from ..deliveries import Decision, Delivery
-from . import BLOCKING, Job, Settle, Status
+from ..privacy import DataKeys
+from . import BLOCKING, Job, NewReport, Settle, Status
 
 
 class Row(Protocol):
@@ -220,25 +221,189 @@ def rejection_view(r: Row) -> dict[str, Any]:
             "times_seen": r["times_seen"], "resolved_at": r["resolved_at"]}
 
 
-def delivered_part(p: Row) -> DeliveredPart:
-    return DeliveredPart(p["part"], p["version"], json.loads(p["fields"]), p["vendor_reference"])
+def delivered_part(keys: DataKeys, p: Row) -> DeliveredPart:
+    fields = open_json(keys, p["fields"], part_context(p["report_pk"], p["adapter"], p["part"]))
+    return DeliveredPart(p["part"], p["version"], fields, p["vendor_reference"])
 
 
-def job(row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[str]) -> Job:
-    """A claimed delivery as the dispatcher gets it: the report with its CPR numbers restored,
-    what was delivered of it before, and (in doubt) what may have reached the vendor."""
-    report = json.loads(version["body"])
-    report["employee"]["cpr"] = version["employee_cpr"]
-    if version["approved_by_cpr"] is not None:
-        report["approved_by_cpr"] = version["approved_by_cpr"]
-    delivered = tuple(delivered_part(p) for p in parts)
+def job(row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[str], keys: DataKeys) -> Job:
+    """A claimed delivery as the dispatcher gets it: the report with its CPR numbers restored
+    (opened with the data keys), what was delivered of it before, and (in doubt) what may have
+    reached the vendor."""
+    report = open_body(keys, version["id"], version["body"])
+    employee, approver = open_cprs(keys, version["id"], version["employee_cpr"], version["approved_by_cpr"])
+    report["employee"]["cpr"] = employee
+    if approver is not None:
+        report["approved_by_cpr"] = approver
+    delivered = tuple(delivered_part(keys, p) for p in parts)
     pending: tuple[Message, ...] = ()
     if row["status"] == Status.IN_DOUBT:
-        pending = tuple(message(json.loads(t)) for t in dict.fromkeys(pending_texts))
+        # the same message sent twice is pending once (compared opened: each seal differs)
+        opened = dict.fromkeys(keys.open_or_plain(t, message_context(row["id"])) for t in pending_texts)
+        pending = tuple(message(json.loads(t)) for t in opened)
     retry_since = row["retry_since"] if row["retry_since"] is not None else row["created_at"]
     return Job(row["id"], row["report_pk"], row["municipality"], row["adapter"], row["version"],
                row["attempts"], retry_since, row["status"], report, delivered, pending,
                cutoff_at=row["cutoff_at"])
+
+
+# -- personal data at rest (gateway.privacy): what each engine writes and reads ---------------
+# Each sealed value is bound to its row (the context), so it cannot be moved to another one.
+
+
+def _context(column: str, key: Any) -> str:
+    return f"{column}:{key}"
+
+
+def sealed_cprs(keys: DataKeys, version_pk: int, new: NewReport) -> tuple[str, str | None, str, str | None]:
+    """A ``report_cprs`` row's values after the version_pk: the two CPRs sealed, their lookup hashes."""
+    return (keys.seal(new.employee_cpr, _context("employee_cpr", version_pk)),
+            None if new.approved_by_cpr is None
+            else keys.seal(new.approved_by_cpr, _context("approved_by_cpr", version_pk)),
+            keys.lookup_hash(new.employee_cpr),
+            None if new.approved_by_cpr is None else keys.lookup_hash(new.approved_by_cpr))
+
+
+CPRS_INSERT = ("INSERT INTO report_cprs (version_pk, employee_cpr, approved_by_cpr, employee_cpr_hash,"
+               " approved_cpr_hash) VALUES (?, ?, ?, ?, ?)")
+
+
+def open_cprs(keys: DataKeys, version_pk: int, employee: str, approver: str | None) -> tuple[str, str | None]:
+    return (keys.open_or_plain(employee, _context("employee_cpr", version_pk)),
+            None if approver is None else keys.open_or_plain(approver, _context("approved_by_cpr", version_pk)))
+
+
+def sealed_json(keys: DataKeys, value: Any, context: str) -> str:
+    return keys.seal(json.dumps(value, sort_keys=True), context)
+
+
+def open_json(keys: DataKeys, text: str, context: str) -> Any:
+    return json.loads(keys.open_or_plain(text, context))
+
+
+# What a sealed JSON column is bound to. A version's body, a message's fields and a delivered
+# part hold free text (purpose, route) that may carry a CPR number; an IND01 run's bytes hold
+# one in every record.
+def body_context(version_pk: int) -> str:
+    return f"body:{version_pk}"
+
+
+def part_context(report_pk: int, adapter: str, part: str) -> str:
+    return f"part:{report_pk}:{adapter}:{part}"
+
+
+def message_context(delivery_id: int) -> str:
+    return f"message:{delivery_id}"
+
+
+def run_context(run_id: str, column: str = "data") -> str:
+    return f"file_run:{run_id}" if column == "data" else f"file_run.{column}:{run_id}"
+
+
+def sealed_body(keys: DataKeys, version_pk: int, body: Mapping[str, Any]) -> str:
+    return sealed_json(keys, body, body_context(version_pk))
+
+
+def open_body(keys: DataKeys, version_pk: int, text: str) -> dict[str, Any]:
+    body: dict[str, Any] = open_json(keys, text, body_context(version_pk))
+    return body
+
+
+def sealed_part(keys: DataKeys, report_pk: int, adapter: str, part: str, fields: Mapping[str, Any]) -> str:
+    return sealed_json(keys, dict(fields), part_context(report_pk, adapter, part))
+
+
+def sealed_message(keys: DataKeys, delivery_id: int, msg: Message) -> str:
+    return sealed_json(keys, message_json(msg), message_context(delivery_id))
+
+
+def open_message(keys: DataKeys, delivery_id: int, text: str) -> Message:
+    return message(open_json(keys, text, message_context(delivery_id)))
+
+
+def sealed_run_data(keys: DataKeys, run_id: str, data: str) -> str:
+    """An IND01 run's journalled bytes (CPR numbers in every record) sealed as one blob."""
+    return keys.seal(data, run_context(run_id))
+
+
+def sealed_run_deliveries(keys: DataKeys, run_id: str, deliveries: Any) -> str:
+    return sealed_json(keys, deliveries, run_context(run_id, "deliveries"))
+
+
+def open_run_deliveries(keys: DataKeys, run_id: str, text: str) -> dict[str, Any]:
+    found: dict[str, Any] = open_json(keys, text, run_context(run_id, "deliveries"))
+    return found
+
+
+def open_run(keys: DataKeys, row: Row) -> dict[str, Any]:
+    """A ``file_runs`` row as the journal reads it: its data and deliveries opened."""
+    return {**{k: row[k] for k in row.keys()},
+            "data": keys.open_or_plain(row["data"], run_context(row["run_id"])),
+            "deliveries": open_run_deliveries(keys, row["run_id"], row["deliveries"])}
+
+
+#: every sealed column but the CPRs: (table, key columns, context columns, column, context)
+_SEALED: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, Any]] = {
+    "report_versions.body": ("report_versions", ("id",), (), "body", lambda r: body_context(r["id"])),
+    "file_runs.data": ("file_runs", ("run_id",), (), "data", lambda r: run_context(r["run_id"])),
+    "file_runs.deliveries": ("file_runs", ("run_id",), (), "deliveries",
+                             lambda r: run_context(r["run_id"], "deliveries")),
+    "parts.fields": ("parts", ("report_pk", "adapter", "part"), (), "fields",
+                     lambda r: part_context(r["report_pk"], r["adapter"], r["part"])),
+    "attempts.message": ("attempts", ("id",), ("delivery_id",), "message",
+                         lambda r: message_context(r["delivery_id"])),
+}
+_CPRS_READ = ("SELECT version_pk, employee_cpr, approved_by_cpr, employee_cpr_hash, approved_cpr_hash"
+              " FROM report_cprs")
+#: at start, only CPR rows stored in clear (or without a lookup hash) need work
+_CPRS_IN_CLEAR = ("employee_cpr NOT LIKE 'v1:%' OR approved_by_cpr NOT LIKE 'v1:%'"
+                  " OR employee_cpr_hash IS NULL OR (approved_by_cpr IS NOT NULL AND approved_cpr_hash IS NULL)")
+RESEAL_TABLES = ("report_cprs", *_SEALED)
+RESEAL_UPDATE = {
+    "report_cprs": "UPDATE report_cprs SET employee_cpr = ?, approved_by_cpr = ?, employee_cpr_hash = ?,"
+                   " approved_cpr_hash = ? WHERE version_pk = ?",
+    **{name: f"UPDATE {t} SET {column} = ? WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
+       for name, (t, keys, _, column, _) in _SEALED.items()},
+}
+
+
+def reseal_select(name: str, rotate: bool) -> str:
+    """The rows ``reseal`` looks at: all of them to rotate, else those with work in clear."""
+    if name == "report_cprs":
+        return f"{_CPRS_READ}{'' if rotate else f' WHERE {_CPRS_IN_CLEAR}'} ORDER BY version_pk"
+    table, keys, extra, column, _ = _SEALED[name]
+    where = "" if rotate else f" WHERE {column} NOT LIKE 'v1:%'"
+    return f"SELECT {', '.join((*keys, *extra, column))} FROM {table}{where} ORDER BY {', '.join(keys)}"
+
+
+def resealed(keys: DataKeys, name: str, row: Row, rotate: bool) -> tuple[Any, ...] | None:
+    """The ``RESEAL_UPDATE`` parameters for one row, None when it needs nothing.
+
+    Without ``rotate`` only values stored in clear (before encryption) are sealed; with it,
+    every value not sealed under the current key is re-sealed and stale lookup hashes
+    recomputed. Either way a second run finds nothing to do.
+    """
+    def again(value: str | None, context: str) -> str | None:
+        if value is None or (not rotate and value.startswith("v1:")):
+            return None
+        return keys.reseal(value, context)
+
+    if name != "report_cprs":
+        _, key_columns, _, column, context = _SEALED[name]
+        value = again(row[column], context(row))
+        return None if value is None else (value, *(row[k] for k in key_columns))
+    pk = row["version_pk"]
+    emp = again(row["employee_cpr"], _context("employee_cpr", pk))
+    appr = again(row["approved_by_cpr"], _context("approved_by_cpr", pk))
+    fresh = keys.current_id + ":" if rotate else ""  # at start: only missing hashes
+    stale = row["employee_cpr_hash"] is None or not row["employee_cpr_hash"].startswith(fresh) or (
+        row["approved_by_cpr"] is not None
+        and (row["approved_cpr_hash"] is None or not row["approved_cpr_hash"].startswith(fresh)))
+    if emp is None and appr is None and not stale:
+        return None
+    e_plain, a_plain = open_cprs(keys, pk, row["employee_cpr"], row["approved_by_cpr"])
+    return (emp or row["employee_cpr"], appr or row["approved_by_cpr"], keys.lookup_hash(e_plain),
+            None if a_plain is None else keys.lookup_hash(a_plain), pk)
 
 
 #: attempt outcomes whose message may have reached the vendor: in doubt, and (asked by an

@@ -2,8 +2,9 @@
 
 Each migration is plain SQL in the subset SQLite and PostgreSQL share; where a type
 differs, :func:`statements` translates it (one place). Times are epoch seconds (double
-precision). CPR numbers live only in ``report_cprs``, so encrypting them
-at rest later touches one table.
+precision). CPR numbers live only in ``report_cprs`` (sealed with the data key since migration 7,
+see ``gateway/privacy.py``); a version's body and an IND01 run's journalled bytes are sealed
+too, in their own columns.
 """
 
 from __future__ import annotations
@@ -182,6 +183,16 @@ CREATE TABLE endpoint_breakers (
     open_until      DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (municipality, adapter)
 );
+""",
+    ),
+    (
+        7,
+        "CPR numbers sealed at rest, with a keyed lookup hash next to each (values stored before "
+        "are sealed by the first start after this migration)",
+        """
+ALTER TABLE report_cprs ADD COLUMN employee_cpr_hash TEXT;
+ALTER TABLE report_cprs ADD COLUMN approved_cpr_hash TEXT;
+CREATE INDEX report_cprs_lookup ON report_cprs (employee_cpr_hash);
 """,
     ),
 )

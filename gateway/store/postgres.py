@@ -24,6 +24,7 @@ from adapters.base import DeliveredPart, Message
 
 from .. import deliveries
 from ..deliveries import Decision, Detail, Event, IllegalTransition
+from ..privacy import DataKeys
 from . import (
     AttemptRecord,
     ConflictingReport,
@@ -42,8 +43,11 @@ from .common import (
     BLOCKING_SQL,
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
+    CPRS_INSERT,
     OPEN_BREAKER,
     PENDING_OUTCOMES,
+    RESEAL_TABLES,
+    RESEAL_UPDATE,
     WATCHED_SQL,
     audit_rows,
     blocker_view,
@@ -55,9 +59,19 @@ from .common import (
     filter_sql,
     lease_refusal,
     list_view,
-    message,
-    message_json,
+    open_body,
+    open_message,
+    open_run,
+    open_run_deliveries,
     rejection_view,
+    reseal_select,
+    resealed,
+    sealed_body,
+    sealed_cprs,
+    sealed_message,
+    sealed_part,
+    sealed_run_data,
+    sealed_run_deliveries,
     settled,
     waits_in_lane,
 )
@@ -105,8 +119,9 @@ class _Tx:
     """One connection (in a transaction, when writing), ``?`` SQL, and the audit events
     the transaction appends: chained and inserted in one go just before the commit."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, keys: DataKeys) -> None:
         self.conn = conn
+        self.keys = keys  # seal and open personal data (gateway.privacy)
         self.events: list[AuditEvent] = []
 
     async def execute(self, sql: str, *args: Any) -> int:
@@ -142,8 +157,9 @@ class PostgresStore:
 
     single_process = False  # never reclaim every lease at start: other processes hold some
 
-    def __init__(self, dsn: str, pool_size: int = 10) -> None:
+    def __init__(self, dsn: str, keys: DataKeys, pool_size: int = 10) -> None:
         self.dsn = dsn
+        self.keys = keys
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
 
@@ -156,6 +172,8 @@ class PostgresStore:
             raise (store_error(exc) or StoreError(f"cannot open the PostgreSQL store: {exc}")) from exc
         try:
             await self._guard(self._migrate())
+            if not self.keys.missing:  # values stored in clear before migration 7
+                await self.reseal(rotate=False)
         except BaseException:
             await self.aclose()  # a refused schema leaves no connection behind
             raise
@@ -176,6 +194,20 @@ class PostgresStore:
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, $3)",
                                    number, name, applied_at())
+
+    async def reseal(self, rotate: bool) -> dict[str, int]:
+        """Seal what is stored in clear (``rotate``: re-seal all under the current key), in one
+        transaction; the counts of rows changed per table."""
+        async def op(tx: _Tx) -> dict[str, int]:
+            counts = {}
+            for table in RESEAL_TABLES:
+                rows = await tx.fetch(reseal_select(table, rotate) + " FOR UPDATE")
+                updates = [u for row in rows if (u := resealed(self.keys, table, row, rotate)) is not None]
+                await tx.executemany(RESEAL_UPDATE[table], updates)
+                counts[table] = len(updates)
+            return counts
+
+        return await self._write(op, audited=False)
 
     @contextlib.asynccontextmanager
     async def _acquire(self) -> AsyncIterator[asyncpg.Connection]:
@@ -199,7 +231,7 @@ class PostgresStore:
             async with self._acquire() as conn, conn.transaction():
                 if audited:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
-                tx = _Tx(conn)
+                tx = _Tx(conn, self.keys)
                 result = await fn(tx)
                 await tx.flush_audit()
                 return result
@@ -209,7 +241,7 @@ class PostgresStore:
     async def _read(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
         async def run() -> T:
             async with self._acquire() as conn:
-                return await fn(_Tx(conn))
+                return await fn(_Tx(conn, self.keys))
 
         return await self._guard(run())
 
@@ -237,7 +269,7 @@ class PostgresStore:
 
     async def submit(self, reports: Sequence[NewReport], now: float) -> list[Submitted]:
         async def op(tx: _Tx) -> list[Submitted]:
-            batch = await _Intake.load(tx, reports, now)
+            batch = await _Intake.load(tx, reports, now, self.keys)
             results, conflicts = [], []
             for index, new in enumerate(reports):
                 existing = batch.stored_version(new)
@@ -258,7 +290,7 @@ class PostgresStore:
                           now: float) -> list[PullOutcome]:
         """Store the valid records and record the rejected ones, all in one transaction."""
         async def op(tx: _Tx) -> list[PullOutcome]:
-            batch = await _Intake.load(tx, [r.report for r in records if r.report is not None], now)
+            batch = await _Intake.load(tx, [r.report for r in records if r.report is not None], now, self.keys)
             outcomes, resolved = [], []
             for record in records:
                 if record.report is None:
@@ -304,7 +336,7 @@ class PostgresStore:
             if report is None:
                 return None
             versions = [{"id": v["id"], "version": v["version"], "received_at": v["received_at"],
-                         "report": json.loads(v["body"])}
+                         "report": open_body(self.keys, v["id"], v["body"])}
                         for v in await tx.fetch("SELECT id, version, received_at, body FROM report_versions"
                                                 " WHERE report_pk = ? ORDER BY version", report["id"])]
             deliveries = []
@@ -335,7 +367,7 @@ class PostgresStore:
     async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]:
         rows = await self._read(lambda tx: tx.fetch(
             "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", report_pk, adapter))
-        return [delivered_part(r) for r in rows]
+        return [delivered_part(self.keys, r) for r in rows]
 
     async def audit_chain(self) -> list[dict[str, Any]]:
         rows = await self._read(lambda tx: tx.fetch("SELECT * FROM audit_events ORDER BY id"))
@@ -417,7 +449,7 @@ class PostgresStore:
             await tx.executemany(
                 "UPDATE deliveries SET status = ?, lease_owner = ?, lease_until = ?, updated_at = ? WHERE id = ?",
                 [(str(d.status), owner, now + lease_seconds, now, r["id"]) for d, r in zip(claimed, rows, strict=True)])
-            return await _jobs(tx, rows)
+            return await _jobs(tx, rows, self.keys)
 
         return await self._write(op, audited=False)
 
@@ -433,7 +465,7 @@ class PostgresStore:
             return int(await tx.fetchval(
                 "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
                 " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                delivery_id, message.part, message.operation, json.dumps(message_json(message)),
+                delivery_id, message.part, message.operation, sealed_message(self.keys, delivery_id, message),
                 now, request_body))
 
         return await self._write(op, audited=False)
@@ -470,7 +502,7 @@ class PostgresStore:
             await tx.executemany(
                 "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference,"
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(report_pk, adapter, p.part, p.version, json.dumps(dict(p.fields), sort_keys=True),
+                [(report_pk, adapter, p.part, p.version, sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
                   p.vendor_reference, now) for p in parts])
             await tx.execute("UPDATE attempts SET outcome = 'in_doubt_reconciled' WHERE delivery_id = ?"
                              " AND outcome = 'in_doubt'", delivery_id)
@@ -597,7 +629,7 @@ class PostgresStore:
                 "INSERT INTO file_runs (run_id, municipality, adapter, file, offset_before, data,"
                 " first_line, header_lines, deliveries, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 run["run_id"], run["municipality"], run["adapter"], run["file"], run["offset_before"],
-                run["data"], run["first_line"], run["header_lines"], json.dumps(run["deliveries"]), now)
+                sealed_run_data(self.keys, run["run_id"], run["data"]), run["first_line"], run["header_lines"], sealed_run_deliveries(self.keys, run["run_id"], run["deliveries"]), now)
             tx.audit(now, "file_run.begin", {"run_id": run["run_id"], "file": run["file"],
                                              "deliveries": len(run["deliveries"])})
 
@@ -606,7 +638,7 @@ class PostgresStore:
     async def file_runs_unfinished(self, file: str) -> list[dict[str, Any]]:
         rows = await self._read(lambda tx: tx.fetch(
             "SELECT * FROM file_runs WHERE file = ? AND finished_at IS NULL ORDER BY started_at", file))
-        return [{**dict(r), "deliveries": json.loads(r["deliveries"])} for r in rows]
+        return [open_run(self.keys, r) for r in rows]
 
     async def file_run_finish(self, run_id: str, line_numbers: Sequence[int], outcome: str,
                               now: float) -> None:
@@ -618,7 +650,7 @@ class PostgresStore:
                              now, outcome, run_id)
             tx.audit(now, "file_run.finish", {"run_id": run_id, "outcome": outcome})
             name = Path(run["file"]).name
-            for delivery_id, item in json.loads(run["deliveries"]).items():
+            for delivery_id, item in open_run_deliveries(self.keys, run_id, run["deliveries"]).items():
                 refs = [f"{name}:{line_numbers[i]}" for i in item["lines"]]
                 await _file_delivered(tx, int(delivery_id), item, refs, now)
 
@@ -661,7 +693,7 @@ async def _lane_heads(tx: _Tx, rows: list[asyncpg.Record]) -> list[asyncpg.Recor
     return heads
 
 
-async def _jobs(tx: _Tx, rows: Sequence[asyncpg.Record]) -> list[Job]:
+async def _jobs(tx: _Tx, rows: Sequence[asyncpg.Record], keys: DataKeys) -> list[Job]:
     """The claimed rows as jobs, with three queries for all of them."""
     versions = {v["id"]: v for v in await tx.fetch(
         "SELECT v.id, v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
@@ -678,7 +710,7 @@ async def _jobs(tx: _Tx, rows: Sequence[asyncpg.Record]) -> list[Job]:
                                 " AND outcome = ANY(?::text[]) ORDER BY id", doubtful, list(PENDING_OUTCOMES)):
             texts.setdefault(a["delivery_id"], []).append(a["message"])
     return [build_job(r, versions[r["version_pk"]], parts.get((r["report_pk"], r["adapter"]), []),
-                      texts.get(r["id"], [])) for r in rows]
+                      texts.get(r["id"], []), keys) for r in rows]
 
 
 async def _record_part(tx: _Tx, report_pk: int, adapter: str, version: int, msg: Message,
@@ -692,7 +724,7 @@ async def _record_part(tx: _Tx, report_pk: int, adapter: str, version: int, msg:
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (report_pk, adapter, part) DO UPDATE SET"
         " version = excluded.version, fields = excluded.fields,"
         " vendor_reference = excluded.vendor_reference, updated_at = excluded.updated_at",
-        report_pk, adapter, msg.part, version, json.dumps(dict(msg.fields), sort_keys=True),
+        report_pk, adapter, msg.part, version, sealed_part(tx.keys, report_pk, adapter, msg.part, msg.fields),
         record.vendor_reference, now)
 
 
@@ -717,7 +749,7 @@ async def _confirm_parts(tx: _Tx, row: asyncpg.Record, vendor_reference: str | N
     for a in await tx.fetch("SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
                             " ORDER BY id", row["id"]):
         await _record_part(tx, row["report_pk"], row["adapter"], row["version"],
-                           message(json.loads(a["message"])), record, now)
+                           open_message(tx.keys, row["id"], a["message"]), record, now)
         await tx.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", a["id"])
 
 
@@ -756,8 +788,8 @@ class _Intake:
     """A batch of new report versions, decided row by row in Python exactly as ``SQLiteStore``
     does it, on rows fetched up front, then written with a handful of statements."""
 
-    def __init__(self, tx: _Tx, now: float, ids: dict[str, list[int]]) -> None:
-        self.tx, self.now, self.ids = tx, now, ids
+    def __init__(self, tx: _Tx, now: float, ids: dict[str, list[int]], keys: DataKeys) -> None:
+        self.tx, self.now, self.ids, self.keys = tx, now, ids, keys
         self.reports: dict[tuple[str, str], dict[str, Any]] = {}
         self.versions: dict[tuple[int, int], tuple[int, str]] = {}  # (report_pk, version) -> (pk, hash)
         self.deliveries: list[dict[str, Any]] = []
@@ -768,7 +800,7 @@ class _Intake:
         self.superseded: list[tuple[int, Decision]] = []  # stored deliveries: (id, decision)
 
     @classmethod
-    async def load(cls, tx: _Tx, news: Sequence[NewReport], now: float) -> _Intake:
+    async def load(cls, tx: _Tx, news: Sequence[NewReport], now: float, data_keys: DataKeys) -> _Intake:
         n = len(news)
         ids = await tx.fetchrow(
             "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('reports', 'id')) FROM generate_series(1, ?::int)) r,"
@@ -776,7 +808,7 @@ class _Intake:
             " ARRAY(SELECT nextval(pg_get_serial_sequence('deliveries', 'id')) FROM generate_series(1, ?::int)) d",
             n, n, n) if n else {"r": [], "v": [], "d": []}
         assert ids is not None
-        batch = cls(tx, now, {"r": list(ids["r"]), "v": list(ids["v"]), "d": list(ids["d"])})
+        batch = cls(tx, now, {"r": list(ids["r"]), "v": list(ids["v"]), "d": list(ids["d"])}, data_keys)
         keys = list({(new.municipality, new.report_id) for new in news})
         if not keys:
             return batch
@@ -815,8 +847,8 @@ class _Intake:
         version_pk = self.ids["v"].pop(0)
         self.versions[(report["id"], new.version)] = (version_pk, new.content_hash)
         self.new_versions.append((version_pk, report["id"], new.version, new.content_hash,
-                                  json.dumps(new.body, sort_keys=True), now))
-        self.new_cprs.append((version_pk, new.employee_cpr, new.approved_by_cpr))
+                                  sealed_body(self.keys, version_pk, new.body), now))
+        self.new_cprs.append((version_pk, *sealed_cprs(self.keys, version_pk, new)))
         self.tx.audit(now, "report.received", {"version": new.version, "kind": new.kind},
                       report_pk=report["id"])
         status = "not_routed"
@@ -862,8 +894,7 @@ class _Intake:
                              [(r["latest"], r["id"]) for r in self.reports.values() if r.get("changed")])
         await tx.executemany("INSERT INTO report_versions (id, report_pk, version, content_hash, body,"
                              " received_at) VALUES (?, ?, ?, ?, ?, ?)", self.new_versions)
-        await tx.executemany("INSERT INTO report_cprs (version_pk, employee_cpr, approved_by_cpr)"
-                             " VALUES (?, ?, ?)", self.new_cprs)
+        await tx.executemany(CPRS_INSERT, self.new_cprs)
         await tx.executemany(
             "INSERT INTO deliveries (id, version_pk, report_pk, municipality, adapter, employee_key, version,"
             " status, next_attempt_at, created_at, updated_at, cutoff_at, last_error)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from adapters.base import DeliveredPart, Message
 
 from .. import deliveries
 from ..deliveries import Decision, Detail, Event, IllegalTransition
+from ..privacy import DataKeys
 from . import (
     AttemptRecord,
     ConflictingReport,
@@ -39,8 +41,11 @@ from .common import (
     BLOCKING_SQL,
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
+    CPRS_INSERT,
     OPEN_BREAKER,
     PENDING_OUTCOMES,
+    RESEAL_TABLES,
+    RESEAL_UPDATE,
     WATCHED_SQL,
     audit_rows,
     blocker_view,
@@ -52,9 +57,19 @@ from .common import (
     filter_sql,
     lease_refusal,
     list_view,
-    message,
-    message_json,
+    open_body,
+    open_message,
+    open_run,
+    open_run_deliveries,
     rejection_view,
+    reseal_select,
+    resealed,
+    sealed_body,
+    sealed_cprs,
+    sealed_message,
+    sealed_part,
+    sealed_run_data,
+    sealed_run_deliveries,
     settled,
     waits_in_lane,
 )
@@ -80,6 +95,23 @@ def store_error(exc: BaseException) -> StoreError | None:
     return None
 
 
+#: the database and SQLite's side files hold personal data: the gateway's user only
+PRIVATE_MODE = 0o600
+SIDE_FILES = ("", "-wal", "-shm", "-journal")
+
+
+def _private_files(path: str) -> None:
+    """Create the database file 0600 (SQLite gives its -wal and -shm files the database's
+    mode), and take group and other access from files an older gateway created."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE))
+    for suffix in SIDE_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path + suffix, PRIVATE_MODE)
+
+
 def _connect(path: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.row_factory = sqlite3.Row
@@ -95,8 +127,9 @@ class SQLiteStore:
 
     single_process = True
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, keys: DataKeys) -> None:
         self.path = path
+        self.keys = keys
         self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._wconn: sqlite3.Connection | None = None
@@ -110,8 +143,11 @@ class SQLiteStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._wpool, _private_files, self.path)
         self._wconn = await loop.run_in_executor(self._wpool, _connect, self.path)
         await loop.run_in_executor(self._wpool, self._migrate)
+        await loop.run_in_executor(self._wpool, self._reseal_now, False)
+        await loop.run_in_executor(self._wpool, _private_files, self.path)  # -wal, -shm now exist
         self._rconn = await loop.run_in_executor(self._rpool, _connect, self.path)
         self._queue = asyncio.Queue()
         self._writer_task = asyncio.create_task(self._writer(), name="sqlite-writer")
@@ -147,6 +183,32 @@ class SQLiteStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+
+    def _reseal_now(self, rotate: bool) -> dict[str, int]:
+        """Seal what is stored in clear (``rotate``: re-seal all under the current key), one
+        transaction; the counts of rows changed per table."""
+        conn = self._wconn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            counts = self._reseal(conn, rotate)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return counts
+
+    def _reseal(self, conn: sqlite3.Connection, rotate: bool) -> dict[str, int]:
+        counts = {}
+        for table in RESEAL_TABLES:
+            updates = [u for row in conn.execute(reseal_select(table, rotate)).fetchall()
+                       if (u := resealed(self.keys, table, row, rotate)) is not None]
+            conn.executemany(RESEAL_UPDATE[table], updates)
+            counts[table] = len(updates)
+        return counts
+
+    async def reseal(self, rotate: bool) -> dict[str, int]:
+        return await self._write(lambda conn: self._reseal(conn, rotate))
 
     @contextlib.asynccontextmanager
     async def file_lock(self, key: str) -> AsyncIterator[None]:
@@ -359,13 +421,13 @@ class SQLiteStore:
             conn.execute("UPDATE reports SET latest_version = ? WHERE id = ?", (latest, report_pk))
         version_pk = conn.execute(
             "INSERT INTO report_versions (report_pk, version, content_hash, body, received_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (report_pk, new.version, new.content_hash, json.dumps(new.body, sort_keys=True), now),
+            " VALUES (?, ?, ?, '', ?)",
+            (report_pk, new.version, new.content_hash, now),
         ).lastrowid
-        conn.execute(
-            "INSERT INTO report_cprs (version_pk, employee_cpr, approved_by_cpr) VALUES (?, ?, ?)",
-            (version_pk, new.employee_cpr, new.approved_by_cpr),
-        )
+        assert version_pk is not None
+        conn.execute("UPDATE report_versions SET body = ? WHERE id = ?",
+                     (sealed_body(self.keys, version_pk, new.body), version_pk))
+        conn.execute(CPRS_INSERT, (version_pk, *sealed_cprs(self.keys, version_pk, new)))
         self._audit(conn, now, "report.received", {"version": new.version, "kind": new.kind},
                     report_pk=report_pk)
         assert report_pk is not None and version_pk is not None
@@ -418,7 +480,7 @@ class SQLiteStore:
             return None
         versions = [
             {"id": v["id"], "version": v["version"], "received_at": v["received_at"],
-             "report": json.loads(v["body"])}
+             "report": open_body(self.keys, v["id"], v["body"])}
             for v in conn.execute(
                 "SELECT id, version, received_at, body FROM report_versions WHERE report_pk = ? ORDER BY version",
                 (report["id"],),
@@ -544,7 +606,7 @@ class SQLiteStore:
 
     def _job(self, conn: sqlite3.Connection, row: sqlite3.Row) -> Job:
         version = conn.execute(
-            "SELECT v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
+            "SELECT v.id, v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
             " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ?",
             (row["version_pk"],),
         ).fetchone()
@@ -555,7 +617,7 @@ class SQLiteStore:
             texts = [a["message"] for a in conn.execute(
                 "SELECT message FROM attempts WHERE delivery_id = ?"
                 f" AND outcome IN {PENDING_OUTCOMES!r} ORDER BY id", (row["id"],))]
-        return build_job(row, version, parts, texts)
+        return build_job(row, version, parts, texts, self.keys)
 
     async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float,
                             owner: str | None = None) -> int:
@@ -569,7 +631,7 @@ class SQLiteStore:
             cur = conn.execute(
                 "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (delivery_id, message.part, message.operation, json.dumps(message_json(message)),
+                (delivery_id, message.part, message.operation, sealed_message(self.keys, delivery_id, message),
                  now, request_body),
             )
             assert cur.lastrowid is not None
@@ -612,8 +674,8 @@ class SQLiteStore:
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (report_pk, adapter, part) DO UPDATE SET"
             " version = excluded.version, fields = excluded.fields,"
             " vendor_reference = excluded.vendor_reference, updated_at = excluded.updated_at",
-            (report_pk, adapter, message.part, version, json.dumps(dict(message.fields), sort_keys=True),
-             record.vendor_reference, now),
+            (report_pk, adapter, message.part, version,
+             sealed_part(self.keys, report_pk, adapter, message.part, message.fields), record.vendor_reference, now),
         )
 
     async def settle(self, delivery_id: int, settle: Settle, now: float, event: str) -> None:
@@ -641,7 +703,7 @@ class SQLiteStore:
                 conn.execute(
                     "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference,"
                     " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (report_pk, adapter, p.part, p.version, json.dumps(dict(p.fields), sort_keys=True),
+                    (report_pk, adapter, p.part, p.version, sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
                      p.vendor_reference, now),
                 )
             conn.execute(
@@ -657,7 +719,7 @@ class SQLiteStore:
         rows = await self._read(lambda c: c.execute(
             "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", (report_pk, adapter)
         ).fetchall())
-        return [delivered_part(r) for r in rows]
+        return [delivered_part(self.keys, r) for r in rows]
 
     async def record_event(self, event: str, detail: dict[str, Any], now: float, *,
                            actor: str = "gateway", delivery_id: int | None = None) -> None:
@@ -784,7 +846,7 @@ class SQLiteStore:
         for a in conn.execute("SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
                               " ORDER BY id", (row["id"],)).fetchall():
             self._record_part(conn, row["report_pk"], row["adapter"], row["version"],
-                              message(json.loads(a["message"])), record, now)
+                              open_message(self.keys, row["id"], a["message"]), record, now)
             conn.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", (a["id"],))
 
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
@@ -827,7 +889,7 @@ class SQLiteStore:
                 "INSERT INTO file_runs (run_id, municipality, adapter, file, offset_before, data,"
                 " first_line, header_lines, deliveries, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run["run_id"], run["municipality"], run["adapter"], run["file"], run["offset_before"],
-                 run["data"], run["first_line"], run["header_lines"], json.dumps(run["deliveries"]), now),
+                 sealed_run_data(self.keys, run["run_id"], run["data"]), run["first_line"], run["header_lines"], sealed_run_deliveries(self.keys, run["run_id"], run["deliveries"]), now),
             )
             self._audit(conn, now, "file_run.begin", {"run_id": run["run_id"], "file": run["file"],
                                                        "deliveries": len(run["deliveries"])})
@@ -838,7 +900,7 @@ class SQLiteStore:
         rows = await self._read(lambda c: c.execute(
             "SELECT * FROM file_runs WHERE file = ? AND finished_at IS NULL ORDER BY started_at", (file,)
         ).fetchall())
-        return [{**dict(r), "deliveries": json.loads(r["deliveries"])} for r in rows]
+        return [open_run(self.keys, r) for r in rows]
 
     async def file_run_finish(self, run_id: str, line_numbers: Sequence[int], outcome: str,
                               now: float) -> None:
@@ -849,7 +911,7 @@ class SQLiteStore:
                          (now, outcome, run_id))
             self._audit(conn, now, "file_run.finish", {"run_id": run_id, "outcome": outcome})
             name = Path(run["file"]).name
-            for delivery_id, item in json.loads(run["deliveries"]).items():
+            for delivery_id, item in open_run_deliveries(self.keys, run_id, run["deliveries"]).items():
                 refs = [f"{name}:{line_numbers[i]}" for i in item["lines"]]
                 self._file_delivered(conn, int(delivery_id), item, refs, now)
 

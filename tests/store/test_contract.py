@@ -25,6 +25,7 @@ from gateway.store import (
     open_store,
 )
 from gateway.store.migrations import LATEST
+from tests.conftest import TEST_KEYS
 
 SD = "sd-koersel"
 
@@ -38,7 +39,7 @@ def new(report_id: str, version: int = 1, employee: str = "E1", content: str = "
 
 @pytest.fixture
 async def store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url)
+    s = open_store(store_url, keys=TEST_KEYS)
     await s.open()
     yield s
     await s.aclose()
@@ -92,7 +93,7 @@ async def test_claims_take_only_the_head_of_each_lane(store: Store) -> None:
 
 async def test_concurrent_claimers_never_share_a_lane(store_url: str) -> None:
     """Two stores (on PostgreSQL: two pools, as two processes) claim one backlog at once."""
-    stores = [open_store(store_url), open_store(store_url)]
+    stores = [open_store(store_url, keys=TEST_KEYS), open_store(store_url, keys=TEST_KEYS)]
     for s in stores:
         await s.open()
     try:
@@ -175,7 +176,7 @@ async def test_breaker_openings_are_shared(store_url: str, store: Store) -> None
     await store.open_breaker("746", SD, now + 30)
     await store.open_breaker("746", SD, now + 10)  # an earlier end does not shorten it
     await store.open_breaker("840", SD, now + 5)
-    other = open_store(store_url)
+    other = open_store(store_url, keys=TEST_KEYS)
     await other.open()
     try:
         assert await other.breakers_open(now) == {("746", SD): now + 30, ("840", SD): now + 5}
@@ -283,7 +284,7 @@ async def test_file_run_journal(store: Store) -> None:
 
 
 async def test_the_audit_chain_holds_across_stores(store_url: str, store: Store) -> None:
-    other = open_store(store_url)
+    other = open_store(store_url, keys=TEST_KEYS)
     await other.open()
     try:
         now = time.time()
@@ -308,7 +309,7 @@ def test_migrate_applies_and_refuses_a_newer_schema(store_url: str, capsys: pyte
 
     assert main(["migrate", "--store", store_url]) == 0
     assert main(["migrate", "--store", store_url]) == 0  # idempotent
-    store = open_store(store_url)
+    store = open_store(store_url, keys=TEST_KEYS)
 
     async def future() -> None:
         await store.open()
