@@ -225,7 +225,10 @@ async def get_report(request: web.Request) -> web.Response:
     view = await request.app[APP_STORE].get_report(municipality, request.match_info["report_id"])
     if view is None:
         raise NotFound("no such report")
+    view["purged"] = all(v["purged"] for v in view["versions"])  # retention: metadata only
     for v in view["versions"]:
+        if v["purged"]:
+            continue
         v["report"]["employee"]["cpr"] = "xxxxxx-xxxx"
         if v["report"].get("approved_by_cpr"):
             v["report"]["approved_by_cpr"] = "xxxxxx-xxxx"
