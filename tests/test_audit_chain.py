@@ -22,7 +22,15 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway import retention
-from gateway.audit import UNKEYED, Anchor, AuditSettings, anchor_path, event_hmac, legacy_hash, load_key
+from gateway.audit import (
+    UNKEYED,
+    Anchor,
+    AuditSettings,
+    anchor_path,
+    event_hmac,
+    legacy_hash,
+    load_key,
+)
 from gateway.cli import main
 from gateway.errors import ConfigError
 from gateway.settings import Settings
