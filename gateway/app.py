@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
@@ -18,7 +19,8 @@ from adapters.base import Adapter
 from adapters.registry import load_adapters
 from adapters.resources import schema_text
 
-from . import compat, intake, ops
+from . import compat, intake, ops, retention
+from .audit import Anchor, anchor_path, load_key
 from .auth import AuthFailures, metrics_token
 from .channels import Channels
 from .dispatcher import Dispatcher, build_endpoints
@@ -257,9 +259,13 @@ def create_app(
     check_routes(settings, app[APP_ADAPTERS])
     app[APP_CALENDARS] = build_calendars(settings)
     # after the config checks: a key file is generated (SQLite, no key configured) only for a
-    # gateway that will start; PostgreSQL without a configured key refuses here
-    app[APP_STORE] = store if store is not None else open_store(
-        settings.store_url, settings.store_pool_size, keys_for(settings.data_keys, settings.store_url))
+    # gateway that will start; PostgreSQL without a configured key refuses here. The audit key
+    # is read (or, the first time, generated) before anything is stored.
+    if store is None:
+        store = open_store(settings.store_url, settings.store_pool_size,
+                           keys_for(settings.data_keys, settings.store_url),
+                           load_key(settings.audit, settings.data_dir))
+    app[APP_STORE] = store
     FileRunner(app[APP_STORE], app[APP_ADAPTERS], settings).check_schedules()
     app[APP_ENDPOINTS] = build_endpoints(settings, app[APP_ADAPTERS])
     warn_short_leases(settings)
@@ -277,9 +283,21 @@ def create_app(
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
-    await app[APP_STORE].open()
+    """The store, and the anchor of its audit trail's head (at start, every N events, at shutdown)."""
+    store, settings = app[APP_STORE], app[APP_SETTINGS]
+    await store.open()
+    anchor = Anchor(anchor_path(settings.audit, settings.data_dir), settings.audit.anchor_every, store.audit_head)
+    await anchor.check(force=True)
+    task = asyncio.create_task(anchor.run(), name="audit-anchor")
     yield
-    await app[APP_STORE].aclose()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    try:
+        await anchor.check(force=True)
+    except Exception as exc:  # the store may be gone already: say so, close anyway
+        log.error("could not anchor the audit head at shutdown: %s", exc)
+    await store.aclose()
 
 
 def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -292,7 +310,9 @@ def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None
         task = asyncio.create_task(dispatcher.run(), name="dispatcher") if run else None
         app[APP_WATCH] = AtRiskWatch(app[APP_STORE], app[APP_SETTINGS])
         side = [asyncio.create_task(app[APP_FILE_RUNNER].run(), name="file-runs"),
-                asyncio.create_task(app[APP_WATCH].run(), name="at-risk-watch")] if run else []
+                asyncio.create_task(app[APP_WATCH].run(), name="at-risk-watch"),
+                asyncio.create_task(retention.run_daily(app[APP_STORE], app[APP_SETTINGS], time.time),
+                                    name="retention")] if run else []
         yield
         await dispatcher.aclose()
         for side_task in side:

@@ -160,10 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", help="check the audit trail's hash chain")
+    verify = audit_sub.add_parser("verify", help="check the audit trail's HMAC chain, attempts and anchor")
     verify.add_argument("--config", type=Path)
     verify.add_argument("--store")
     verify.set_defaults(func=cmd_audit_verify)
+    export = audit_sub.add_parser("export", help="write the audit events of a period as JSON lines")
+    export.add_argument("--config", type=Path)
+    export.add_argument("--store")
+    export.add_argument("--from", dest="since", required=True, help="ISO date/time (inclusive)")
+    export.add_argument("--to", dest="until", required=True, help="ISO date/time (exclusive)")
+    export.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    export.set_defaults(func=cmd_audit_export)
+    purge = sub.add_parser("purge", help="drop bodies and CPR numbers past [retention] keep_months (audited)")
+    purge.add_argument("--config", type=Path, required=True)
+    purge.add_argument("--store")
+    purge.add_argument("--dry-run", action="store_true", help="count what would go, change nothing")
+    purge.set_defaults(func=cmd_purge)
     return parser
 
 
@@ -434,13 +446,20 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError("; ".join(f"{e.pointer.lstrip('/')}: {e.message}" for e in exc.errors) or exc.detail) from exc
 
 
-def _with_store(args: argparse.Namespace, work: Any) -> Any:
+def _open_store(settings: Settings, *, create_key: bool = True) -> Any:
+    """The store with the audit key (read-only commands never generate one)."""
+    from .audit import load_key
     from .store import open_store
 
+    key = load_key(settings.audit, settings.data_dir, create=create_key)
+    return open_store(settings.store_url, settings.store_pool_size, settings.data_keys, key)
+
+
+def _with_store(args: argparse.Namespace, work: Any, *, create_key: bool = True) -> Any:
     settings = _settings(args)
 
     async def run() -> Any:
-        store = open_store(settings.store_url, settings.store_pool_size, settings.data_keys)
+        store = _open_store(settings, create_key=create_key)
         await store.open()
         try:
             return await work(store, settings)
@@ -596,12 +615,10 @@ def cmd_keys_rotate_data_key(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .store import open_store
-
     settings = _settings(args)
 
     async def run() -> None:
-        store = open_store(settings.store_url, settings.store_pool_size, settings.data_keys)
+        store = _open_store(settings)
         await store.open()
         await store.aclose()
 
@@ -611,25 +628,72 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import verify_chain
-    from .store import open_store
+    from .audit import anchor_path, load_key, read_anchors, verify
 
-    settings = _settings(args)
+    async def work(store: Any, settings: Settings) -> tuple[int, Any]:
+        events = await store.audit_chain()
+        anchors = read_anchors(anchor_path(settings.audit, settings.data_dir))
+        key = load_key(settings.audit, settings.data_dir, create=False)
+        return len(events), verify(events, await store.audit_attempts(), key, anchors)
 
-    async def run() -> tuple[int, int | None]:
-        store = open_store(settings.store_url, settings.store_pool_size, settings.data_keys)
-        await store.open()
-        try:
-            return verify_chain(await store.audit_chain())
-        finally:
-            await store.aclose()
-
-    count, broken = asyncio.run(run())
-    if broken is not None:
-        raise CliError(f"audit trail broken at event {broken} (of {count})")
+    count, problem = _with_store(args, work, create_key=False)
+    if problem is not None:
+        raise CliError(f"{problem} (of {count} events)")
     print(f"payroll-gateway: audit trail intact ({count} events)")
     return 0
 
+
+def _instant(text: str, flag: str) -> float:
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise CliError(f"{flag}: not an ISO date or date-time: {text!r}") from exc
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+EXPORT_FIELDS = {"id": "id", "time": "at", "event": "event", "actor": "actor", "delivery": "delivery_id",
+                 "report": "report_pk", "detail": "detail", "hmac": "hmac", "prev_hmac": "prev_hash"}
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    """JSON lines for an auditor: each event as stored, with its HMAC and the previous one."""
+    from datetime import UTC, datetime
+
+    since, until = _instant(args.since, "--from"), _instant(args.until, "--to")
+
+    async def work(store: Any, settings: Settings) -> list[dict[str, Any]]:
+        return list(await store.audit_chain(since, until))
+
+    events = _with_store(args, work, create_key=False)
+    lines = []
+    for e in events:
+        row = {name: e[col] for name, col in EXPORT_FIELDS.items()}
+        row["time"] = datetime.fromtimestamp(e["at"], UTC).isoformat()
+        row["at"] = e["at"]  # the exact value the HMAC covers
+        row["detail"] = json.loads(e["detail"])
+        lines.append(json.dumps(row, sort_keys=True, ensure_ascii=False))
+    text = "".join(line + "\n" for line in lines)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"payroll-gateway: {len(lines)} audit events written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from . import retention
+
+    async def work(store: Any, settings: Settings) -> dict[str, Any]:
+        return await retention.purge(store, settings, time.time(), dry_run=args.dry_run)
+
+    counts = _with_store(args, work)
+    what = "would purge" if args.dry_run else "purged"
+    print(f"payroll-gateway: {what} {counts['versions']} report version(s), {counts['cprs']} CPR row(s), "
+          f"{counts['attempt_bodies']} attempt(s) with bodies, {counts['backups']} IND01 backup(s)")
+    return 0
 
 if __name__ == "__main__":  # pragma: no cover
     with contextlib.suppress(BrokenPipeError):

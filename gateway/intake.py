@@ -247,7 +247,10 @@ async def get_report(request: web.Request) -> web.Response:
     view = await request.app[APP_STORE].get_report(municipality, report_id)
     if view is None:
         raise NotFound("no such report")
+    view["purged"] = all(v["purged"] for v in view["versions"])  # retention: metadata only
     for v in view["versions"]:  # free text (purpose, route) may hold a CPR number too
+        if v["purged"]:
+            continue
         v["report"] = mask_strings(v["report"])
         v["report"]["employee"]["cpr"] = MASKED_CPR
         if v["report"].get("approved_by_cpr"):

@@ -20,6 +20,7 @@ from typing import Any
 
 from adapters.base import DEFAULT_MAX_REPLY_BYTES, VendorSettings
 
+from .audit import AuditSettings
 from .errors import ConfigError
 from .privacy import DataKeys, parse_key, read_key_file
 
@@ -160,6 +161,8 @@ class Settings:
     auth_failures_per_minute: int = 10  # per client address, then 429 until the minute is over
     # [privacy]: None = the embedded default (privacy.keys_for: a generated key file, SQLite only)
     data_keys: DataKeys | None = field(default=None, repr=False)
+    audit: AuditSettings = AuditSettings()
+    keep_months: int = 13  # [retention]: bodies and CPR numbers kept this long after delivery
 
     def operator_for_token(self, token: str) -> Operator | None:
         """Every operator's hash is compared in constant time; none is skipped by an early match."""
@@ -232,7 +235,7 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
 
 
 _ALLOWED_TOP = {"server", "dispatcher", "retry", "adapters", "tenants", "simulators", "operators", "alerts",
-                "privacy"}
+                "privacy", "audit", "retention"}
 _RETRY_KEYS = {
     "first_delay_seconds": "first_delay",
     "multiplier": "multiplier",
@@ -302,6 +305,8 @@ class _Reader:
             metrics_token_hash=_hash_or_none(server, "metrics_token_hash", "server"),
             auth_failures_per_minute=_positive(server, "auth_failures_per_minute", int, "server", 10),
             data_keys=self.privacy(_table(raw, "privacy", "")),
+            audit=self.audit(_table(raw, "audit", "")),
+            keep_months=self.retention(_table(raw, "retention", "")),
         )
 
     def privacy(self, raw: dict[str, Any]) -> DataKeys | None:
@@ -327,6 +332,19 @@ class _Reader:
         if older:
             raise ConfigError("privacy.old_data_key_files: also give the current key (data_key_file or data_key_env)")
         return None
+
+    def audit(self, raw: dict[str, Any]) -> AuditSettings:
+        _no_unknown(raw, {"key_file", "key_env", "anchor_file", "anchor_every"}, "audit")
+        if "key_file" in raw and "key_env" in raw:
+            raise ConfigError("audit.key_file: give key_file or key_env, not both")
+        key_file = self.path(_get(raw, "key_file", str, "audit", "")) if "key_file" in raw else None
+        anchor = self.path(_get(raw, "anchor_file", str, "audit", "")) if "anchor_file" in raw else None
+        return AuditSettings(key_file=key_file, key_env=_get(raw, "key_env", str, "audit", None),
+                             anchor_file=anchor, anchor_every=_positive(raw, "anchor_every", int, "audit", 1000))
+
+    def retention(self, raw: dict[str, Any]) -> int:
+        _no_unknown(raw, {"keep_months"}, "retention")
+        return int(_positive(raw, "keep_months", int, "retention", 13))
 
     def tls(self, server: dict[str, Any]) -> tuple[Path | None, Path | None]:
         """The listener's certificate chain and key: both or neither, and both readable files."""

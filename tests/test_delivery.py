@@ -187,10 +187,12 @@ async def test_audit_trail_records_every_change_and_verifies(gateway: Gateway, s
     for expected in ("report.received", "delivery.queued", "attempt.retry", "delivery.retry_scheduled",
                      "attempt.delivered", "delivery.delivered"):
         assert expected in names
-    assert verify_chain(events) == (len(events), None)
+    key = gateway.store.audit_key
+    assert verify_chain(events, key) == (len(events), None)
+    assert verify_chain(events)[1] == events[0]["id"]  # another key does not verify
     tampered = [dict(e) for e in events]
     tampered[1]["detail"] = tampered[1]["detail"].replace("1", "2")
-    assert verify_chain(tampered)[1] == tampered[1]["id"]
+    assert verify_chain(tampered, key)[1] == tampered[1]["id"]
 
 
 @pytest.mark.sqlite_only

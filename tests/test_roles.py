@@ -82,7 +82,7 @@ def test_serve_role_dispatch_answers_health_only(tmp_path: Path) -> None:
     )
     try:
         assert proc.stdout is not None
-        first = next(line for line in proc.stdout if "health at" in line or "role " in line.split("]")[-1])
+        first = next(line for line in proc.stdout if line.startswith("payroll-gateway:") and "role" in line)
         assert "health at" in first and "role dispatch" in first, first
         base = f"http://127.0.0.1:{port}"
         with urllib.request.urlopen(f"{base}/healthz", timeout=10) as resp:

@@ -179,7 +179,13 @@ class Store(Protocol):
     async def count_by_status(self) -> dict[str, int]: ...
     async def deliveries_of(self, version_pks: Sequence[int]) -> dict[int, list[dict[str, Any]]]: ...
     async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]: ...
-    async def audit_chain(self) -> list[dict[str, Any]]: ...
+    # the audit trail (``since``/``until``: epoch seconds, for an export), its attempt rows, its head
+    async def audit_chain(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]: ...
+    async def audit_attempts(self) -> list[dict[str, Any]]: ...
+    async def audit_head(self) -> tuple[int, str] | None: ...
+    # retention: bodies and CPR numbers of versions finished before ``before`` (audited)
+    async def purge(self, before: float, now: float, *, dry_run: bool = False,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
     async def record_event(
         self, event: str, detail: dict[str, Any], now: float, *, actor: str = "gateway",
         delivery_id: int | None = None,
@@ -220,25 +226,30 @@ class Store(Protocol):
     async def reseal(self, rotate: bool) -> dict[str, int]: ...
 
 
-def open_store(url: str, pool_size: int = 10, keys: DataKeys | None = None) -> Store:
+def open_store(url: str, pool_size: int = 10, keys: DataKeys | None = None,
+               audit_key: bytes | None = None) -> Store:
     """The store engine for a SQLAlchemy-style URL (``pool_size``: PostgreSQL connections).
 
     ``keys`` seal the personal data it stores (``gateway.privacy``); without, SQLite uses the
     embedded default (a key file next to the database, made on first use), and a PostgreSQL
     store opens, migrates and lists, but refuses (ConfigError) to seal or open personal data:
-    ``serve`` requires a configured key there (``privacy.keys_for``).
+    ``serve`` requires a configured key there (``privacy.keys_for``). ``audit_key`` is the
+    audit trail's HMAC key, which the app and the CLI always give; a store without one signs
+    with :data:`gateway.audit.UNKEYED`, for tests only.
     """
+    from ..audit import UNKEYED
     from ..privacy import keys_for
 
     keys = keys_for(keys, url, required=False)
+    key = UNKEYED if audit_key is None else audit_key
     if url.startswith("sqlite:///"):
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite:///"), keys)
+        return SQLiteStore(url.removeprefix("sqlite:///"), keys, key)
     if url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(url, keys, pool_size)
+        return PostgresStore(url, keys, pool_size, key)
     raise StoreError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")
 
 

@@ -9,17 +9,19 @@ ask it, and write its :class:`~gateway.deliveries.Decision` with :func:`decision
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from adapters.base import DeliveredPart, Message
 
 from .. import deliveries
-from ..audit import event_hash
+from ..audit import event_hmac, legacy_broken, seal
 from ..deliveries import Decision, Delivery
 from ..privacy import DataKeys
-from . import BLOCKING, Job, NewReport, Settle, Status
+from . import BLOCKING, FINAL, Job, NewReport, Settle, Status
 
 
 class Row(Protocol):
@@ -33,8 +35,10 @@ BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
 WATCHED_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.WATCHED))
 CONFLICT_ERRORS = (("/Id", "this Id was already received with different content; the gateway keeps the "
                            "first (change it in OS2indberetning as a new record, or ask the payroll office)"),)
-AUDIT_INSERT = ("INSERT INTO audit_events (at, actor, event, report_pk, delivery_id, detail, prev_hash, hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+AUDIT_INSERT = ("INSERT INTO audit_events (id, at, actor, event, report_pk, delivery_id, detail, prev_hash,"
+                " hash, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+#: the head a new event chains onto (read inside the write transaction, under the writer lock)
+AUDIT_HEAD = "SELECT id, hmac FROM audit_events ORDER BY id DESC LIMIT 1"
 FILTERS = {
     "id": "d.id = ?",
     "municipality": "d.municipality = ?",
@@ -153,15 +157,24 @@ def message(data: dict[str, Any]) -> Message:
     return Message(data["part"], data["operation"], data["fields"], data["deletes"])
 
 
-def audit_rows(prev: str, events: Iterable[tuple[float, str, str, int | None, int | None, dict[str, Any]]],
+def audit_rows(key: bytes, head: Row | None,
+               events: Iterable[tuple[float, str, str, int | None, int | None, dict[str, Any]]],
                ) -> list[tuple[Any, ...]]:
-    """Audit rows (for ``AUDIT_INSERT``) chained onto ``prev``, the last stored hash."""
+    """Audit rows (for ``AUDIT_INSERT``) chained onto ``head`` (id and HMAC of the last one).
+
+    Ids are given, not drawn from a sequence, because the HMAC covers them: the trail has
+    no gaps, and a renumbered event no longer verifies. ``hash`` keeps an unkeyed SHA-256
+    of the detail (a convenience for readers; the HMAC is what proves).
+    """
     rows = []
+    last_id, prev = (int(head["id"]), head["hmac"] or "") if head is not None else (0, "")
     for now, actor, event, report_pk, delivery_id, detail in events:
         text = json.dumps(detail, sort_keys=True, default=str)
-        digest = event_hash(prev, now, actor, event, report_pk, delivery_id, text)
-        rows.append((now, actor, event, report_pk, delivery_id, text, prev, digest))
-        prev = digest
+        last_id += 1
+        mac = event_hmac(key, prev, last_id, now, actor, event, report_pk, delivery_id, text)
+        rows.append((last_id, now, actor, event, report_pk, delivery_id, text, prev,
+                     hashlib.sha256(text.encode()).hexdigest(), mac))
+        prev = mac
     return rows
 
 
@@ -409,3 +422,75 @@ def resealed(keys: DataKeys, name: str, row: Row, rotate: bool) -> tuple[Any, ..
 #: attempt outcomes whose message may have reached the vendor: in doubt, and (asked by an
 #: operator's check) even refused or retried sends, since a vendor may apply and still answer 5xx
 PENDING_OUTCOMES = ("in_doubt", "retry", "failed")
+
+
+# -- the audit trail's seals, the re-chain, retention (both engines) ----------------------
+
+ATTEMPT_ROW = ("SELECT id, delivery_id, part, operation, message, started_at, finished_at, outcome,"
+               " http_status, latency_ms, error, request_body, response_body FROM attempts")
+FINAL_SQL = ",".join(f"'{s}'" for s in sorted(FINAL))
+#: report versions whose bodies may go: received before the cut-off, every delivery of
+#: them final and last changed before it, not purged yet (parameters: before, before)
+PURGEABLE = ("SELECT v.id FROM report_versions v WHERE v.purged_at IS NULL AND v.received_at < ?"
+             " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.version_pk = v.id"
+             f" AND (d.status NOT IN ({FINAL_SQL}) OR d.updated_at >= ?))")
+PURGE_BATCH = 500  # versions per transaction (and per audited purge event)
+#: what a purge would drop, counted without touching anything (dry run)
+PURGE_PREVIEW = (
+    f"SELECT (SELECT COUNT(*) FROM ({PURGEABLE}) p) AS versions,"
+    f" (SELECT COUNT(*) FROM report_cprs WHERE version_pk IN ({PURGEABLE})) AS cprs,"
+    " (SELECT COUNT(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id"
+    f"  WHERE d.version_pk IN ({PURGEABLE})"
+    "  AND (a.request_body IS NOT NULL OR a.response_body IS NOT NULL)) AS attempt_bodies"
+)
+
+
+def rechained(key: bytes, events: Sequence[Row]) -> list[tuple[str, str, str, int]]:
+    """(prev_hash, hash, hmac, id) for every stored event, chained with ``key`` (the one-time
+    re-chain of migration 8: history is re-anchored from that point)."""
+    updates, prev = [], ""
+    for e in events:
+        mac = event_hmac(key, prev, int(e["id"]), e["at"], e["actor"], e["event"], e["report_pk"],
+                         e["delivery_id"], e["detail"])
+        updates.append((prev, hashlib.sha256(e["detail"].encode()).hexdigest(), mac, int(e["id"])))
+        prev = mac
+    return updates
+
+
+def audit_attempt_rows(keys: DataKeys, audit_key: bytes, rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Attempt rows as the audit trail seals them: the sealed message replaced by an HMAC (audit
+    key) of what it says. Its ciphertext changes with every rotation of the data key, what it
+    says does not; and a keyed digest of a text that may hold a CPR cannot be guessed from the
+    database alone."""
+    out = []
+    for row in rows:
+        a = dict(row)
+        said = json.dumps(message_json(open_message(keys, a["delivery_id"], a["message"])), sort_keys=True)
+        a["message"] = hmac.new(audit_key, said.encode(), hashlib.sha256).hexdigest()
+        out.append(a)
+    return out
+
+
+def rechain_detail(events: Sequence[Row], attempts: Sequence[Row]) -> dict[str, Any]:
+    """The ``audit.rechained`` event: what was re-chained, whether the old unkeyed chain held,
+    and a seal of every attempt written before seals existed."""
+    broken = legacy_broken([dict(e) for e in events])
+    return {"events": len(events), "legacy_chain": "intact" if broken is None else f"broken at event {broken}",
+            "attempts_sealed": [seal(dict(a)) for a in attempts]}
+
+
+def purge_detail(before: float, versions: Sequence[int], cprs: int, deliveries_: Sequence[int],
+                 bodies: int, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``retention.purged`` event: counts, and the deliveries whose attempt bodies went
+    (``audit verify`` accepts a missing body only for those)."""
+    return {"before": before, "versions": len(versions), "cprs": cprs, "attempt_bodies": bodies,
+            "deliveries": list(deliveries_), **extra}
+
+
+def version_view(keys: DataKeys, v: Row) -> dict[str, Any]:
+    """A report version as ``get_report`` shows it (body opened): a purged one without its body."""
+    if v["purged_at"] is not None:
+        return {"id": v["id"], "version": v["version"], "received_at": v["received_at"], "purged": True,
+                "purged_at": v["purged_at"]}
+    return {"id": v["id"], "version": v["version"], "received_at": v["received_at"], "purged": False,
+            "report": open_body(keys, v["id"], v["body"])}

@@ -195,6 +195,16 @@ ALTER TABLE report_cprs ADD COLUMN approved_cpr_hash TEXT;
 CREATE INDEX report_cprs_lookup ON report_cprs (employee_cpr_hash);
 """,
     ),
+    (
+        8,
+        "the audit trail proves itself (HMAC chain, re-chained once at start) and retention purges bodies",
+        """
+ALTER TABLE audit_events ADD COLUMN hmac TEXT;
+CREATE TABLE audit_rechain (pending INTEGER NOT NULL);
+INSERT INTO audit_rechain (pending) VALUES (1);
+ALTER TABLE report_versions ADD COLUMN purged_at DOUBLE PRECISION;
+""",
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ import asyncpg
 from adapters.base import DeliveredPart, Message
 
 from .. import deliveries
+from ..audit import PURGE_EVENT, UNKEYED, seal
 from ..deliveries import Decision, Detail, Event, IllegalTransition
 from ..privacy import DataKeys
 from . import (
@@ -39,6 +41,8 @@ from . import (
     Submitted,
 )
 from .common import (
+    ATTEMPT_ROW,
+    AUDIT_HEAD,
     AUDIT_INSERT,
     BLOCKING_SQL,
     BREAKERS_OPEN,
@@ -46,9 +50,13 @@ from .common import (
     CPRS_INSERT,
     OPEN_BREAKER,
     PENDING_OUTCOMES,
+    PURGE_BATCH,
+    PURGE_PREVIEW,
+    PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
     WATCHED_SQL,
+    audit_attempt_rows,
     audit_rows,
     blocker_view,
     decision_audit,
@@ -59,10 +67,12 @@ from .common import (
     filter_sql,
     lease_refusal,
     list_view,
-    open_body,
     open_message,
     open_run,
     open_run_deliveries,
+    purge_detail,
+    rechain_detail,
+    rechained,
     rejection_view,
     reseal_select,
     resealed,
@@ -73,6 +83,7 @@ from .common import (
     sealed_run_data,
     sealed_run_deliveries,
     settled,
+    version_view,
     waits_in_lane,
 )
 from .common import job as build_job
@@ -119,9 +130,10 @@ class _Tx:
     """One connection (in a transaction, when writing), ``?`` SQL, and the audit events
     the transaction appends: chained and inserted in one go just before the commit."""
 
-    def __init__(self, conn: asyncpg.Connection, keys: DataKeys) -> None:
+    def __init__(self, conn: asyncpg.Connection, keys: DataKeys, audit_key: bytes = UNKEYED) -> None:
         self.conn = conn
         self.keys = keys  # seal and open personal data (gateway.privacy)
+        self.audit_key = audit_key
         self.events: list[AuditEvent] = []
 
     async def execute(self, sql: str, *args: Any) -> int:
@@ -147,8 +159,10 @@ class _Tx:
     async def flush_audit(self) -> None:
         if not self.events:
             return
-        prev = await self.fetchval("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1")
-        await self.executemany(AUDIT_INSERT, audit_rows(prev or "", self.events))
+        # ids and links are taken under the writer lock (idempotent if the caller holds it)
+        await self.execute("SELECT pg_advisory_xact_lock(?)", _WRITE_LOCK)
+        head = await self.fetchrow(AUDIT_HEAD)
+        await self.executemany(AUDIT_INSERT, audit_rows(self.audit_key, head, self.events))
         self.events.clear()
 
 
@@ -157,9 +171,10 @@ class PostgresStore:
 
     single_process = False  # never reclaim every lease at start: other processes hold some
 
-    def __init__(self, dsn: str, keys: DataKeys, pool_size: int = 10) -> None:
+    def __init__(self, dsn: str, keys: DataKeys, pool_size: int = 10, audit_key: bytes = UNKEYED) -> None:
         self.dsn = dsn
         self.keys = keys
+        self.audit_key = audit_key
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
 
@@ -194,6 +209,20 @@ class PostgresStore:
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, $3)",
                                    number, name, applied_at())
+        await self._write(self._rechain)
+
+    async def _rechain(self, tx: _Tx) -> None:
+        """Once, after migration 8: chain the stored events with the key, seal the attempts."""
+        if await tx.fetchval("SELECT pending FROM audit_rechain FOR UPDATE") is None:
+            return
+        events = await tx.fetch("SELECT * FROM audit_events ORDER BY id")
+        if events:
+            await tx.executemany("UPDATE audit_events SET prev_hash = ?, hash = ?, hmac = ? WHERE id = ?",
+                                 rechained(self.audit_key, events))
+            attempts = audit_attempt_rows(self.keys, self.audit_key, await tx.fetch(
+                f"{ATTEMPT_ROW} WHERE finished_at IS NOT NULL ORDER BY id"))
+            tx.audit(time.time(), "audit.rechained", rechain_detail(events, attempts))
+        await tx.execute("DELETE FROM audit_rechain")
 
     async def reseal(self, rotate: bool) -> dict[str, int]:
         """Seal what is stored in clear (``rotate``: re-seal all under the current key), in one
@@ -231,7 +260,7 @@ class PostgresStore:
             async with self._acquire() as conn, conn.transaction():
                 if audited:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
-                tx = _Tx(conn, self.keys)
+                tx = _Tx(conn, self.keys, self.audit_key)
                 result = await fn(tx)
                 await tx.flush_audit()
                 return result
@@ -241,7 +270,7 @@ class PostgresStore:
     async def _read(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
         async def run() -> T:
             async with self._acquire() as conn:
-                return await fn(_Tx(conn, self.keys))
+                return await fn(_Tx(conn, self.keys, self.audit_key))
 
         return await self._guard(run())
 
@@ -335,10 +364,10 @@ class PostgresStore:
                                        municipality, report_id)
             if report is None:
                 return None
-            versions = [{"id": v["id"], "version": v["version"], "received_at": v["received_at"],
-                         "report": open_body(self.keys, v["id"], v["body"])}
-                        for v in await tx.fetch("SELECT id, version, received_at, body FROM report_versions"
-                                                " WHERE report_pk = ? ORDER BY version", report["id"])]
+            versions = [version_view(self.keys, v)
+                        for v in await tx.fetch("SELECT id, version, received_at, body, purged_at FROM"
+                                                " report_versions WHERE report_pk = ? ORDER BY version",
+                                                report["id"])]
             deliveries = []
             for d in await tx.fetch("SELECT * FROM deliveries WHERE report_pk = ? ORDER BY id", report["id"]):
                 attempts = await tx.fetch("SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", d["id"])
@@ -369,9 +398,38 @@ class PostgresStore:
             "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", report_pk, adapter))
         return [delivered_part(self.keys, r) for r in rows]
 
-    async def audit_chain(self) -> list[dict[str, Any]]:
-        rows = await self._read(lambda tx: tx.fetch("SELECT * FROM audit_events ORDER BY id"))
+    async def audit_chain(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        rows = await self._read(lambda tx: tx.fetch(
+            "SELECT * FROM audit_events WHERE at >= COALESCE(?::float8, at) AND at < COALESCE(?::float8, at + 1)"
+            " ORDER BY id", since, until))
         return [dict(r) for r in rows]
+
+    async def audit_attempts(self) -> list[dict[str, Any]]:
+        rows = await self._read(lambda tx: tx.fetch(f"{ATTEMPT_ROW} ORDER BY id"))
+        return audit_attempt_rows(self.keys, self.audit_key, rows)
+
+    async def audit_head(self) -> tuple[int, str] | None:
+        row = await self._read(lambda tx: tx.fetchrow(AUDIT_HEAD))
+        return None if row is None else (int(row["id"]), str(row["hmac"]))
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def purge(self, before: float, now: float, *, dry_run: bool = False,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Drop the bodies and CPR numbers of versions finished before ``before``, in batches,
+        each one audited (``extra``: counts done outside the store, e.g. backup files)."""
+        if dry_run:
+            row = await self._read(lambda tx: tx.fetchrow(PURGE_PREVIEW, *(before,) * 6))
+            assert row is not None
+            return {**dict(row), **(extra or {})}
+        total = {"versions": 0, "cprs": 0, "attempt_bodies": 0}
+        while True:
+            done = await self._write(functools.partial(_purge_batch, before=before, now=now, extra=extra))
+            extra = None  # counted once, in the first event
+            for k in total:
+                total[k] += done[k]
+            if done["versions"] < PURGE_BATCH:
+                return total
 
     async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]:
         rows = await self._read(lambda tx: tx.fetch(
@@ -406,10 +464,12 @@ class PostgresStore:
                     "SELECT id FROM attempts WHERE delivery_id = ? AND finished_at IS NULL", row["id"])
                 decision = deliveries.decide(facts(row), Event.LEASE_EXPIRED, None, now,
                                              Detail(open_attempt=open_attempt is not None))
+                extra = None
                 if open_attempt is not None:
                     await tx.execute("UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE id = ?",
                                      now, decision.attempt_outcome, decision.last_error, open_attempt)
-                await _record_decision(tx, row["id"], decision, now, report_pk=row["report_pk"])
+                    extra = {"attempts_sealed": await _seals(tx, "id = ?", open_attempt)}
+                await _record_decision(tx, row["id"], decision, now, report_pk=row["report_pk"], extra=extra)
                 counts["in_doubt" if decision.status is Status.IN_DOUBT else "requeued"] += 1
             return counts
 
@@ -480,9 +540,10 @@ class PostgresStore:
                 " response_body = ?, error = ? WHERE id = ?",
                 now, record.outcome, record.http_status, record.latency_ms, record.response_body,
                 record.error, attempt_id)
+            [sealed] = await _seals(tx, "id = ?", attempt_id)
             tx.audit(now, f"attempt.{record.outcome}",
                      {"part": message.part, "operation": message.operation,
-                      "http_status": record.http_status, "error": record.error},
+                      "http_status": record.http_status, "error": record.error, "attempt": sealed},
                      report_pk=report_pk, delivery_id=delivery_id)
             if record.outcome == "delivered":
                 await _record_part(tx, report_pk, adapter, version, message, record, now)
@@ -504,9 +565,11 @@ class PostgresStore:
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(report_pk, adapter, p.part, p.version, sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
                   p.vendor_reference, now) for p in parts])
-            await tx.execute("UPDATE attempts SET outcome = 'in_doubt_reconciled' WHERE delivery_id = ?"
-                             " AND outcome = 'in_doubt'", delivery_id)
-            tx.audit(now, "delivery.read_back", {"parts": [p.part for p in parts]},
+            ids = [r["id"] for r in await tx.fetch("UPDATE attempts SET outcome = 'in_doubt_reconciled'"
+                                                   " WHERE delivery_id = ? AND outcome = 'in_doubt' RETURNING id",
+                                                   delivery_id)]
+            sealed = await _seals(tx, "id = ANY(?::bigint[])", ids)
+            tx.audit(now, "delivery.read_back", {"parts": [p.part for p in parts], "attempts_sealed": sealed},
                      report_pk=report_pk, delivery_id=delivery_id)
 
         await self._write(op)
@@ -593,9 +656,11 @@ class PostgresStore:
                 except IllegalTransition:
                     done["skipped"].append(row["id"])
                     continue
+                extra = None
                 if event is Event.CONFIRM:
-                    await _confirm_parts(tx, row, vendor_reference, now)
-                await _record_decision(tx, row["id"], decision, now, report_pk=row["report_pk"], actor=actor)
+                    extra = {"attempts_sealed": await _confirm_parts(tx, row, vendor_reference, now)}
+                await _record_decision(tx, row["id"], decision, now, report_pk=row["report_pk"], actor=actor,
+                                       extra=extra)
                 done["changed"].append(row["id"])
             return done
 
@@ -734,15 +799,40 @@ async def _settle(tx: _Tx, delivery_id: int, settle: Settle, now: float, event: 
 
 
 async def _record_decision(tx: _Tx, delivery_id: int, decision: Decision, now: float, *,
-                           report_pk: int | None = None, actor: str = "gateway") -> None:
+                           report_pk: int | None = None, actor: str = "gateway",
+                           extra: dict[str, Any] | None = None) -> None:
     """Persist what the state machine decided, and audit it (no deciding here)."""
     sql, params = decision_update(delivery_id, decision, now)
     await tx.execute(sql, *params)
-    tx.audit(now, decision.audit, decision_audit(decision), actor=actor, report_pk=report_pk,
+    tx.audit(now, decision.audit, {**decision_audit(decision), **(extra or {})}, actor=actor, report_pk=report_pk,
              delivery_id=delivery_id)
 
 
-async def _confirm_parts(tx: _Tx, row: asyncpg.Record, vendor_reference: str | None, now: float) -> None:
+async def _seals(tx: _Tx, where: str, *params: Any) -> list[dict[str, Any]]:
+    rows = await tx.fetch(f"{ATTEMPT_ROW} WHERE {where} ORDER BY id", *params)
+    return [seal(a) for a in audit_attempt_rows(tx.keys, tx.audit_key, rows)]
+
+
+async def _purge_batch(tx: _Tx, before: float, now: float, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    versions = [r["id"] for r in await tx.fetch(f"{PURGEABLE} ORDER BY v.id LIMIT {PURGE_BATCH} FOR UPDATE OF v",
+                                                before, before)]
+    if not versions and not extra:
+        return {"versions": 0, "cprs": 0, "attempt_bodies": 0}
+    dids = [r["id"] for r in await tx.fetch("SELECT id FROM deliveries WHERE version_pk = ANY(?::bigint[])"
+                                            " ORDER BY id", versions)]
+    bodies = await tx.execute("UPDATE attempts SET request_body = NULL, response_body = NULL WHERE delivery_id"
+                              " = ANY(?::bigint[]) AND (request_body IS NOT NULL OR response_body IS NOT NULL)",
+                              dids)
+    cprs = await tx.execute("DELETE FROM report_cprs WHERE version_pk = ANY(?::bigint[])", versions)
+    await tx.execute("UPDATE report_versions SET body = '{}', purged_at = ? WHERE id = ANY(?::bigint[])",
+                     now, versions)
+    detail = purge_detail(before, versions, cprs, dids, bodies, extra or {})
+    tx.audit(now, PURGE_EVENT, detail, actor="retention")
+    return detail
+
+
+async def _confirm_parts(tx: _Tx, row: asyncpg.Record, vendor_reference: str | None,
+                         now: float) -> list[dict[str, Any]]:
     """The operator found the in-doubt sends at the vendor: record them as delivered parts,
     so a later version is planned against them (and never pays them twice)."""
     record = AttemptRecord("delivered", vendor_reference=vendor_reference)
@@ -751,6 +841,7 @@ async def _confirm_parts(tx: _Tx, row: asyncpg.Record, vendor_reference: str | N
         await _record_part(tx, row["report_pk"], row["adapter"], row["version"],
                            open_message(tx.keys, row["id"], a["message"]), record, now)
         await tx.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", a["id"])
+    return await _seals(tx, "delivery_id = ? AND outcome = 'in_doubt_confirmed'", row["id"])
 
 
 async def _file_delivered(tx: _Tx, delivery_id: int, item: dict[str, Any], refs: list[str], now: float) -> None:

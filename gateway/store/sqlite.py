@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 from adapters.base import DeliveredPart, Message
 
 from .. import deliveries
+from ..audit import PURGE_EVENT, UNKEYED, seal
 from ..deliveries import Decision, Detail, Event, IllegalTransition
 from ..privacy import DataKeys
 from . import (
@@ -37,6 +40,8 @@ from . import (
     Submitted,
 )
 from .common import (
+    ATTEMPT_ROW,
+    AUDIT_HEAD,
     AUDIT_INSERT,
     BLOCKING_SQL,
     BREAKERS_OPEN,
@@ -44,9 +49,13 @@ from .common import (
     CPRS_INSERT,
     OPEN_BREAKER,
     PENDING_OUTCOMES,
+    PURGE_BATCH,
+    PURGE_PREVIEW,
+    PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
     WATCHED_SQL,
+    audit_attempt_rows,
     audit_rows,
     blocker_view,
     decision_audit,
@@ -57,10 +66,12 @@ from .common import (
     filter_sql,
     lease_refusal,
     list_view,
-    open_body,
     open_message,
     open_run,
     open_run_deliveries,
+    purge_detail,
+    rechain_detail,
+    rechained,
     rejection_view,
     reseal_select,
     resealed,
@@ -71,6 +82,7 @@ from .common import (
     sealed_run_data,
     sealed_run_deliveries,
     settled,
+    version_view,
     waits_in_lane,
 )
 from .common import job as build_job
@@ -127,9 +139,10 @@ class SQLiteStore:
 
     single_process = True
 
-    def __init__(self, path: str, keys: DataKeys) -> None:
+    def __init__(self, path: str, keys: DataKeys, audit_key: bytes = UNKEYED) -> None:
         self.path = path
         self.keys = keys
+        self.audit_key = audit_key
         self._queue: asyncio.Queue[tuple[Op, asyncio.Future[Any]]] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._wconn: sqlite3.Connection | None = None
@@ -183,6 +196,26 @@ class SQLiteStore:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._rechain(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _rechain(self, conn: sqlite3.Connection) -> None:
+        """Once, after migration 8: chain the stored events with the key, seal the attempts."""
+        if conn.execute("SELECT pending FROM audit_rechain").fetchone() is None:
+            return
+        events = conn.execute("SELECT * FROM audit_events ORDER BY id").fetchall()
+        if events:
+            conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ?, hmac = ? WHERE id = ?",
+                             rechained(self.audit_key, events))
+            attempts = audit_attempt_rows(self.keys, self.audit_key, conn.execute(
+                f"{ATTEMPT_ROW} WHERE finished_at IS NOT NULL ORDER BY id").fetchall())
+            self._audit(conn, time.time(), "audit.rechained", rechain_detail(events, attempts))
+        conn.execute("DELETE FROM audit_rechain")
 
     def _reseal_now(self, rotate: bool) -> dict[str, int]:
         """Seal what is stored in clear (``rotate``: re-seal all under the current key), one
@@ -303,9 +336,13 @@ class SQLiteStore:
     ) -> None:
         """Append to the hash-chained audit trail, inside the caller's transaction."""
         # read inside the write transaction: another process (the CLI) may have appended
-        row = conn.execute("SELECT hash FROM audit_events ORDER BY id DESC LIMIT 1").fetchone()
-        conn.execute(AUDIT_INSERT, audit_rows(row[0] if row else "",
+        head = conn.execute(AUDIT_HEAD).fetchone()
+        conn.execute(AUDIT_INSERT, audit_rows(self.audit_key, head,
                                               [(now, actor, event, report_pk, delivery_id, detail)])[0])
+
+    def _seals(self, conn: sqlite3.Connection, where: str, *params: Any) -> list[dict[str, Any]]:
+        rows = conn.execute(f"{ATTEMPT_ROW} WHERE {where} ORDER BY id", params).fetchall()
+        return [seal(a) for a in audit_attempt_rows(self.keys, self.audit_key, rows)]
 
     # -- intake --------------------------------------------------------------------------
 
@@ -479,11 +516,10 @@ class SQLiteStore:
         if report is None:
             return None
         versions = [
-            {"id": v["id"], "version": v["version"], "received_at": v["received_at"],
-             "report": open_body(self.keys, v["id"], v["body"])}
+            version_view(self.keys, v)
             for v in conn.execute(
-                "SELECT id, version, received_at, body FROM report_versions WHERE report_pk = ? ORDER BY version",
-                (report["id"],),
+                "SELECT id, version, received_at, body, purged_at FROM report_versions WHERE report_pk = ?"
+                " ORDER BY version", (report["id"],),
             )
         ]
         deliveries = [
@@ -554,10 +590,12 @@ class SQLiteStore:
             ).fetchone()
             decision = deliveries.decide(facts(row), Event.LEASE_EXPIRED, None, now,
                                          Detail(open_attempt=open_attempt is not None))
+            extra = None
             if open_attempt is not None:
                 conn.execute("UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE id = ?",
                              (now, decision.attempt_outcome, decision.last_error, open_attempt["id"]))
-            self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"])
+                extra = {"attempts_sealed": self._seals(conn, "id = ?", open_attempt["id"])}
+            self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"], extra=extra)
             counts["in_doubt" if decision.status is Status.IN_DOUBT else "requeued"] += 1
         return counts
 
@@ -650,9 +688,10 @@ class SQLiteStore:
                 (now, record.outcome, record.http_status, record.latency_ms, record.response_body,
                  record.error, attempt_id),
             )
+            [sealed] = self._seals(conn, "id = ?", attempt_id)
             self._audit(conn, now, f"attempt.{record.outcome}",
                         {"part": message.part, "operation": message.operation,
-                         "http_status": record.http_status, "error": record.error},
+                         "http_status": record.http_status, "error": record.error, "attempt": sealed},
                         report_pk=report_pk, delivery_id=delivery_id)
             if record.outcome == "delivered":
                 self._record_part(conn, report_pk, adapter, version, message, record, now)
@@ -688,10 +727,11 @@ class SQLiteStore:
         self._record_decision(conn, delivery_id, settled(settle, event), now, report_pk=report_pk)
 
     def _record_decision(self, conn: sqlite3.Connection, delivery_id: int, decision: Decision, now: float, *,
-                         report_pk: int | None = None, actor: str = "gateway") -> None:
+                         report_pk: int | None = None, actor: str = "gateway",
+                         extra: dict[str, Any] | None = None) -> None:
         """Persist what the state machine decided, and audit it (no deciding here)."""
         conn.execute(*decision_update(delivery_id, decision, now))
-        self._audit(conn, now, decision.audit, decision_audit(decision), actor=actor,
+        self._audit(conn, now, decision.audit, {**decision_audit(decision), **(extra or {})}, actor=actor,
                     report_pk=report_pk, delivery_id=delivery_id)
 
     async def replace_parts(
@@ -706,11 +746,15 @@ class SQLiteStore:
                     (report_pk, adapter, p.part, p.version, sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
                      p.vendor_reference, now),
                 )
+            ids = [r[0] for r in conn.execute("SELECT id FROM attempts WHERE delivery_id = ?"
+                                              " AND outcome = 'in_doubt'", (delivery_id,))]
             conn.execute(
                 "UPDATE attempts SET outcome = 'in_doubt_reconciled' WHERE delivery_id = ?"
                 " AND outcome = 'in_doubt'", (delivery_id,),
             )
-            self._audit(conn, now, "delivery.read_back", {"parts": [p.part for p in parts]},
+            sealed = self._seals(conn, f"id IN ({','.join('?' * len(ids)) or 'NULL'})", *ids)
+            self._audit(conn, now, "delivery.read_back", {"parts": [p.part for p in parts],
+                                                          "attempts_sealed": sealed},
                         report_pk=report_pk, delivery_id=delivery_id)
 
         await self._write(op)
@@ -830,16 +874,18 @@ class SQLiteStore:
                 except IllegalTransition:
                     done["skipped"].append(row["id"])
                     continue
+                extra = None
                 if event is Event.CONFIRM:
-                    self._confirm_parts(conn, row, vendor_reference, now)
-                self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"], actor=actor)
+                    extra = {"attempts_sealed": self._confirm_parts(conn, row, vendor_reference, now)}
+                self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"], actor=actor,
+                                      extra=extra)
                 done["changed"].append(row["id"])
             return done
 
         return await self._write(op)
 
     def _confirm_parts(self, conn: sqlite3.Connection, row: sqlite3.Row, vendor_reference: str | None,
-                       now: float) -> None:
+                       now: float) -> list[dict[str, Any]]:
         """The operator found the in-doubt sends at the vendor: record them as delivered parts,
         so a later version is planned against them (and never pays them twice)."""
         record = AttemptRecord("delivered", vendor_reference=vendor_reference)
@@ -848,6 +894,7 @@ class SQLiteStore:
             self._record_part(conn, row["report_pk"], row["adapter"], row["version"],
                               open_message(self.keys, row["id"], a["message"]), record, now)
             conn.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", (a["id"],))
+        return self._seals(conn, "delivery_id = ? AND outcome = 'in_doubt_confirmed'", row["id"])
 
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
         """Flag undelivered deliveries that will miss their payroll cut-off; return the new ones.
@@ -930,9 +977,55 @@ class SQLiteStore:
                               AttemptRecord("delivered", vendor_reference=reference), now)
         self._record_decision(conn, delivery_id, decision, now, report_pk=d["report_pk"])
 
-    async def audit_chain(self) -> list[dict[str, Any]]:
-        rows = await self._read(lambda c: c.execute("SELECT * FROM audit_events ORDER BY id").fetchall())
+    async def audit_chain(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: c.execute(
+            "SELECT * FROM audit_events WHERE at >= COALESCE(?, at) AND at < COALESCE(?, at + 1)"
+            " ORDER BY id", (since, until)).fetchall())
         return [dict(r) for r in rows]
 
+    async def audit_attempts(self) -> list[dict[str, Any]]:
+        rows = await self._read(lambda c: c.execute(f"{ATTEMPT_ROW} ORDER BY id").fetchall())
+        return audit_attempt_rows(self.keys, self.audit_key, rows)
+
+    async def audit_head(self) -> tuple[int, str] | None:
+        row = await self._read(lambda c: c.execute(AUDIT_HEAD).fetchone())
+        return None if row is None else (int(row["id"]), str(row["hmac"]))
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def purge(self, before: float, now: float, *, dry_run: bool = False,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Drop the bodies and CPR numbers of versions finished before ``before``, in batches,
+        each one audited (``extra``: counts done outside the store, e.g. backup files)."""
+        if dry_run:
+            row = await self._read(lambda c: c.execute(PURGE_PREVIEW, (before,) * 6).fetchone())
+            return {**dict(row), **(extra or {})}
+        total = {"versions": 0, "cprs": 0, "attempt_bodies": 0}
+        while True:
+            done = await self._write(functools.partial(self._purge_batch, before=before, now=now, extra=extra))
+            extra = None  # counted once, in the first event
+            for k in total:
+                total[k] += done[k]
+            if done["versions"] < PURGE_BATCH:
+                return total
+
+    def _purge_batch(self, conn: sqlite3.Connection, before: float, now: float,
+                     extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        versions = [r[0] for r in conn.execute(f"{PURGEABLE} ORDER BY v.id LIMIT {PURGE_BATCH}", (before, before))]
+        if not versions and not extra:
+            return {"versions": 0, "cprs": 0, "attempt_bodies": 0}
+        marks = ",".join("?" * len(versions)) or "NULL"
+        dids = [r[0] for r in conn.execute(f"SELECT id FROM deliveries WHERE version_pk IN ({marks}) ORDER BY id",
+                                           versions)]
+        bodies = conn.execute(
+            f"UPDATE attempts SET request_body = NULL, response_body = NULL WHERE delivery_id IN"
+            f" ({','.join('?' * len(dids)) or 'NULL'}) AND (request_body IS NOT NULL OR response_body IS NOT NULL)",
+            dids).rowcount
+        cprs = conn.execute(f"DELETE FROM report_cprs WHERE version_pk IN ({marks})", versions).rowcount
+        conn.execute(f"UPDATE report_versions SET body = '{{}}', purged_at = ? WHERE id IN ({marks})",
+                     (now, *versions))
+        detail = purge_detail(before, versions, cprs, dids, bodies, extra or {})
+        self._audit(conn, now, PURGE_EVENT, detail, actor="retention")
+        return detail
 
 __all__ = ["SQLiteStore"]
