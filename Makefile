@@ -44,9 +44,10 @@ openapi: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway adapters tests bench
 
-# ruff and mypy (strict on gateway/ and adapters/, configured in pyproject.toml)
+# ruff (lint and format) and mypy (strict on gateway/ and adapters/, configured in pyproject.toml)
 check: $(STAMP)
 	$(VENV)/bin/ruff check gateway adapters tests bench
+	$(VENV)/bin/ruff format --check gateway adapters tests bench
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)

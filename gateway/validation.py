@@ -85,6 +85,9 @@ def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
         for e in _leaves(_VALIDATORS[kind].iter_errors(data))
         if pointer + _pointer(e) not in spoken
     ] + unwritable
+    if isinstance(data.get("report_id"), str) and mask_cpr(data["report_id"]) != data["report_id"]:
+        # an identifier is stored and shown as it is: a CPR number has no place in it
+        errors.append(FieldError(f"{pointer}/report_id", "must not contain a CPR number"))
     if not errors:
         errors = _cross_field(data, pointer)
     return sorted(set(errors), key=lambda e: (e.pointer, e.message))

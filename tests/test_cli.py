@@ -21,7 +21,7 @@ from lxml import etree
 
 from gateway.cli import main
 from gateway.settings import hash_api_key
-from tests.conftest import drive
+from tests.conftest import TEST_KEYS, drive
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "report-drive-746.json"
@@ -187,7 +187,8 @@ async def test_operations_from_the_command_line(make_gateway: Any, settings: Any
     await gw.wait_for("C-2", {"failed"})
     await gw.client.close()
     cfg = tmp_path / "ops.toml"
-    cfg.write_text(CONFIG)
+    (tmp_path / "data.key").write_text(TEST_KEYS.current.hex())  # the gateway's own data key
+    cfg.write_text(CONFIG + f'[server]\ndata_dir = "{settings.data_dir}"\n[privacy]\ndata_key_file = "data.key"\n')
     base = ["--config", str(cfg), "--store", settings.store_url]
 
     def run(*argv: str) -> tuple[int, str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -101,3 +102,10 @@ def test_a_format_narrower_than_the_schema_is_refused_for_that_vendor(adapter: s
     [error] = vendor_fields(report, load_adapters()[adapter], "/3")
     assert error.pointer == "/3" + field and adapter in error.message
     assert not vendor_fields(report, load_adapters()["sd-koersel"], "")  # SD takes it as it is
+
+
+@pytest.mark.parametrize("report_id", ["0101901234", "R-010190-1234", "010190 1234 trip"])
+async def test_a_report_id_holding_a_cpr_is_refused(gateway: Gateway, report_id: str) -> None:
+    status, problem = await gateway.post(drive(report_id=report_id))
+    assert status == 422 and pointers(problem) == {"/report_id"}
+    assert "1234" not in json.dumps(problem)
