@@ -272,12 +272,18 @@ class VendorSettings:
     ca_file: str | None = None
     # adapter-specific keys (e.g. KMD senderService, type-code overrides, ClientID)
     options: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES  # a longer answer is not read: the delivery is in doubt
+    max_reply_bytes: int = (
+        DEFAULT_MAX_REPLY_BYTES  # a longer answer is not read: the delivery is in doubt
+    )
     total_timeout: float | None = None  # the whole request; None: connect + read timeouts
 
     def deadline(self) -> float:
         """Seconds one request may take from start to the last byte of the answer."""
-        return self.total_timeout if self.total_timeout is not None else self.connect_timeout + self.read_timeout
+        return (
+            self.total_timeout
+            if self.total_timeout is not None
+            else self.connect_timeout + self.read_timeout
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,7 +423,9 @@ async def post(channel: Channel, payload: Payload, url: str | None = None) -> Re
     s = channel.settings
     target = url if url is not None else s.endpoint + payload.path
     timeout = aiohttp.ClientTimeout(
-        total=s.deadline(), connect=s.connect_timeout, sock_connect=s.connect_timeout,
+        total=s.deadline(),
+        connect=s.connect_timeout,
+        sock_connect=s.connect_timeout,
         sock_read=s.read_timeout,
     )
     headers = {"Content-Type": payload.content_type, **payload.headers}
@@ -435,16 +443,21 @@ async def post(channel: Channel, payload: Payload, url: str | None = None) -> Re
     except (aiohttp.ClientConnectorError, aiohttp.ClientSSLError) as exc:
         raise Transient(f"could not connect: {exc.__class__.__name__}: {exc}") from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise InDoubt(f"no answer within {s.read_timeout:g} s of silence or {s.deadline():g} s in all, "
-                      "after sending") from exc
+        raise InDoubt(
+            f"no answer within {s.read_timeout:g} s of silence or {s.deadline():g} s in all, "
+            "after sending"
+        ) from exc
     except aiohttp.ClientError as exc:
         raise InDoubt(f"connection lost after sending: {exc.__class__.__name__}: {exc}") from exc
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The answer's body, reading at most ``limit + 1`` bytes; InDoubt when it is longer."""
-    too_long = InDoubt(f"the answer is longer than {limit} bytes (status {resp.status}); it was not read, "
-                       "the vendor may have applied the request", status=resp.status)
+    too_long = InDoubt(
+        f"the answer is longer than {limit} bytes (status {resp.status}); it was not read, "
+        "the vendor may have applied the request",
+        status=resp.status,
+    )
     if resp.content_length is not None and resp.content_length > limit:
         raise too_long
     body = bytearray()
@@ -474,8 +487,11 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 #: the vendor is busy or down for a while: retried, not before its ``Retry-After``
 BUSY_STATUSES = frozenset({429, 503})
-_CONFIG_STATUSES = {401: "refused the credentials", 403: "refused access",
-                    404: "has no such resource"}
+_CONFIG_STATUSES = {
+    401: "refused the credentials",
+    403: "refused access",
+    404: "has no such resource",
+}
 
 #: an adapter's rules for what the answer's body says, whatever its status
 BodyRules = Callable[[Response], DeliveryError | None]
@@ -501,8 +517,12 @@ def classify_status(
     """
     status, body = response.status, response.body
     if status in BUSY_STATUSES:
-        return Transient(f"{vendor} answered HTTP {status}: busy or unavailable", status=status,
-                         body=body, retry_after=retry_after_seconds(response.headers))
+        return Transient(
+            f"{vendor} answered HTTP {status}: busy or unavailable",
+            status=status,
+            body=body,
+            retry_after=retry_after_seconds(response.headers),
+        )
     error = body_rules(response) if body_rules is not None else None
     if error is not None or 200 <= status < 300:
         return error

@@ -102,13 +102,23 @@ DEFAULT_TYPE_CODES: Mapping[str, str] = {
 }
 # the fields that describe what KMD holds for a part (Message.fields may add "original")
 STATE_KEYS = (
-    "personnel_number", "type", "start_date", "end_date", "start_time", "end_time",
+    "personnel_number",
+    "type",
+    "start_date",
+    "end_date",
+    "start_time",
+    "end_time",
     "additional_data",
 )
 # SAP PI SystemError codes that mean our settings are wrong, so retrying cannot help
 _CONFIG_CODE_MARKERS = (
-    "RCVR_DETERMINATION", "RECEIVER_DETERMINATION", "NO_RECEIVER", "IF_DETERMINATION",
-    "INTERFACE", "SENDER_AGREEMENT", "CONFIG",
+    "RCVR_DETERMINATION",
+    "RECEIVER_DETERMINATION",
+    "NO_RECEIVER",
+    "IF_DETERMINATION",
+    "INTERFACE",
+    "SENDER_AGREEMENT",
+    "CONFIG",
 )
 _SETTINGS_HINT = (
     "check the tenant's KMD settings (endpoint, options.senderService, options.interface, "
@@ -124,8 +134,9 @@ State = dict[str, str | None]
 # ---------------------------------------------------------------------------------------
 
 
-def span(start_date: date, end_date: date, start_time: time | None, end_time: time | None
-         ) -> tuple[Point, Point]:
+def span(
+    start_date: date, end_date: date, start_time: time | None, end_time: time | None
+) -> tuple[Point, Point]:
     """The half-open interval an absence covers: no start time is midnight, no end time
     is the end of the end day."""
     start = (start_date.toordinal(), _seconds(start_time))
@@ -185,8 +196,9 @@ def _single_key(start_time: time | None, end_time: time | None) -> str:
     return "absence:3" if end_time is not None else "absence:2"
 
 
-def _multi_day(first: date, last: date, start_time: time | None, end_time: time | None
-               ) -> list[Absence]:
+def _multi_day(
+    first: date, last: date, start_time: time | None, end_time: time | None
+) -> list[Absence]:
     parts = []
     if start_time is not None:
         parts.append(Absence("absence:1", first, first, start_time, None))
@@ -226,8 +238,10 @@ def _hms(value: time | None) -> str | None:
 
 def _state_span(state: Mapping[str, Any]) -> tuple[Point, Point]:
     return span(
-        date.fromisoformat(state["start_date"]), date.fromisoformat(state["end_date"]),
-        _time(state.get("start_time")), _time(state.get("end_time")),
+        date.fromisoformat(state["start_date"]),
+        date.fromisoformat(state["end_date"]),
+        _time(state.get("start_time")),
+        _time(state.get("end_time")),
     )
 
 
@@ -264,12 +278,14 @@ def _clashes(key: str, state: State, occupied: Mapping[str, State]) -> bool:
     return any(
         other["personnel_number"] == state["personnel_number"]
         and overlaps(mine, _state_span(other))
-        for k, other in occupied.items() if k != key
+        for k, other in occupied.items()
+        if k != key
     )
 
 
-def _order_mods(changed: Iterable[str], held: Mapping[str, State],
-                wanted: Mapping[str, State]) -> tuple[list[str], list[str]]:
+def _order_mods(
+    changed: Iterable[str], held: Mapping[str, State], wanted: Mapping[str, State]
+) -> tuple[list[str], list[str]]:
     """Modifications in an order where none overlaps what KMD holds at that moment, and
     those left over (an ordering that does not exist) for DEL + INS."""
     occupied, order, left = dict(held), [], list(changed)
@@ -365,22 +381,26 @@ def _text(parent: etree._Element | None, name: str) -> str:
 
 def parse_holdings(payload: etree._Element) -> list[HeldAbsence]:
     """The absences in a GetAbsenceAttendanceByPeriodResponse_MT payload."""
-    return [_held_item(item.find("Key"), item.find("Item"))
-            for item in payload.iterfind("AbsenceAttendance/item")]
+    return [
+        _held_item(item.find("Key"), item.find("Item"))
+        for item in payload.iterfind("AbsenceAttendance/item")
+    ]
 
 
 def _held_item(key: etree._Element | None, body: etree._Element | None) -> HeldAbsence:
     def pick(name: str) -> str:  # the Item's value, else the record key's
         return _text(body, name) or _text(key, name)
 
-    return _held_from_state({
-        "personnel_number": pick("PersonnelNumber"),
-        "type": pick("AbsenceAttendanceType"),
-        "start_date": pick("StartDate"),
-        "end_date": pick("EndDate"),
-        "start_time": _text(body, "StartTime"),
-        "end_time": _text(body, "EndTime"),
-    })
+    return _held_from_state(
+        {
+            "personnel_number": pick("PersonnelNumber"),
+            "type": pick("AbsenceAttendanceType"),
+            "start_date": pick("StartDate"),
+            "end_date": pick("EndDate"),
+            "start_time": _text(body, "StartTime"),
+            "end_time": _text(body, "EndTime"),
+        }
+    )
 
 
 def _system_error(envelope: etree._Element) -> dict[str, str]:
@@ -388,8 +408,7 @@ def _system_error(envelope: etree._Element) -> dict[str, str]:
     el = envelope.find(f".//{{{SAP_XI}}}SystemError")
     if el is None:
         return {}
-    return {etree.QName(c).localname: (c.text or "").strip() for c in el
-            if isinstance(c.tag, str)}
+    return {etree.QName(c).localname: (c.text or "").strip() for c in el if isinstance(c.tag, str)}
 
 
 def _raise_for_status(resp: Response) -> None:
@@ -414,11 +433,17 @@ def _fault_error(resp: Response) -> Transient | Rejected | None:
     text = mask_cpr(" / ".join(filter(None, (fault.string, *error.values()))))
     code = error.get("code", "").upper()
     if any(marker in code for marker in _CONFIG_CODE_MARKERS):
-        return Rejected(f"KMD SAP PI configuration error: {text}; {_SETTINGS_HINT}",
-                        status=resp.status, body=resp.body)
+        return Rejected(
+            f"KMD SAP PI configuration error: {text}; {_SETTINGS_HINT}",
+            status=resp.status,
+            body=resp.body,
+        )
     if fault.code == "Client":
-        return Rejected(f"KMD rejected the request: {mask_cpr(fault.string + ' ' + fault.detail)}",
-                        status=resp.status, body=resp.body)
+        return Rejected(
+            f"KMD rejected the request: {mask_cpr(fault.string + ' ' + fault.detail)}",
+            status=resp.status,
+            body=resp.body,
+        )
     return Transient(f"KMD system error: {text}", status=resp.status, body=resp.body)
 
 
@@ -426,8 +451,11 @@ def _payload_element(resp: Response, garbled: type[DeliveryError]) -> etree._Ele
     try:
         return body_payload(parse_xml(resp.body))
     except UnsafeXML as exc:
-        raise garbled(f"KMD answered HTTP 200 with no readable SOAP body: {exc}",
-                      status=resp.status, body=resp.body) from exc
+        raise garbled(
+            f"KMD answered HTTP 200 with no readable SOAP body: {exc}",
+            status=resp.status,
+            body=resp.body,
+        ) from exc
 
 
 def _set_outcome(resp: Response, reference: str) -> Receipt:
@@ -448,8 +476,11 @@ def _read_outcome(resp: Response) -> list[HeldAbsence]:
     payload = _payload_element(resp, Transient)
     for item in payload.iterfind("ReturnStatus/item"):
         if _text(item, "StatusType").upper() in ("E", "A"):
-            raise Transient(f"KMD read failed: {mask_cpr(_text(item, 'MessageText'))}",
-                            status=resp.status, body=resp.body)
+            raise Transient(
+                f"KMD read failed: {mask_cpr(_text(item, 'MessageText'))}",
+                status=resp.status,
+                body=resp.body,
+            )
     return parse_holdings(payload)
 
 
@@ -484,8 +515,9 @@ class KmdAbsence:
 
     # -- plan -------------------------------------------------------------------------
 
-    def plan(self, report: Report, delivered: Sequence[DeliveredPart],
-             settings: VendorSettings) -> Plan:
+    def plan(
+        self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings
+    ) -> Plan:
         held = {p.part: _state(p.fields) for p in delivered}
         code = type_code(report.vacation_type, settings)
         if report.cancelled or code is None:
@@ -501,8 +533,7 @@ class KmdAbsence:
             absences = split(report)
         except ValueError as exc:
             raise InvalidPayload(str(exc)) from exc
-        return {a.key: _state_of(a, code, extra, report.employee.employment_id)
-                for a in absences}
+        return {a.key: _state_of(a, code, extra, report.employee.employment_id) for a in absences}
 
     # -- render -----------------------------------------------------------------------
 
@@ -511,20 +542,22 @@ class KmdAbsence:
             values = _set_values(message)
             body, headers = self._set.build(SET_INTERFACE, **values)
         except (KeyError, TypeError, ValueError) as exc:
-            raise InvalidPayload(mask_cpr(f"cannot build {message.operation}: {exc!r}",
-                                          report.cprs)) from exc
+            raise InvalidPayload(
+                mask_cpr(f"cannot build {message.operation}: {exc!r}", report.cprs)
+            ) from exc
         return self._checked(body, headers, report)
 
-    def render_read(self, report: Report, period_start: date, period_end: date,
-                    settings: VendorSettings) -> Payload:
+    def render_read(
+        self, report: Report, period_start: date, period_end: date, settings: VendorSettings
+    ) -> Payload:
         """The GetAbsenceAttendanceByPeriod request for the report's employee."""
-        return self._read_payload(report.employee.employment_id, period_start, period_end,
-                                  report)
+        return self._read_payload(report.employee.employment_id, period_start, period_end, report)
 
-    def _read_payload(self, personnel: str, start: date, end: date, report: Report
-                      ) -> Payload:
+    def _read_payload(self, personnel: str, start: date, end: date, report: Report) -> Payload:
         body, headers = self._read.build(
-            READ_INTERFACE, StartDate=start.isoformat(), EndDate=end.isoformat(),
+            READ_INTERFACE,
+            StartDate=start.isoformat(),
+            EndDate=end.isoformat(),
             PersonnelNumber=personnel,
         )
         return self._checked(body, headers, report)
@@ -546,12 +579,17 @@ class KmdAbsence:
 
     # -- read back --------------------------------------------------------------------
 
-    async def read_back(self, report: Report, known: Sequence[DeliveredPart],
-                        pending: Sequence[Message], channel: Channel
-                        ) -> Sequence[DeliveredPart]:
+    async def read_back(
+        self,
+        report: Report,
+        known: Sequence[DeliveredPart],
+        pending: Sequence[Message],
+        channel: Channel,
+    ) -> Sequence[DeliveredPart]:
         candidates = [(p.part, p.version, _state(p.fields)) for p in known]
-        candidates += [(m.part, report.version, _state(m.fields)) for m in pending
-                       if not m.deletes]  # a pending DEL's part is among the known ones
+        candidates += [
+            (m.part, report.version, _state(m.fields)) for m in pending if not m.deletes
+        ]  # a pending DEL's part is among the known ones
         found: dict[str, DeliveredPart] = {}
         for personnel, rows in _by_personnel(candidates).items():
             held = await self._holdings(report, personnel, rows, channel)
@@ -560,9 +598,13 @@ class KmdAbsence:
                     found[part] = DeliveredPart(part, version, state, _reference(state))
         return list(found.values())
 
-    async def _holdings(self, report: Report, personnel: str,
-                        rows: Sequence[tuple[str, int, State]], channel: Channel
-                        ) -> set[HeldAbsence]:
+    async def _holdings(
+        self,
+        report: Report,
+        personnel: str,
+        rows: Sequence[tuple[str, int, State]],
+        channel: Channel,
+    ) -> set[HeldAbsence]:
         start = min(date.fromisoformat(str(s["start_date"])) for _, _, s in rows)
         end = max(date.fromisoformat(str(s["end_date"])) for _, _, s in rows)
         payload = self._read_payload(personnel, start, end, report)
@@ -580,8 +622,9 @@ def _why_nothing(report: Report) -> str:
     return f"vacation type {report.vacation_type!r} is not registered in KMD Opus"
 
 
-def _by_personnel(rows: Sequence[tuple[str, int, State]]
-                  ) -> dict[str, list[tuple[str, int, State]]]:
+def _by_personnel(
+    rows: Sequence[tuple[str, int, State]],
+) -> dict[str, list[tuple[str, int, State]]]:
     groups: dict[str, list[tuple[str, int, State]]] = {}
     for row in rows:
         groups.setdefault(str(row[2]["personnel_number"]), []).append(row)
@@ -592,10 +635,14 @@ def _set_values(message: Message) -> dict[str, str]:
     """SetAbsenceAttendanceRequest_MT children from a message (None values are omitted)."""
     f = message.fields
     values = {
-        "StartDate": f["start_date"], "StartTime": f.get("start_time"),
-        "EndDate": f["end_date"], "EndTime": f.get("end_time"),
-        "AdditionalData": f.get("additional_data"), "Operation": message.operation,
-        "PersonnelNumber": f["personnel_number"], "AbsenceAttendanceType": f["type"],
+        "StartDate": f["start_date"],
+        "StartTime": f.get("start_time"),
+        "EndDate": f["end_date"],
+        "EndTime": f.get("end_time"),
+        "AdditionalData": f.get("additional_data"),
+        "Operation": message.operation,
+        "PersonnelNumber": f["personnel_number"],
+        "AbsenceAttendanceType": f["type"],
     }
     if message.operation == "MOD":
         # from the delivered part, never from the new version (OS2ferie filled
@@ -612,9 +659,13 @@ def _set_values(message: Message) -> dict[str, str]:
 
 
 _ELEMENT_OF = {
-    "personnel_number": "PersonnelNumber", "type": "AbsenceAttendanceType",
-    "start_date": "StartDate", "end_date": "EndDate", "start_time": "StartTime",
-    "end_time": "EndTime", "additional_data": "AdditionalData",
+    "personnel_number": "PersonnelNumber",
+    "type": "AbsenceAttendanceType",
+    "start_date": "StartDate",
+    "end_date": "EndDate",
+    "start_time": "StartTime",
+    "end_time": "EndTime",
+    "additional_data": "AdditionalData",
 }
 
 
@@ -636,8 +687,11 @@ def endpoint_url(settings: VendorSettings, interface: str, *, read: bool = False
     if not read:
         interface = options.get("interface", interface)
     query = {
-        "senderParty": "", "senderService": sender, "receiverParty": "",
-        "receiverService": "", "interface": interface,
+        "senderParty": "",
+        "senderService": sender,
+        "receiverParty": "",
+        "receiverService": "",
+        "interface": interface,
         "interfaceNamespace": options.get("interfaceNamespace", NAMESPACE),
     }
     joiner = "&" if "?" in settings.endpoint else "?"

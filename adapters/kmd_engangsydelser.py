@@ -210,18 +210,26 @@ def _loebenummer(loenart: str, settings: VendorSettings) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-
-def _reply(resp: Response, operation: str, schema: Any, error: type[InDoubt] | type[Transient]) -> Any:
+def _reply(
+    resp: Response, operation: str, schema: Any, error: type[InDoubt] | type[Transient]
+) -> Any:
     """The answer's JSON, checked against our schema of it; ``error`` when it is not usable."""
     _check_http(resp, operation)
     try:
         doc = _json(resp.body)
     except ValueError as exc:
-        raise error(f"{operation}: unreadable answer: {exc}", status=resp.status, body=resp.body) from exc
+        raise error(
+            f"{operation}: unreadable answer: {exc}", status=resp.status, body=resp.body
+        ) from exc
     errors = _errors(schema, doc)
     if errors:
-        raise error(f"{operation}: unexpected answer: " + "; ".join(errors), status=resp.status, body=resp.body)
+        raise error(
+            f"{operation}: unexpected answer: " + "; ".join(errors),
+            status=resp.status,
+            body=resp.body,
+        )
     return doc
+
 
 def _json(body: bytes) -> Any:
     try:
@@ -284,11 +292,13 @@ class KmdEngangsydelser:
     schema_files = SCHEMA_FILES
     required_fields: frozenset[str] = frozenset()
     unsupported_fields: frozenset[str] = frozenset()
-    field_formats = MappingProxyType({  # Medarbejdernummer and Loenart as KMD takes them
-        "/employee/employment_id": (r"[0-9A-Za-z]{1,32}", "1-32 letters or digits"),
-        "/wage_code": (r"[0-9]{4}", "4 digits"),
-        "/wage_code_optional": (r"[0-9]{4}", "4 digits"),
-    })
+    field_formats = MappingProxyType(
+        {  # Medarbejdernummer and Loenart as KMD takes them
+            "/employee/employment_id": (r"[0-9A-Za-z]{1,32}", "1-32 letters or digits"),
+            "/wage_code": (r"[0-9]{4}", "4 digits"),
+            "/wage_code_optional": (r"[0-9]{4}", "4 digits"),
+        }
+    )
     opening_hours: str | None = None
     file_based = False
     #: corrections are sent as differences, so KMD is read before every plan
@@ -381,7 +391,10 @@ class KmdEngangsydelser:
     ) -> dict[str, Any]:
         opts = settings.options
         sender = str(opts.get("sender") or DEFAULT_SENDER)
-        header = {"ClientID": str(opts.get("client_id") or report.municipality), "OpdateringsID": call_id}
+        header = {
+            "ClientID": str(opts.get("client_id") or report.municipality),
+            "OpdateringsID": call_id,
+        }
         if opts.get("validate_only"):
             header["Kun_Valider"] = "1"  # otherwise absent, as OS2indberetning's client sends it
         doc: dict[str, Any] = {

@@ -362,9 +362,7 @@ def records(
     return written, failures
 
 
-def render_file(
-    reports: Iterable[Report], settings: VendorSettings
-) -> tuple[bytes, list[Failure]]:
+def render_file(reports: Iterable[Report], settings: VendorSettings) -> tuple[bytes, list[Failure]]:
     """The bytes of a new ``ind01.txt`` (header + records, CRLF, in the file's encoding)
     exactly as a file run creating the file writes them, and the failed groups."""
     written, failures = records(reports, settings)
@@ -407,10 +405,12 @@ class KmdInd01:
     schema_files: tuple[str, ...] = ()  # the layout is checked by RECORD_RE in render
     #: both stand in every record; a missing one written as 0 could book to another employment
     required_fields = frozenset({"/employee/employment_type", "/employee/extra_number"})
-    field_formats = MappingProxyType({
-        "/wage_code": (r"[0-9A-Za-z]{4}", "4 letters or digits"),
-        "/wage_code_optional": (r"[0-9A-Za-z]{4}", "4 letters or digits"),
-    })
+    field_formats = MappingProxyType(
+        {
+            "/wage_code": (r"[0-9A-Za-z]{4}", "4 letters or digits"),
+            "/wage_code_optional": (r"[0-9A-Za-z]{4}", "4 letters or digits"),
+        }
+    )
 
     def render_file(
         self, reports: Iterable[Report], settings: VendorSettings

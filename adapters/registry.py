@@ -50,8 +50,10 @@ def _instantiate(ep: EntryPoint) -> Adapter:
     except Exception as exc:
         raise RegistryError(f"adapter {ep.name!r} ({ep.value}) could not be loaded: {exc}") from exc
     if getattr(adapter, "name", None) != ep.name:
-        raise RegistryError(f"adapter {ep.value} calls itself {getattr(adapter, 'name', None)!r}, "
-                            f"registered as {ep.name!r}")
+        raise RegistryError(
+            f"adapter {ep.value} calls itself {getattr(adapter, 'name', None)!r}, "
+            f"registered as {ep.name!r}"
+        )
     return check_adapter(adapter)
 
 
@@ -62,7 +64,9 @@ def check_adapter(adapter: Any) -> Adapter:
     """
     name = getattr(adapter, "name", None)
     if not isinstance(name, str) or not name:
-        raise RegistryError(f"adapter {type(adapter).__qualname__}: 'name' must be a non-empty string")
+        raise RegistryError(
+            f"adapter {type(adapter).__qualname__}: 'name' must be a non-empty string"
+        )
     where = f"adapter {name!r}"
     for flag in _FLAGS:
         if not isinstance(getattr(adapter, flag, None), bool):
@@ -70,8 +74,10 @@ def check_adapter(adapter: Any) -> Adapter:
     kind = FileAdapter if adapter.file_based else MessageAdapter
     if not isinstance(adapter, kind):
         missing = [m for m in protocol_members(kind) if not hasattr(adapter, m)]
-        raise RegistryError(f"{where} does not implement the {kind.__name__} protocol "
-                            f"(missing: {', '.join(missing)})")
+        raise RegistryError(
+            f"{where} does not implement the {kind.__name__} protocol "
+            f"(missing: {', '.join(missing)})"
+        )
     _check_capabilities(where, adapter)
     _require_schema_files(name, adapter.schema_files)
     return adapter

@@ -35,5 +35,7 @@ def schema_path(rel: str) -> Path:
     """
     found = schema(rel)
     if not isinstance(found, Path):
-        raise RuntimeError(f"schemas/{rel}: the {PACKAGE} package is not installed as files ({found!r})")
+        raise RuntimeError(
+            f"schemas/{rel}: the {PACKAGE} package is not installed as files ({found!r})"
+        )
     return found

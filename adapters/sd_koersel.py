@@ -115,9 +115,13 @@ class SdKoersel:
             return Plan(correction_required=_correction_text(changed, done, wanted))
         if report.distance_km is not None and report.distance_km == 0 and not done:
             return Plan(not_applicable="zero km: nothing to pay in SD Løn")
-        return Plan(messages=tuple(
-            Message(part, "create", fields) for part, fields in wanted.items() if part not in done
-        ))
+        return Plan(
+            messages=tuple(
+                Message(part, "create", fields)
+                for part, fields in wanted.items()
+                if part not in done
+            )
+        )
 
     # -- render -----------------------------------------------------------------------
 
@@ -126,7 +130,9 @@ class SdKoersel:
         try:
             body, headers = self._codec.build(OPERATION, **values)
         except (TypeError, ValueError, ZeepError) as exc:
-            raise InvalidPayload(mask_cpr(f"cannot build the SD request: {exc}", report.cprs)) from exc
+            raise InvalidPayload(
+                mask_cpr(f"cannot build the SD request: {exc}", report.cprs)
+            ) from exc
         errors = schema_errors(self._schema, body_payload(parse_xml(body)))
         if errors:
             text = "; ".join(errors)
@@ -188,10 +194,12 @@ def _plan_cancelled(done: Mapping[str, DeliveredPart]) -> Plan:
     if not done:
         return Plan(not_applicable="cancelled before anything was delivered to SD Løn")
     refs = ", ".join(f"{p.part} ({p.vendor_reference or 'no reference'})" for p in done.values())
-    return Plan(correction_required=(
-        "SD Løn has no edit or cancel operation; the report was cancelled after "
-        f"{refs} was delivered: withdraw the registration in SD Løn by hand"
-    ))
+    return Plan(
+        correction_required=(
+            "SD Løn has no edit or cancel operation; the report was cancelled after "
+            f"{refs} was delivered: withdraw the registration in SD Løn by hand"
+        )
+    )
 
 
 def _correction_text(
@@ -293,7 +301,8 @@ def _body_error(resp: Response) -> Transient | Rejected | None:
     if CLOSED_TEXT.encode() in resp.body:
         return Transient(
             f"SD Løn is closed (it is open 06:00-22:00 Europe/Copenhagen): {CLOSED_TEXT!r}",
-            status=resp.status, body=resp.body,
+            status=resp.status,
+            body=resp.body,
         )
     envelope = _parse_or_none(resp.body)
     fault = None if envelope is None else find_fault(envelope)
@@ -334,7 +343,8 @@ def _receipt(envelope: etree._Element | None, resp: Response) -> Receipt:
         raise InDoubt(
             f"SD Løn answered HTTP {resp.status} without a readable "
             "AnsaettelseKoerselOpret20170501 response: the registration may have been created",
-            status=resp.status, body=resp.body,
+            status=resp.status,
+            body=resp.body,
         )
     reference = (payload.findtext(REFERENCE_TAG) or "").strip() or None
     warning = None if reference else "SD Løn accepted it without a RegistreringIdentifikator"

@@ -22,7 +22,10 @@ from zeep.wsdl.utils import etree_to_string
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 
 _PARSER = etree.XMLParser(
-    resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False,
+    resolve_entities=False,
+    no_network=True,
+    huge_tree=False,
+    load_dtd=False,
     remove_blank_text=False,
 )
 
@@ -77,8 +80,8 @@ def find_fault(envelope: etree._Element) -> SoapFault | None:
         return None
     code = (fault.findtext("faultcode") or "").strip()
     detail_el = fault.find("detail")
-    detail = "" if detail_el is None else " ".join(
-        t.strip() for t in detail_el.itertext() if t.strip()
+    detail = (
+        "" if detail_el is None else " ".join(t.strip() for t in detail_el.itertext() if t.strip())
     )
     return SoapFault(
         code=code.rpartition(":")[2],
@@ -105,7 +108,10 @@ class ZeepCodec:
 
     def __init__(self, wsdl: Path) -> None:
         settings = Settings(
-            strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True,
+            strict=True,
+            xml_huge_tree=False,
+            forbid_dtd=True,
+            forbid_entities=True,
             forbid_external=True,
         )
         self._client = Client(str(wsdl), settings=settings, transport=Transport(cache=None))

@@ -28,13 +28,22 @@ async def run(quick: bool) -> tuple[str, bool]:
     rates = await throughput.measure(scale=scale)
     kill = await reliability.kill_rounds(reports=300 if quick else 2000, rounds=3 if quick else 5)
     soak = await reliability.soak(reports=600 if quick else 5000)
-    lines = ["# payroll-gateway bench", "", "## Throughput (one run)", "", throughput.table(rates), ""]
+    lines = [
+        "# payroll-gateway bench",
+        "",
+        "## Throughput (one run)",
+        "",
+        throughput.table(rates),
+        "",
+    ]
     lines += [f"error: {e}" for e in rates.errors[:10]]
     lines += ["## Reliability", "", "| run | invariants | wall time |", "| --- | --- | ---: |"]
     for result in (kill, soak):
         held = sum(not p for p in result.invariants.values())
-        lines.append(f"| {result.name} | {held}/{len(result.invariants)} hold | "
-                     f"{result.timings.get('total', 0):.1f} s |")
+        lines.append(
+            f"| {result.name} | {held}/{len(result.invariants)} hold | "
+            f"{result.timings.get('total', 0):.1f} s |"
+        )
     lines += ["", kill.format(), "", soak.format(), "", f"total {time.monotonic() - began:.0f} s"]
     return "\n".join(lines), kill.ok and soak.ok and not rates.errors
 

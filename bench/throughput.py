@@ -63,7 +63,9 @@ class Throughput:
         if r.get("intake, single POSTs"):
             out["batch / single intake"] = r["intake, batches of 100"] / r["intake, single POSTs"]
         if r.get("intake, batches of 100"):
-            out["delivered / batch intake"] = r["end to end, delivered to SD"] / r["intake, batches of 100"]
+            out["delivered / batch intake"] = (
+                r["end to end, delivered to SD"] / r["intake, batches of 100"]
+            )
         return out
 
 
@@ -86,6 +88,7 @@ async def post_bodies(url: str, bodies: Sequence[object], workers: int, errors: 
     """Post every body with ``workers`` concurrent clients; the seconds it took."""
     pending = deque(bodies)
     async with client_session() as session:
+
         async def worker() -> None:
             while pending:
                 await _post(session, url, pending.popleft(), errors)
@@ -96,16 +99,19 @@ async def post_bodies(url: str, bodies: Sequence[object], workers: int, errors: 
 
 
 def _batches(reports: Sequence[Planned]) -> list[object]:
-    return [{"reports": [p.body() for p in reports[i:i + BATCH_SIZE]]}
-            for i in range(0, len(reports), BATCH_SIZE)]
+    return [
+        {"reports": [p.body() for p in reports[i : i + BATCH_SIZE]]}
+        for i in range(0, len(reports), BATCH_SIZE)
+    ]
 
 
 async def _phase(folder: Path, opening_hours: str, work: object) -> None:
     """Start simulators and a gateway in ``folder`` (it exists), run ``work(url, db)``, stop both."""
     sims = await start_simulators(folder, seed=7)
     port = free_port()
-    gateway = GatewayProcess(write_config(folder, sims, port, opening_hours=opening_hours),
-                             folder / "gateway.log")
+    gateway = GatewayProcess(
+        write_config(folder, sims, port, opening_hours=opening_hours), folder / "gateway.log"
+    )
     try:
         await start_gateway(gateway)
         await work(f"http://{HOST}:{port}/v1/reports", folder / "gateway.db")  # type: ignore[operator]
@@ -117,8 +123,9 @@ async def _phase(folder: Path, opening_hours: str, work: object) -> None:
 async def measure(workdir: Path | None = None, scale: float = 1.0) -> Throughput:
     """Intake single vs batch (dispatcher idle), then end to end to SD; ``scale`` shrinks it."""
     result = Throughput()
-    n_single, n_batch, n_e2e = (max(BATCH_SIZE, int(n * scale))
-                                for n in (SINGLE_REPORTS, BATCH_REPORTS, E2E_REPORTS))
+    n_single, n_batch, n_e2e = (
+        max(BATCH_SIZE, int(n * scale)) for n in (SINGLE_REPORTS, BATCH_REPORTS, E2E_REPORTS)
+    )
     with tempfile.TemporaryDirectory(prefix="pgw-throughput-") as tmp:
         base = Path(workdir or tmp)
         for name in ("intake", "e2e"):
@@ -130,8 +137,9 @@ async def measure(workdir: Path | None = None, scale: float = 1.0) -> Throughput
             s = await post_bodies(url, [p.body() for p in single], SINGLE_WORKERS, result.errors)
             b = await post_bodies(url, _batches(batched), BATCH_WORKERS, result.errors)
             result.seconds.update({"intake, single POSTs": s, "intake, batches of 100": b})
-            result.rates.update({"intake, single POSTs": n_single / s,
-                                 "intake, batches of 100": n_batch / b})
+            result.rates.update(
+                {"intake, single POSTs": n_single / s, "intake, batches of 100": n_batch / b}
+            )
 
         await _phase(base / "intake", closed_window(), intake)
         e2e = make_reports(n_e2e, "E", 0.0, random.Random(6))
@@ -152,8 +160,10 @@ async def measure(workdir: Path | None = None, scale: float = 1.0) -> Throughput
 
 def table(result: Throughput) -> str:
     lines = ["| measure | per second | seconds |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {rate:.0f} reports/s | {result.seconds[name]:.2f} |"
-              for name, rate in result.rates.items()]
+    lines += [
+        f"| {name} | {rate:.0f} reports/s | {result.seconds[name]:.2f} |"
+        for name, rate in result.rates.items()
+    ]
     lines += [f"| ratio: {name} | {value:.2f}x | |" for name, value in result.ratios.items()]
     return "\n".join(lines)
 

@@ -65,13 +65,23 @@ async def correlation(request: web.Request, handler: Handler) -> web.StreamRespo
         correlation_id.reset(token)
 
 
-def problem_response(status: int, body: dict[str, object], headers: Mapping[str, str] | None = None) -> web.Response:
+def problem_response(
+    status: int, body: dict[str, object], headers: Mapping[str, str] | None = None
+) -> web.Response:
     # the last guard of "never echo a CPR": whatever a message quotes, a CPR leaves masked
-    return web.Response(status=status, text=mask_cpr(json.dumps(body)), content_type=PROBLEM, headers=headers)
+    return web.Response(
+        status=status, text=mask_cpr(json.dumps(body)), content_type=PROBLEM, headers=headers
+    )
 
 
 def _plain_problem(status: int, title: str, detail: str, instance: str) -> dict[str, object]:
-    return {"type": "about:blank", "title": title, "status": status, "detail": detail, "instance": instance}
+    return {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
 
 
 @web.middleware
@@ -83,33 +93,61 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem_response(exc.status, exc.problem(request.path), exc.headers)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[APP_SETTINGS].max_body_bytes
-        return problem_response(413, {**_plain_problem(413, "Payload too large", f"the body is larger than {limit} bytes",
-                                                       request.path), "limit": limit})
+        return problem_response(
+            413,
+            {
+                **_plain_problem(
+                    413, "Payload too large", f"the body is larger than {limit} bytes", request.path
+                ),
+                "limit": limit,
+            },
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 says what is allowed
-        return problem_response(exc.status, _plain_problem(exc.status, exc.reason, exc.reason, request.path), allow)
+        allow = (
+            {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        )  # 405 says what is allowed
+        return problem_response(
+            exc.status, _plain_problem(exc.status, exc.reason, exc.reason, request.path), allow
+        )
     except Exception as exc:  # a bug: say so without details, log it masked
         log.error("unhandled error on %s %s: %s", request.method, request.path, mask_cpr(repr(exc)))
-        return problem_response(500, _plain_problem(500, "Internal error", "an internal error occurred; it has "
-                                                    "been logged", request.path))
+        return problem_response(
+            500,
+            _plain_problem(
+                500,
+                "Internal error",
+                "an internal error occurred; it has been logged",
+                request.path,
+            ),
+        )
 
 
-def _protocol_problem(self: RequestHandler, request: BaseRequest, status: int = 500,
-                      exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+def _protocol_problem(
+    self: RequestHandler,
+    request: BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
     """aiohttp's own answer to a request it cannot parse (bad request line, bad or too long
     headers), as problem+json. Its plain-text page quotes the request line, which may hold a
     CPR; so does its log line: this one names only the kind of error."""
     if request.writer.output_size > 0:
         raise ConnectionError("a response was sent already; the connection is closed")
-    log.warning("unreadable HTTP request (%d): %s", status, type(exc).__name__ if exc else "unknown")
+    log.warning(
+        "unreadable HTTP request (%d): %s", status, type(exc).__name__ if exc else "unknown"
+    )
     try:
         title = HTTPStatus(status).phrase
     except ValueError:
         title = "Error"
-    detail = ("the request could not be read as HTTP/1.1" if status < 500
-              else "an internal error occurred; it has been logged")
+    detail = (
+        "the request could not be read as HTTP/1.1"
+        if status < 500
+        else "an internal error occurred; it has been logged"
+    )
     response = problem_response(status, _plain_problem(status, title, detail, "/"))
     response.force_close()
     return response
@@ -127,8 +165,13 @@ def _install_protocol_problems() -> None:
     if getattr(original, "_gateway", False):
         return
 
-    def handle_error(self: RequestHandler, request: BaseRequest, status: int = 500,
-                     exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self: RequestHandler,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
         if _serves_gateway(self):
             return _protocol_problem(self, request, status, exc, message)
         return original(self, request, status, exc, message)
@@ -169,32 +212,44 @@ async def readyz(request: web.Request) -> web.Response:
         ok = await asyncio.wait_for(request.app[APP_STORE].ping(), 2)
     except Exception:
         ok = False
-    return web.json_response({"status": "ready" if ok else "store unreachable"}, status=200 if ok else 503)
+    return web.json_response(
+        {"status": "ready" if ok else "store unreachable"}, status=200 if ok else 503
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
     metrics_token(request)
     store = request.app[APP_STORE]
     counts = await store.count_by_status()
-    lines = ["# HELP payroll_gateway_deliveries Deliveries by state.",
-             "# TYPE payroll_gateway_deliveries gauge"]
+    lines = [
+        "# HELP payroll_gateway_deliveries Deliveries by state.",
+        "# TYPE payroll_gateway_deliveries gauge",
+    ]
     lines += [f'payroll_gateway_deliveries{{status="{s}"}} {n}' for s, n in sorted(counts.items())]
-    lines += ["# HELP payroll_gateway_at_risk Undelivered deliveries that will miss their payroll cut-off.",
-              "# TYPE payroll_gateway_at_risk gauge", f"payroll_gateway_at_risk {await store.count_at_risk()}"]
-    lines += ["# HELP payroll_gateway_endpoint_open 1 when the endpoint's circuit breaker is open or half-open.",
-              "# TYPE payroll_gateway_endpoint_open gauge",
-              "# HELP payroll_gateway_endpoint_paused 1 when an operator paused the endpoint.",
-              "# TYPE payroll_gateway_endpoint_paused gauge"]
+    lines += [
+        "# HELP payroll_gateway_at_risk Undelivered deliveries that will miss their payroll cut-off.",
+        "# TYPE payroll_gateway_at_risk gauge",
+        f"payroll_gateway_at_risk {await store.count_at_risk()}",
+    ]
+    lines += [
+        "# HELP payroll_gateway_endpoint_open 1 when the endpoint's circuit breaker is open or half-open.",
+        "# TYPE payroll_gateway_endpoint_open gauge",
+        "# HELP payroll_gateway_endpoint_paused 1 when an operator paused the endpoint.",
+        "# TYPE payroll_gateway_endpoint_paused gauge",
+    ]
     for endpoint in request.app[APP_DISPATCHER].endpoints:
         labels = f'municipality="{endpoint.key[0]}",adapter="{endpoint.key[1]}"'
-        lines.append(f"payroll_gateway_endpoint_open{{{labels}}} {int(endpoint.breaker.state != 'closed')}")
-        lines.append(f"payroll_gateway_endpoint_paused{{{labels}}} {int(endpoint.paused is not None)}")
+        lines.append(
+            f"payroll_gateway_endpoint_open{{{labels}}} {int(endpoint.breaker.state != 'closed')}"
+        )
+        lines.append(
+            f"payroll_gateway_endpoint_paused{{{labels}}} {int(endpoint.paused is not None)}"
+        )
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(text=schema_text("openapi.json"),
-                        content_type="application/json")
+    return web.Response(text=schema_text("openapi.json"), content_type="application/json")
 
 
 def build_calendars(settings: Settings) -> dict[tuple[str, str], CutoffCalendar]:
@@ -207,7 +262,9 @@ def build_calendars(settings: Settings) -> dict[tuple[str, str], CutoffCalendar]
             try:
                 calendars[(municipality, adapter)] = CutoffCalendar.from_config(policy.cutoff)
             except ValueError as exc:
-                raise ConfigError(f"tenants.{municipality}.vendors.{adapter}.cutoff: {exc}") from exc
+                raise ConfigError(
+                    f"tenants.{municipality}.vendors.{adapter}.cutoff: {exc}"
+                ) from exc
     return calendars
 
 
@@ -219,8 +276,13 @@ def warn_short_leases(settings: Settings) -> None:
             if settings.lease_seconds < needed:
                 log.warning(
                     "dispatcher.lease_seconds (%g) should be at least %g: the request timeouts of "
-                    "tenants.%s.vendors.%s plus a %g s margin", settings.lease_seconds, needed,
-                    municipality, adapter, LEASE_MARGIN_SECONDS)
+                    "tenants.%s.vendors.%s plus a %g s margin",
+                    settings.lease_seconds,
+                    needed,
+                    municipality,
+                    adapter,
+                    LEASE_MARGIN_SECONDS,
+                )
 
 
 def check_routes(settings: Settings, adapters: Mapping[str, Adapter]) -> None:
@@ -251,20 +313,27 @@ def create_app(
     ``settings.role``; ``run_dispatcher=False`` (tests) keeps the background work stopped.
     """
     role = parse_role(role if role is not None else settings.role, "role")
-    app = web.Application(middlewares=[correlation, problems], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[correlation, problems], client_max_size=settings.max_body_bytes
+    )
     app[APP_SETTINGS] = settings
     app[APP_AUTH_FAILURES] = AuthFailures(settings.auth_failures_per_minute)
     app.on_response_prepare.append(security_headers)
-    app[APP_ADAPTERS] = adapters if adapters is not None else load_adapters(settings.disabled_adapters)
+    app[APP_ADAPTERS] = (
+        adapters if adapters is not None else load_adapters(settings.disabled_adapters)
+    )
     check_routes(settings, app[APP_ADAPTERS])
     app[APP_CALENDARS] = build_calendars(settings)
     # after the config checks: a key file is generated (SQLite, no key configured) only for a
     # gateway that will start; PostgreSQL without a configured key refuses here. The audit key
     # is read (or, the first time, generated) before anything is stored.
     if store is None:
-        store = open_store(settings.store_url, settings.store_pool_size,
-                           keys_for(settings.data_keys, settings.store_url),
-                           load_key(settings.audit, settings.data_dir))
+        store = open_store(
+            settings.store_url,
+            settings.store_pool_size,
+            keys_for(settings.data_keys, settings.store_url),
+            load_key(settings.audit, settings.data_dir),
+        )
     app[APP_STORE] = store
     FileRunner(app[APP_STORE], app[APP_ADAPTERS], settings).check_schedules()
     app[APP_ENDPOINTS] = build_endpoints(settings, app[APP_ADAPTERS])
@@ -274,7 +343,9 @@ def create_app(
         app.add_routes(compat.routes)
         app.add_routes(ops.routes)
         app.add_routes([web.get("/openapi.json", openapi)])
-    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
+    app.add_routes(
+        [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]
+    )
     background = run_dispatcher and role != "intake"
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_dispatcher_ctx(background))
@@ -286,7 +357,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     """The store, and the anchor of its audit trail's head (at start, every N events, at shutdown)."""
     store, settings = app[APP_STORE], app[APP_SETTINGS]
     await store.open()
-    anchor = Anchor(anchor_path(settings.audit, settings.data_dir), settings.audit.anchor_every, store.audit_head)
+    anchor = Anchor(
+        anchor_path(settings.audit, settings.data_dir),
+        settings.audit.anchor_every,
+        store.audit_head,
+    )
     await anchor.check(force=True)
     task = asyncio.create_task(anchor.run(), name="audit-anchor")
     yield
@@ -303,16 +378,29 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         channels = Channels(app[APP_SETTINGS])
-        dispatcher = Dispatcher(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS], channels,
-                                endpoints=app[APP_ENDPOINTS])
+        dispatcher = Dispatcher(
+            app[APP_STORE],
+            app[APP_ADAPTERS],
+            app[APP_SETTINGS],
+            channels,
+            endpoints=app[APP_ENDPOINTS],
+        )
         app[APP_DISPATCHER] = dispatcher
         app[APP_FILE_RUNNER] = FileRunner(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS])
         task = asyncio.create_task(dispatcher.run(), name="dispatcher") if run else None
         app[APP_WATCH] = AtRiskWatch(app[APP_STORE], app[APP_SETTINGS])
-        side = [asyncio.create_task(app[APP_FILE_RUNNER].run(), name="file-runs"),
+        side = (
+            [
+                asyncio.create_task(app[APP_FILE_RUNNER].run(), name="file-runs"),
                 asyncio.create_task(app[APP_WATCH].run(), name="at-risk-watch"),
-                asyncio.create_task(retention.run_daily(app[APP_STORE], app[APP_SETTINGS], time.time),
-                                    name="retention")] if run else []
+                asyncio.create_task(
+                    retention.run_daily(app[APP_STORE], app[APP_SETTINGS], time.time),
+                    name="retention",
+                ),
+            ]
+            if run
+            else []
+        )
         yield
         await dispatcher.aclose()
         for side_task in side:
@@ -338,10 +426,17 @@ def _sources_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         dispatcher = app[APP_DISPATCHER]
         calendars = app[APP_CALENDARS]
-        pullers = build_pullers(app[APP_SETTINGS], app[APP_STORE], calendars, dispatcher.wake,
-                                app[APP_ADAPTERS]) if run else []
+        pullers = (
+            build_pullers(
+                app[APP_SETTINGS], app[APP_STORE], calendars, dispatcher.wake, app[APP_ADAPTERS]
+            )
+            if run
+            else []
+        )
         app[APP_SOURCES] = pullers
-        tasks = [asyncio.create_task(p.run(), name=f"source-{p.municipality}-{p.name}") for p in pullers]
+        tasks = [
+            asyncio.create_task(p.run(), name=f"source-{p.municipality}-{p.name}") for p in pullers
+        ]
         yield
         for task in tasks:
             task.cancel()

@@ -58,27 +58,57 @@ class Problem:
 # -- the chain ---------------------------------------------------------------------------
 
 
-def canonical(event_id: int, at: float, actor: str, event: str, report_pk: int | None,
-              delivery_id: int | None, detail: str) -> str:
-    return json.dumps([event_id, at, actor, event, report_pk, delivery_id, detail],
-                      separators=(",", ":"), ensure_ascii=True)
+def canonical(
+    event_id: int,
+    at: float,
+    actor: str,
+    event: str,
+    report_pk: int | None,
+    delivery_id: int | None,
+    detail: str,
+) -> str:
+    return json.dumps(
+        [event_id, at, actor, event, report_pk, delivery_id, detail],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
 
 
-def event_hmac(key: bytes, prev: str, event_id: int, at: float, actor: str, event: str,
-               report_pk: int | None, delivery_id: int | None, detail: str) -> str:
+def event_hmac(
+    key: bytes,
+    prev: str,
+    event_id: int,
+    at: float,
+    actor: str,
+    event: str,
+    report_pk: int | None,
+    delivery_id: int | None,
+    detail: str,
+) -> str:
     material = prev + "\n" + canonical(event_id, at, actor, event, report_pk, delivery_id, detail)
     return hmac.new(key, material.encode(), hashlib.sha256).hexdigest()
 
 
 def row_hmac(key: bytes, prev: str, e: Mapping[str, Any]) -> str:
-    return event_hmac(key, prev, int(e["id"]), e["at"], e["actor"], e["event"], e["report_pk"],
-                      e["delivery_id"], e["detail"])
+    return event_hmac(
+        key,
+        prev,
+        int(e["id"]),
+        e["at"],
+        e["actor"],
+        e["event"],
+        e["report_pk"],
+        e["delivery_id"],
+        e["detail"],
+    )
 
 
 def legacy_hash(prev_hash: str, e: Mapping[str, Any]) -> str:
     """The unkeyed SHA-256 chain of schema versions before 7 (checked once, when re-chained)."""
-    material = (f"{prev_hash}|{e['at']!r}|{e['actor']}|{e['event']}|{e['report_pk']}|"
-                f"{e['delivery_id']}|{e['detail']}")
+    material = (
+        f"{prev_hash}|{e['at']!r}|{e['actor']}|{e['event']}|{e['report_pk']}|"
+        f"{e['delivery_id']}|{e['detail']}"
+    )
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -98,15 +128,22 @@ def chain_problem(events: Sequence[Mapping[str, Any]], key: bytes) -> Problem | 
         if int(e["id"]) <= last_id:
             return Problem(int(e["id"]), "out of order")
         if e["prev_hash"] != prev:
-            return Problem(int(e["id"]), "its link to the previous event is wrong "
-                                         "(an event before it was removed, moved or changed)")
+            return Problem(
+                int(e["id"]),
+                "its link to the previous event is wrong "
+                "(an event before it was removed, moved or changed)",
+            )
         if not e["hmac"] or not hmac.compare_digest(e["hmac"], row_hmac(key, prev, e)):
-            return Problem(int(e["id"]), "its HMAC does not match (edited, or written without the key)")
+            return Problem(
+                int(e["id"]), "its HMAC does not match (edited, or written without the key)"
+            )
         prev, last_id = e["hmac"], int(e["id"])
     return None
 
 
-def verify_chain(events: Sequence[Mapping[str, Any]], key: bytes = UNKEYED) -> tuple[int, int | None]:
+def verify_chain(
+    events: Sequence[Mapping[str, Any]], key: bytes = UNKEYED
+) -> tuple[int, int | None]:
     """(number of events, id of the first broken one or None): the chain alone."""
     problem = chain_problem(events, key)
     return len(events), None if problem is None else problem.event_id
@@ -119,21 +156,41 @@ def body_sha256(body: str | None) -> str | None:
     return None if body is None else hashlib.sha256(body.encode()).hexdigest()
 
 
-def attempt_digest(a: Mapping[str, Any], request_sha256: str | None, response_sha256: str | None) -> str:
-    fields = [a["id"], a["delivery_id"], a["part"], a["operation"], a["message"], a["started_at"],
-              a["finished_at"], a["outcome"], a["http_status"], a["latency_ms"], a["error"],
-              request_sha256, response_sha256]
+def attempt_digest(
+    a: Mapping[str, Any], request_sha256: str | None, response_sha256: str | None
+) -> str:
+    fields = [
+        a["id"],
+        a["delivery_id"],
+        a["part"],
+        a["operation"],
+        a["message"],
+        a["started_at"],
+        a["finished_at"],
+        a["outcome"],
+        a["http_status"],
+        a["latency_ms"],
+        a["error"],
+        request_sha256,
+        response_sha256,
+    ]
     return hashlib.sha256(json.dumps(fields, separators=(",", ":")).encode()).hexdigest()
 
 
 def seal(a: Mapping[str, Any]) -> dict[str, Any]:
     """What an event records of an attempt row: its digest and its bodies' SHA-256."""
     request, response = body_sha256(a["request_body"]), body_sha256(a["response_body"])
-    return {"id": int(a["id"]), "digest": attempt_digest(a, request, response),
-            "request_sha256": request, "response_sha256": response}
+    return {
+        "id": int(a["id"]),
+        "digest": attempt_digest(a, request, response),
+        "request_sha256": request,
+        "response_sha256": response,
+    }
 
 
-def seals_in(events: Iterable[Mapping[str, Any]]) -> tuple[dict[int, tuple[int, dict[str, Any]]], set[int]]:
+def seals_in(
+    events: Iterable[Mapping[str, Any]],
+) -> tuple[dict[int, tuple[int, dict[str, Any]]], set[int]]:
     """The latest seal of each attempt (with the id of its event), and the purged deliveries."""
     latest: dict[int, tuple[int, dict[str, Any]]] = {}
     purged: set[int] = set()
@@ -142,14 +199,17 @@ def seals_in(events: Iterable[Mapping[str, Any]]) -> tuple[dict[int, tuple[int, 
         if not isinstance(detail, dict):
             continue
         for s in ([detail["attempt"]] if isinstance(detail.get("attempt"), dict) else []) + list(
-                detail.get("attempts_sealed") or []):
+            detail.get("attempts_sealed") or []
+        ):
             latest[int(s["id"])] = (int(e["id"]), s)
         if e["event"] == PURGE_EVENT:
             purged.update(int(d) for d in detail.get("deliveries", []))
     return latest, purged
 
 
-def attempt_problem(events: Sequence[Mapping[str, Any]], attempts: Sequence[Mapping[str, Any]]) -> Problem | None:
+def attempt_problem(
+    events: Sequence[Mapping[str, Any]], attempts: Sequence[Mapping[str, Any]]
+) -> Problem | None:
     """An attempt row that differs from its seal, has none though finished, or is missing."""
     latest, purged = seals_in(events)
     found: list[Problem] = []
@@ -206,23 +266,36 @@ def read_anchors(path: Path) -> list[tuple[int, str]]:
     return anchors
 
 
-def anchor_problem(events: Sequence[Mapping[str, Any]], anchors: Sequence[tuple[int, str]]) -> Problem | None:
+def anchor_problem(
+    events: Sequence[Mapping[str, Any]], anchors: Sequence[tuple[int, str]]
+) -> Problem | None:
     """An anchored head the trail no longer holds: truncated, or rewritten."""
     macs = {int(e["id"]): e["hmac"] for e in events}
     last = max(macs, default=0)
     for event_id, mac in sorted(anchors):
         if event_id > last:
-            return Problem(last + 1, f"truncated: the anchored head is event {event_id}, "
-                                     f"the trail ends at {last or 'nothing'}")
+            return Problem(
+                last + 1,
+                f"truncated: the anchored head is event {event_id}, "
+                f"the trail ends at {last or 'nothing'}",
+            )
         if macs.get(event_id) != mac:
             return Problem(event_id, "differs from the anchored head (removed or rewritten)")
     return None
 
 
-def verify(events: Sequence[Mapping[str, Any]], attempts: Sequence[Mapping[str, Any]], key: bytes,
-           anchors: Sequence[tuple[int, str]]) -> Problem | None:
+def verify(
+    events: Sequence[Mapping[str, Any]],
+    attempts: Sequence[Mapping[str, Any]],
+    key: bytes,
+    anchors: Sequence[tuple[int, str]],
+) -> Problem | None:
     """The first problem of the trail: chain, then anchor, then attempts."""
-    return chain_problem(events, key) or anchor_problem(events, anchors) or attempt_problem(events, attempts)
+    return (
+        chain_problem(events, key)
+        or anchor_problem(events, anchors)
+        or attempt_problem(events, attempts)
+    )
 
 
 # -- the key -----------------------------------------------------------------------------
@@ -236,16 +309,23 @@ class _Generated:
 _generated = _Generated()
 
 
-def load_key(settings: AuditSettings, data_dir: Path, env: Mapping[str, str] | None = None,
-             *, create: bool = True) -> bytes:
+def load_key(
+    settings: AuditSettings,
+    data_dir: Path,
+    env: Mapping[str, str] | None = None,
+    *,
+    create: bool = True,
+) -> bytes:
     """The HMAC key: from ``key_env``, ``key_file``, or ``<data_dir>/audit.key`` (generated
     with mode 0600 when absent and ``create``). Never logged."""
     env = os.environ if env is None else env
     if settings.key_env is not None:
         value = env.get(settings.key_env, "")
         if len(value) < 16:
-            raise ConfigError(f"audit.key_env: the environment variable {settings.key_env} is not set "
-                              "(or shorter than 16 characters)")
+            raise ConfigError(
+                f"audit.key_env: the environment variable {settings.key_env} is not set "
+                "(or shorter than 16 characters)"
+            )
         return value.encode()
     path = settings.key_file or data_dir / "audit.key"
     if settings.key_file is None and create and not path.exists():
@@ -253,7 +333,9 @@ def load_key(settings: AuditSettings, data_dir: Path, env: Mapping[str, str] | N
     try:
         key = path.read_bytes().strip()
     except OSError as exc:
-        raise ConfigError(f"audit.key_file: cannot read the audit key {path}: {exc.strerror}") from exc
+        raise ConfigError(
+            f"audit.key_file: cannot read the audit key {path}: {exc.strerror}"
+        ) from exc
     if len(key) < 16:
         raise ConfigError(f"audit.key_file: the audit key {path} is shorter than 16 bytes")
     return key
@@ -271,15 +353,20 @@ def _generate(path: Path) -> None:
         os.close(fd)
     if path not in _generated.paths:
         _generated.paths.add(path)
-        log.warning("generated a new audit key at %s (mode 0600): keep it outside the database "
-                    "and back it up; set [audit] key_file or key_env in production", path)
+        log.warning(
+            "generated a new audit key at %s (mode 0600): keep it outside the database "
+            "and back it up; set [audit] key_file or key_env in production",
+            path,
+        )
 
 
 class Anchor:
     """Appends the trail's head to the anchor file every ``every`` events, and when asked
     (at start and at shutdown); ``head`` reads the store's (id, HMAC) of the last event."""
 
-    def __init__(self, path: Path, every: int, head: Callable[[], Awaitable[tuple[int, str] | None]]) -> None:
+    def __init__(
+        self, path: Path, every: int, head: Callable[[], Awaitable[tuple[int, str] | None]]
+    ) -> None:
         self.path, self.every, self.head = path, every, head
         anchors = read_anchors(path)
         self.last = anchors[-1][0] if anchors else 0

@@ -23,8 +23,14 @@ WINDOW_SECONDS = 60.0
 MAX_ADDRESSES = 10_000  # the table's bound: the oldest address is forgotten first
 
 # what each ops action needs; reading needs "viewer"
-ACTION_ROLES = {"replay": "operator", "cancel": "operator", "check": "operator", "confirm": "operator",
-                "pause": "operator", "resume": "operator"}
+ACTION_ROLES = {
+    "replay": "operator",
+    "cancel": "operator",
+    "check": "operator",
+    "confirm": "operator",
+    "pause": "operator",
+    "resume": "operator",
+}
 
 
 class AuthFailures:
@@ -34,8 +40,12 @@ class AuthFailures:
     window ends, a right credential too: otherwise the limit would still answer guesses.
     """
 
-    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic,
-                 max_addresses: int = MAX_ADDRESSES) -> None:
+    def __init__(
+        self,
+        limit: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_addresses: int = MAX_ADDRESSES,
+    ) -> None:
         self.limit = limit
         self.clock = clock
         self.max_addresses = max_addresses
@@ -46,8 +56,11 @@ class AuthFailures:
         start, count = self._windows.get(address, (0.0, 0))
         left = start + WINDOW_SECONDS - self.clock()
         if count >= self.limit and left > 0:
-            raise TooManyRequests(f"too many failed authentications from this address; "
-                                  f"try again in {math.ceil(left)} s", math.ceil(left))
+            raise TooManyRequests(
+                f"too many failed authentications from this address; "
+                f"try again in {math.ceil(left)} s",
+                math.ceil(left),
+            )
 
     def fail(self, address: str) -> None:
         now = self.clock()
@@ -92,15 +105,19 @@ def operator(request: web.Request, role: str = "viewer") -> Operator:
     if found is None:
         raise refuse(request, "unknown operator token")
     if not found.may(role):
-        raise Forbidden(f"operator {found.name!r} has role {found.role}; this needs role {role}",
-                        required_role=role)
+        raise Forbidden(
+            f"operator {found.name!r} has role {found.role}; this needs role {role}",
+            required_role=role,
+        )
     return found
 
 
 def require_municipality(who: Operator, municipality: str) -> None:
     if not who.covers(municipality):
-        raise Forbidden(f"operator {who.name!r} is not allowed for municipality {municipality}",
-                        municipality=municipality)
+        raise Forbidden(
+            f"operator {who.name!r} is not allowed for municipality {municipality}",
+            municipality=municipality,
+        )
 
 
 def metrics_token(request: web.Request) -> None:

@@ -133,35 +133,50 @@ def _os2_pointer(error: FieldError) -> FieldError:
     return FieldError(f"/{index}/{source}", error.message)
 
 
-def to_new_report(tenant: Tenant, record: Any, cutoff: Callable[[str], float | None],
-                  adapters: Mapping[str, Adapter] | None = None) -> NewReport:
+def to_new_report(
+    tenant: Tenant,
+    record: Any,
+    cutoff: Callable[[str], float | None],
+    adapters: Mapping[str, Adapter] | None = None,
+) -> NewReport:
     """One export record, on its own, as a report version ready for the store.
 
     Raises InvalidReport whose pointers name the record's own keys (``/CprNumber``), as
     the compat endpoint does, without the position in an array.
     """
     try:
-        return to_new_reports(tenant, [to_canonical(record, tenant.municipality)], "/{}", cutoff, adapters)[0]
+        return to_new_reports(
+            tenant, [to_canonical(record, tenant.municipality)], "/{}", cutoff, adapters
+        )[0]
     except InvalidReport as exc:
         errors = [_os2_pointer(e) for e in exc.errors]
-        raise InvalidReport(exc.detail, [FieldError(e.pointer.removeprefix("/0") or "/", e.message)
-                                         for e in errors]) from exc
+        raise InvalidReport(
+            exc.detail, [FieldError(e.pointer.removeprefix("/0") or "/", e.message) for e in errors]
+        ) from exc
 
 
 @routes.post("/v1/compat/os2indberetning/drive-reports")
 async def post_drive_reports(request: web.Request) -> web.Response:
     tenant = authenticate(request)
     body = await read_json(request, MAX_BATCH)
-    new = await off_loop(to_new_records, tenant, body, cutoff_finder(request, tenant), request.app[APP_ADAPTERS])
+    new = await off_loop(
+        to_new_records, tenant, body, cutoff_finder(request, tenant), request.app[APP_ADAPTERS]
+    )
     return await submit(request, new, "/{}")
 
 
-def to_new_records(tenant: Tenant, body: Any, cutoff: Callable[[str], float | None],
-                   adapters: Mapping[str, Adapter]) -> list[NewReport]:
+def to_new_records(
+    tenant: Tenant,
+    body: Any,
+    cutoff: Callable[[str], float | None],
+    adapters: Mapping[str, Adapter],
+) -> list[NewReport]:
     """The export records of a compat body as report versions, pointers in the sender's keys."""
     if not isinstance(body, list) or not body:
-        raise InvalidReport("expected a non-empty JSON array of OS2indberetning records",
-                            [FieldError("/", "must be a non-empty array")])
+        raise InvalidReport(
+            "expected a non-empty JSON array of OS2indberetning records",
+            [FieldError("/", "must be a non-empty array")],
+        )
     reports = [to_canonical(r, tenant.municipality) for r in body]
     try:
         return to_new_reports(tenant, reports, "/{}", cutoff, adapters)

@@ -62,9 +62,14 @@ WATCHED = STORED - DONE
 #: states in which a delivery waits for an operator, for the at-risk margin
 NEEDS_OPERATOR = frozenset({Status.IN_DOUBT, Status.CORRECTION_REQUIRED, Status.FAILED})
 #: operator actions, by the name the API and the CLI use
-ACTIONS = MappingProxyType({
-    "replay": Event.REPLAY, "cancel": Event.CANCEL, "check": Event.CHECK, "confirm": Event.CONFIRM,
-})
+ACTIONS = MappingProxyType(
+    {
+        "replay": Event.REPLAY,
+        "cancel": Event.CANCEL,
+        "check": Event.CHECK,
+        "confirm": Event.CONFIRM,
+    }
+)
 
 
 class IllegalTransition(Exception):
@@ -128,20 +133,35 @@ class Decision:
 
     def settle(self) -> Settle:
         """The part of the decision the store's ``settle`` and ``end_attempt`` persist."""
-        return Settle(self.status, next_attempt_at=self.next_attempt_at, last_error=self.last_error,
-                      vendor_reference=self.vendor_reference, warning=self.warning,
-                      count_attempt=self.count_attempt, at_risk=self.at_risk)
+        return Settle(
+            self.status,
+            next_attempt_at=self.next_attempt_at,
+            last_error=self.last_error,
+            vendor_reference=self.vendor_reference,
+            warning=self.warning,
+            count_attempt=self.count_attempt,
+            at_risk=self.at_risk,
+        )
 
 
 Rule = Callable[[Delivery, Detail, RetryPolicy, float], Decision]
 
 
-def decide(delivery: Delivery, event: Event, policy: RetryPolicy | None, now: float,
-           detail: Detail = NO_DETAIL) -> Decision:
+def decide(
+    delivery: Delivery,
+    event: Event,
+    policy: RetryPolicy | None,
+    now: float,
+    detail: Detail = NO_DETAIL,
+) -> Decision:
     """The decision for ``event`` happening to ``delivery`` at ``now``; raises IllegalTransition."""
     sources, rule = _RULES[event]
     if delivery.status not in sources:
-        why = "held is shown, not stored: decide on the stored state" if delivery.status is Status.HELD else ""
+        why = (
+            "held is shown, not stored: decide on the stored state"
+            if delivery.status is Status.HELD
+            else ""
+        )
         raise IllegalTransition(delivery.status, event, why)
     guard = _GUARDS.get(event)
     refusal = guard(delivery) if guard else None
@@ -217,12 +237,19 @@ def _claimed(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> De
 def _unchanged(audit: str) -> Rule:
     def rule(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
         return Decision(d.status, audit, changes_state=False)
+
     return rule
 
 
 def _delivered(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
-    return _settled(Status.DELIVERED, Detail(), vendor_reference=detail.vendor_reference,
-                    warning=detail.warning, count_attempt=True, attempt_outcome="delivered")
+    return _settled(
+        Status.DELIVERED,
+        Detail(),
+        vendor_reference=detail.vendor_reference,
+        warning=detail.warning,
+        count_attempt=True,
+        attempt_outcome="delivered",
+    )
 
 
 def _already_delivered(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
@@ -247,15 +274,27 @@ def _transient(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> 
     delay = retry.next_delay(policy, attempts, detail.retry_after, detail.http_status)
     if retry.exhausted(policy, attempts, now + delay - d.retry_since):
         error = f"retry policy exhausted after {attempts} attempts: {detail.error}"
-        return _settled(Status.FAILED, Detail(error=error), count_attempt=True, attempt_outcome="failed")
-    return _settled(Status.RETRY_SCHEDULED, detail, next_attempt_at=now + delay, count_attempt=True,
-                    attempt_outcome="retry")
+        return _settled(
+            Status.FAILED, Detail(error=error), count_attempt=True, attempt_outcome="failed"
+        )
+    return _settled(
+        Status.RETRY_SCHEDULED,
+        detail,
+        next_attempt_at=now + delay,
+        count_attempt=True,
+        attempt_outcome="retry",
+    )
 
 
 def _in_doubt(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
     delay = retry.next_delay(policy, d.attempts + 1)
-    return _settled(Status.IN_DOUBT, detail, next_attempt_at=now + delay, count_attempt=True,
-                    attempt_outcome="in_doubt")
+    return _settled(
+        Status.IN_DOUBT,
+        detail,
+        next_attempt_at=now + delay,
+        count_attempt=True,
+        attempt_outcome="in_doubt",
+    )
 
 
 def _read_back_failed(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
@@ -271,32 +310,52 @@ def _read_back_failed(d: Delivery, detail: Detail, policy: RetryPolicy, now: flo
 def _plan_said(status: Status) -> Rule:
     def rule(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
         return _settled(status, detail)
+
     return rule
 
 
 def _written(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
-    return _settled(Status.DELIVERED, Detail(), vendor_reference=detail.vendor_reference, count_attempt=True)
+    return _settled(
+        Status.DELIVERED, Detail(), vendor_reference=detail.vendor_reference, count_attempt=True
+    )
 
 
 def _superseded(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
-    return Decision(Status.SUPERSEDED, "delivery.superseded", {"by_version": detail.by_version},
-                    last_error=f"superseded by version {detail.by_version}")
+    return Decision(
+        Status.SUPERSEDED,
+        "delivery.superseded",
+        {"by_version": detail.by_version},
+        last_error=f"superseded by version {detail.by_version}",
+    )
 
 
 def _lease_expired(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
     """An attempt that started and never finished may have reached the vendor: in doubt."""
     if detail.open_attempt:
         reason = "the gateway stopped while a request may have been on its way to the vendor"
-        return Decision(Status.IN_DOUBT, "delivery.in_doubt", {"reason": reason}, next_attempt_at=now,
-                        last_error=reason, count_attempt=True, attempt_outcome="in_doubt")
+        return Decision(
+            Status.IN_DOUBT,
+            "delivery.in_doubt",
+            {"reason": reason},
+            next_attempt_at=now,
+            last_error=reason,
+            count_attempt=True,
+            attempt_outcome="in_doubt",
+        )
     status = Status.RETRY_SCHEDULED if d.attempts else Status.QUEUED
-    return Decision(status, "delivery.reclaimed", {"status": str(status)}, next_attempt_at=now,
-                    last_error=d.last_error)
+    return Decision(
+        status,
+        "delivery.reclaimed",
+        {"status": str(status)},
+        next_attempt_at=now,
+        last_error=d.last_error,
+    )
 
 
 def _at_risk(d: Delivery, detail: Detail, policy: RetryPolicy, now: float) -> Decision:
-    return Decision(d.status, "delivery.at_risk", {"cutoff_at": d.cutoff_at}, at_risk=True,
-                    changes_state=False)
+    return Decision(
+        d.status, "delivery.at_risk", {"cutoff_at": d.cutoff_at}, at_risk=True, changes_state=False
+    )
 
 
 def _operator(event: Event, to: Callable[[Delivery], Status]) -> Rule:
@@ -307,11 +366,18 @@ def _operator(event: Event, to: Callable[[Delivery], Status]) -> Rule:
         if event is Event.CANCEL:
             return Decision(new, f"delivery.{event}", audit, last_error=note)
         if event is Event.CONFIRM:
-            return Decision(new, f"delivery.{event}", audit, last_error=note,
-                            vendor_reference=detail.vendor_reference)
+            return Decision(
+                new,
+                f"delivery.{event}",
+                audit,
+                last_error=note,
+                vendor_reference=detail.vendor_reference,
+            )
         # replay or check: due now, with a fresh retry budget
-        return Decision(new, f"delivery.{event}", audit, next_attempt_at=now, last_error=note,
-                        fresh_budget=True)
+        return Decision(
+            new, f"delivery.{event}", audit, next_attempt_at=now, last_error=note, fresh_budget=True
+        )
+
     return rule
 
 
@@ -350,14 +416,30 @@ _RULES: dict[Event, tuple[frozenset[Status], Rule]] = {
     Event.SUPERSEDED: (_WAITING | {Status.FAILED}, _superseded),
     Event.LEASE_EXPIRED: (_IN_FLIGHT, _lease_expired),
     Event.AT_RISK: (WATCHED, _at_risk),
-    Event.REPLAY: (frozenset({Status.IN_DOUBT, Status.FAILED, Status.CANCELLED, Status.RETRY_SCHEDULED}),
-                   _operator(Event.REPLAY, _replayed)),
-    Event.CANCEL: (frozenset({Status.QUEUED, Status.RETRY_SCHEDULED, Status.IN_DOUBT,
-                              Status.CORRECTION_REQUIRED, Status.FAILED}),
-                   _operator(Event.CANCEL, lambda d: Status.CANCELLED)),
-    Event.CHECK: (frozenset({Status.IN_DOUBT, Status.FAILED, Status.RETRY_SCHEDULED}),
-                  _operator(Event.CHECK, lambda d: Status.IN_DOUBT)),
-    Event.CONFIRM: (frozenset({Status.IN_DOUBT}), _operator(Event.CONFIRM, lambda d: Status.DELIVERED)),
+    Event.REPLAY: (
+        frozenset({Status.IN_DOUBT, Status.FAILED, Status.CANCELLED, Status.RETRY_SCHEDULED}),
+        _operator(Event.REPLAY, _replayed),
+    ),
+    Event.CANCEL: (
+        frozenset(
+            {
+                Status.QUEUED,
+                Status.RETRY_SCHEDULED,
+                Status.IN_DOUBT,
+                Status.CORRECTION_REQUIRED,
+                Status.FAILED,
+            }
+        ),
+        _operator(Event.CANCEL, lambda d: Status.CANCELLED),
+    ),
+    Event.CHECK: (
+        frozenset({Status.IN_DOUBT, Status.FAILED, Status.RETRY_SCHEDULED}),
+        _operator(Event.CHECK, lambda d: Status.IN_DOUBT),
+    ),
+    Event.CONFIRM: (
+        frozenset({Status.IN_DOUBT}),
+        _operator(Event.CONFIRM, lambda d: Status.DELIVERED),
+    ),
 }
 _GUARDS: dict[Event, Callable[[Delivery], str | None]] = {
     Event.CHECK: _needs_read_back,

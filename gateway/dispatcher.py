@@ -119,7 +119,9 @@ class Dispatcher:
             every = getattr(self.store, "single_process", False)
             counts = await self.store.reclaim(self.clock(), every_lease=every)
         except Exception:
-            log.exception("reclaiming leases at start failed; expired ones are reclaimed as they expire")
+            log.exception(
+                "reclaiming leases at start failed; expired ones are reclaimed as they expire"
+            )
             return
         if any(counts.values()):
             log.warning("reclaimed leases at start: %s", counts)
@@ -133,7 +135,9 @@ class Dispatcher:
         try:
             count = await self.store.undefer(None, None, self.clock())
         except Exception:
-            log.exception("re-planning work deferred to an opening failed; it waits for that opening")
+            log.exception(
+                "re-planning work deferred to an opening failed; it waits for that opening"
+            )
             return
         if count:
             log.info("re-planned %d deliveries that waited for an endpoint's opening", count)
@@ -144,11 +148,20 @@ class Dispatcher:
         try:
             await self._refresh(now)
             wanted = self._wanted(now, free)
-            batches = await asyncio.gather(*(
-                self.store.claim_due(now, self.owner, self.settings.lease_seconds, n, [key[1]],
-                                     self._readback, key[0])
-                for key, n in wanted
-            ))
+            batches = await asyncio.gather(
+                *(
+                    self.store.claim_due(
+                        now,
+                        self.owner,
+                        self.settings.lease_seconds,
+                        n,
+                        [key[1]],
+                        self._readback,
+                        key[0],
+                    )
+                    for key, n in wanted
+                )
+            )
         except Exception:
             log.exception("claiming due deliveries failed; trying again shortly")
             return []
@@ -167,7 +180,7 @@ class Dispatcher:
             return []
         self._rotation = (self._rotation + 1) % len(endpoints)
         wanted = []
-        for endpoint in endpoints[self._rotation:] + endpoints[:self._rotation]:
+        for endpoint in endpoints[self._rotation :] + endpoints[: self._rotation]:
             n = min(endpoint.capacity(now), free)
             if n > 0:
                 wanted.append((endpoint.key, n))
@@ -232,7 +245,9 @@ class Dispatcher:
         change = self.endpoints.record(key, ok, now)
         if change is None:
             return
-        event = "endpoint.breaker_open" if change is BreakerState.OPEN else "endpoint.breaker_closed"
+        event = (
+            "endpoint.breaker_open" if change is BreakerState.OPEN else "endpoint.breaker_closed"
+        )
         log.warning("%s/%s: circuit breaker %s", key[0], key[1], change)
         with contextlib.suppress(Exception):
             await self.store.record_event(event, {"municipality": key[0], "adapter": key[1]}, now)
@@ -251,8 +266,13 @@ class Dispatcher:
         except (KeyError, TypeError, ValueError) as exc:  # stored by an older, laxer version
             error = f"the stored report cannot be read: {exc.__class__.__name__}"
             now = self.clock()
-            decision = decide(_facts(job, adapter.reads_back), Event.ERROR,
-                              self.settings.retry_for(job.municipality, job.adapter), now, Detail(error=error))
+            decision = decide(
+                _facts(job, adapter.reads_back),
+                Event.ERROR,
+                self.settings.retry_for(job.municipality, job.adapter),
+                now,
+                Detail(error=error),
+            )
             await self.store.settle(job.delivery_id, decision.settle(), now, decision.audit)
             return
         await self._deliver(_Run(job, adapter, report))
@@ -271,7 +291,9 @@ class Dispatcher:
             await self._settle_error(run, exc, attempted=False)
             return
         except Exception as exc:
-            await self._settle(run, Event.ERROR, Detail(error=f"adapter error while planning: {exc!r}"))
+            await self._settle(
+                run, Event.ERROR, Detail(error=f"adapter error while planning: {exc!r}")
+            )
             return
         await self._execute(run, plan, delivered)
 
@@ -283,7 +305,11 @@ class Dispatcher:
             return job.delivered
         channel = self.channels.get(job.municipality, job.adapter)
         try:
-            held = tuple(await cast(ReadsBack, adapter).read_back(run.report, job.delivered, job.pending, channel))
+            held = tuple(
+                await cast(ReadsBack, adapter).read_back(
+                    run.report, job.delivered, job.pending, channel
+                )
+            )
         except (Transient, InDoubt) as exc:
             await self._called(run, ok=False)
             # a read changes nothing at the vendor: no answer to it is just "try later"
@@ -292,7 +318,9 @@ class Dispatcher:
             await self._called(run, ok=True)
             raise
         await self._called(run, ok=True)
-        await self.store.replace_parts(job.delivery_id, job.report_pk, job.adapter, held, self.clock())
+        await self.store.replace_parts(
+            job.delivery_id, job.report_pk, job.adapter, held, self.clock()
+        )
         return held
 
     async def _read_back_failed(self, run: _Run, exc: DeliveryError) -> None:
@@ -300,18 +328,24 @@ class Dispatcher:
         if run.job.previous_status != Status.IN_DOUBT:
             await self._settle_error(run, exc, attempted=False)
             return
-        await self._settle(run, Event.READ_BACK_FAILED, Detail(error=mask_cpr(exc.message, run.cprs)))
+        await self._settle(
+            run, Event.READ_BACK_FAILED, Detail(error=mask_cpr(exc.message, run.cprs))
+        )
 
     async def _execute(self, run: _Run, plan: Plan, delivered: tuple[DeliveredPart, ...]) -> None:
         if plan.not_applicable:
             await self._settle(run, Event.NOT_APPLICABLE, Detail(error=plan.not_applicable))
             return
         if plan.correction_required:
-            await self._settle(run, Event.CORRECTION_REQUIRED, Detail(error=plan.correction_required))
+            await self._settle(
+                run, Event.CORRECTION_REQUIRED, Detail(error=plan.correction_required)
+            )
             return
         references = {p.part: p.vendor_reference for p in delivered}
         if not plan.messages:
-            await self._settle(run, Event.ALREADY_DELIVERED, Detail(vendor_reference=_join(references)))
+            await self._settle(
+                run, Event.ALREADY_DELIVERED, Detail(vendor_reference=_join(references))
+            )
             return
         for index, message in enumerate(plan.messages):
             last = index == len(plan.messages) - 1
@@ -331,8 +365,9 @@ class Dispatcher:
             return False
         request = _text(payload.body, run.cprs)
         try:
-            attempt_id = await self.store.begin_attempt(job.delivery_id, message, request, self.clock(),
-                                                        owner=self.owner)
+            attempt_id = await self.store.begin_attempt(
+                job.delivery_id, message, request, self.clock(), owner=self.owner
+            )
         except LeaseLost as exc:
             # reclaimed (and perhaps claimed by another process) while this one planned:
             # it is no longer ours to send or to settle; whoever holds it now goes on
@@ -342,7 +377,9 @@ class Dispatcher:
         try:
             receipt = await adapter.send(payload, self.channels.get(job.municipality, job.adapter))
         except DeliveryError as exc:
-            await self._called(run, ok=isinstance(exc, Rejected))  # a refusal is an answer: it is up
+            await self._called(
+                run, ok=isinstance(exc, Rejected)
+            )  # a refusal is an answer: it is up
             await self._record_failure(run, attempt_id, message, exc, started)
             return False
         except Exception as exc:  # unknown: the request may have left, so never guess "retry"
@@ -355,34 +392,67 @@ class Dispatcher:
         return True
 
     async def _record_success(
-        self, run: _Run, attempt_id: int, message: Message, receipt: Receipt, started: float,
-        references: dict[str, str | None], last: bool,
+        self,
+        run: _Run,
+        attempt_id: int,
+        message: Message,
+        receipt: Receipt,
+        started: float,
+        references: dict[str, str | None],
+        last: bool,
     ) -> None:
         if message.deletes:
             references.pop(message.part, None)
         else:
             references[message.part] = receipt.vendor_reference
         record = AttemptRecord(
-            "delivered", receipt.status, _ms(started), _text(receipt.body, run.cprs),
-            vendor_reference=receipt.vendor_reference, error=receipt.warning,
+            "delivered",
+            receipt.status,
+            _ms(started),
+            _text(receipt.body, run.cprs),
+            vendor_reference=receipt.vendor_reference,
+            error=receipt.warning,
         )
         settle = None
         if last:
             detail = Detail(vendor_reference=_join(references), warning=receipt.warning)
             settle = self._decide(run, Event.DELIVERED, detail).settle()
         job = run.job
-        await self.store.end_attempt(attempt_id, job.delivery_id, job.report_pk, job.adapter,
-                                     job.version, record, message, settle, self.clock())
+        await self.store.end_attempt(
+            attempt_id,
+            job.delivery_id,
+            job.report_pk,
+            job.adapter,
+            job.version,
+            record,
+            message,
+            settle,
+            self.clock(),
+        )
 
     async def _record_failure(
         self, run: _Run, attempt_id: int, message: Message, exc: DeliveryError, started: float
     ) -> None:
         decision = self._decide(run, *_event_for(exc, run.cprs, sent=True))
-        record = AttemptRecord(decision.attempt_outcome or "failed", exc.status, _ms(started),
-                               _text(exc.body, run.cprs), error=mask_cpr(exc.message, run.cprs))
+        record = AttemptRecord(
+            decision.attempt_outcome or "failed",
+            exc.status,
+            _ms(started),
+            _text(exc.body, run.cprs),
+            error=mask_cpr(exc.message, run.cprs),
+        )
         job = run.job
-        await self.store.end_attempt(attempt_id, job.delivery_id, job.report_pk, job.adapter,
-                                     job.version, record, message, decision.settle(), self.clock())
+        await self.store.end_attempt(
+            attempt_id,
+            job.delivery_id,
+            job.report_pk,
+            job.adapter,
+            job.version,
+            record,
+            message,
+            decision.settle(),
+            self.clock(),
+        )
         log.info("delivery %s %s: %s", job.delivery_id, decision.status, record.error)
 
     def _decide(self, run: _Run, event: Event, detail: Detail) -> Decision:
@@ -394,13 +464,21 @@ class Dispatcher:
 
     async def _settle(self, run: _Run, event: Event, detail: Detail) -> None:
         decision = self._decide(run, event, detail)
-        await self.store.settle(run.job.delivery_id, decision.settle(), self.clock(), decision.audit)
+        await self.store.settle(
+            run.job.delivery_id, decision.settle(), self.clock(), decision.audit
+        )
 
 
 def _facts(job: Job, reads_back: bool) -> Delivery:
     """A claimed job as the state machine sees it."""
-    return Delivery(Status.IN_FLIGHT, attempts=job.attempts, retry_since=job.created_at,
-                    claimed_from=Status(job.previous_status), reads_back=reads_back, cutoff_at=job.cutoff_at)
+    return Delivery(
+        Status.IN_FLIGHT,
+        attempts=job.attempts,
+        retry_since=job.created_at,
+        claimed_from=Status(job.previous_status),
+        reads_back=reads_back,
+        cutoff_at=job.cutoff_at,
+    )
 
 
 def _event_for(exc: DeliveryError, cprs: tuple[str, ...], sent: bool) -> tuple[Event, Detail]:
@@ -413,8 +491,9 @@ def _event_for(exc: DeliveryError, cprs: tuple[str, ...], sent: bool) -> tuple[E
     if isinstance(exc, InDoubt):
         return Event.IN_DOUBT, detail
     assert isinstance(exc, Transient)
-    return Event.TRANSIENT, Detail(error=detail.error, retry_after=exc.retry_after, http_status=exc.status,
-                                   sent=sent)
+    return Event.TRANSIENT, Detail(
+        error=detail.error, retry_after=exc.retry_after, http_status=exc.status, sent=sent
+    )
 
 
 def build_endpoints(settings: Settings, adapters: Mapping[str, Adapter]) -> Endpoints:

@@ -66,7 +66,10 @@ class Breaker:
         while self.calls and self.calls[0][0] < now - self.policy.window_seconds:
             self.calls.popleft()
         failures = sum(1 for _, good in self.calls if not good)
-        if len(self.calls) >= self.policy.min_calls and failures / len(self.calls) >= self.policy.failure_rate:
+        if (
+            len(self.calls) >= self.policy.min_calls
+            and failures / len(self.calls) >= self.policy.failure_rate
+        ):
             return self._open(now)
         return None
 
@@ -133,11 +136,16 @@ class Endpoint:
 
     def view(self, now: float) -> dict[str, object]:
         return {
-            "municipality": self.key[0], "adapter": self.key[1],
-            "breaker": str(self.breaker.state), "in_flight": self.in_flight,
-            "max_in_flight": self.policy.max_in_flight, "rate_per_second": self.policy.rate_per_second,
-            "paused": self.paused is not None, "pause_reason": self.paused,
-            "opening_hours": self.hours.describe(), "open_now": self.hours.is_open(_dt(now)),
+            "municipality": self.key[0],
+            "adapter": self.key[1],
+            "breaker": str(self.breaker.state),
+            "in_flight": self.in_flight,
+            "max_in_flight": self.policy.max_in_flight,
+            "rate_per_second": self.policy.rate_per_second,
+            "paused": self.paused is not None,
+            "pause_reason": self.paused,
+            "opening_hours": self.hours.describe(),
+            "open_now": self.hours.is_open(_dt(now)),
         }
 
 
@@ -148,7 +156,9 @@ def _dt(epoch: float) -> datetime:
 class Endpoints:
     """All endpoints of the configured routes."""
 
-    def __init__(self, policies: Mapping[Key, EndpointPolicy], default_hours: Mapping[str, str | None]) -> None:
+    def __init__(
+        self, policies: Mapping[Key, EndpointPolicy], default_hours: Mapping[str, str | None]
+    ) -> None:
         """Raises ValueError, naming the endpoint, for opening hours that do not parse."""
         self._all: dict[Key, Endpoint] = {}
         for key, policy in policies.items():
@@ -171,8 +181,11 @@ class Endpoints:
 
     def apply_openings(self, openings: Mapping[Key, float], now: float) -> list[Key]:
         """Breaker openings other processes shared (by endpoint: open until); the changed ones."""
-        return [key for key, until in openings.items()
-                if key in self._all and self._all[key].breaker.open_until(until, now)]
+        return [
+            key
+            for key, until in openings.items()
+            if key in self._all and self._all[key].breaker.open_until(until, now)
+        ]
 
     def record(self, key: Key, ok: bool, now: float) -> BreakerState | None:
         """One vendor call's outcome (the vendor answered, or was unavailable)."""

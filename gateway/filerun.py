@@ -48,8 +48,15 @@ class RunSummary:
 class StoreJournal:
     """The journal FileRun needs, kept in the store; called from FileRun's worker thread."""
 
-    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop, municipality: str,
-                 adapter: str, deliveries: Mapping[str, Any], clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        loop: asyncio.AbstractEventLoop,
+        municipality: str,
+        adapter: str,
+        deliveries: Mapping[str, Any],
+        clock: Callable[[], float],
+    ) -> None:
         self.store, self.loop, self.clock = store, loop, clock
         self.municipality, self.adapter, self.deliveries = municipality, adapter, deliveries
 
@@ -57,18 +64,28 @@ class StoreJournal:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def begin(self, entry: JournalEntry) -> None:
-        run = {"run_id": entry.run_id, "municipality": self.municipality, "adapter": self.adapter,
-               "file": entry.file, "offset_before": entry.offset_before,
-               "data": _text(entry.data), "first_line": entry.first_line,
-               "header_lines": entry.header_lines, "deliveries": self.deliveries}
+        run = {
+            "run_id": entry.run_id,
+            "municipality": self.municipality,
+            "adapter": self.adapter,
+            "file": entry.file,
+            "offset_before": entry.offset_before,
+            "data": _text(entry.data),
+            "first_line": entry.first_line,
+            "header_lines": entry.header_lines,
+            "deliveries": self.deliveries,
+        }
         self._call(self.store.file_run_begin(run, self.clock()))
 
     def unfinished(self, file: str) -> Sequence[JournalEntry]:
         return [_entry(r) for r in self._call(self.store.file_runs_unfinished(file))]
 
     def finish(self, entry: JournalEntry, result: AppendResult) -> None:
-        self._call(self.store.file_run_finish(entry.run_id, list(result.line_numbers),
-                                              str(result.outcome), self.clock()))
+        self._call(
+            self.store.file_run_finish(
+                entry.run_id, list(result.line_numbers), str(result.outcome), self.clock()
+            )
+        )
 
 
 # The journal keeps a run's bytes as text: Latin-1 maps every byte to one character and back,
@@ -78,23 +95,38 @@ def _text(data: bytes) -> str:
 
 
 def _entry(row: Mapping[str, Any]) -> JournalEntry:
-    return JournalEntry(row["run_id"], row["file"], row["offset_before"], row["data"].encode("latin-1"),
-                        row["first_line"], row["header_lines"])
+    return JournalEntry(
+        row["run_id"],
+        row["file"],
+        row["offset_before"],
+        row["data"].encode("latin-1"),
+        row["first_line"],
+        row["header_lines"],
+    )
 
 
 class FileRunner:
     """Runs each tenant's file-based routes on their cron schedule (Europe/Copenhagen)."""
 
-    def __init__(self, store: Store, adapters: Mapping[str, Adapter], settings: Settings,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        adapters: Mapping[str, Adapter],
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store, self.adapters, self.settings, self.clock = store, adapters, settings, clock
         self.owner = f"filerun-{uuid.uuid4().hex[:8]}"
         self._locks: dict[str, asyncio.Lock] = {}
 
     def routes(self) -> list[tuple[str, str]]:
         """(municipality, adapter) pairs that deliver through file runs."""
-        return [(m, a) for m, t in self.settings.tenants.items() for a in set(t.routes.values())
-                if a in self.adapters and self.adapters[a].file_based]
+        return [
+            (m, a)
+            for m, t in self.settings.tenants.items()
+            for a in set(t.routes.values())
+            if a in self.adapters and self.adapters[a].file_based
+        ]
 
     def vendor(self, municipality: str, adapter: str) -> VendorSettings:
         return self.settings.tenants[municipality].vendors.get(adapter, VendorSettings())
@@ -124,8 +156,11 @@ class FileRunner:
             except ValueError as exc:
                 raise ConfigError(f"{where}.schedule: {exc}") from exc
             adapter = self.adapters[route[1]]
-            problems = cast(FileAdapter, adapter).check_settings(self.vendor(*route), route[0]) \
-                if adapter.file_based else []
+            problems = (
+                cast(FileAdapter, adapter).check_settings(self.vendor(*route), route[0])
+                if adapter.file_based
+                else []
+            )
             if problems:
                 key, problem = problems[0]
                 raise ConfigError(f"{where}.{key}: {problem}")
@@ -137,7 +172,9 @@ class FileRunner:
 
     def path(self, municipality: str, adapter: str) -> Path:
         options = self.vendor(municipality, adapter).options
-        folder = Path(str(options.get("directory", self.settings.data_dir / "ind01" / municipality)))
+        folder = Path(
+            str(options.get("directory", self.settings.data_dir / "ind01" / municipality))
+        )
         if not folder.is_absolute():
             folder = self.settings.data_dir / folder
         return folder / str(options.get("file_name", f"IND01_{municipality}.txt"))
@@ -145,12 +182,23 @@ class FileRunner:
     async def run_once(self, municipality: str, adapter: str) -> RunSummary:
         """One run now (also what the schedule calls). Runs of one file never overlap."""
         path = self.path(municipality, adapter)
-        async with self._locks.setdefault(str(path), asyncio.Lock()), self.store.file_lock(str(path)):
+        async with (
+            self._locks.setdefault(str(path), asyncio.Lock()),
+            self.store.file_lock(str(path)),
+        ):
             path.parent.mkdir(parents=True, exist_ok=True)
             summary = RunSummary()
             summary.recovered = await self._recover(municipality, adapter, path)
-            jobs = await self.store.claim_due(self.clock(), self.owner, self.settings.lease_seconds,
-                                              100_000, [adapter], [], municipality, lane_order=False)
+            jobs = await self.store.claim_due(
+                self.clock(),
+                self.owner,
+                self.settings.lease_seconds,
+                100_000,
+                [adapter],
+                [],
+                municipality,
+                lane_order=False,
+            )
             if jobs:
                 await self._write(municipality, adapter, path, jobs, summary)
             return summary
@@ -167,12 +215,16 @@ class FileRunner:
                 raise
         return len(rows)
 
-    def _journal(self, municipality: str, adapter: str, deliveries: Mapping[str, Any]) -> StoreJournal:
-        return StoreJournal(self.store, asyncio.get_running_loop(), municipality, adapter,
-                            deliveries, self.clock)
+    def _journal(
+        self, municipality: str, adapter: str, deliveries: Mapping[str, Any]
+    ) -> StoreJournal:
+        return StoreJournal(
+            self.store, asyncio.get_running_loop(), municipality, adapter, deliveries, self.clock
+        )
 
-    async def _write(self, municipality: str, adapter_name: str, path: Path, jobs: list[Job],
-                     summary: RunSummary) -> None:
+    async def _write(
+        self, municipality: str, adapter_name: str, path: Path, jobs: list[Job], summary: RunSummary
+    ) -> None:
         adapter, vendor = self.adapters[adapter_name], self.vendor(municipality, adapter_name)
         writable = await self._plan(adapter, vendor, jobs, summary)
         lines, deliveries = await self._lines(writable, vendor, summary)
@@ -181,26 +233,36 @@ class FileRunner:
         run_id = f"{municipality}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         journal = self._journal(municipality, adapter_name, deliveries)
         header = kmd_ind01.header_line(vendor, municipality)
-        runner = FileRun(path, journal, header=header, encoding=kmd_ind01.file_encoding(vendor),
-                         line_end=kmd_ind01.LINE_END)
+        runner = FileRun(
+            path,
+            journal,
+            header=header,
+            encoding=kmd_ind01.file_encoding(vendor),
+            line_end=kmd_ind01.LINE_END,
+        )
         await asyncio.to_thread(runner.append, run_id, lines)
         summary.written = len(lines)
 
-    async def _plan(self, adapter: Any, vendor: VendorSettings, jobs: list[Job],
-                    summary: RunSummary) -> list[tuple[Job, Report, Any]]:
+    async def _plan(
+        self, adapter: Any, vendor: VendorSettings, jobs: list[Job], summary: RunSummary
+    ) -> list[tuple[Job, Report, Any]]:
         writable = []
         for job in jobs:
             report = Report.from_dict(job.report)
             try:
                 plan = adapter.plan(report, job.delivered, vendor)
             except DeliveryError as exc:
-                await self._settle(job, Event.ERROR, Detail(error=mask_cpr(exc.message, report.cprs)))
+                await self._settle(
+                    job, Event.ERROR, Detail(error=mask_cpr(exc.message, report.cprs))
+                )
                 summary.failed += 1
                 continue
             if plan.not_applicable:
                 await self._settle(job, Event.NOT_APPLICABLE, Detail(error=plan.not_applicable))
             elif plan.correction_required:
-                await self._settle(job, Event.CORRECTION_REQUIRED, Detail(error=plan.correction_required))
+                await self._settle(
+                    job, Event.CORRECTION_REQUIRED, Detail(error=plan.correction_required)
+                )
             elif not plan.messages:
                 await self._settle(job, Event.ALREADY_DELIVERED, Detail())
             else:
@@ -209,14 +271,19 @@ class FileRunner:
             summary.skipped += 1
         return writable
 
-    async def _lines(self, writable: list[tuple[Job, Report, Any]], vendor: VendorSettings,
-                     summary: RunSummary) -> tuple[list[str], dict[str, Any]]:
+    async def _lines(
+        self, writable: list[tuple[Job, Report, Any]], vendor: VendorSettings, summary: RunSummary
+    ) -> tuple[list[str], dict[str, Any]]:
         """The lines to append, and per delivery which of them are its records."""
-        by_covers = {(r.municipality, r.report_id, r.version): (job, plan) for job, r, plan in writable}
+        by_covers = {
+            (r.municipality, r.report_id, r.version): (job, plan) for job, r, plan in writable
+        }
         written, failures = kmd_ind01.records([r for _, r, _ in writable], vendor)
         failed: set[int] = set()
         for failure in failures:
-            for job in {by_covers[c][0].delivery_id: by_covers[c][0] for c in failure.group.covers}.values():
+            for job in {
+                by_covers[c][0].delivery_id: by_covers[c][0] for c in failure.group.covers
+            }.values():
                 if job.delivery_id not in failed:
                     failed.add(job.delivery_id)
                     await self._settle(job, Event.ERROR, Detail(error=failure.reason))
@@ -225,8 +292,10 @@ class FileRunner:
         deliveries: dict[str, Any] = {}
         for grp, line in written:
             for job, plan in (by_covers[c] for c in grp.covers):
-                parts = [{"part": m.part, "operation": m.operation, "fields": dict(m.fields)}
-                         for m in plan.messages]
+                parts = [
+                    {"part": m.part, "operation": m.operation, "fields": dict(m.fields)}
+                    for m in plan.messages
+                ]
                 item = deliveries.setdefault(str(job.delivery_id), {"lines": [], "parts": parts})
                 item["lines"].append(len(lines))
             lines.append(line)
@@ -235,8 +304,13 @@ class FileRunner:
     async def _settle(self, job: Job, event: Event, detail: Detail) -> None:
         """Record what the state machine decides (file runs never retry: no policy needed)."""
         now = self.clock()
-        facts = Delivery(Status.IN_FLIGHT, attempts=job.attempts, retry_since=job.created_at,
-                         claimed_from=Status(job.previous_status), cutoff_at=job.cutoff_at)
+        facts = Delivery(
+            Status.IN_FLIGHT,
+            attempts=job.attempts,
+            retry_since=job.created_at,
+            claimed_from=Status(job.previous_status),
+            cutoff_at=job.cutoff_at,
+        )
         policy = self.settings.retry_for(job.municipality, job.adapter)
         decision = decide(facts, event, policy, now, detail)
         await self.store.settle(job.delivery_id, decision.settle(), now, decision.audit)

@@ -56,7 +56,9 @@ def check_json_type(request: web.Request) -> None:
     if hdrs.CONTENT_TYPE not in request.headers:
         return
     mime, charset = request.content_type, request.charset
-    is_json = mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+    is_json = mime == "application/json" or (
+        mime.startswith("application/") and mime.endswith("+json")
+    )
     if not is_json or (charset is not None and charset.lower() not in ("utf-8", "utf8")):
         raise UnsupportedMediaType("send the body as application/json (UTF-8)")
 
@@ -85,17 +87,23 @@ def split_batch(body: Any) -> tuple[list[Any], str]:
     if isinstance(body, dict) and "reports" in body and "kind" not in body:
         reports = body["reports"]
         if not isinstance(reports, list) or not reports:
-            raise InvalidReport("'reports' must be a non-empty array",
-                                [FieldError("/reports", "must be a non-empty array")])
+            raise InvalidReport(
+                "'reports' must be a non-empty array",
+                [FieldError("/reports", "must be a non-empty array")],
+            )
         if len(reports) > MAX_BATCH:
             raise TooManyRecords(MAX_BATCH)
         return reports, "/reports/{}"
     return [body], ""
 
 
-def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str,
-                   cutoff: Callable[[str], float | None] = lambda adapter: None,
-                   adapters: Mapping[str, Adapter] | None = None) -> list[NewReport]:
+def to_new_reports(
+    tenant: Tenant,
+    reports: Sequence[Any],
+    pointer: str,
+    cutoff: Callable[[str], float | None] = lambda adapter: None,
+    adapters: Mapping[str, Adapter] | None = None,
+) -> list[NewReport]:
     """Validate every report (all errors at once) and prepare them for the store.
 
     With ``adapters``, a report is also checked against what its route's vendor needs
@@ -106,20 +114,35 @@ def to_new_reports(tenant: Tenant, reports: Sequence[Any], pointer: str,
         errors.extend(validate_report(data, pointer.format(i)))
     if errors:
         listed = "" if len(errors) <= MAX_ERRORS else f"; the first {MAX_ERRORS} are listed"
-        raise InvalidReport(f"{len(errors)} problem(s) in the submitted report(s){listed}", errors[:MAX_ERRORS])
+        raise InvalidReport(
+            f"{len(errors)} problem(s) in the submitted report(s){listed}", errors[:MAX_ERRORS]
+        )
     for i, data in enumerate(reports):
         if data["municipality"] != tenant.municipality:
-            raise Forbidden(f"this API key is not allowed for municipality {data['municipality']} "
-                            f"(at {pointer.format(i) or '/'}municipality)")
-    missing = [FieldError(f"{pointer.format(i)}/kind", f"municipality {tenant.municipality} has no route for '{d['kind']}'")
-               for i, d in enumerate(reports) if d["kind"] not in tenant.routes]
+            raise Forbidden(
+                f"this API key is not allowed for municipality {data['municipality']} "
+                f"(at {pointer.format(i) or '/'}municipality)"
+            )
+    missing = [
+        FieldError(
+            f"{pointer.format(i)}/kind",
+            f"municipality {tenant.municipality} has no route for '{d['kind']}'",
+        )
+        for i, d in enumerate(reports)
+        if d["kind"] not in tenant.routes
+    ]
     if missing:
         raise InvalidReport("no payroll vendor is configured for this kind of report", missing)
     if adapters is not None:
-        errors = [e for i, d in enumerate(reports)
-                  for e in vendor_fields(d, adapters[tenant.routes[d["kind"]]], pointer.format(i))]
+        errors = [
+            e
+            for i, d in enumerate(reports)
+            for e in vendor_fields(d, adapters[tenant.routes[d["kind"]]], pointer.format(i))
+        ]
         if errors:
-            raise InvalidReport("the municipality's payroll vendor cannot take these report(s)", errors)
+            raise InvalidReport(
+                "the municipality's payroll vendor cannot take these report(s)", errors
+            )
     return [_new_report(tenant, normalise(d), cutoff) for d in reports]
 
 
@@ -128,8 +151,9 @@ def cutoff_finder(request: web.Request, tenant: Tenant) -> Callable[[str], float
     return cutoffs(request.app[APP_CALENDARS], tenant, datetime.now(UTC))
 
 
-def cutoffs(calendars: Mapping[tuple[str, str], CutoffCalendar], tenant: Tenant,
-            now: datetime) -> Callable[[str], float | None]:
+def cutoffs(
+    calendars: Mapping[tuple[str, str], CutoffCalendar], tenant: Tenant, now: datetime
+) -> Callable[[str], float | None]:
     """The cut-off of the payroll run a report received at ``now`` targets, per adapter."""
 
     def find(adapter: str) -> float | None:
@@ -139,8 +163,12 @@ def cutoffs(calendars: Mapping[tuple[str, str], CutoffCalendar], tenant: Tenant,
     return find
 
 
-def _new_report(tenant: Tenant, data: dict[str, Any], cutoff: Callable[[str], float | None]) -> NewReport:
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _new_report(
+    tenant: Tenant, data: dict[str, Any], cutoff: Callable[[str], float | None]
+) -> NewReport:
+    digest = hashlib.sha256(
+        json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
     body = json.loads(json.dumps(data))
     employee_cpr = body["employee"].pop("cpr")
     approved = body.pop("approved_by_cpr", None)
@@ -163,12 +191,20 @@ async def submit(request: web.Request, new: list[NewReport], pointer: str) -> we
     try:
         results = await request.app[APP_STORE].submit(new, time.time())
     except ConflictingReport as exc:
-        errors = [FieldError(f"{pointer.format(i)}/version",
-                             "this version was already submitted with different content; send a new version")
-                  for i in exc.indexes]
-        raise Conflict("a report version was already submitted with different content", errors) from exc
+        errors = [
+            FieldError(
+                f"{pointer.format(i)}/version",
+                "this version was already submitted with different content; send a new version",
+            )
+            for i in exc.indexes
+        ]
+        raise Conflict(
+            "a report version was already submitted with different content", errors
+        ) from exc
     except StoreError as exc:
-        raise StoreUnavailable("the report could not be stored; nothing was accepted, try again") from exc
+        raise StoreUnavailable(
+            "the report could not be stored; nothing was accepted, try again"
+        ) from exc
     if any(r.created for r in results):
         request.app[APP_DISPATCHER].wake()
     status = 202 if any(r.created for r in results) else 200
@@ -196,8 +232,12 @@ def preferred_wait(header: str) -> float | None:
     return None
 
 
-async def wait_until_settled(store: Store, version_pks: Sequence[int], seconds: float,
-                             clock: Callable[[], float] = time.monotonic) -> dict[int, list[dict[str, Any]]]:
+async def wait_until_settled(
+    store: Store,
+    version_pks: Sequence[int],
+    seconds: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[int, list[dict[str, Any]]]:
     """The deliveries of these versions once all are settled, or as they are after ``seconds``."""
     deadline = clock() + seconds
     pause = 0.01
@@ -212,25 +252,42 @@ async def wait_until_settled(store: Store, version_pks: Sequence[int], seconds: 
 
 
 def _show_deliveries(item: dict[str, Any], deliveries: list[dict[str, Any]]) -> None:
-    item["deliveries"] = [{"id": d["id"], "adapter": d["adapter"], "status": d["status"],
-                           "vendor_reference": d["vendor_reference"],
-                           "message": mask_cpr(d["last_error"] or d["warning"] or "") or None}
-                          for d in deliveries]
+    item["deliveries"] = [
+        {
+            "id": d["id"],
+            "adapter": d["adapter"],
+            "status": d["status"],
+            "vendor_reference": d["vendor_reference"],
+            "message": mask_cpr(d["last_error"] or d["warning"] or "") or None,
+        }
+        for d in deliveries
+    ]
     if deliveries:
         item["status"] = deliveries[-1]["status"]
 
 
 def _submitted(r: Submitted) -> dict[str, Any]:
-    return {"id": r.id, "municipality": r.municipality, "report_id": r.report_id,
-            "version": r.version, "status": r.status}
+    return {
+        "id": r.id,
+        "municipality": r.municipality,
+        "report_id": r.report_id,
+        "version": r.version,
+        "status": r.status,
+    }
 
 
 @routes.post("/v1/reports")
 async def post_reports(request: web.Request) -> web.Response:
     tenant = authenticate(request)
     reports, pointer = split_batch(await read_json(request, MAX_BATCH))
-    new = await off_loop(to_new_reports, tenant, reports, pointer, cutoff_finder(request, tenant),
-                         request.app[APP_ADAPTERS])
+    new = await off_loop(
+        to_new_reports,
+        tenant,
+        reports,
+        pointer,
+        cutoff_finder(request, tenant),
+        request.app[APP_ADAPTERS],
+    )
     return await submit(request, new, pointer)
 
 
@@ -263,7 +320,13 @@ async def get_report(request: web.Request) -> web.Response:
 
 def _iso_times(value: Any) -> None:
     """Store times are epoch seconds; the API shows ISO-8601 UTC."""
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
     for key, item in list(items):
         if isinstance(key, str) and key.endswith("_at") and isinstance(item, (int, float)):
             value[key] = datetime.fromtimestamp(item, UTC).isoformat(timespec="milliseconds")

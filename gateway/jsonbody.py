@@ -29,7 +29,9 @@ class TooManyRecords(PayloadTooLarge):
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        raise ValueError("an object has the same key twice")  # the key is not echoed: it may be a CPR
+        raise ValueError(
+            "an object has the same key twice"
+        )  # the key is not echoed: it may be a CPR
     return obj
 
 
@@ -111,7 +113,9 @@ def _object(text: str, pos: int, limit: int) -> tuple[dict[str, Any], int]:
         return {}, pos + 1
     while True:
         if not text.startswith('"', pos):
-            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+            raise json.JSONDecodeError(
+                "Expecting property name enclosed in double quotes", text, pos
+            )
         key, pos = _DECODER.raw_decode(text, pos)
         pos = _skip(text, pos)
         if not text.startswith(":", pos):
@@ -139,7 +143,9 @@ def _too_deep(value: Any) -> bool:
     stack = [(value, 1)]
     while stack:
         node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        children = (
+            node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        )
         if children is None:
             continue
         if depth > MAX_DEPTH:

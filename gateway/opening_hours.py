@@ -172,7 +172,10 @@ class OpeningHours:
         if self.is_open(at):
             return at
         horizon = at + timedelta(days=_SEARCH_DAYS)
-        candidates = [*self._starts(at.astimezone(self.tz).date()), *transitions(at, horizon, self.tz)]
+        candidates = [
+            *self._starts(at.astimezone(self.tz).date()),
+            *transitions(at, horizon, self.tz),
+        ]
         after = [c for c in candidates if utc(c) > utc(at) and self.is_open(c)]
         opening = min(after, key=utc, default=None)
         if opening is None:  # only for hand-built hours without any window
@@ -185,13 +188,17 @@ class OpeningHours:
             return "always"
         if len(set(self.days)) == 1:
             return _windows_text(self.days[0])
-        return "; ".join(f"{_days_text(first, last)} {_windows_text(self.days[first])}"
-                         for first, last in _runs(self.days))
+        return "; ".join(
+            f"{_days_text(first, last)} {_windows_text(self.days[first])}"
+            for first, last in _runs(self.days)
+        )
 
     def _open_on(self, wall: datetime, day: date) -> bool:
         since = wall - datetime.combine(day, time())
-        return any(timedelta(minutes=w.start) <= since < timedelta(minutes=w.end)
-                   for w in self.days[day.weekday()])
+        return any(
+            timedelta(minutes=w.start) <= since < timedelta(minutes=w.end)
+            for w in self.days[day.weekday()]
+        )
 
     def _starts(self, first_day: date) -> Iterator[datetime]:
         for offset in range(_SEARCH_DAYS):

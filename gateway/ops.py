@@ -30,7 +30,16 @@ STATES = tuple(str(s) for s in Status)
 MAX_ID = 2**63 - 1  # ids are 64-bit integers in every engine
 MAX_IDS = 5000
 FLAGS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-FILTER_KEYS = ("municipality", "adapter", "status", "report_id", "since", "until", "error", "at_risk")
+FILTER_KEYS = (
+    "municipality",
+    "adapter",
+    "status",
+    "report_id",
+    "since",
+    "until",
+    "error",
+    "at_risk",
+)
 
 
 def scoped(who: Operator, filters: dict[str, Any]) -> list[dict[str, Any]]:
@@ -47,8 +56,11 @@ def scoped(who: Operator, filters: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**filters, "municipality": m} for m in sorted(who.municipalities)]
 
 
-async def gather_scoped(who: Operator, filters: dict[str, Any],
-                        query: Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+async def gather_scoped(
+    who: Operator,
+    filters: dict[str, Any],
+    query: Callable[[dict[str, Any]], Awaitable[list[dict[str, Any]]]],
+) -> list[dict[str, Any]]:
     return [row for f in scoped(who, filters) for row in await query(f)]
 
 
@@ -63,8 +75,13 @@ def parse_filters(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Known filter names only, each of its type; times as ISO-8601 (or epoch seconds)."""
     unknown = set(raw) - set(FILTER_KEYS) - {"ids"}
     if unknown:
-        raise InvalidReport("unknown filter", [FieldError(f"{where}/{pointer_token(k)}", "is not a known filter")
-                                               for k in sorted(unknown)])
+        raise InvalidReport(
+            "unknown filter",
+            [
+                FieldError(f"{where}/{pointer_token(k)}", "is not a known filter")
+                for k in sorted(unknown)
+            ],
+        )
     filters: dict[str, Any] = {}
     for key, value in raw.items():
         pointer = f"{where}/{key}"
@@ -75,10 +92,14 @@ def parse_filters(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
         elif key == "at_risk":
             filters[key] = _flag(value, pointer)
         elif not isinstance(value, str) or not readable_text(value) or len(value) > 500:
-            raise InvalidReport(f"bad {key}", [FieldError(pointer, "must be a text of at most 500 "
-                                                                   "readable characters")])
+            raise InvalidReport(
+                f"bad {key}",
+                [FieldError(pointer, "must be a text of at most 500 readable characters")],
+            )
         elif key == "status" and value not in STATES:
-            raise InvalidReport("bad status", [FieldError(pointer, f"must be one of: {', '.join(STATES)}")])
+            raise InvalidReport(
+                "bad status", [FieldError(pointer, f"must be one of: {', '.join(STATES)}")]
+            )
         else:
             filters[key] = value
     return filters
@@ -93,10 +114,21 @@ def _flag(value: Any, pointer: str) -> bool:
 
 
 def _ids(value: Any, pointer: str) -> list[int]:
-    if (not isinstance(value, list) or not value or len(value) > MAX_IDS
-            or not all(type(i) is int and 0 < i <= MAX_ID for i in value)):
-        raise InvalidReport("bad ids", [FieldError(pointer, f"must be an array of 1 to {MAX_IDS} delivery "
-                                                            "ids (positive 64-bit integers)")])
+    if (
+        not isinstance(value, list)
+        or not value
+        or len(value) > MAX_IDS
+        or not all(type(i) is int and 0 < i <= MAX_ID for i in value)
+    ):
+        raise InvalidReport(
+            "bad ids",
+            [
+                FieldError(
+                    pointer,
+                    f"must be an array of 1 to {MAX_IDS} delivery ids (positive 64-bit integers)",
+                )
+            ],
+        )
     return value
 
 
@@ -104,11 +136,17 @@ def _time(value: Any, pointer: str) -> float:
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(value)
-        moment = float(value) if not isinstance(value, str) else datetime.fromisoformat(value).timestamp()
+        moment = (
+            float(value)
+            if not isinstance(value, str)
+            else datetime.fromisoformat(value).timestamp()
+        )
         datetime.fromtimestamp(moment, UTC)  # in range for every engine
         return moment
     except (ValueError, OverflowError, OSError) as exc:
-        raise InvalidReport("bad time", [FieldError(pointer, "must be an ISO-8601 date or time")]) from exc
+        raise InvalidReport(
+            "bad time", [FieldError(pointer, "must be an ISO-8601 date or time")]
+        ) from exc
 
 
 @routes.get("/v1/ops/deliveries")
@@ -150,25 +188,42 @@ def _id(request: web.Request) -> int:
 
 def _limit(request: web.Request) -> int:
     limit = request.query.get("limit", "200")
-    if not (limit.isascii() and limit.isdecimal() and len(limit) <= 4) or not 0 < int(limit) <= 5000:
+    if (
+        not (limit.isascii() and limit.isdecimal() and len(limit) <= 4)
+        or not 0 < int(limit) <= 5000
+    ):
         raise BadRequest("limit must be a whole number from 1 to 5000")
     return int(limit)
 
 
 def _text(value: Any, pointer: str, what: str) -> str:
     """A reason or reference as stored: readable text, at most 2000 characters."""
-    if not isinstance(value, str) or not value.strip() or len(value) > 2000 or not readable_text(value):
-        raise InvalidReport(f"{what} is required", [FieldError(pointer, "is required: a text of at most "
-                                                                       "2000 readable characters")])
+    if (
+        not isinstance(value, str)
+        or not value.strip()
+        or len(value) > 2000
+        or not readable_text(value)
+    ):
+        raise InvalidReport(
+            f"{what} is required",
+            [FieldError(pointer, "is required: a text of at most 2000 readable characters")],
+        )
     return value.strip()
 
 
-async def _act(request: web.Request, action: str, filters: dict[str, Any], reason: Any,
-               vendor_reference: Any = None) -> dict[str, Any]:
+async def _act(
+    request: web.Request,
+    action: str,
+    filters: dict[str, Any],
+    reason: Any,
+    vendor_reference: Any = None,
+) -> dict[str, Any]:
     who = operator(request, ACTION_ROLES.get(action, "admin"))
     reason = _text(reason, "/reason", "a reason")
     if not filters:
-        raise InvalidReport("select deliveries", [FieldError("/filter", "give ids or at least one filter")])
+        raise InvalidReport(
+            "select deliveries", [FieldError("/filter", "give ids or at least one filter")]
+        )
     app = request.app
     readback = [n for n, a in app[APP_ADAPTERS].items() if a.reads_back]
     if vendor_reference is not None:
@@ -177,8 +232,9 @@ async def _act(request: web.Request, action: str, filters: dict[str, Any], reaso
         await require_deliveries(request, who, filters["ids"])
     result: dict[str, list[int]] = {"changed": [], "skipped": []}
     for selection in scoped(who, filters):
-        done = await app[APP_STORE].operate(action, selection, who.name, reason, time.time(),
-                                            readback, vendor_reference)
+        done = await app[APP_STORE].operate(
+            action, selection, who.name, reason, time.time(), readback, vendor_reference
+        )
         for key in result:
             result[key] = sorted(result[key] + done[key])
     if result["changed"]:
@@ -205,8 +261,15 @@ async def act_on_many(request: web.Request) -> web.Response:
     raw = dict(body.get("filter") or {})
     if "ids" in body:
         raw["ids"] = body["ids"]
-    return web.json_response(await _act(request, action, parse_filters(raw, "/filter"), body.get("reason"),
-                                        body.get("vendor_reference")))
+    return web.json_response(
+        await _act(
+            request,
+            action,
+            parse_filters(raw, "/filter"),
+            body.get("reason"),
+            body.get("vendor_reference"),
+        )
+    )
 
 
 @routes.post("/v1/ops/deliveries/{id}/{action}")
@@ -214,11 +277,14 @@ async def act_on_one(request: web.Request) -> web.Response:
     action = _action(request)
     body = await read_json(request)
     body = body if isinstance(body, dict) else {}
-    result = await _act(request, action, {"ids": [_id(request)]}, body.get("reason"),
-                        body.get("vendor_reference"))
+    result = await _act(
+        request, action, {"ids": [_id(request)]}, body.get("reason"), body.get("vendor_reference")
+    )
     if not result["changed"]:
-        raise Conflict(f"delivery {_id(request)} cannot take '{action}' in its current state "
-                       "(or does not exist)")
+        raise Conflict(
+            f"delivery {_id(request)} cannot take '{action}' in its current state "
+            "(or does not exist)"
+        )
     return web.json_response(result)
 
 
@@ -274,10 +340,18 @@ REJECTION_FILTERS = ("municipality", "source", "kind", "record_id", "unresolved"
 def rejection_filters(raw: Any) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(REJECTION_FILTERS) - {"limit"})
     if unknown:
-        raise InvalidReport("unknown filter", [FieldError(f"/{pointer_token(k)}", "is not a known filter") for k in unknown])
-    filters: dict[str, Any] = {k: str(raw[k]) for k in ("municipality", "source", "kind", "record_id") if k in raw}
+        raise InvalidReport(
+            "unknown filter",
+            [FieldError(f"/{pointer_token(k)}", "is not a known filter") for k in unknown],
+        )
+    filters: dict[str, Any] = {
+        k: str(raw[k]) for k in ("municipality", "source", "kind", "record_id") if k in raw
+    }
     if not all(readable_text(v) and len(v) <= 500 for v in filters.values()):
-        raise InvalidReport("bad filter", [FieldError("/", "filters must be texts of at most 500 readable characters")])
+        raise InvalidReport(
+            "bad filter",
+            [FieldError("/", "filters must be texts of at most 500 readable characters")],
+        )
     if "kind" in filters and filters["kind"] not in ("invalid", "conflict"):
         raise InvalidReport("bad kind", [FieldError("/kind", "must be 'invalid' or 'conflict'")])
     filters["unresolved"] = _flag(raw.get("unresolved", False), "/unresolved")

@@ -17,7 +17,9 @@ from .opening_hours import TZ, local_instant, require_aware, utc, zone
 BUSINESS_DAY = "business day"
 LAST_BUSINESS_DAY = "last business day"
 CALENDAR_DAY = "day"
-MAX_BUSINESS_DAY = 20  # February has 20 weekdays; every month has business day 1..20 before holidays
+MAX_BUSINESS_DAY = (
+    20  # February has 20 weekdays; every month has business day 1..20 before holidays
+)
 MAX_CALENDAR_DAY = 28  # every month has day 28; month end is "last business day"
 RULE_EXAMPLES = "'business day 5 at 12:00', 'last business day at 16:00' or 'day 20 at 12:00'"
 _KEYS = {"rule", "dates", "holidays"}
@@ -92,11 +94,19 @@ class CutoffCalendar:
             raise ValueError(f"rule: missing; expected {RULE_EXAMPLES}")
         zone_ = zone(tz)
         rule = _at("rule", CutoffRule.parse, raw["rule"])
-        explicit = [_at(f"dates[{i}]", _explicit, v, zone_) for i, v in enumerate(_list(raw, "dates"))]
+        explicit = [
+            _at(f"dates[{i}]", _explicit, v, zone_) for i, v in enumerate(_list(raw, "dates"))
+        ]
         dates = {utc(d): d for d in explicit}  # by instant: one tzinfo compares wall times
-        holidays = {_at(f"holidays[{i}]", _holiday, v) for i, v in enumerate(_list(raw, "holidays"))}
-        return cls(rule=rule, dates=tuple(dates[k] for k in sorted(dates)),
-                   holidays=frozenset(holidays), tz=zone_)
+        holidays = {
+            _at(f"holidays[{i}]", _holiday, v) for i, v in enumerate(_list(raw, "holidays"))
+        }
+        return cls(
+            rule=rule,
+            dates=tuple(dates[k] for k in sorted(dates)),
+            holidays=frozenset(holidays),
+            tz=zone_,
+        )
 
     def is_business_day(self, day: date) -> bool:
         return day.weekday() < 5 and day not in self.holidays
@@ -117,8 +127,9 @@ class CutoffCalendar:
         ruled = self._next_ruled(received)
         return ruled if explicit is None or utc(ruled) < utc(explicit) else explicit
 
-    def at_risk(self, target: datetime, next_attempt_at: datetime | None,
-                waiting_for_operator: bool) -> bool:
+    def at_risk(
+        self, target: datetime, next_attempt_at: datetime | None, waiting_for_operator: bool
+    ) -> bool:
         """Will the (undelivered) delivery miss ``target``, as things stand?
 
         Yes when its next attempt is after the cut-off, and always while it waits for an operator:

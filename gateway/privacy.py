@@ -75,8 +75,10 @@ def parse_key(text: str, where: str) -> bytes:
         except (binascii.Error, ValueError):
             raw = None
     if raw is None or len(raw) != KEY_BYTES:
-        raise ConfigError(f"{where}: expected a data key of 32 bytes as base64 or hex "
-                          "(payroll-gateway keys create-data-key)")
+        raise ConfigError(
+            f"{where}: expected a data key of 32 bytes as base64 or hex "
+            "(payroll-gateway keys create-data-key)"
+        )
     return raw
 
 
@@ -122,7 +124,9 @@ class DataKeys:
         """``plaintext`` encrypted under the current key, bound to ``context`` (its row)."""
         self._require()
         nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = AESGCM(self.current).encrypt(nonce, plaintext.encode("utf-8"), context.encode("utf-8"))
+        sealed = AESGCM(self.current).encrypt(
+            nonce, plaintext.encode("utf-8"), context.encode("utf-8")
+        )
         return f"{PREFIX}:{self.current_id}:{base64.b64encode(nonce + sealed).decode('ascii')}"
 
     def open(self, value: str, context: str) -> str:
@@ -131,12 +135,18 @@ class DataKeys:
         prefix, kid, data = _split(value)
         key = self._by_id().get(kid)
         if key is None:
-            raise SealError(f"data key {kid} is not configured (list it in [privacy] old_data_key_files)")
+            raise SealError(
+                f"data key {kid} is not configured (list it in [privacy] old_data_key_files)"
+            )
         try:
             raw = base64.b64decode(data, validate=True)
-            plain = AESGCM(key).decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.encode("utf-8"))
+            plain = AESGCM(key).decrypt(
+                raw[:NONCE_BYTES], raw[NONCE_BYTES:], context.encode("utf-8")
+            )
         except (InvalidTag, binascii.Error, ValueError) as exc:
-            raise SealError(f"a value sealed under data key {kid} was altered or belongs elsewhere") from exc
+            raise SealError(
+                f"a value sealed under data key {kid} was altered or belongs elsewhere"
+            ) from exc
         return plain.decode("utf-8")
 
     def open_or_plain(self, value: str, context: str) -> str:
@@ -156,11 +166,15 @@ class DataKeys:
         from the current data key (a separate key: the hash never helps to open a value).
         Prefixed with the data key id, so a rotation knows which hashes to recompute."""
         self._require()
-        digest = hmac.new(self._lookup_key(), _digits(cpr).encode("ascii"), hashlib.sha256).hexdigest()
+        digest = hmac.new(
+            self._lookup_key(), _digits(cpr).encode("ascii"), hashlib.sha256
+        ).hexdigest()
         return f"{self.current_id}:{digest}"
 
     def _lookup_key(self) -> bytes:
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_LOOKUP_INFO).derive(self.current)
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_LOOKUP_INFO).derive(
+            self.current
+        )
 
 
 def is_sealed(value: str | None) -> bool:
@@ -236,13 +250,18 @@ def embedded_keys(path: Path) -> DataKeys:
     use (mode 0600) and logged once. Back it up with the database: without it, the stored CPR
     numbers cannot be read."""
     if create_key_file(path):
-        log.warning("no [privacy] data key configured: generated %s (mode 0600); back it up, "
-                    "without it the stored CPR numbers cannot be read", path)
+        log.warning(
+            "no [privacy] data key configured: generated %s (mode 0600); back it up, "
+            "without it the stored CPR numbers cannot be read",
+            path,
+        )
     return DataKeys(read_key_file(path, f"privacy (default key file {path})"), source=str(path))
 
 
-NO_KEY = ("privacy.data_key_file: a PostgreSQL store needs a configured data key "
-          "([privacy] data_key_file or data_key_env; payroll-gateway keys create-data-key)")
+NO_KEY = (
+    "privacy.data_key_file: a PostgreSQL store needs a configured data key "
+    "([privacy] data_key_file or data_key_env; payroll-gateway keys create-data-key)"
+)
 
 
 def keys_for(configured: DataKeys | None, store_url: str, *, required: bool = True) -> DataKeys:

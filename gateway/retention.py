@@ -46,18 +46,27 @@ def backup_folders(store: Store, settings: Settings) -> list[Path]:
 
 
 def old_backups(folders: Iterable[Path], before: float) -> list[Path]:
-    return sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir()
-                  if p.is_file() and p.stat().st_mtime < before)
+    return sorted(
+        p
+        for folder in folders
+        if folder.is_dir()
+        for p in folder.iterdir()
+        if p.is_file() and p.stat().st_mtime < before
+    )
 
 
-async def purge(store: Store, settings: Settings, now: float, *, dry_run: bool = False) -> dict[str, Any]:
+async def purge(
+    store: Store, settings: Settings, now: float, *, dry_run: bool = False
+) -> dict[str, Any]:
     """One purge: backups first (counted in the store's audited event), then the store."""
     before = cutoff(now, settings.keep_months)
     backups = old_backups(backup_folders(store, settings), before)
     if not dry_run:
         for path in backups:
             await asyncio.to_thread(path.unlink, missing_ok=True)
-    counts = await store.purge(before, now, dry_run=dry_run, extra={"backups": len(backups)} if backups else None)
+    counts = await store.purge(
+        before, now, dry_run=dry_run, extra={"backups": len(backups)} if backups else None
+    )
     return {"before": before, "backups": len(backups), **counts}
 
 

@@ -16,7 +16,10 @@ THROTTLE_FLOOR_SECONDS = 60.0
 
 def _state(policy: RetryPolicy, attempts: int) -> tuple[RetryCallState, wait_exponential_jitter]:
     wait = wait_exponential_jitter(
-        multiplier=policy.first_delay, exp_base=policy.multiplier, max=policy.cap, jitter=policy.jitter
+        multiplier=policy.first_delay,
+        exp_base=policy.multiplier,
+        max=policy.cap,
+        jitter=policy.jitter,
     )
     state = RetryCallState(retry_object=AsyncRetrying(wait=wait), fn=None, args=(), kwargs={})
     state.attempt_number = max(1, attempts)

@@ -27,8 +27,15 @@ from .privacy import DataKeys, parse_key, read_key_file
 KINDS = ("drive", "vacation")
 _SECRET_KEYS = ("password",)
 SOURCES = ("os2indberetning",)
-_SOURCE_KEYS = {"base_url", "api_key_file", "api_key_env", "interval_seconds", "schedule",
-                "connect_timeout_seconds", "read_timeout_seconds"}
+_SOURCE_KEYS = {
+    "base_url",
+    "api_key_file",
+    "api_key_env",
+    "interval_seconds",
+    "schedule",
+    "connect_timeout_seconds",
+    "read_timeout_seconds",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +138,9 @@ class SimulatorSettings:
     password: str | None = field(default=None, repr=False)
     fail_rate: float = 0.0
     latency_ms: int = 0
-    api_key: str | None = field(default=None, repr=False)  # a pull source's simulator (os2indberetning)
+    api_key: str | None = field(
+        default=None, repr=False
+    )  # a pull source's simulator (os2indberetning)
     records_file: Path | None = None  # the records a source simulator starts with
 
 
@@ -157,7 +166,9 @@ class Settings:
     role: str = "all"  # intake | dispatch | all (DESIGN.md §5, serve --role)
     tls_cert_file: Path | None = None  # both set: the listener speaks HTTPS only
     tls_key_file: Path | None = None
-    metrics_token_hash: str | None = field(default=None, repr=False)  # set: /metrics needs the token
+    metrics_token_hash: str | None = field(
+        default=None, repr=False
+    )  # set: /metrics needs the token
     auth_failures_per_minute: int = 10  # per client address, then 429 until the minute is over
     # [privacy]: None = the embedded default (privacy.keys_for: a generated key file, SQLite only)
     data_keys: DataKeys | None = field(default=None, repr=False)
@@ -193,7 +204,8 @@ class Settings:
                 if entry is not None and hmac.compare_digest(entry.hash, digest):
                     return None if key_id in tenant.revoked_key_ids else tenant
             if digest in tenant.api_key_hashes and any(
-                    hmac.compare_digest(h, digest) for h in tenant.api_key_hashes):
+                hmac.compare_digest(h, digest) for h in tenant.api_key_hashes
+            ):
                 return tenant
         return None
 
@@ -234,8 +246,19 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Settings:
     return _Reader(path.resolve().parent, env).settings(raw)
 
 
-_ALLOWED_TOP = {"server", "dispatcher", "retry", "adapters", "tenants", "simulators", "operators", "alerts",
-                "privacy", "audit", "retention"}
+_ALLOWED_TOP = {
+    "server",
+    "dispatcher",
+    "retry",
+    "adapters",
+    "tenants",
+    "simulators",
+    "operators",
+    "alerts",
+    "privacy",
+    "audit",
+    "retention",
+}
 _RETRY_KEYS = {
     "first_delay_seconds": "first_delay",
     "multiplier": "multiplier",
@@ -246,10 +269,26 @@ _RETRY_KEYS = {
     "retry_after_cap_seconds": "retry_after_cap",
 }
 _VENDOR_KEYS = {
-    "endpoint", "username", "password_file", "password_env", "institution",
-    "connect_timeout_seconds", "read_timeout_seconds", "cert_file", "key_file", "ca_file",
-    "options", "retry", "dev_certificates", "breaker", "max_in_flight", "rate_per_second",
-    "opening_hours", "cutoff", "max_reply_bytes", "total_timeout_seconds",
+    "endpoint",
+    "username",
+    "password_file",
+    "password_env",
+    "institution",
+    "connect_timeout_seconds",
+    "read_timeout_seconds",
+    "cert_file",
+    "key_file",
+    "ca_file",
+    "options",
+    "retry",
+    "dev_certificates",
+    "breaker",
+    "max_in_flight",
+    "rate_per_second",
+    "opening_hours",
+    "cutoff",
+    "max_reply_bytes",
+    "total_timeout_seconds",
 }
 _BREAKER_KEYS = {"window_seconds", "min_calls", "failure_rate", "open_seconds"}
 
@@ -263,12 +302,37 @@ class _Reader:
     def settings(self, raw: dict[str, Any]) -> Settings:
         _no_unknown(raw, _ALLOWED_TOP, "")
         server = _table(raw, "server", "")
-        _no_unknown(server, {"listen", "store", "store_pool_size", "data_dir", "max_body_bytes", "role", "tls_cert_file",
-                             "tls_key_file", "metrics_token_hash", "auth_failures_per_minute"}, "server")
+        _no_unknown(
+            server,
+            {
+                "listen",
+                "store",
+                "store_pool_size",
+                "data_dir",
+                "max_body_bytes",
+                "role",
+                "tls_cert_file",
+                "tls_key_file",
+                "metrics_token_hash",
+                "auth_failures_per_minute",
+            },
+            "server",
+        )
         disp = _table(raw, "dispatcher", "")
-        _no_unknown(disp, {"workers", "lease_seconds", "poll_seconds", "at_risk_check_seconds",
-                           "at_risk_margin_hours"}, "dispatcher")
-        host, port = parse_listen(_get(server, "listen", str, "server", "127.0.0.1:8080"), "server.listen")
+        _no_unknown(
+            disp,
+            {
+                "workers",
+                "lease_seconds",
+                "poll_seconds",
+                "at_risk_check_seconds",
+                "at_risk_margin_hours",
+            },
+            "dispatcher",
+        )
+        host, port = parse_listen(
+            _get(server, "listen", str, "server", "127.0.0.1:8080"), "server.listen"
+        )
         retry = self.retry(_table(raw, "retry", ""), "retry", RetryPolicy())
         adapters = _table(raw, "adapters", "")
         _no_unknown(adapters, {"disabled"}, "adapters")
@@ -291,8 +355,11 @@ class _Reader:
             workers=_positive(disp, "workers", int, "dispatcher", 16),
             lease_seconds=lease,
             poll_seconds=float(_positive(disp, "poll_seconds", (int, float), "dispatcher", 0.2)),
-            at_risk_check_seconds=float(_positive(disp, "at_risk_check_seconds", (int, float), "dispatcher", 30)),
-            at_risk_margin_seconds=3600.0 * _positive(disp, "at_risk_margin_hours", (int, float), "dispatcher", 24),
+            at_risk_check_seconds=float(
+                _positive(disp, "at_risk_check_seconds", (int, float), "dispatcher", 30)
+            ),
+            at_risk_margin_seconds=3600.0
+            * _positive(disp, "at_risk_margin_hours", (int, float), "dispatcher", 24),
             retry=retry,
             disabled_adapters=disabled,
             tenants=MappingProxyType(tenants),
@@ -303,7 +370,9 @@ class _Reader:
             tls_cert_file=cert,
             tls_key_file=key,
             metrics_token_hash=_hash_or_none(server, "metrics_token_hash", "server"),
-            auth_failures_per_minute=_positive(server, "auth_failures_per_minute", int, "server", 10),
+            auth_failures_per_minute=_positive(
+                server, "auth_failures_per_minute", int, "server", 10
+            ),
             data_keys=self.privacy(_table(raw, "privacy", "")),
             audit=self.audit(_table(raw, "audit", "")),
             keep_months=self.retention(_table(raw, "retention", "")),
@@ -314,12 +383,16 @@ class _Reader:
         older ones still needed to read what they sealed (``old_data_key_files``)."""
         _no_unknown(raw, {"data_key_file", "data_key_env", "old_data_key_files"}, "privacy")
         if "data_key_file" in raw and "data_key_env" in raw:
-            raise ConfigError("privacy.data_key_env: give either data_key_file or data_key_env, not both")
+            raise ConfigError(
+                "privacy.data_key_env: give either data_key_file or data_key_env, not both"
+            )
         old = _get(raw, "old_data_key_files", list, "privacy", [])
         older = []
         for i, name in enumerate(old):
             if not isinstance(name, str):
-                raise ConfigError(f"privacy.old_data_key_files[{i}]: expected a file name, got {name!r}")
+                raise ConfigError(
+                    f"privacy.old_data_key_files[{i}]: expected a file name, got {name!r}"
+                )
             older.append(read_key_file(self.path(name), f"privacy.old_data_key_files[{i}]"))
         if "data_key_file" in raw:
             path = self.path(_get(raw, "data_key_file", str, "privacy", ""))
@@ -327,10 +400,16 @@ class _Reader:
         if "data_key_env" in raw:
             variable = _get(raw, "data_key_env", str, "privacy", "")
             if variable not in self.env:
-                raise ConfigError(f"privacy.data_key_env: environment variable {variable} is not set")
-            return DataKeys(parse_key(self.env[variable], "privacy.data_key_env"), tuple(older), f"${variable}")
+                raise ConfigError(
+                    f"privacy.data_key_env: environment variable {variable} is not set"
+                )
+            return DataKeys(
+                parse_key(self.env[variable], "privacy.data_key_env"), tuple(older), f"${variable}"
+            )
         if older:
-            raise ConfigError("privacy.old_data_key_files: also give the current key (data_key_file or data_key_env)")
+            raise ConfigError(
+                "privacy.old_data_key_files: also give the current key (data_key_file or data_key_env)"
+            )
         return None
 
     def audit(self, raw: dict[str, Any]) -> AuditSettings:
@@ -338,9 +417,15 @@ class _Reader:
         if "key_file" in raw and "key_env" in raw:
             raise ConfigError("audit.key_file: give key_file or key_env, not both")
         key_file = self.path(_get(raw, "key_file", str, "audit", "")) if "key_file" in raw else None
-        anchor = self.path(_get(raw, "anchor_file", str, "audit", "")) if "anchor_file" in raw else None
-        return AuditSettings(key_file=key_file, key_env=_get(raw, "key_env", str, "audit", None),
-                             anchor_file=anchor, anchor_every=_positive(raw, "anchor_every", int, "audit", 1000))
+        anchor = (
+            self.path(_get(raw, "anchor_file", str, "audit", "")) if "anchor_file" in raw else None
+        )
+        return AuditSettings(
+            key_file=key_file,
+            key_env=_get(raw, "key_env", str, "audit", None),
+            anchor_file=anchor,
+            anchor_every=_positive(raw, "anchor_every", int, "audit", 1000),
+        )
 
     def retention(self, raw: dict[str, Any]) -> int:
         _no_unknown(raw, {"keep_months"}, "retention")
@@ -348,11 +433,15 @@ class _Reader:
 
     def tls(self, server: dict[str, Any]) -> tuple[Path | None, Path | None]:
         """The listener's certificate chain and key: both or neither, and both readable files."""
-        files = [self.path(_get(server, k, str, "server", "")) if k in server else None
-                 for k in ("tls_cert_file", "tls_key_file")]
+        files = [
+            self.path(_get(server, k, str, "server", "")) if k in server else None
+            for k in ("tls_cert_file", "tls_key_file")
+        ]
         if (files[0] is None) != (files[1] is None):
             missing = "tls_key_file" if files[1] is None else "tls_cert_file"
-            raise ConfigError(f"server.{missing}: give both tls_cert_file and tls_key_file (or neither)")
+            raise ConfigError(
+                f"server.{missing}: give both tls_cert_file and tls_key_file (or neither)"
+            )
         for name, path in zip(("tls_cert_file", "tls_key_file"), files, strict=True):
             if path is not None and not path.is_file():
                 raise ConfigError(f"server.{name}: no such file: {path}")
@@ -363,23 +452,33 @@ class _Reader:
         for name, table in raw.items():
             where = f"operators.{name}"
             if not isinstance(table, dict):
-                raise ConfigError(f"{where}: must be a table with token_hash, role and municipalities")
+                raise ConfigError(
+                    f"{where}: must be a table with token_hash, role and municipalities"
+                )
             _no_unknown(table, {"token_hash", "role", "municipalities"}, where)
             digest = _get(table, "token_hash", str, where, "")
             if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-                raise ConfigError(f"{where}.token_hash: expected 'sha256:<64 hex>' (payroll-gateway keys create)")
+                raise ConfigError(
+                    f"{where}.token_hash: expected 'sha256:<64 hex>' (payroll-gateway keys create)"
+                )
             # no default: a table written before roles existed must not silently become admin for all
             role = _get(table, "role", str, where, None)
             if role not in OPERATOR_ROLES:
-                raise ConfigError(f"{where}.role: required, one of {', '.join(OPERATOR_ROLES)}; got {role!r}")
+                raise ConfigError(
+                    f"{where}.role: required, one of {', '.join(OPERATOR_ROLES)}; got {role!r}"
+                )
             operators[name] = Operator(name, digest, role, self.municipalities(table, where))
         return operators
 
     def municipalities(self, table: dict[str, Any], where: str) -> frozenset[str]:
         listed = _get(table, "municipalities", list, where, None)
-        if not listed or not all(isinstance(m, str) and re.fullmatch(r"[0-9]{3}|\*", m) for m in listed):
-            raise ConfigError(f"{where}.municipalities: required, a list of 3-digit codes or [\"*\"] (all); "
-                              f"got {listed!r}")
+        if not listed or not all(
+            isinstance(m, str) and re.fullmatch(r"[0-9]{3}|\*", m) for m in listed
+        ):
+            raise ConfigError(
+                f'{where}.municipalities: required, a list of 3-digit codes or ["*"] (all); '
+                f"got {listed!r}"
+            )
         return frozenset(listed)
 
     def alerts(self, raw: dict[str, Any]) -> str | None:
@@ -417,9 +516,22 @@ class _Reader:
             tenants[municipality] = self.tenant(municipality, table, where, retry)
         return tenants
 
-    def tenant(self, municipality: str, raw: dict[str, Any], where: str, retry: RetryPolicy) -> Tenant:
-        _no_unknown(raw, {"name", "api_key_hashes", "api_keys", "revoked_key_ids", "routes", "vendors",
-                          "sources"}, where)
+    def tenant(
+        self, municipality: str, raw: dict[str, Any], where: str, retry: RetryPolicy
+    ) -> Tenant:
+        _no_unknown(
+            raw,
+            {
+                "name",
+                "api_key_hashes",
+                "api_keys",
+                "revoked_key_ids",
+                "routes",
+                "vendors",
+                "sources",
+            },
+            where,
+        )
         hashes = _get(raw, "api_key_hashes", list, where, [])
         for i, h in enumerate(hashes):
             if not isinstance(h, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", h):
@@ -449,12 +561,16 @@ class _Reader:
             vendors=MappingProxyType(vendors),
             retry=MappingProxyType(policies),
             endpoints=MappingProxyType(endpoints),
-            sources=MappingProxyType(self.sources(_table(raw, "sources", where), f"{where}.sources", routes)),
+            sources=MappingProxyType(
+                self.sources(_table(raw, "sources", where), f"{where}.sources", routes)
+            ),
             api_keys=api_keys(raw, where),
             revoked_key_ids=revoked_key_ids(raw, where),
         )
 
-    def sources(self, raw: dict[str, Any], where: str, routes: Mapping[str, Any]) -> dict[str, PullSource]:
+    def sources(
+        self, raw: dict[str, Any], where: str, routes: Mapping[str, Any]
+    ) -> dict[str, PullSource]:
         sources = {}
         for name, table in raw.items():
             swhere = f"{where}.{name}"
@@ -463,13 +579,17 @@ class _Reader:
             if not isinstance(table, dict):
                 raise ConfigError(f"{swhere}: must be a table")
             if "drive" not in routes:
-                raise ConfigError(f"{swhere}: the tenant has no route for drive reports (routes.drive)")
+                raise ConfigError(
+                    f"{swhere}: the tenant has no route for drive reports (routes.drive)"
+                )
             sources[name] = self.source(name, table, swhere)
         return sources
 
     def source(self, name: str, raw: dict[str, Any], where: str) -> PullSource:
         if "api_key" in raw:
-            raise ConfigError(f"{where}.api_key: secrets are not accepted inline; use api_key_file or api_key_env")
+            raise ConfigError(
+                f"{where}.api_key: secrets are not accepted inline; use api_key_file or api_key_env"
+            )
         _no_unknown(raw, _SOURCE_KEYS, where)
         base_url = _get(raw, "base_url", str, where, "")
         if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", base_url):
@@ -480,19 +600,25 @@ class _Reader:
         interval = _get(raw, "interval_seconds", (int, float), where, None)
         schedule = _get(raw, "schedule", str, where, None)
         if (interval is None) == (schedule is None):
-            raise ConfigError(f"{where}.interval_seconds: give either interval_seconds or schedule (one of them)")
+            raise ConfigError(
+                f"{where}.interval_seconds: give either interval_seconds or schedule (one of them)"
+            )
         if interval is not None and interval <= 0:
             raise ConfigError(f"{where}.interval_seconds: must be positive, got {interval!r}")
         if schedule is not None and not _valid_cron(schedule):
-            raise ConfigError(f"{where}.schedule: invalid cron expression {schedule!r}: expected 5 fields, "
-                              "e.g. '*/5 * * * *'")
+            raise ConfigError(
+                f"{where}.schedule: invalid cron expression {schedule!r}: expected 5 fields, "
+                "e.g. '*/5 * * * *'"
+            )
         return PullSource(
             kind=name,
             base_url=base_url if base_url.endswith("/") else base_url + "/",
             api_key=api_key,
             interval_seconds=float(interval) if interval is not None else None,
             schedule=schedule,
-            connect_timeout=float(_positive(raw, "connect_timeout_seconds", (int, float), where, 5)),
+            connect_timeout=float(
+                _positive(raw, "connect_timeout_seconds", (int, float), where, 5)
+            ),
             read_timeout=float(_positive(raw, "read_timeout_seconds", (int, float), where, 30)),
         )
 
@@ -529,7 +655,9 @@ class _Reader:
                 f"{where}.password: secrets are not accepted inline; use password_file or password_env"
             )
         _no_unknown(raw, _VENDOR_KEYS, where)
-        files: dict[str, str] = {k: str(self.path(raw[k])) for k in ("cert_file", "key_file", "ca_file") if k in raw}
+        files: dict[str, str] = {
+            k: str(self.path(raw[k])) for k in ("cert_file", "key_file", "ca_file") if k in raw
+        }
         if _get(raw, "dev_certificates", bool, where, False):
             files = self.dev_certificates(where, files)
         for key, value in files.items():
@@ -538,8 +666,10 @@ class _Reader:
         connect = float(_positive(raw, "connect_timeout_seconds", (int, float), where, 5))
         total = _get(raw, "total_timeout_seconds", (int, float), where, None)
         if total is not None and total <= connect:
-            raise ConfigError(f"{where}.total_timeout_seconds: must be longer than connect_timeout_seconds "
-                              f"({connect:g}), got {total!r}")
+            raise ConfigError(
+                f"{where}.total_timeout_seconds: must be longer than connect_timeout_seconds "
+                f"({connect:g}), got {total!r}"
+            )
         return VendorSettings(
             endpoint=_get(raw, "endpoint", str, where, ""),
             username=_get(raw, "username", str, where, None),
@@ -556,12 +686,17 @@ class _Reader:
     def dev_certificates(self, where: str, files: dict[str, str]) -> dict[str, str]:
         """Demo only: the client certificate and CA the built-in simulators trust."""
         if files:
-            raise ConfigError(f"{where}.dev_certificates: give either dev_certificates or cert_file/key_file/ca_file")
+            raise ConfigError(
+                f"{where}.dev_certificates: give either dev_certificates or cert_file/key_file/ca_file"
+            )
         from .devcerts import ensure_dev_certs
 
         certs = ensure_dev_certs(self.data_dir / "dev-certs")
-        return {"cert_file": str(certs.client_cert), "key_file": str(certs.client_key),
-                "ca_file": str(certs.ca_file)}
+        return {
+            "cert_file": str(certs.client_cert),
+            "key_file": str(certs.client_key),
+            "ca_file": str(certs.ca_file),
+        }
 
     def secret(self, raw: dict[str, Any], where: str, name: str = "password") -> str | None:
         """The secret ``name`` from ``<name>_file`` (relative to the config file) or ``<name>_env``."""
@@ -571,7 +706,9 @@ class _Reader:
             try:
                 return path.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ConfigError(f"{where}.{file_key}: cannot read {path}: {exc.strerror}") from exc
+                raise ConfigError(
+                    f"{where}.{file_key}: cannot read {path}: {exc.strerror}"
+                ) from exc
         if env_key in raw:
             variable = _get(raw, env_key, str, where, "")
             if variable not in self.env:
@@ -585,8 +722,21 @@ class _Reader:
             where = f"simulators.{vendor}"
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: must be a table")
-            _no_unknown(table, {"port", "username", "password_file", "password_env", "fail_rate", "latency_ms",
-                                "api_key_file", "api_key_env", "records"}, where)
+            _no_unknown(
+                table,
+                {
+                    "port",
+                    "username",
+                    "password_file",
+                    "password_env",
+                    "fail_rate",
+                    "latency_ms",
+                    "api_key_file",
+                    "api_key_env",
+                    "records",
+                },
+                where,
+            )
             records = _get(table, "records", str, where, None)
             sims.append(
                 SimulatorSettings(
@@ -610,11 +760,17 @@ def api_keys(raw: dict[str, Any], where: str) -> tuple[ApiKey, ...]:
     for i, entry in enumerate(entries):
         at = f"{where}.api_keys[{i}]"
         if not isinstance(entry, dict) or set(entry) != {"id", "hash"}:
-            raise ConfigError(f"{at}: expected {{id = \"…\", hash = \"sha256:…\"}} (payroll-gateway keys create)")
+            raise ConfigError(
+                f'{at}: expected {{id = "…", hash = "sha256:…"}} (payroll-gateway keys create)'
+            )
         if not isinstance(entry["id"], str) or not KEY_ID.fullmatch(entry["id"]):
-            raise ConfigError(f"{at}.id: expected 4-32 lowercase letters or digits, got {entry['id']!r}")
+            raise ConfigError(
+                f"{at}.id: expected 4-32 lowercase letters or digits, got {entry['id']!r}"
+            )
         if not isinstance(entry["hash"], str) or not _HASH.fullmatch(entry["hash"]):
-            raise ConfigError(f"{at}.hash: expected 'sha256:<64 hex>' (payroll-gateway keys create)")
+            raise ConfigError(
+                f"{at}.hash: expected 'sha256:<64 hex>' (payroll-gateway keys create)"
+            )
         if any(k.id == entry["id"] for k in keys):
             raise ConfigError(f"{at}.id: {entry['id']!r} is listed twice")
         keys.append(ApiKey(entry["id"], entry["hash"]))
@@ -637,13 +793,16 @@ def check_deadlines(tenants: Mapping[str, Tenant], lease_seconds: float) -> None
                 given = "" if vendor.total_timeout is not None else " (connect + read timeouts)"
                 raise ConfigError(
                     f"tenants.{municipality}.vendors.{adapter}.total_timeout_seconds: {vendor.deadline():g} s"
-                    f"{given} must be shorter than dispatcher.lease_seconds ({lease_seconds:g})")
+                    f"{given} must be shorter than dispatcher.lease_seconds ({lease_seconds:g})"
+                )
 
 
 def _hash_or_none(raw: Mapping[str, Any], key: str, where: str) -> str | None:
     value: str | None = _get(raw, key, str, where, None)
     if value is not None and not _HASH.fullmatch(value):
-        raise ConfigError(f"{where}.{key}: expected 'sha256:<64 hex>' (payroll-gateway keys create)")
+        raise ConfigError(
+            f"{where}.{key}: expected 'sha256:<64 hex>' (payroll-gateway keys create)"
+        )
     return value
 
 
@@ -664,7 +823,9 @@ def _no_unknown(raw: Mapping[str, Any], allowed: set[str], where: str) -> None:
     for key in raw:
         if key not in allowed:
             prefix = f"{where}." if where else ""
-            raise ConfigError(f"{prefix}{key}: unknown setting (allowed: {', '.join(sorted(allowed))})")
+            raise ConfigError(
+                f"{prefix}{key}: unknown setting (allowed: {', '.join(sorted(allowed))})"
+            )
 
 
 def _table(raw: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -712,7 +873,9 @@ def resolve_store_url(url: str, base: Path) -> str:
     """Make a relative ``sqlite:///file.db`` relative to the config file's folder."""
     if url.startswith("sqlite:////") or not url.startswith("sqlite:///"):
         if not url.startswith(("sqlite:", "postgresql:", "postgres:")):
-            raise ConfigError(f"server.store: unsupported store URL {url!r} (sqlite:/// or postgresql://)")
+            raise ConfigError(
+                f"server.store: unsupported store URL {url!r} (sqlite:/// or postgresql://)"
+            )
         return url
     rel = url.removeprefix("sqlite:///")
     return "sqlite:///" + str((base / rel).resolve()) if rel != ":memory:" else url

@@ -45,7 +45,11 @@ def _read(name: str) -> dict[str, Any]:
 
 def _flatten(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     base = defs["common"]
-    flat = {k: v for k, v in schema.items() if k not in ("$ref", "unevaluatedProperties", "$id", "$schema")}
+    flat = {
+        k: v
+        for k, v in schema.items()
+        if k not in ("$ref", "unevaluatedProperties", "$id", "$schema")
+    }
     flat["properties"] = {**base["properties"], **schema.get("properties", {})}
     flat["required"] = [*base["required"], *schema.get("required", [])]
     flat["additionalProperties"] = False
@@ -109,10 +113,24 @@ def _unwritable(value: Any, pointer: str) -> list[FieldError]:
     """Every text in the report that holds a character no vendor format can carry."""
     if isinstance(value, str):
         bad = _UNWRITABLE.search(value)
-        return [] if bad is None else [FieldError(
-            pointer or "/", f"must not contain U+{ord(bad.group()):04X} (at character {bad.start() + 1}): control "
-                            "characters, lone surrogates and non-characters cannot reach a vendor")]
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        return (
+            []
+            if bad is None
+            else [
+                FieldError(
+                    pointer or "/",
+                    f"must not contain U+{ord(bad.group()):04X} (at character {bad.start() + 1}): control "
+                    "characters, lone surrogates and non-characters cannot reach a vendor",
+                )
+            ]
+        )
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
     errors = []
     for key, item in items:
         errors += _unwritable(item, f"{pointer}/{pointer_token(key)}")
@@ -123,15 +141,30 @@ def vendor_fields(report: Mapping[str, Any], adapter: Adapter, pointer: str) -> 
     """The fields a report lacks for its vendor, or holds that the vendor cannot carry."""
     if report.get("kind") not in adapter.kinds:
         return []  # said elsewhere, in the caller's words
-    errors = [FieldError(pointer + field, f"is required by {adapter.name}, this municipality's payroll vendor")
-              for field in sorted(adapter.required_fields) if _lookup(report, field) is None]
-    errors += [FieldError(pointer + field, f"cannot be carried by {adapter.name}, this municipality's payroll vendor")
-               for field in sorted(adapter.unsupported_fields) if _lookup(report, field) is not None]
+    errors = [
+        FieldError(
+            pointer + field, f"is required by {adapter.name}, this municipality's payroll vendor"
+        )
+        for field in sorted(adapter.required_fields)
+        if _lookup(report, field) is None
+    ]
+    errors += [
+        FieldError(
+            pointer + field,
+            f"cannot be carried by {adapter.name}, this municipality's payroll vendor",
+        )
+        for field in sorted(adapter.unsupported_fields)
+        if _lookup(report, field) is not None
+    ]
     for field, (pattern, words) in sorted(adapter.field_formats.items()):
         value = _lookup(report, field)
         if isinstance(value, str) and not re.fullmatch(pattern, value):
-            errors.append(FieldError(pointer + field, f"must be {words} for {adapter.name}, "
-                                                      "this municipality's payroll vendor"))
+            errors.append(
+                FieldError(
+                    pointer + field,
+                    f"must be {words} for {adapter.name}, this municipality's payroll vendor",
+                )
+            )
     return errors
 
 
@@ -155,8 +188,11 @@ def _leaves(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
         branches: dict[object, list[ValidationError]] = {}
         for sub in error.context:
             branches.setdefault(sub.relative_schema_path[0], []).append(sub)
-        typed = [b for b in branches.values()
-                 if not any(e.validator == "type" and not e.relative_path for e in b)]
+        typed = [
+            b
+            for b in branches.values()
+            if not any(e.validator == "type" and not e.relative_path for e in b)
+        ]
         if len(typed) == 1:
             yield from _leaves(typed[0])
         else:
@@ -202,7 +238,9 @@ def _message(error: ValidationError) -> str:
         "type": f"must be of type {' or '.join(map(str, s)) if isinstance(s, list) else s}",
         "pattern": f"does not have the required format: {error.schema.get('description', 'see the schema')}",
         "oneOf": f"is not valid: {error.schema.get('description', 'see the schema')}",
-        "enum": f"must be one of: {', '.join(map(str, s))}" if isinstance(s, list) else "not allowed",
+        "enum": f"must be one of: {', '.join(map(str, s))}"
+        if isinstance(s, list)
+        else "not allowed",
         "const": f"must be {s!r}",
         "minimum": f"must be at least {s}",
         "maximum": f"must be at most {s}",
@@ -216,8 +254,11 @@ def _message(error: ValidationError) -> str:
 
 
 def _cross_field(data: Mapping[str, Any], pointer: str) -> list[FieldError]:
-    errors = [FieldError(f"{pointer}/{key}", "is not a date in the calendar")
-              for key in ("drive_date", "start_date", "end_date") if key in data and not _real_date(data[key])]
+    errors = [
+        FieldError(f"{pointer}/{key}", "is not a date in the calendar")
+        for key in ("drive_date", "start_date", "end_date")
+        if key in data and not _real_date(data[key])
+    ]
     if errors:
         return errors
     if data["kind"] == "vacation":
@@ -225,7 +266,9 @@ def _cross_field(data: Mapping[str, Any], pointer: str) -> list[FieldError]:
             errors.append(FieldError(f"{pointer}/end_date", "must not be before start_date"))
         elif data["end_date"] == data["start_date"] and "start_time" in data and "end_time" in data:
             if _seconds(data["end_time"]) <= _seconds(data["start_time"]):
-                errors.append(FieldError(f"{pointer}/end_time", "must be after start_time on a single day"))
+                errors.append(
+                    FieldError(f"{pointer}/end_time", "must be after start_time on a single day")
+                )
     if data["kind"] == "drive":
         km = Decimal(str(data["distance_km"]))
         if km != km.quantize(Decimal("0.01")):
@@ -238,8 +281,14 @@ def _one_posting_target(data: Mapping[str, Any], pointer: str) -> list[FieldErro
     """account, cost_center and psp_element each say where KMD books the payment: one at most
     (KMD refuses a cost centre with a PSP element, code 167). Each one after the first is named."""
     given = [key for key in POSTING_TARGETS if data.get(key) is not None]
-    return [FieldError(f"{pointer}/{key}", f"not allowed together with {given[0]}: give only one "
-                       "of account, cost_center and psp_element") for key in given[1:]]
+    return [
+        FieldError(
+            f"{pointer}/{key}",
+            f"not allowed together with {given[0]}: give only one "
+            "of account, cost_center and psp_element",
+        )
+        for key in given[1:]
+    ]
 
 
 def _real_date(text: str) -> bool:

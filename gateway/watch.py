@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class AtRiskWatch:
-    def __init__(self, store: Store, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, settings: Settings, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store, self.settings, self.clock = store, settings, clock
 
     async def run(self) -> None:
@@ -53,4 +55,6 @@ class AtRiskWatch:
             ok = False
             log.error("the at-risk alert to the configured URL failed: %s", exc.__class__.__name__)
         event = "alert.sent" if ok else "alert.failed"
-        await self.store.record_event(event, {"deliveries": [d["id"] for d in flagged]}, self.clock())
+        await self.store.record_event(
+            event, {"deliveries": [d["id"] for d in flagged]}, self.clock()
+        )

@@ -44,7 +44,9 @@ SD_USER, SD_PASSWORD = "SYtest", "sd-test-password"
 OPS_TOKEN = "ops-test-token"
 #: the data key every test store seals with (PostgreSQL needs one configured; SQLite would make one)
 TEST_KEYS = DataKeys(bytes(range(32)), source="tests")
-FAST_RETRY = RetryPolicy(first_delay=0.05, multiplier=2, cap=0.2, jitter=0.0, max_attempts=10, max_age=3600)
+FAST_RETRY = RetryPolicy(
+    first_delay=0.05, multiplier=2, cap=0.2, jitter=0.0, max_attempts=10, max_age=3600
+)
 
 DRIVE = {
     "kind": "drive",
@@ -72,14 +74,22 @@ async def sd_server(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Tes
     return await aiohttp_server(sd_sim.build_app(options))
 
 
-def tenant(municipality: str, key: str, vendors: dict[str, VendorSettings], routes: dict[str, str],
-           **endpoint: Any) -> Tenant:
+def tenant(
+    municipality: str,
+    key: str,
+    vendors: dict[str, VendorSettings],
+    routes: dict[str, str],
+    **endpoint: Any,
+) -> Tenant:
     """A tenant whose endpoints answer at any hour (tests run at night too)."""
     policy = EndpointPolicy(**{"opening_hours": "always", **endpoint})
     return Tenant(
-        municipality=municipality, name=f"Test {municipality}",
+        municipality=municipality,
+        name=f"Test {municipality}",
         api_key_hashes=frozenset({hash_api_key(key)}),
-        routes=MappingProxyType(routes), vendors=MappingProxyType(vendors), retry=MappingProxyType({}),
+        routes=MappingProxyType(routes),
+        vendors=MappingProxyType(vendors),
+        retry=MappingProxyType({}),
         endpoints=MappingProxyType({a: policy for a in {*routes.values(), *vendors}}),
     )
 
@@ -95,7 +105,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         callspec = getattr(item, "callspec", None)
         engine = callspec.params.get("store_url") if callspec is not None else None
-        (drop if engine == "postgresql" and item.get_closest_marker("sqlite_only") else keep).append(item)
+        (
+            drop if engine == "postgresql" and item.get_closest_marker("sqlite_only") else keep
+        ).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -136,7 +148,11 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
 def settings(tmp_path: Path, sd_server: TestServer, store_url: str) -> Settings:
     sd = VendorSettings(
         endpoint=str(sd_server.make_url("/sdws/AnsaettelseKoerselOpret20170501")),
-        username=SD_USER, password=SD_PASSWORD, institution="XY", connect_timeout=2, read_timeout=2,
+        username=SD_USER,
+        password=SD_PASSWORD,
+        institution="XY",
+        connect_timeout=2,
+        read_timeout=2,
     )
     return Settings(
         store_url=store_url,
@@ -178,17 +194,26 @@ class Gateway:
         return resp.status, await _json(resp)
 
     async def get(self, municipality: str, report_id: str, key: str = KEY_746) -> tuple[int, Any]:
-        resp = await self.client.get(f"/v1/reports/{municipality}/{report_id}",
-                                     headers={"Authorization": f"Bearer {key}"})
+        resp = await self.client.get(
+            f"/v1/reports/{municipality}/{report_id}", headers={"Authorization": f"Bearer {key}"}
+        )
         return resp.status, await _json(resp)
 
-    async def ops(self, method: str, path: str, body: Any = None, token: str = OPS_TOKEN) -> tuple[int, Any]:
+    async def ops(
+        self, method: str, path: str, body: Any = None, token: str = OPS_TOKEN
+    ) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"}
         resp = await self.client.request(method, f"/v1/ops/{path}", json=body, headers=headers)
         return resp.status, await _json(resp)
 
-    async def wait_for(self, report_id: str, statuses: set[str], within: float = 5.0,
-                       municipality: str = "746", key: str = KEY_746) -> Any:
+    async def wait_for(
+        self,
+        report_id: str,
+        statuses: set[str],
+        within: float = 5.0,
+        municipality: str = "746",
+        key: str = KEY_746,
+    ) -> Any:
         """Poll the API until the report's latest delivery is in one of ``statuses``."""
         deadline = time.monotonic() + within
         view: Any = None
@@ -254,7 +279,9 @@ def vendor_conformance(monkeypatch: pytest.MonkeyPatch) -> Any:
         cls = type(adapter)
         original = cls.render
 
-        def recording(self: Any, report: Any, message: Any, settings: Any, _o: Any = original, _n: str = name) -> Any:
+        def recording(
+            self: Any, report: Any, message: Any, settings: Any, _o: Any = original, _n: str = name
+        ) -> Any:
             payload = _o(self, report, message, settings)
             rendered.append((_n, payload.body))
             return payload
@@ -281,12 +308,23 @@ def dev_certs(tmp_path: Path) -> Any:
 
 async def tls_simulator(aiohttp_server: Any, module: Any, certs: Any, seed: int) -> TestServer:
     """A simulator module's app served over HTTPS that requires our test client certificate."""
-    options = SimulatorOptions(cert_file=str(certs.server_cert), key_file=str(certs.server_key),
-                               client_ca_file=str(certs.ca_file), seed=seed)
+    options = SimulatorOptions(
+        cert_file=str(certs.server_cert),
+        key_file=str(certs.server_key),
+        client_ca_file=str(certs.ca_file),
+        seed=seed,
+    )
     return await aiohttp_server(module.build_app(options), ssl=module.ssl_context(options))
 
 
 def tls_vendor(url: str, certs: Any, **options: Any) -> VendorSettings:
     """Vendor settings that present the test client certificate and trust the test CA."""
-    return VendorSettings(endpoint=url, cert_file=str(certs.client_cert), key_file=str(certs.client_key),
-                          ca_file=str(certs.ca_file), connect_timeout=2, read_timeout=2, options=options)
+    return VendorSettings(
+        endpoint=url,
+        cert_file=str(certs.client_cert),
+        key_file=str(certs.client_key),
+        ca_file=str(certs.ca_file),
+        connect_timeout=2,
+        read_timeout=2,
+        options=options,
+    )

@@ -31,33 +31,66 @@ KEY, TOKEN = "fuzz-key-746", "fuzz-ops-token"
 #: after start, 2 decimals), a text a vendor cannot carry, what the tenant's vendor needs, a
 #: route the tenant lacks. Those are 422 by contract (DESIGN.md §3), so 422 is expected too.
 #: and too many records is 413 naming the limit (DESIGN.md §3), a rejection like any 4xx.
-CHECKS = {"positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "409", "422"]},
-          "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "406", "409",
-                                                            "413", "415", "422", "428", "429"]}}
+CHECKS = {
+    "positive_data_acceptance": {"expected-statuses": ["2xx", "401", "403", "404", "409", "422"]},
+    "negative_data_rejection": {
+        "expected-statuses": [
+            "400",
+            "401",
+            "403",
+            "404",
+            "405",
+            "406",
+            "409",
+            "413",
+            "415",
+            "422",
+            "428",
+            "429",
+        ]
+    },
+}
 
 
 def config(secret: str) -> SchemathesisConfig:
     """Checks as above; the credential given as configured auth, so that schemathesis knows
     it is sent (a negative case never counts on its absence)."""
-    return SchemathesisConfig.from_dict({"checks": CHECKS, "headers": {"Authorization": f"Bearer {secret}"}})
+    return SchemathesisConfig.from_dict(
+        {"checks": CHECKS, "headers": {"Authorization": f"Bearer {secret}"}}
+    )
 
 
 def fuzz_settings(tmp: Path) -> Settings:
-    vendor = VendorSettings(endpoint="http://127.0.0.1:9/none", username="u", password="p", institution="XY")
+    vendor = VendorSettings(
+        endpoint="http://127.0.0.1:9/none", username="u", password="p", institution="XY"
+    )
     policy = EndpointPolicy(opening_hours="always")
-    tenant = Tenant(municipality="746", name="Fuzz 746", api_key_hashes=frozenset({hash_api_key(KEY)}),
-                    routes=MappingProxyType({"drive": "sd-koersel"}),
-                    vendors=MappingProxyType({"sd-koersel": vendor}), retry=MappingProxyType({}),
-                    endpoints=MappingProxyType({"sd-koersel": policy}))
-    return Settings(store_url=f"sqlite:///{tmp / 'fuzz.db'}", data_dir=tmp, workers=1, lease_seconds=60,
-                    poll_seconds=0.05, retry=RetryPolicy(first_delay=1, multiplier=2, cap=2, jitter=0.0,
-                                                          max_attempts=2, max_age=60),
-                    max_body_bytes=256 * 1024, tenants={"746": tenant},
-                    operators={"fuzz": Operator("fuzz", hash_api_key(TOKEN))},
-                    # the fuzzer is one client that sends bad credentials on purpose: the limit
-                    # on failed authentications (tested in test_auth.py) would turn its valid
-                    # requests into 429s
-                    auth_failures_per_minute=1_000_000)
+    tenant = Tenant(
+        municipality="746",
+        name="Fuzz 746",
+        api_key_hashes=frozenset({hash_api_key(KEY)}),
+        routes=MappingProxyType({"drive": "sd-koersel"}),
+        vendors=MappingProxyType({"sd-koersel": vendor}),
+        retry=MappingProxyType({}),
+        endpoints=MappingProxyType({"sd-koersel": policy}),
+    )
+    return Settings(
+        store_url=f"sqlite:///{tmp / 'fuzz.db'}",
+        data_dir=tmp,
+        workers=1,
+        lease_seconds=60,
+        poll_seconds=0.05,
+        retry=RetryPolicy(
+            first_delay=1, multiplier=2, cap=2, jitter=0.0, max_attempts=2, max_age=60
+        ),
+        max_body_bytes=256 * 1024,
+        tenants={"746": tenant},
+        operators={"fuzz": Operator("fuzz", hash_api_key(TOKEN))},
+        # the fuzzer is one client that sends bad credentials on purpose: the limit
+        # on failed authentications (tested in test_auth.py) would turn its valid
+        # requests into 429s
+        auth_failures_per_minute=1_000_000,
+    )
 
 
 @contextmanager
@@ -100,10 +133,24 @@ def fuzz(tmp: Path, max_examples: int) -> dict[str, int]:
     return counts
 
 
-def _run(operation: Any, mode: GenerationMode, base: str, session: requests.Session, headers: dict[str, str],
-         max_examples: int, counts: dict[str, int], label: str) -> None:
-    @hypothesis.settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
-                         phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+def _run(
+    operation: Any,
+    mode: GenerationMode,
+    base: str,
+    session: requests.Session,
+    headers: dict[str, str],
+    max_examples: int,
+    counts: dict[str, int],
+    label: str,
+) -> None:
+    @hypothesis.settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @hypothesis.given(case=operation.as_strategy(mode))
     def check(case: Any) -> None:
         counts[label] += 1

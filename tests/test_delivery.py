@@ -30,7 +30,9 @@ def accepted(sd_server: TestServer) -> list[Any]:
     return sd_server.app[SD_STATE].accepted
 
 
-async def test_happy_path_delivers_with_the_vendor_reference(gateway: Gateway, sd_server: TestServer) -> None:
+async def test_happy_path_delivers_with_the_vendor_reference(
+    gateway: Gateway, sd_server: TestServer
+) -> None:
     status, _ = await gateway.post(drive())
     assert status == 202
     view = await gateway.wait_for("R-1", {"delivered"}, within=2)
@@ -69,7 +71,9 @@ async def test_optional_wage_code_is_a_second_call(gateway: Gateway, sd_server: 
     assert set(view["deliveries"][0]["vendor_reference"].split(", ")) == refs
 
 
-async def test_server_fault_is_retried_then_delivered(gateway: Gateway, sd_server: TestServer) -> None:
+async def test_server_fault_is_retried_then_delivered(
+    gateway: Gateway, sd_server: TestServer
+) -> None:
     sd_server.app[SD_STATE].fail_next = 2
     await gateway.post(drive())
     view = await gateway.wait_for("R-1", {"delivered"}, within=5)
@@ -78,7 +82,9 @@ async def test_server_fault_is_retried_then_delivered(gateway: Gateway, sd_serve
     assert len(accepted(sd_server)) == 1
 
 
-async def test_client_fault_fails_with_the_vendor_text(gateway: Gateway, sd_server: TestServer) -> None:
+async def test_client_fault_fails_with_the_vendor_text(
+    gateway: Gateway, sd_server: TestServer
+) -> None:
     report = drive()
     report["employee"]["employment_id"] = "00000000"
     await gateway.post(report)
@@ -89,8 +95,9 @@ async def test_client_fault_fails_with_the_vendor_text(gateway: Gateway, sd_serv
     assert accepted(sd_server) == []
 
 
-async def test_invalid_payload_is_failed_and_never_sent(make_gateway: Any, settings: Settings,
-                                                        sd_server: TestServer) -> None:
+async def test_invalid_payload_is_failed_and_never_sent(
+    make_gateway: Any, settings: Settings, sd_server: TestServer
+) -> None:
     # tenant 840 has no SD institution configured and the report names none
     gw = await make_gateway(settings)
     await gw.post(drive(municipality="840"), key=KEY_840)
@@ -101,8 +108,12 @@ async def test_invalid_payload_is_failed_and_never_sent(make_gateway: Any, setti
     assert sd_server.app[SD_STATE].received == 0
 
 
-async def test_retry_policy_runs_out(make_gateway: Any, settings: Settings, sd_server: TestServer) -> None:
-    policy = RetryPolicy(first_delay=0.01, multiplier=1, cap=0.01, jitter=0, max_attempts=3, max_age=60)
+async def test_retry_policy_runs_out(
+    make_gateway: Any, settings: Settings, sd_server: TestServer
+) -> None:
+    policy = RetryPolicy(
+        first_delay=0.01, multiplier=1, cap=0.01, jitter=0, max_attempts=3, max_age=60
+    )
     gw = await make_gateway(with_retry(settings, policy))
     sd_server.app[SD_STATE].fault = "server"
     await gw.post(drive())
@@ -112,7 +123,9 @@ async def test_retry_policy_runs_out(make_gateway: Any, settings: Settings, sd_s
     assert "retry policy exhausted after 3 attempts" in delivery["last_error"]
 
 
-async def test_read_timeout_after_sending_is_in_doubt_not_retried(gateway: Gateway, sd_server: TestServer) -> None:
+async def test_read_timeout_after_sending_is_in_doubt_not_retried(
+    gateway: Gateway, sd_server: TestServer
+) -> None:
     sd_server.app[SD_STATE].fault = "drop-after-apply"
     await gateway.post(drive())
     view = await gateway.wait_for("R-1", {"in_doubt"})
@@ -131,7 +144,9 @@ async def test_restart_with_a_claimed_unfinished_delivery_delivers_once(
     first = await make_gateway(settings, run_dispatcher=False)
     await first.post(drive())
     # a dispatcher claimed it and died before sending (its lease is still valid)
-    jobs = await first.store.claim_due(time.time(), "dead-process", dead_lease(settings), 10, ["sd-koersel"], [])
+    jobs = await first.store.claim_due(
+        time.time(), "dead-process", dead_lease(settings), 10, ["sd-koersel"], []
+    )
     assert len(jobs) == 1
     await first.client.close()
     await asyncio.sleep(0.3)  # PostgreSQL: the dead process's lease has expired
@@ -148,8 +163,12 @@ async def test_restart_after_a_request_may_have_left_is_in_doubt(
 
     first = await make_gateway(settings, run_dispatcher=False)
     await first.post(drive())
-    [job] = await first.store.claim_due(time.time(), "dead-process", dead_lease(settings), 10, ["sd-koersel"], [])
-    await first.store.begin_attempt(job.delivery_id, Message("wage_code", "create"), "<masked/>", time.time())
+    [job] = await first.store.claim_due(
+        time.time(), "dead-process", dead_lease(settings), 10, ["sd-koersel"], []
+    )
+    await first.store.begin_attempt(
+        job.delivery_id, Message("wage_code", "create"), "<masked/>", time.time()
+    )
     await first.client.close()
     await asyncio.sleep(0.3)  # PostgreSQL: the dead process's lease has expired
     second = await make_gateway(settings)
@@ -159,7 +178,9 @@ async def test_restart_after_a_request_may_have_left_is_in_doubt(
 
 
 @pytest.mark.sqlite_only
-async def test_a_failed_commit_never_answers_202(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failed_commit_never_answers_202(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def refuse(self: SQLiteStore, conn: sqlite3.Connection) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
@@ -178,14 +199,22 @@ async def test_a_stopped_writer_never_answers_202(gateway: Gateway) -> None:
     assert status == 503
 
 
-async def test_audit_trail_records_every_change_and_verifies(gateway: Gateway, sd_server: TestServer) -> None:
+async def test_audit_trail_records_every_change_and_verifies(
+    gateway: Gateway, sd_server: TestServer
+) -> None:
     sd_server.app[SD_STATE].fail_next = 1
     await gateway.post(drive())
     await gateway.wait_for("R-1", {"delivered"})
     events = await gateway.store.audit_chain()
     names = [e["event"] for e in events]
-    for expected in ("report.received", "delivery.queued", "attempt.retry", "delivery.retry_scheduled",
-                     "attempt.delivered", "delivery.delivered"):
+    for expected in (
+        "report.received",
+        "delivery.queued",
+        "attempt.retry",
+        "delivery.retry_scheduled",
+        "attempt.delivered",
+        "delivery.delivered",
+    ):
         assert expected in names
     key = gateway.store.audit_key
     assert verify_chain(events, key) == (len(events), None)
@@ -196,8 +225,9 @@ async def test_audit_trail_records_every_change_and_verifies(gateway: Gateway, s
 
 
 @pytest.mark.sqlite_only
-async def test_no_cpr_in_logs_or_stored_attempts(gateway: Gateway, sd_server: TestServer,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_cpr_in_logs_or_stored_attempts(
+    gateway: Gateway, sd_server: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     sd_server.app[SD_STATE].fault = "client"
     await gateway.post(drive())
@@ -210,8 +240,9 @@ async def test_no_cpr_in_logs_or_stored_attempts(gateway: Gateway, sd_server: Te
     assert "0202802345" not in caplog.text
 
 
-async def test_an_expired_lease_is_reclaimed_while_running(make_gateway: Any, settings: Settings,
-                                                          sd_server: TestServer) -> None:
+async def test_an_expired_lease_is_reclaimed_while_running(
+    make_gateway: Any, settings: Settings, sd_server: TestServer
+) -> None:
     """A task that died with the store leaves its lease; it is taken back once it expires."""
     from dataclasses import replace
 

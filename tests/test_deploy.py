@@ -76,7 +76,7 @@ def _pip_commands(instructions: list[Instruction], verb: str) -> list[list[str]]
     found = []
     for argv in _run_commands(instructions):
         if "pip" in argv:
-            rest = argv[argv.index("pip") + 1:]
+            rest = argv[argv.index("pip") + 1 :]
             if rest and rest[0] == verb:
                 found.append(rest)
     return found
@@ -95,14 +95,19 @@ def _from_images(instructions: list[Instruction]) -> list[str]:
     for ins in instructions:
         if ins.op == "FROM":
             image = ins.args.split()[0]
-            images.append(re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), image))
+            images.append(
+                re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), image)
+            )
     return images
 
 
 def rule_pinned_base(ins: list[Instruction]) -> list[str]:
     stages = {i.args.split()[-1] for i in ins if i.op == "FROM" and " AS " in i.args.upper()}
-    return [f"FROM {image}: pin a tag, never latest or none" for image in _from_images(ins)
-            if image not in stages and (":" not in image or image.endswith(":latest"))]
+    return [
+        f"FROM {image}: pin a tag, never latest or none"
+        for image in _from_images(ins)
+        if image not in stages and (":" not in image or image.endswith(":latest"))
+    ]
 
 
 def rule_non_root_user(ins: list[Instruction]) -> list[str]:
@@ -116,8 +121,12 @@ def rule_non_root_user(ins: list[Instruction]) -> list[str]:
 
 
 def rule_pip_no_cache(ins: list[Instruction]) -> list[str]:
-    return [f"pip {' '.join(argv)}: add --no-cache-dir" for verb in ("install", "wheel")
-            for argv in _pip_commands(ins, verb) if "--no-cache-dir" not in argv]
+    return [
+        f"pip {' '.join(argv)}: add --no-cache-dir"
+        for verb in ("install", "wheel")
+        for argv in _pip_commands(ins, verb)
+        if "--no-cache-dir" not in argv
+    ]
 
 
 def rule_healthcheck(ins: list[Instruction]) -> list[str]:
@@ -153,23 +162,39 @@ def rule_apt_get(ins: list[Instruction]) -> list[str]:
     for i in ins:
         if i.op != "RUN" or "apt-get" not in i.args:
             continue
-        if re.search(r"apt-get\s+(-\S+\s+)*install", i.args) and "--no-install-recommends" not in i.args:
-            problems.append(f"RUN on line {i.line}: apt-get install without --no-install-recommends")
+        if (
+            re.search(r"apt-get\s+(-\S+\s+)*install", i.args)
+            and "--no-install-recommends" not in i.args
+        ):
+            problems.append(
+                f"RUN on line {i.line}: apt-get install without --no-install-recommends"
+            )
         if "install" in i.args and "rm -rf /var/lib/apt/lists" not in i.args:
             problems.append(f"RUN on line {i.line}: clean /var/lib/apt/lists in the same RUN")
         if "upgrade" in i.args.split():
-            problems.append(f"RUN on line {i.line}: no apt-get upgrade (pin the base image instead)")
+            problems.append(
+                f"RUN on line {i.line}: no apt-get upgrade (pin the base image instead)"
+            )
     return problems
 
 
 def rule_no_sudo_or_cd(ins: list[Instruction]) -> list[str]:
-    return [f"RUN on line {i.line}: use WORKDIR, not cd; never sudo" for i in ins if i.op == "RUN"
-            and any(argv and argv[0] in ("cd", "sudo") for argv in _run_commands([i]))]
+    return [
+        f"RUN on line {i.line}: use WORKDIR, not cd; never sudo"
+        for i in ins
+        if i.op == "RUN" and any(argv and argv[0] in ("cd", "sudo") for argv in _run_commands([i]))
+    ]
 
 
 RULES: list[Callable[[list[Instruction]], list[str]]] = [
-    rule_pinned_base, rule_non_root_user, rule_pip_no_cache, rule_healthcheck, rule_json_exec_form,
-    rule_no_remote_add, rule_apt_get, rule_no_sudo_or_cd,
+    rule_pinned_base,
+    rule_non_root_user,
+    rule_pip_no_cache,
+    rule_healthcheck,
+    rule_json_exec_form,
+    rule_no_remote_add,
+    rule_apt_get,
+    rule_no_sudo_or_cd,
 ]
 
 
@@ -192,22 +217,35 @@ CMD ["serve"]
 """
 
 
-@pytest.mark.parametrize(("old", "new", "words"), [
-    ("FROM python:3.11-slim\n", "FROM python:latest\n", "pin a tag"),
-    ("FROM python:3.11-slim\n", "FROM python\n", "pin a tag"),
-    ("USER app\n", "", "non-root user"),
-    ("USER app\n", "USER root\n", "USER: root"),
-    ('USER app\nHEALTHCHECK CMD ["python", "-c", "print(\'/healthz\')"]\nCMD ["serve"]\n',
-     'HEALTHCHECK CMD ["python", "-c", "print(\'/healthz\')"]\nCMD ["serve"]\nUSER app\n', "before CMD"),
-    ("install --no-cache-dir", "install", "add --no-cache-dir"),
-    ('HEALTHCHECK CMD ["python", "-c", "print(\'/healthz\')"]\n', "", "HEALTHCHECK: missing"),
-    ('CMD ["serve"]', "CMD serve", "JSON (exec) form"),
-    ("USER app\n", "ADD https://example.org/x.tgz /x\nUSER app\n", "use COPY"),
-    ("USER app\n", "RUN apt-get update && apt-get install -y curl\nUSER app\n", "--no-install-recommends"),
-    ("USER app\n", "RUN apt-get update && apt-get install -y --no-install-recommends curl\nUSER app\n",
-     "/var/lib/apt/lists"),
-    ("USER app\n", "RUN cd /src && make\nUSER app\n", "WORKDIR"),
-])
+@pytest.mark.parametrize(
+    ("old", "new", "words"),
+    [
+        ("FROM python:3.11-slim\n", "FROM python:latest\n", "pin a tag"),
+        ("FROM python:3.11-slim\n", "FROM python\n", "pin a tag"),
+        ("USER app\n", "", "non-root user"),
+        ("USER app\n", "USER root\n", "USER: root"),
+        (
+            'USER app\nHEALTHCHECK CMD ["python", "-c", "print(\'/healthz\')"]\nCMD ["serve"]\n',
+            'HEALTHCHECK CMD ["python", "-c", "print(\'/healthz\')"]\nCMD ["serve"]\nUSER app\n',
+            "before CMD",
+        ),
+        ("install --no-cache-dir", "install", "add --no-cache-dir"),
+        ('HEALTHCHECK CMD ["python", "-c", "print(\'/healthz\')"]\n', "", "HEALTHCHECK: missing"),
+        ('CMD ["serve"]', "CMD serve", "JSON (exec) form"),
+        ("USER app\n", "ADD https://example.org/x.tgz /x\nUSER app\n", "use COPY"),
+        (
+            "USER app\n",
+            "RUN apt-get update && apt-get install -y curl\nUSER app\n",
+            "--no-install-recommends",
+        ),
+        (
+            "USER app\n",
+            "RUN apt-get update && apt-get install -y --no-install-recommends curl\nUSER app\n",
+            "/var/lib/apt/lists",
+        ),
+        ("USER app\n", "RUN cd /src && make\nUSER app\n", "WORKDIR"),
+    ],
+)
 def test_the_lint_catches(old: str, new: str, words: str) -> None:
     assert lint(GOOD) == []
     bad = GOOD.replace(old, new, 1)
@@ -221,12 +259,14 @@ def test_the_lint_catches(old: str, new: str, words: str) -> None:
 def _wheel_test_steps() -> tuple[list[str], list[str]]:
     """The pip arguments tests/test_wheel.py uses to build and to install the wheel."""
     tree = ast.parse((REPO / "tests" / "test_wheel.py").read_text(encoding="utf-8"))
-    calls = [[a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-             for node in ast.walk(tree)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_pip"]
+    calls = [
+        [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_pip"
+    ]
     build = next(c for c in calls if c[:1] == ["wheel"])
     install = next(c for c in calls if "install" in c)
-    return build, install[install.index("install"):]
+    return build, install[install.index("install") :]
 
 
 def test_the_dockerfile_builds_and_installs_like_the_wheel_test() -> None:
@@ -242,7 +282,9 @@ def test_the_dockerfile_builds_and_installs_like_the_wheel_test() -> None:
     targets = [a for a in docker_install[1:] if not a.startswith("-") and a != lock]
     assert len(targets) == 1 and targets[0].endswith(".whl") and "payroll_gateway-" in targets[0]
     copied = [i.args for i in instructions if i.op == "COPY"]
-    assert "requirements.lock /tmp/requirements.lock" in copied and Path(lock) == Path("/tmp/requirements.lock")
+    assert "requirements.lock /tmp/requirements.lock" in copied and Path(lock) == Path(
+        "/tmp/requirements.lock"
+    )
 
 
 def test_the_dockerignore_keeps_out_what_the_wheel_test_keeps_out() -> None:
@@ -250,8 +292,11 @@ def test_the_dockerignore_keeps_out_what_the_wheel_test_keeps_out() -> None:
     block = re.search(r"NOT_SOURCE = \(([^)]*)\)", source)
     assert block is not None
     not_source = {json.loads(a) for a in re.findall(r'"[^"]*"', block.group(1))}
-    ignored = {line.strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert not_source - ignored <= {"__pycache__"} and "**/__pycache__" in ignored
 
 
@@ -296,7 +341,11 @@ def _compose_by_text(text: str) -> dict[str, Any]:
                 current[key] = json.loads(value) if value.strip().startswith("[") else value.strip()
         elif current is not None and indent == 6 and sub == "depends_on":
             current.setdefault("depends_on", {})[key] = {}
-        if top != "services" and indent == 0 and key not in ("name", "x-gateway", "secrets", "volumes"):
+        if (
+            top != "services"
+            and indent == 0
+            and key not in ("name", "x-gateway", "secrets", "volumes")
+        ):
             raise AssertionError(f"unexpected top-level key {key!r}")
     return {"services": services}
 
@@ -313,7 +362,9 @@ def test_compose_runs_intake_and_dispatch_on_postgresql() -> None:
     migrate = services["migrate"]["command"]
     assert migrate[0] == "migrate" and migrate[migrate.index("--store") + 1] == STORE_URL
     assert "db" in services["migrate"]["depends_on"]
-    assert services["db"]["image"].startswith("postgres:") and not services["db"]["image"].endswith(":latest")
+    assert services["db"]["image"].startswith("postgres:") and not services["db"]["image"].endswith(
+        ":latest"
+    )
 
 
 # -- systemd ---------------------------------------------------------------------------------------
@@ -344,19 +395,32 @@ def test_the_unit_is_hardened_and_runs_its_instance_role() -> None:
     assert service.get("DynamicUser") == ["yes"] or service.get("User", [""])[0] not in ("", "root")
     assert service["ProtectSystem"] == ["strict"] and service["NoNewPrivileges"] == ["yes"]
     assert "/var/lib/payroll-gateway" in service["ReadWritePaths"][0].split()
-    assert service["Restart"][0] in ("on-failure", "always") and service["KillSignal"] == ["SIGTERM"]
+    assert service["Restart"][0] in ("on-failure", "always") and service["KillSignal"] == [
+        "SIGTERM"
+    ]
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here"
+)
 def test_systemd_analyze_verify_finds_nothing(tmp_path: Path) -> None:
     # an instance of the template, with an executable that exists on this machine
     executable = Path(sys.executable).with_name("payroll-gateway")
-    text = UNIT.read_text(encoding="utf-8").replace("/opt/payroll-gateway/bin/payroll-gateway",
-                                                   str(executable if executable.exists() else sys.executable))
+    text = UNIT.read_text(encoding="utf-8").replace(
+        "/opt/payroll-gateway/bin/payroll-gateway",
+        str(executable if executable.exists() else sys.executable),
+    )
     instance = tmp_path / "payroll-gateway@intake.service"
     instance.write_text(text, encoding="utf-8")
-    done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(instance)], capture_output=True,
-                          text=True, timeout=60, cwd=tmp_path)
-    problems = [line for line in (done.stdout + done.stderr).splitlines() if "payroll-gateway" in line]
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(instance)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    problems = [
+        line for line in (done.stdout + done.stderr).splitlines() if "payroll-gateway" in line
+    ]
     assert done.returncode == 0 and problems == [], done.stdout + done.stderr

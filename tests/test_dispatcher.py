@@ -35,7 +35,9 @@ from gateway.watch import AtRiskWatch
 from tests.conftest import DRIVE, TEST_KEYS, tenant
 
 START = 1_800_000_000.0
-POLICY = RetryPolicy(first_delay=10, multiplier=2, cap=600, jitter=0, max_attempts=3, max_age=86_400)
+POLICY = RetryPolicy(
+    first_delay=10, multiplier=2, cap=600, jitter=0, max_attempts=3, max_age=86_400
+)
 NOTHING = Receipt(None)
 
 
@@ -68,15 +70,25 @@ class FakeAdapter:
     not_applicable: set[str] = field(default_factory=set)
     sent: list[tuple[str, str]] = field(default_factory=list)  # (report_id, km)
 
-    def plan(self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings) -> Plan:
+    def plan(
+        self, report: Report, delivered: Sequence[DeliveredPart], settings: VendorSettings
+    ) -> Plan:
         if report.report_id in self.not_applicable:
             return Plan(not_applicable="zero km")
         if any(p.part == "km" for p in delivered):
             return Plan()
-        return Plan((Message("km", "create", {"report_id": report.report_id, "km": str(report.distance_km)}),))
+        return Plan(
+            (
+                Message(
+                    "km", "create", {"report_id": report.report_id, "km": str(report.distance_km)}
+                ),
+            )
+        )
 
     def render(self, report: Report, message: Message, settings: VendorSettings) -> Payload:
-        return Payload(f"{message.fields['report_id']}|{message.fields['km']}".encode(), "text/plain")
+        return Payload(
+            f"{message.fields['report_id']}|{message.fields['km']}".encode(), "text/plain"
+        )
 
     async def send(self, payload: Payload, channel: Channel) -> Receipt:
         report_id, km = payload.body.decode().split("|")
@@ -106,15 +118,32 @@ class Rig:
     dispatcher: Dispatcher
     settings: Settings
 
-    async def submit(self, report_id: str, employment: str = "00123", version: int = 1, km: str = "10.00",
-                     cutoff_at: float | None = None) -> None:
+    async def submit(
+        self,
+        report_id: str,
+        employment: str = "00123",
+        version: int = 1,
+        km: str = "10.00",
+        cutoff_at: float | None = None,
+    ) -> None:
         body: dict[str, Any] = copy.deepcopy(DRIVE)
         body.update(report_id=report_id, version=version, distance_km=km)
         body["employee"]["employment_id"] = employment
         cpr = body["employee"].pop("cpr")
         approver = body.pop("approved_by_cpr")
-        new = NewReport("746", report_id, version, "drive", employment, body, cpr, approver,
-                        f"{report_id}-{version}-{km}", "fake", cutoff_at)
+        new = NewReport(
+            "746",
+            report_id,
+            version,
+            "drive",
+            employment,
+            body,
+            cpr,
+            approver,
+            f"{report_id}-{version}-{km}",
+            "fake",
+            cutoff_at,
+        )
         await self.store.submit([new], self.clock())
 
     async def tick(self) -> int:
@@ -135,8 +164,13 @@ class Rig:
 async def rig(tmp_path: Path, store_url: str) -> AsyncIterator[Rig]:
     """The dispatcher on a fake clock and a fake adapter, on each store engine."""
     settings = Settings(
-        store_url=store_url, data_dir=tmp_path, workers=8, lease_seconds=30,
-        poll_seconds=0.05, retry=POLICY, max_body_bytes=256 * 1024,
+        store_url=store_url,
+        data_dir=tmp_path,
+        workers=8,
+        lease_seconds=30,
+        poll_seconds=0.05,
+        retry=POLICY,
+        max_body_bytes=256 * 1024,
         tenants={"746": tenant("746", "k", {}, {"drive": "fake"})},
     )
     store = open_store(store_url, keys=TEST_KEYS)
@@ -182,8 +216,14 @@ async def test_in_doubt_is_never_resent_blindly(rig: Rig) -> None:
     rig.clock.advance_to(START + 86_400)
     assert await rig.tick() == 0  # the fake vendor cannot be asked: an operator decides
     assert rig.adapter.sent == [("R-1", "10.00")]
-    result = await rig.store.operate("confirm", {"ids": [d["id"]]}, "ops", "found it at the vendor",
-                                     rig.clock(), vendor_reference="SD-7")
+    result = await rig.store.operate(
+        "confirm",
+        {"ids": [d["id"]]},
+        "ops",
+        "found it at the vendor",
+        rig.clock(),
+        vendor_reference="SD-7",
+    )
     assert result == {"changed": [d["id"]], "skipped": []}
     assert (await rig.latest("R-1"))["status"] == "delivered"
 
@@ -200,7 +240,10 @@ async def test_a_newer_version_supersedes_an_unsent_and_a_retrying_one(rig: Rig)
     old, new = await rig.deliveries("R-2")
     assert (old["status"], old["last_error"]) == ("superseded", "superseded by version 2")
     await rig.tick()
-    assert ("R-1", "10.00") not in rig.adapter.sent and ("R-2", "6.00") in rig.adapter.sent  # version 1 was never sent
+    assert ("R-1", "10.00") not in rig.adapter.sent and (
+        "R-2",
+        "6.00",
+    ) in rig.adapter.sent  # version 1 was never sent
     assert [d["status"] for d in await rig.deliveries("R-1")] == ["superseded", "delivered"]
     assert (await rig.latest("R-2"))["status"] == "delivered"
 
@@ -272,8 +315,10 @@ async def test_the_retry_policy_runs_out_and_the_reason_is_kept(rig: Rig) -> Non
 
 async def test_a_lease_that_expires_mid_send_is_in_doubt(rig: Rig) -> None:
     await rig.submit("R-1")
-    job, = await rig.store.claim_due(rig.clock(), "gone", 30, 10, ["fake"], [])
-    await rig.store.begin_attempt(job.delivery_id, Message("km", "create"), "R-1|10.00", rig.clock())
+    (job,) = await rig.store.claim_due(rig.clock(), "gone", 30, 10, ["fake"], [])
+    await rig.store.begin_attempt(
+        job.delivery_id, Message("km", "create"), "R-1|10.00", rig.clock()
+    )
     rig.clock.advance_to(START + 31)
     await rig.tick()  # reclaims the expired lease; the request may have left: never resent
     d = await rig.latest("R-1")
@@ -283,10 +328,10 @@ async def test_a_lease_that_expires_mid_send_is_in_doubt(rig: Rig) -> None:
 
 async def test_a_claimer_whose_lease_was_taken_over_abandons_without_sending(rig: Rig) -> None:
     await rig.submit("R-1")
-    job, = await rig.dispatcher._claim(rig.settings.workers)
+    (job,) = await rig.dispatcher._claim(rig.settings.workers)
     rig.clock.advance_to(START + 31)  # this process stalled past its lease: another one takes over
     assert await rig.store.reclaim(rig.clock(), every_lease=False) == {"requeued": 1, "in_doubt": 0}
-    other, = await rig.store.claim_due(rig.clock(), "other", 30, 10, ["fake"], [])
+    (other,) = await rig.store.claim_due(rig.clock(), "other", 30, 10, ["fake"], [])
     await rig.dispatcher._guarded(job)  # the stalled process wakes up
     assert rig.adapter.sent == []
     d = await rig.latest("R-1")
@@ -309,7 +354,9 @@ async def test_operators_get_a_conflict_for_a_state_without_that_action(rig: Rig
     await rig.tick()
     d = await rig.latest("R-1")
     for action in ("replay", "cancel", "confirm", "check"):
-        result = await rig.store.operate(action, {"ids": [d["id"]]}, "ops", "why", rig.clock(), ["fake"])
+        result = await rig.store.operate(
+            action, {"ids": [d["id"]]}, "ops", "why", rig.clock(), ["fake"]
+        )
         assert result == {"changed": [], "skipped": [d["id"]]}
 
 

@@ -15,7 +15,9 @@ def endpoints(**policy: object) -> Endpoints:
 
 
 def test_breaker_opens_on_the_failure_share_then_probes_once() -> None:
-    breaker = Breaker(BreakerPolicy(window_seconds=10, min_calls=4, failure_rate=0.5, open_seconds=5))
+    breaker = Breaker(
+        BreakerPolicy(window_seconds=10, min_calls=4, failure_rate=0.5, open_seconds=5)
+    )
     assert breaker.record(True, 0) is None and breaker.record(False, 1) is None
     assert breaker.record(True, 2) is None
     assert breaker.record(False, 3) is BreakerState.OPEN  # 2 of 4 failed
@@ -31,7 +33,9 @@ def test_breaker_opens_on_the_failure_share_then_probes_once() -> None:
 
 
 def test_old_calls_leave_the_window() -> None:
-    breaker = Breaker(BreakerPolicy(window_seconds=10, min_calls=3, failure_rate=0.5, open_seconds=5))
+    breaker = Breaker(
+        BreakerPolicy(window_seconds=10, min_calls=3, failure_rate=0.5, open_seconds=5)
+    )
     breaker.record(False, 0)
     breaker.record(False, 1)
     assert breaker.record(True, 30) is None  # the two failures are outside the window
@@ -63,7 +67,9 @@ def test_pause_and_opening_hours_stop_claims() -> None:
 
 
 def test_an_opening_shared_by_another_process_holds_back_then_probes() -> None:
-    breaker = Breaker(BreakerPolicy(window_seconds=10, min_calls=4, failure_rate=0.5, open_seconds=5))
+    breaker = Breaker(
+        BreakerPolicy(window_seconds=10, min_calls=4, failure_rate=0.5, open_seconds=5)
+    )
     assert not breaker.open_until(10, now=10)  # already over
     assert breaker.open_until(20, now=12)
     assert breaker.allowance(19.9) == 0

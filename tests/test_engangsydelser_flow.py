@@ -26,10 +26,14 @@ async def eng_server(aiohttp_server: Any, dev_certs: Any) -> TestServer:
 
 
 @pytest.fixture
-async def gw(make_gateway: Any, settings: Settings, eng_server: TestServer, dev_certs: Any) -> Gateway:
+async def gw(
+    make_gateway: Any, settings: Settings, eng_server: TestServer, dev_certs: Any
+) -> Gateway:
     vendor = tls_vendor(str(eng_server.make_url("/")), dev_certs)
     tenants = dict(settings.tenants)
-    tenants["840"] = tenant("840", KEY_840, {"kmd-engangsydelser": vendor}, {"drive": "kmd-engangsydelser"})
+    tenants["840"] = tenant(
+        "840", KEY_840, {"kmd-engangsydelser": vendor}, {"drive": "kmd-engangsydelser"}
+    )
     return await make_gateway(replace(settings, tenants=tenants))
 
 
@@ -38,8 +42,15 @@ def state(server: TestServer) -> Any:
 
 
 def report(version: int = 1, km: Any = "10.00", **changes: Any) -> dict[str, Any]:
-    r = drive(municipality="840", report_id="E-1", version=version, distance_km=km,
-              drive_date="2026-03-29", wage_code="0201", **changes)
+    r = drive(
+        municipality="840",
+        report_id="E-1",
+        version=version,
+        distance_km=km,
+        drive_date="2026-03-29",
+        wage_code="0201",
+        **changes,
+    )
     r["employee"]["employment_id"] = EMPLOYEE
     return r
 
@@ -82,17 +93,24 @@ async def test_in_doubt_send_is_reconciled_by_reading(gw: Gateway, eng_server: T
     assert len(state(eng_server).received) == 1 and net(eng_server) == Decimal("12.00")
 
 
-async def test_locked_employee_is_retried_and_delivered(gw: Gateway, eng_server: TestServer) -> None:
+async def test_locked_employee_is_retried_and_delivered(
+    gw: Gateway, eng_server: TestServer
+) -> None:
     state(eng_server).locked.add(EMPLOYEE)
     await gw.post(report(1), key=KEY_840)
     view = await gw.wait_for("E-1", {"retry_scheduled", "held"}, municipality="840", key=KEY_840)
-    assert "138" in view["deliveries"][0]["last_error"] or "låst" in view["deliveries"][0]["last_error"]
+    assert (
+        "138" in view["deliveries"][0]["last_error"]
+        or "låst" in view["deliveries"][0]["last_error"]
+    )
     state(eng_server).locked.clear()
     await gw.wait_for("E-1", {"delivered"}, municipality="840", key=KEY_840)
     assert net(eng_server) == Decimal("10.00")
 
 
-async def test_invalid_cost_centre_fails_with_kmds_text(gw: Gateway, eng_server: TestServer) -> None:
+async def test_invalid_cost_centre_fails_with_kmds_text(
+    gw: Gateway, eng_server: TestServer
+) -> None:
     view = await deliver(gw, report(1, account="9999999999"), expect="failed")
     error = view["deliveries"][0]["last_error"]
     assert "119" in error and "Omkostningssted" in error

@@ -19,8 +19,13 @@ KEY_851 = "test-key-851"
 
 @pytest.fixture
 def ind01_settings(settings: Settings, tmp_path: Path) -> Settings:
-    vendor = VendorSettings(options={"directory": str(tmp_path / "ind01"), "schedule": "0 16 * * *",
-                                     "municipality_name": "Testkommune"})
+    vendor = VendorSettings(
+        options={
+            "directory": str(tmp_path / "ind01"),
+            "schedule": "0 16 * * *",
+            "municipality_name": "Testkommune",
+        }
+    )
     tenants = dict(settings.tenants)
     tenants["851"] = tenant("851", KEY_851, {"kmd-ind01": vendor}, {"drive": "kmd-ind01"})
     return replace(settings, tenants=tenants)
@@ -31,9 +36,18 @@ async def gw(make_gateway: Any, ind01_settings: Settings) -> Gateway:
     return await make_gateway(ind01_settings)
 
 
-def report(report_id: str, km: str = "10.00", date: str = "2026-03-10", **changes: Any) -> dict[str, Any]:
-    r = drive(municipality="851", report_id=report_id, distance_km=km, drive_date=date, wage_code="0201",
-              account="1234567890", **changes)
+def report(
+    report_id: str, km: str = "10.00", date: str = "2026-03-10", **changes: Any
+) -> dict[str, Any]:
+    r = drive(
+        municipality="851",
+        report_id=report_id,
+        distance_km=km,
+        drive_date=date,
+        wage_code="0201",
+        account="1234567890",
+        **changes,
+    )
     r["employee"]["employment_type"] = 1
     r["employee"]["extra_number"] = 0
     return r
@@ -54,8 +68,13 @@ async def status(gw: Gateway, report_id: str) -> Any:
 
 
 async def test_a_run_writes_summed_records_and_references(gw: Gateway, tmp_path: Path) -> None:
-    await submit(gw, report("A", "10.00"), report("B", "2.55", date="2026-03-31"),
-                 report("C", "7.00", wage_code_optional="0202"), report("Z", "0"))
+    await submit(
+        gw,
+        report("A", "10.00"),
+        report("B", "2.55", date="2026-03-31"),
+        report("C", "7.00", wage_code_optional="0202"),
+        report("Z", "0"),
+    )
     summary = await gw.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
     lines = file_of(tmp_path).read_text().splitlines()
     assert lines[0] == "851 Testkommune"
@@ -66,12 +85,19 @@ async def test_a_run_writes_summed_records_and_references(gw: Gateway, tmp_path:
     assert records[0][49:55] == "310326"  # the month's last day, DDMMYY
     assert summary.written == 2
     a, c = await status(gw, "A"), await status(gw, "C")
-    assert a["status"] == "delivered" and a["deliveries"][0]["vendor_reference"] == "IND01_851.txt:2"
-    assert set(c["deliveries"][0]["vendor_reference"].split(", ")) == {"IND01_851.txt:2", "IND01_851.txt:3"}
+    assert (
+        a["status"] == "delivered" and a["deliveries"][0]["vendor_reference"] == "IND01_851.txt:2"
+    )
+    assert set(c["deliveries"][0]["vendor_reference"].split(", ")) == {
+        "IND01_851.txt:2",
+        "IND01_851.txt:3",
+    }
     assert (await status(gw, "Z"))["status"] == "not_applicable"
 
 
-async def test_a_value_that_does_not_fit_fails_and_writes_nothing(gw: Gateway, tmp_path: Path) -> None:
+async def test_a_value_that_does_not_fit_fails_and_writes_nothing(
+    gw: Gateway, tmp_path: Path
+) -> None:
     await submit(gw, report("BIG", "10000.00"))
     await gw.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
     view = await status(gw, "BIG")
@@ -80,7 +106,9 @@ async def test_a_value_that_does_not_fit_fails_and_writes_nothing(gw: Gateway, t
 
 
 async def test_concurrent_runs_never_interleave_or_duplicate(gw: Gateway, tmp_path: Path) -> None:
-    await submit(gw, *(report(f"R{i}", "1.00", date=f"2026-{(i % 12) + 1:02d}-01") for i in range(24)))
+    await submit(
+        gw, *(report(f"R{i}", "1.00", date=f"2026-{(i % 12) + 1:02d}-01") for i in range(24))
+    )
     runner = gw.app[APP_FILE_RUNNER]
     await asyncio.gather(*(runner.run_once("851", "kmd-ind01") for _ in range(4)))
     records = file_of(tmp_path).read_text().splitlines()[1:]
@@ -89,7 +117,9 @@ async def test_concurrent_runs_never_interleave_or_duplicate(gw: Gateway, tmp_pa
         assert (await status(gw, f"R{i}"))["status"] == "delivered"
 
 
-async def test_a_new_version_of_a_delivered_report_needs_an_operator(gw: Gateway, tmp_path: Path) -> None:
+async def test_a_new_version_of_a_delivered_report_needs_an_operator(
+    gw: Gateway, tmp_path: Path
+) -> None:
     await submit(gw, report("A", "10.00"))
     await gw.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
     await submit(gw, report("A", "12.00", version=2))
@@ -133,7 +163,9 @@ def test_a_bad_schedule_stops_the_start_with_the_key(ind01_settings: Settings) -
     vendor = VendorSettings(options={"schedule": "every quarter hour"})
     tenants = dict(ind01_settings.tenants)
     tenants["851"] = tenant("851", KEY_851, {"kmd-ind01": vendor}, {"drive": "kmd-ind01"})
-    with pytest.raises(ConfigError, match=r"tenants.851.vendors.kmd-ind01.options.schedule: invalid cron"):
+    with pytest.raises(
+        ConfigError, match=r"tenants.851.vendors.kmd-ind01.options.schedule: invalid cron"
+    ):
         create_app(replace(ind01_settings, tenants=tenants))
 
 
@@ -158,8 +190,12 @@ async def test_render_writes_exactly_the_bytes_of_a_file_run(
     from gateway.cli import main
 
     gw = await make_gateway(with_options(ind01_settings, **AERO))
-    reports = [report("A", "10.00"), report("B", "2.55", date="2026-03-31"),
-               report("C", "7.00", wage_code_optional="0202"), report("D", "1.00", date="2026-04-01")]
+    reports = [
+        report("A", "10.00"),
+        report("B", "2.55", date="2026-03-31"),
+        report("C", "7.00", wage_code_optional="0202"),
+        report("D", "1.00", date="2026-04-01"),
+    ]
     await submit(gw, *reports)
     await gw.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
     written = file_of(tmp_path).read_bytes()
@@ -168,10 +204,13 @@ async def test_render_writes_exactly_the_bytes_of_a_file_run(
 
     src, cfg, out = tmp_path / "reports.json", tmp_path / "render.toml", tmp_path / "out"
     src.write_text(json.dumps(reports), encoding="utf-8")
-    cfg.write_text('[tenants.851.vendors.kmd-ind01.options]\nmunicipality_name = "Ærø Kommune"\n',
-                   encoding="utf-8")
-    code = await asyncio.to_thread(main, ["render", "kmd-ind01", str(src), "--config", str(cfg),
-                                          "--out", str(out)])
+    cfg.write_text(
+        '[tenants.851.vendors.kmd-ind01.options]\nmunicipality_name = "Ærø Kommune"\n',
+        encoding="utf-8",
+    )
+    code = await asyncio.to_thread(
+        main, ["render", "kmd-ind01", str(src), "--config", str(cfg), "--out", str(out)]
+    )
     assert code == 0
     assert (out / "ind01.txt").read_bytes() == written
 
@@ -218,14 +257,20 @@ async def test_a_crash_with_a_non_ascii_header_is_recovered_from_the_journal(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"encoding": "ascii", "file_header": "492 Ærø Kommune"},
-         r"tenants\.851\.vendors\.kmd-ind01\.options\.file_header: '492 Ærø Kommune' cannot be "
-         r"written in ascii"),
-        ({"encoding": "latin-9x"},
-         r"tenants\.851\.vendors\.kmd-ind01\.options\.encoding: unknown encoding 'latin-9x'"),
-        ({"municipality_name": "Ærø ☃"},
-         r"tenants\.851\.vendors\.kmd-ind01\.options\.municipality_name: 'Ærø ☃' cannot be "
-         r"written in iso-8859-1"),
+        (
+            {"encoding": "ascii", "file_header": "492 Ærø Kommune"},
+            r"tenants\.851\.vendors\.kmd-ind01\.options\.file_header: '492 Ærø Kommune' cannot be "
+            r"written in ascii",
+        ),
+        (
+            {"encoding": "latin-9x"},
+            r"tenants\.851\.vendors\.kmd-ind01\.options\.encoding: unknown encoding 'latin-9x'",
+        ),
+        (
+            {"municipality_name": "Ærø ☃"},
+            r"tenants\.851\.vendors\.kmd-ind01\.options\.municipality_name: 'Ærø ☃' cannot be "
+            r"written in iso-8859-1",
+        ),
     ],
 )
 def test_a_text_the_file_cannot_hold_stops_the_start_with_the_key(
@@ -239,19 +284,29 @@ def test_a_text_the_file_cannot_hold_stops_the_start_with_the_key(
     assert "\n" not in str(err.value)
 
 
-async def test_a_file_run_clears_at_risk_when_it_delivers(make_gateway: Any, ind01_settings: Settings,
-                                                          tmp_path: Path) -> None:
+async def test_a_file_run_clears_at_risk_when_it_delivers(
+    make_gateway: Any, ind01_settings: Settings, tmp_path: Path
+) -> None:
     from datetime import datetime, timedelta
     from zoneinfo import ZoneInfo
 
-    cutoff = (datetime.now(ZoneInfo("Europe/Copenhagen")) + timedelta(minutes=2)).replace(second=0, microsecond=0)
+    cutoff = (datetime.now(ZoneInfo("Europe/Copenhagen")) + timedelta(minutes=2)).replace(
+        second=0, microsecond=0
+    )
     old = ind01_settings.tenants["851"]
     tenants = dict(ind01_settings.tenants)
-    tenants["851"] = tenant("851", KEY_851, dict(old.vendors), dict(old.routes),
-                            cutoff={"rule": "business day 5 at 12:00", "dates": [cutoff.strftime("%Y-%m-%dT%H:%M")]})
+    tenants["851"] = tenant(
+        "851",
+        KEY_851,
+        dict(old.vendors),
+        dict(old.routes),
+        cutoff={"rule": "business day 5 at 12:00", "dates": [cutoff.strftime("%Y-%m-%dT%H:%M")]},
+    )
     gw = await make_gateway(replace(ind01_settings, tenants=tenants))
     await submit(gw, report("A", "10.00"), report("Z", "0"))
-    flagged = await gw.store.flag_at_risk(cutoff.timestamp() + 60, 3600)  # as if the cut-off had passed
+    flagged = await gw.store.flag_at_risk(
+        cutoff.timestamp() + 60, 3600
+    )  # as if the cut-off had passed
     assert sorted(f["report_id"] for f in flagged) == ["A", "Z"]
     await gw.app[APP_FILE_RUNNER].run_once("851", "kmd-ind01")
     a, z = (await status(gw, "A"))["deliveries"][0], (await status(gw, "Z"))["deliveries"][0]

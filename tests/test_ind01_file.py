@@ -237,8 +237,9 @@ def test_next_run_needs_an_aware_time() -> None:
 def test_crlf_and_an_encoding_keep_line_numbers_and_recovery(target: Path) -> None:
     crashing = CrashBeforeCommit()
     with pytest.raises(SystemExit):
-        FileRun(target, crashing, header="492 Ærø Kommune", encoding="iso-8859-1",
-                line_end="\r\n").append("run-1", lines("A", 2))
+        FileRun(
+            target, crashing, header="492 Ærø Kommune", encoding="iso-8859-1", line_end="\r\n"
+        ).append("run-1", lines("A", 2))
     (entry,) = crashing.unfinished(str(target))
     assert entry.data.startswith(b"492 \xc6r\xf8 Kommune\r\n") and entry.line_count == 3
     journal = MemoryJournal()

@@ -20,26 +20,34 @@ async def test_single_report_is_accepted_with_202(gateway: Gateway) -> None:
 async def test_same_report_again_is_200_with_the_same_id(gateway: Gateway) -> None:
     _, first = await gateway.post(drive())
     # the same content written differently (string distance, defaults spelled out) is the same
-    status, again = await gateway.post(drive(distance_km="12.50", cancelled=False, sixty_days_rule=False))
+    status, again = await gateway.post(
+        drive(distance_km="12.50", cancelled=False, sixty_days_rule=False)
+    )
     assert status == 200
     assert again["reports"][0]["id"] == first["reports"][0]["id"]
 
 
 async def test_same_version_with_other_content_is_409(gateway: Gateway) -> None:
     await gateway.post(drive())
-    resp = await gateway.client.post("/v1/reports", json=drive(distance_km=13),
-                                     headers={"Authorization": f"Bearer {KEY_746}"})
+    resp = await gateway.client.post(
+        "/v1/reports", json=drive(distance_km=13), headers={"Authorization": f"Bearer {KEY_746}"}
+    )
     assert resp.status == 409
     assert resp.content_type == PROBLEM
     problem = await resp.json()
-    assert problem["errors"] == [{"pointer": "/version", "message": problem["errors"][0]["message"]}]
+    assert problem["errors"] == [
+        {"pointer": "/version", "message": problem["errors"][0]["message"]}
+    ]
 
 
 async def test_invalid_report_is_422_with_pointers_and_nothing_stored(gateway: Gateway) -> None:
     bad = drive(distance_km="12.345", drive_date="2026-03-29T22:00:00Z")
     del bad["wage_code"]
-    resp = await gateway.client.post("/v1/reports", json={"reports": [drive(report_id="ok"), bad]},
-                                     headers={"Authorization": f"Bearer {KEY_746}"})
+    resp = await gateway.client.post(
+        "/v1/reports",
+        json={"reports": [drive(report_id="ok"), bad]},
+        headers={"Authorization": f"Bearer {KEY_746}"},
+    )
     assert resp.status == 422
     assert resp.content_type == PROBLEM
     problem = await resp.json()
@@ -119,10 +127,17 @@ async def test_health_ready_metrics_openapi(gateway: Gateway) -> None:
 
 
 async def test_odd_bodies_get_clear_problems_never_a_500(gateway: Gateway) -> None:
-    odd = [b"[" * 100_000, b'{"reports": [1, "x", null]}', b'{"reports": "all"}', b"42", b'"text"',
-           b'{"kind": "drive", "employee": "0101901234"}', "\udcff".encode("utf-8", "surrogatepass"),
-           b'{"kind": "vacation", "municipality": "746", "report_id": "V", "employee": {"cpr": "0101901234",'
-           b' "employment_id": "1"}, "start_date": "2026-02-30", "end_date": "2026-01-01", "vacation_type": "x"}']
+    odd = [
+        b"[" * 100_000,
+        b'{"reports": [1, "x", null]}',
+        b'{"reports": "all"}',
+        b"42",
+        b'"text"',
+        b'{"kind": "drive", "employee": "0101901234"}',
+        "\udcff".encode("utf-8", "surrogatepass"),
+        b'{"kind": "vacation", "municipality": "746", "report_id": "V", "employee": {"cpr": "0101901234",'
+        b' "employment_id": "1"}, "start_date": "2026-02-30", "end_date": "2026-01-01", "vacation_type": "x"}',
+    ]
     for body in odd:
         status, problem = await gateway.post(body)
         assert 400 <= status < 500, (body[:40], status, problem)
@@ -132,4 +147,6 @@ async def test_odd_bodies_get_clear_problems_never_a_500(gateway: Gateway) -> No
 
 async def test_a_date_that_is_not_in_the_calendar_is_422(gateway: Gateway) -> None:
     status, problem = await gateway.post(drive(drive_date="2026-02-30"))
-    assert status == 422 and problem["errors"] == [{"pointer": "/drive_date", "message": "is not a date in the calendar"}]
+    assert status == 422 and problem["errors"] == [
+        {"pointer": "/drive_date", "message": "is not a date in the calendar"}
+    ]

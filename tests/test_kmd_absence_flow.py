@@ -20,9 +20,14 @@ from tests.conftest import KEY_746, Gateway, tenant, tls_simulator, tls_vendor
 
 PERSONNEL = "00012345"
 VACATION = {
-    "kind": "vacation", "municipality": "746", "report_id": "V-1", "version": 1,
+    "kind": "vacation",
+    "municipality": "746",
+    "report_id": "V-1",
+    "version": 1,
     "employee": {"cpr": "0101901234", "employment_id": PERSONNEL},
-    "start_date": "2026-07-06", "end_date": "2026-07-10", "vacation_type": "regular",
+    "start_date": "2026-07-06",
+    "end_date": "2026-07-10",
+    "vacation_type": "regular",
 }
 
 
@@ -42,27 +47,41 @@ def kmd_vendor(server: TestServer, certs: Any) -> Any:
 
 
 @pytest.fixture
-async def gw(make_gateway: Any, settings: Settings, kmd_server: TestServer, dev_certs: Any) -> Gateway:
+async def gw(
+    make_gateway: Any, settings: Settings, kmd_server: TestServer, dev_certs: Any
+) -> Gateway:
     old = settings.tenants["746"]
     tenants = dict(settings.tenants)
-    tenants["746"] = tenant("746", KEY_746, {**old.vendors, "kmd-absence": kmd_vendor(kmd_server, dev_certs)},
-                            {**old.routes, "vacation": "kmd-absence"})
+    tenants["746"] = tenant(
+        "746",
+        KEY_746,
+        {**old.vendors, "kmd-absence": kmd_vendor(kmd_server, dev_certs)},
+        {**old.routes, "vacation": "kmd-absence"},
+    )
     return await make_gateway(replace(settings, tenants=tenants))
 
 
 def held(server: TestServer, personnel: str = PERSONNEL) -> list[tuple[Any, ...]]:
-    return sorted((r.type, r.start_date, r.end_date, r.start_time, r.end_time, r.additional_data)
-                  for r in server.app[sim.STATE].ledger.holdings(personnel))
+    return sorted(
+        (r.type, r.start_date, r.end_date, r.start_time, r.end_time, r.additional_data)
+        for r in server.app[sim.STATE].ledger.holdings(personnel)
+    )
 
 
 def operations(server: TestServer) -> list[str]:
-    return [r.fields.get("Operation") or "INS" for r in server.app[sim.STATE].received
-            if r.outcome in ("applied", "dropped")]
+    return [
+        r.fields.get("Operation") or "INS"
+        for r in server.app[sim.STATE].received
+        if r.outcome in ("applied", "dropped")
+    ]
 
 
 def assert_nothing_twice(server: TestServer) -> None:
-    seen = [tuple(sorted((k, v) for k, v in r.fields.items())) for r in server.app[sim.STATE].received
-            if r.outcome in ("applied", "dropped")]
+    seen = [
+        tuple(sorted((k, v) for k, v in r.fields.items()))
+        for r in server.app[sim.STATE].received
+        if r.outcome in ("applied", "dropped")
+    ]
     assert len(seen) == len(set(seen)), "an operation reached KMD twice"
 
 
@@ -103,7 +122,9 @@ async def test_edit_that_needs_delete_and_insert(gw: Gateway, kmd_server: TestSe
 async def test_part_days_become_three_absences_and_edits_send_only_changes(
     gw: Gateway, kmd_server: TestServer
 ) -> None:
-    part = vacation(start_date="2026-08-03", end_date="2026-08-07", start_time="12:00", end_time="10:30")
+    part = vacation(
+        start_date="2026-08-03", end_date="2026-08-07", start_time="12:00", end_time="10:30"
+    )
     await deliver(gw, part)
     assert held(kmd_server) == [
         ("FE", D(2026, 8, 3), D(2026, 8, 3), time(12), None, None),
@@ -117,9 +138,16 @@ async def test_part_days_become_three_absences_and_edits_send_only_changes(
 
 
 async def test_two_part_days_have_no_empty_middle(gw: Gateway, kmd_server: TestServer) -> None:
-    await deliver(gw, vacation(start_date="2026-08-03", end_date="2026-08-04",
-                               start_time="12:00", end_time="10:00"))
-    assert [h[1:3] for h in held(kmd_server)] == [(D(2026, 8, 3), D(2026, 8, 3)), (D(2026, 8, 4), D(2026, 8, 4))]
+    await deliver(
+        gw,
+        vacation(
+            start_date="2026-08-03", end_date="2026-08-04", start_time="12:00", end_time="10:00"
+        ),
+    )
+    assert [h[1:3] for h in held(kmd_server)] == [
+        (D(2026, 8, 3), D(2026, 8, 3)),
+        (D(2026, 8, 4), D(2026, 8, 4)),
+    ]
 
 
 async def test_care_day_sends_the_child_number(gw: Gateway, kmd_server: TestServer) -> None:
@@ -133,7 +161,9 @@ async def test_optional_vacation_is_not_applicable(gw: Gateway, kmd_server: Test
     assert kmd_server.app[sim.STATE].received == []
 
 
-async def test_in_doubt_is_read_back_and_delivered_once(gw: Gateway, kmd_server: TestServer) -> None:
+async def test_in_doubt_is_read_back_and_delivered_once(
+    gw: Gateway, kmd_server: TestServer
+) -> None:
     kmd_server.app[sim.STATE].drop_next = 1
     view = await deliver(gw, vacation())
     assert [a["outcome"] for a in view["deliveries"][0]["attempts"]] == ["in_doubt_reconciled"]
@@ -155,17 +185,26 @@ async def test_operator_check_at_kmd_reconciles_a_failed_delivery(
 ) -> None:
     from gateway.settings import RetryPolicy
 
-    one_try = RetryPolicy(first_delay=0.01, multiplier=1, cap=0.01, jitter=0, max_attempts=1, max_age=60)
+    one_try = RetryPolicy(
+        first_delay=0.01, multiplier=1, cap=0.01, jitter=0, max_attempts=1, max_age=60
+    )
     tenants = dict(settings.tenants)
-    tenants["746"] = tenant("746", KEY_746, {"kmd-absence": kmd_vendor(kmd_server, dev_certs)},
-                            {"vacation": "kmd-absence"})
+    tenants["746"] = tenant(
+        "746",
+        KEY_746,
+        {"kmd-absence": kmd_vendor(kmd_server, dev_certs)},
+        {"vacation": "kmd-absence"},
+    )
     gw = await make_gateway(replace(settings, tenants=tenants, retry=one_try))
     kmd_server.app[sim.STATE].fault = "server"
     view = await deliver(gw, vacation(), expect="failed")
     assert "retry policy exhausted" in view["deliveries"][0]["last_error"]
     kmd_server.app[sim.STATE].fault = None
-    status, result = await gw.ops("POST", f"deliveries/{view['deliveries'][0]['id']}/check",
-                                  {"reason": "KMD was down; check what it holds"})
+    status, result = await gw.ops(
+        "POST",
+        f"deliveries/{view['deliveries'][0]['id']}/check",
+        {"reason": "KMD was down; check what it holds"},
+    )
     assert status == 200 and result["changed"] == [view["deliveries"][0]["id"]]
     await gw.wait_for("V-1", {"delivered"})
     assert held(kmd_server) == [("FE", D(2026, 7, 6), D(2026, 7, 10), None, None, None)]

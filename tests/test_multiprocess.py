@@ -31,10 +31,17 @@ LEASE_SECONDS = 4
 
 def report(i: int) -> dict[str, Any]:
     """Report ``i``: employee ``i % 100``; its km (``i / 100 + 1``) names it at the vendor."""
-    return {"kind": "drive", "municipality": "746", "report_id": f"MP-{i:05d}", "version": 1,
-            "employee": {"cpr": "0101901234", "employment_id": f"{10000 + i % EMPLOYEES:08d}"},
-            "drive_date": f"2026-03-{1 + i % 28:02d}", "distance_km": km(i), "wage_code": "0201",
-            "approved_by_cpr": "0202802345"}
+    return {
+        "kind": "drive",
+        "municipality": "746",
+        "report_id": f"MP-{i:05d}",
+        "version": 1,
+        "employee": {"cpr": "0101901234", "employment_id": f"{10000 + i % EMPLOYEES:08d}"},
+        "drive_date": f"2026-03-{1 + i % 28:02d}",
+        "distance_km": km(i),
+        "wage_code": "0201",
+        "approved_by_cpr": "0202802345",
+    }
 
 
 def km(i: int) -> str:
@@ -43,7 +50,9 @@ def km(i: int) -> str:
 
 def configure(folder: Path, sims: Any, url: str, port: int) -> Path:
     path = write_config(folder, sims, port, workers=16)
-    text = path.read_text().replace('store = "sqlite:///gateway.db"', f'store = "{url}"\nstore_pool_size = 4')
+    text = path.read_text().replace(
+        'store = "sqlite:///gateway.db"', f'store = "{url}"\nstore_pool_size = 4'
+    )
     (folder / "data-key").write_text(base64.b64encode(TEST_KEYS.current).decode() + "\n")
     text += '\n[privacy]\ndata_key_file = "data-key"\n'
     path.write_text(text.replace("lease_seconds = 12", f"lease_seconds = {LEASE_SECONDS}"))
@@ -51,8 +60,11 @@ def configure(folder: Path, sims: Any, url: str, port: int) -> Path:
 
 
 async def count_open(conn: asyncpg.Connection) -> int:
-    return int(await conn.fetchval(
-        "SELECT COUNT(*) FROM deliveries WHERE status IN ('queued', 'retry_scheduled', 'in_flight')"))
+    return int(
+        await conn.fetchval(
+            "SELECT COUNT(*) FROM deliveries WHERE status IN ('queued', 'retry_scheduled', 'in_flight')"
+        )
+    )
 
 
 async def wait_quiet(conn: asyncpg.Connection, url: str, sims: Any, within: float) -> None:
@@ -74,7 +86,9 @@ async def test_three_processes_one_killed_deliver_everything_once_in_order(tmp_p
             for n, port in enumerate(ports):
                 folder = tmp_path / f"gw{n}"
                 folder.mkdir()
-                procs.append(GatewayProcess(configure(folder, sims, url, port), folder / "gateway.log"))
+                procs.append(
+                    GatewayProcess(configure(folder, sims, url, port), folder / "gateway.log")
+                )
             await asyncio.gather(*(p.start() for p in procs))
             await post_all(ports, procs)
             conn = await asyncpg.connect(url)
@@ -101,8 +115,12 @@ async def post_all(ports: list[int], procs: list[GatewayProcess]) -> None:
                 live.remove(1)
             port = ports[live[b % len(live)]]
             body = {"reports": [report(i) for i in range(start, start + BATCH)]}
-            async with session.post(f"http://127.0.0.1:{port}/v1/reports", json=body, headers=headers,
-                                    timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            async with session.post(
+                f"http://127.0.0.1:{port}/v1/reports",
+                json=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=60),
+            ) as resp:
                 assert resp.status == 202, await resp.text()
 
 
@@ -129,13 +147,20 @@ async def check(conn: asyncpg.Connection, sims: Any) -> None:
     for a in sims.sd.accepted:
         by_employee[a.employment_id].append(a.km)
     assert len(by_employee) == EMPLOYEES
-    assert all(kms == sorted(kms) for kms in by_employee.values()), "an employee's reports out of order"
+    assert all(kms == sorted(kms) for kms in by_employee.values()), (
+        "an employee's reports out of order"
+    )
     attempts = await conn.fetch(
         "SELECT d.employee_key, a.started_at, COALESCE(a.finished_at, 'infinity'::float8) AS finished_at"
-        " FROM attempts a JOIN deliveries d ON d.id = a.delivery_id ORDER BY d.employee_key, a.started_at")
+        " FROM attempts a JOIN deliveries d ON d.id = a.delivery_id ORDER BY d.employee_key, a.started_at"
+    )
     lanes: dict[str, list[Any]] = defaultdict(list)
     for a in attempts:
         lanes[a["employee_key"]].append(a)
-    overlaps = [(lane, x["started_at"]) for lane, rows in lanes.items()
-                for x, y in zip(rows, rows[1:], strict=False) if y["started_at"] < x["finished_at"]]
+    overlaps = [
+        (lane, x["started_at"])
+        for lane, rows in lanes.items()
+        for x, y in zip(rows, rows[1:], strict=False)
+        if y["started_at"] < x["finished_at"]
+    ]
     assert not overlaps, f"attempts of one lane overlapped: {overlaps[:5]}"

@@ -13,7 +13,9 @@ from tests.conftest import Gateway
 
 def _refs(node: Any) -> list[str]:
     if isinstance(node, dict):
-        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in _refs(v)]
+        return [v for k, v in node.items() if k == "$ref"] + [
+            r for v in node.values() for r in _refs(v)
+        ]
     return [r for v in node for r in _refs(v)] if isinstance(node, list) else []
 
 
@@ -37,7 +39,9 @@ async def test_served_document_is_the_file_and_self_contained(gateway: Gateway) 
 def test_inlined_report_schemas_are_the_files() -> None:
     doc = json.loads(openapi.PATH.read_text(encoding="utf-8"))
     for kind, name in openapi.NAMES.items():
-        assert doc["components"]["schemas"][name] == REPORT_SCHEMAS[kind], "run: python -m gateway.openapi"
+        assert doc["components"]["schemas"][name] == REPORT_SCHEMAS[kind], (
+            "run: python -m gateway.openapi"
+        )
     assert openapi.build(json.loads(json.dumps(doc))) == doc, "run: python -m gateway.openapi"
 
 
@@ -57,11 +61,16 @@ def test_every_operation_answers_errors_as_problems() -> None:
 
 def test_status_query_is_the_delivery_states() -> None:
     doc = json.loads(openapi.PATH.read_text(encoding="utf-8"))
-    [status] = [p for p in doc["paths"]["/v1/ops/deliveries"]["get"]["parameters"] if p["name"] == "status"]
+    [status] = [
+        p for p in doc["paths"]["/v1/ops/deliveries"]["get"]["parameters"] if p["name"] == "status"
+    ]
     assert status["schema"]["enum"] == [str(s) for s in Status]
 
 
 async def test_unknown_status_is_400(gateway: Gateway) -> None:
-    resp = await gateway.client.get("/v1/ops/deliveries", params={"status": "stuck"},
-                                    headers={"Authorization": "Bearer ops-test-token"})
+    resp = await gateway.client.get(
+        "/v1/ops/deliveries",
+        params={"status": "stuck"},
+        headers={"Authorization": "Bearer ops-test-token"},
+    )
     assert resp.status == 400 and resp.content_type == "application/problem+json"

@@ -28,7 +28,9 @@ async def next_attempt(gw: Gateway, report_id: str = "R-1") -> float:
 
 
 def ms(t: float) -> float:
-    return datetime.fromisoformat(datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")).timestamp()
+    return datetime.fromisoformat(
+        datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+    ).timestamp()
 
 
 async def wait_deferred(gw: Gateway) -> float:
@@ -46,7 +48,10 @@ async def test_a_restart_with_new_hours_delivers_what_waited_for_the_old_opening
     await first.post(drive())
     opening = await wait_deferred(first)
     _, listed = await first.ops("GET", "deliveries?municipality=746")
-    assert datetime.fromisoformat(listed["deliveries"][0]["waiting_for_opening_at"]).timestamp() == opening
+    assert (
+        datetime.fromisoformat(listed["deliveries"][0]["waiting_for_opening_at"]).timestamp()
+        == opening
+    )
     await first.client.close()
     assert sd_server.app[SD_STATE].received == 0
 
@@ -77,10 +82,14 @@ async def test_resume_gives_deferred_work_its_own_due_time_back(
     due = await next_attempt(gw)
     store, now = gw.store, time.time()
     assert await store.defer_due("746", "sd-koersel", now + 7200, now) == 1
-    assert await store.defer_due("746", "sd-koersel", now + 9000, now) == 1  # deferred twice: first due kept
+    assert (
+        await store.defer_due("746", "sd-koersel", now + 9000, now) == 1
+    )  # deferred twice: first due kept
     assert await next_attempt(gw) == ms(now + 9000)
     assert (await gw.ops("POST", "endpoints/746/sd-koersel/pause", {"reason": "SD down"}))[0] == 200
-    assert (await gw.ops("POST", "endpoints/746/sd-koersel/resume", {"reason": "SD is back"}))[0] == 200
+    assert (await gw.ops("POST", "endpoints/746/sd-koersel/resume", {"reason": "SD is back"}))[
+        0
+    ] == 200
     assert await next_attempt(gw) == due
     _, listed = await gw.ops("GET", "deliveries?municipality=746")
     assert "waiting_for_opening_at" not in listed["deliveries"][0]
@@ -94,11 +103,15 @@ async def test_undefer_touches_only_deferred_waiting_work_of_that_endpoint(
     store, now = gw.store, time.time()
     due_a = await next_attempt(gw, "A")
     await store.defer_due("746", "sd-koersel", now + 7200, now)
-    assert await store.undefer("840", "sd-koersel", now) == 0      # another endpoint
+    assert await store.undefer("840", "sd-koersel", now) == 0  # another endpoint
     _, view = await gw.get("746", "B")
     # a delivery settled after its deferral forgets it: its new schedule is the one that counts
-    await store.settle(view["deliveries"][0]["id"], Settle(Status.RETRY_SCHEDULED, next_attempt_at=now + 600),
-                       now, "delivery.retry")
+    await store.settle(
+        view["deliveries"][0]["id"],
+        Settle(Status.RETRY_SCHEDULED, next_attempt_at=now + 600),
+        now,
+        "delivery.retry",
+    )
     assert await store.undefer(None, None, now) == 1
     assert await next_attempt(gw, "A") == due_a
     assert await next_attempt(gw, "B") == ms(now + 600)

@@ -20,7 +20,9 @@ def cph(*args: int, fold: int = 0) -> datetime:
     return datetime(*args, tzinfo=CPH, fold=fold)
 
 
-def calendar(rule: str, dates: list[str] | None = None, holidays: list[str] | None = None) -> CutoffCalendar:
+def calendar(
+    rule: str, dates: list[str] | None = None, holidays: list[str] | None = None
+) -> CutoffCalendar:
     raw: dict[str, object] = {"rule": rule}
     if dates is not None:
         raw["dates"] = dates
@@ -32,41 +34,66 @@ def calendar(rule: str, dates: list[str] | None = None, holidays: list[str] | No
 # --- the rule ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "kind", "n", "at"), [
-    ("business day 5 at 12:00", "business day", 5, time(12)),
-    ("last business day at 16:00", "last business day", 0, time(16)),
-    ("day 20 at 12:00", "day", 20, time(12)),
-    ("  Business  Day 1 at 7:05 ", "business day", 1, time(7, 5)),
-])
+@pytest.mark.parametrize(
+    ("text", "kind", "n", "at"),
+    [
+        ("business day 5 at 12:00", "business day", 5, time(12)),
+        ("last business day at 16:00", "last business day", 0, time(16)),
+        ("day 20 at 12:00", "day", 20, time(12)),
+        ("  Business  Day 1 at 7:05 ", "business day", 1, time(7, 5)),
+    ],
+)
 def test_rule_forms(text: str, kind: str, n: int, at: time) -> None:
     rule = CutoffRule.parse(text)
     assert (rule.kind, rule.n, rule.at) == (kind, n, at)
     assert CutoffRule.parse(rule.describe()) == rule
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    ({}, "rule: missing"),
-    ({"rule": "the 5th at noon"}, "rule: expected 'business day 5 at 12:00'"),
-    ({"rule": 5}, "rule: expected text like"),
-    ({"rule": "business day 0 at 12:00"}, "rule: business day 0: N must be 1-20"),
-    ({"rule": "business day 21 at 12:00"}, "rule: business day 21: N must be 1-20"),
-    ({"rule": "day 29 at 12:00"}, "rule: day 29: N must be 1-28"),
-    ({"rule": "day at 12:00"}, "rule: 'day' needs a number"),
-    ({"rule": "last business day 2 at 12:00"}, "rule: expected 'last business day at HH:MM'"),
-    ({"rule": "day 5 at 24:00"}, "rule: '24:00' is not a time of day"),
-    ({"rule": "day 5 at 12"}, "rule: '12' is not a time of day"),
-    ({"rule": "day 5 at 12:00", "cut": 1}, "cut: unknown setting (allowed: dates, holidays, rule)"),
-    ({"rule": "day 5 at 12:00", "dates": "2026-12-07T12:00"}, "dates: expected a list"),
-    ({"rule": "day 5 at 12:00", "dates": ["2026-12-07"]}, "dates[0]: expected a local date and time"),
-    ({"rule": "day 5 at 12:00", "dates": [date(2026, 12, 7)]}, "dates[0]: 2026-12-07 needs a time"),
-    ({"rule": "day 5 at 12:00", "dates": ["2026-12-07T12:00", "2026-02-30T12:00"]},
-     "dates[1]: '2026-02-30' is not a date"),
-    ({"rule": "day 5 at 12:00", "dates": ["2026-12-07T12:60"]}, "dates[0]: '12:60' is not a time"),
-    ({"rule": "day 5 at 12:00", "holidays": ["24-12-2026"]}, "holidays[0]: expected a date YYYY-MM-DD"),
-    ({"rule": "day 5 at 12:00", "holidays": [datetime(2026, 12, 24)]},  # noqa: DTZ001 - a TOML local datetime
-     "holidays[0]: expected a date"),
-    ([("rule", "day 5 at 12:00")], "expected a table"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({}, "rule: missing"),
+        ({"rule": "the 5th at noon"}, "rule: expected 'business day 5 at 12:00'"),
+        ({"rule": 5}, "rule: expected text like"),
+        ({"rule": "business day 0 at 12:00"}, "rule: business day 0: N must be 1-20"),
+        ({"rule": "business day 21 at 12:00"}, "rule: business day 21: N must be 1-20"),
+        ({"rule": "day 29 at 12:00"}, "rule: day 29: N must be 1-28"),
+        ({"rule": "day at 12:00"}, "rule: 'day' needs a number"),
+        ({"rule": "last business day 2 at 12:00"}, "rule: expected 'last business day at HH:MM'"),
+        ({"rule": "day 5 at 24:00"}, "rule: '24:00' is not a time of day"),
+        ({"rule": "day 5 at 12"}, "rule: '12' is not a time of day"),
+        (
+            {"rule": "day 5 at 12:00", "cut": 1},
+            "cut: unknown setting (allowed: dates, holidays, rule)",
+        ),
+        ({"rule": "day 5 at 12:00", "dates": "2026-12-07T12:00"}, "dates: expected a list"),
+        (
+            {"rule": "day 5 at 12:00", "dates": ["2026-12-07"]},
+            "dates[0]: expected a local date and time",
+        ),
+        (
+            {"rule": "day 5 at 12:00", "dates": [date(2026, 12, 7)]},
+            "dates[0]: 2026-12-07 needs a time",
+        ),
+        (
+            {"rule": "day 5 at 12:00", "dates": ["2026-12-07T12:00", "2026-02-30T12:00"]},
+            "dates[1]: '2026-02-30' is not a date",
+        ),
+        (
+            {"rule": "day 5 at 12:00", "dates": ["2026-12-07T12:60"]},
+            "dates[0]: '12:60' is not a time",
+        ),
+        (
+            {"rule": "day 5 at 12:00", "holidays": ["24-12-2026"]},
+            "holidays[0]: expected a date YYYY-MM-DD",
+        ),
+        (
+            {"rule": "day 5 at 12:00", "holidays": [datetime(2026, 12, 24)]},  # noqa: DTZ001 - a TOML local datetime
+            "holidays[0]: expected a date",
+        ),
+        ([("rule", "day 5 at 12:00")], "expected a table"),
+    ],
+)
 def test_config_errors_are_one_line_naming_the_sub_key(raw: object, message: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape(message)) as err:
         CutoffCalendar.from_config(raw)  # type: ignore[arg-type]
@@ -81,7 +108,12 @@ def test_the_brief_toml_shape_and_toml_native_values() -> None:
         holidays = ["2026-12-24", 2026-12-25]
     """)["cutoff"]
     cal = CutoffCalendar.from_config(raw)
-    assert cal.dates == (cph(2026, 12, 7, 12), cph(2027, 1, 8, 9, 30), cph(2027, 2, 5, 10), cph(2027, 3, 5, 11))
+    assert cal.dates == (
+        cph(2026, 12, 7, 12),
+        cph(2027, 1, 8, 9, 30),
+        cph(2027, 2, 5, 10),
+        cph(2027, 3, 5, 11),
+    )
     assert cal.holidays == {date(2026, 12, 24), date(2026, 12, 25)}
 
 
@@ -96,11 +128,13 @@ def test_unknown_time_zone() -> None:
 def test_business_day_n_skips_weekends_and_holidays() -> None:
     # December 2026 starts on a Tuesday: 1, 2, 3, 4 (Fri), 7 (Mon)
     assert calendar("business day 5 at 12:00").cutoff_for_month(2026, 12) == cph(2026, 12, 7, 12)
-    assert calendar("business day 5 at 12:00", holidays=["2026-12-02"]).cutoff_for_month(2026, 12) == cph(
-        2026, 12, 8, 12)
+    assert calendar("business day 5 at 12:00", holidays=["2026-12-02"]).cutoff_for_month(
+        2026, 12
+    ) == cph(2026, 12, 8, 12)
     # January 2027: 1 (Fri, a holiday), 4, 5, 6, 7, 8
-    assert calendar("business day 5 at 12:00", holidays=["2027-01-01"]).cutoff_for_month(2027, 1) == cph(
-        2027, 1, 8, 12)
+    assert calendar("business day 5 at 12:00", holidays=["2027-01-01"]).cutoff_for_month(
+        2027, 1
+    ) == cph(2027, 1, 8, 12)
 
 
 def test_business_day_n_beyond_the_month_is_its_last_business_day() -> None:
@@ -231,28 +265,51 @@ def _month(year: int, month: int, add: int) -> tuple[int, int]:
 
 
 rules = st.one_of(
-    st.builds(lambda n, h, m: f"business day {n} at {h:02d}:{m:02d}", st.integers(1, 20),
-              st.integers(0, 23), st.integers(0, 59)),
-    st.builds(lambda h, m: f"last business day at {h}:{m:02d}", st.integers(0, 23), st.integers(0, 59)),
-    st.builds(lambda n, h, m: f"day {n} at {h:02d}:{m:02d}", st.integers(1, 28),
-              st.integers(0, 23), st.integers(0, 59)),
+    st.builds(
+        lambda n, h, m: f"business day {n} at {h:02d}:{m:02d}",
+        st.integers(1, 20),
+        st.integers(0, 23),
+        st.integers(0, 59),
+    ),
+    st.builds(
+        lambda h, m: f"last business day at {h}:{m:02d}", st.integers(0, 23), st.integers(0, 59)
+    ),
+    st.builds(
+        lambda n, h, m: f"day {n} at {h:02d}:{m:02d}",
+        st.integers(1, 28),
+        st.integers(0, 23),
+        st.integers(0, 59),
+    ),
 )
-explicit_dates = st.lists(st.datetimes(_MIN, _MAX).map(lambda d: d.strftime("%Y-%m-%dT%H:%M")), max_size=6)
+explicit_dates = st.lists(
+    st.datetimes(_MIN, _MAX).map(lambda d: d.strftime("%Y-%m-%dT%H:%M")), max_size=6
+)
 holidays = st.lists(st.dates(_MIN.date(), _MAX.date()).map(date.isoformat), max_size=15)
-received = st.datetimes(datetime(2026, 1, 1), datetime(2028, 9, 30),  # noqa: DTZ001
-                        timezones=st.just(CPH), allow_imaginary=False)
+received = st.datetimes(
+    datetime(2026, 1, 1),  # noqa: DTZ001
+    datetime(2028, 9, 30),  # noqa: DTZ001
+    timezones=st.just(CPH),
+    allow_imaginary=False,
+)
 
 
 @settings(max_examples=200, deadline=None)
 @given(rules, explicit_dates, holidays, received)
-def test_target_is_the_first_cutoff_at_or_after(rule: str, dates: list[str], days: list[str],
-                                                t: datetime) -> None:
+def test_target_is_the_first_cutoff_at_or_after(
+    rule: str, dates: list[str], days: list[str], t: datetime
+) -> None:
     cal = calendar(rule, dates, days)
     target = cal.target_cutoff(t)
     assert target.astimezone(UTC) >= t.astimezone(UTC)
     local = t.astimezone(CPH)
-    nearby = [c for add in range(-1, 4) for c in cal.cutoffs_for_month(*_month(local.year, local.month, add))]
-    assert target.astimezone(UTC) == min(c.astimezone(UTC) for c in nearby if c.astimezone(UTC) >= t)
+    nearby = [
+        c
+        for add in range(-1, 4)
+        for c in cal.cutoffs_for_month(*_month(local.year, local.month, add))
+    ]
+    assert target.astimezone(UTC) == min(
+        c.astimezone(UTC) for c in nearby if c.astimezone(UTC) >= t
+    )
     # ... and it falls in this month or the next two
     landed = target.astimezone(CPH)
     assert (landed.year * 12 + landed.month) - (local.year * 12 + local.month) in (0, 1, 2)

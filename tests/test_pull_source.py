@@ -41,10 +41,21 @@ CPR = re.compile(r"(?<!\d)\d{10}(?!\d)")
 
 def record(i: int, **changes: Any) -> dict[str, Any]:
     """An export record whose distance (1 km + i × 10 m) names it at the SD simulator."""
-    base = {"Id": i, "CprNumber": "0101901234", "TFCode": "0201", "TFCodeOptional": None,
-            "AccountNumber": "", "EmploymentId": f"1{i % 40:04d}", "DistanceMeters": 1000 + 10 * i,
-            "DriveDate": "2026-03-29T00:00:00", "ExtraNumber": 0, "EmploymentType": 1,
-            "InstituteCode": "XY", "ApprovedByCpr": "0202802345", "LicensePlate": "AB12345"}
+    base = {
+        "Id": i,
+        "CprNumber": "0101901234",
+        "TFCode": "0201",
+        "TFCodeOptional": None,
+        "AccountNumber": "",
+        "EmploymentId": f"1{i % 40:04d}",
+        "DistanceMeters": 1000 + 10 * i,
+        "DriveDate": "2026-03-29T00:00:00",
+        "ExtraNumber": 0,
+        "EmploymentType": 1,
+        "InstituteCode": "XY",
+        "ApprovedByCpr": "0202802345",
+        "LicensePlate": "AB12345",
+    }
     return {**base, **changes}
 
 
@@ -72,9 +83,17 @@ def os2(server: TestServer) -> os2_sim.Os2State:
 
 
 def with_source(settings: Settings, server: TestServer, **kw: Any) -> Settings:
-    source = PullSource(**{"kind": "os2indberetning", "base_url": str(server.make_url("/api/")),
-                           "api_key": OS2_KEY, "interval_seconds": 0.05, "connect_timeout": 1.0,
-                           "read_timeout": 0.5, **kw})
+    source = PullSource(
+        **{
+            "kind": "os2indberetning",
+            "base_url": str(server.make_url("/api/")),
+            "api_key": OS2_KEY,
+            "interval_seconds": 0.05,
+            "connect_timeout": 1.0,
+            "read_timeout": 0.5,
+            **kw,
+        }
+    )
     tenants = dict(settings.tenants)
     tenants["746"] = replace(tenants["746"], sources={"os2indberetning": source})
     return replace(settings, tenants=tenants)
@@ -99,7 +118,8 @@ def sd_kms(sd_server: TestServer) -> Counter[str]:
 
 
 async def test_a_thousand_records_over_several_pulls_are_delivered_exactly_once(
-        make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer) -> None:
+    make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer
+) -> None:
     state = os2(os2_server)
     state.page_size = 150
     state.add(record(i) for i in range(1, 601))
@@ -115,8 +135,13 @@ async def test_a_thousand_records_over_several_pulls_are_delivered_exactly_once(
 
 
 async def test_an_invalid_record_is_never_acknowledged_and_listed_once(
-        make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer,
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_gateway: Any,
+    settings: Settings,
+    os2_server: TestServer,
+    sd_server: TestServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     state = os2(os2_server)
     state.add([record(1), record(2, DistanceMeters="far", TFCode="")])
     gw = await make_gateway(with_source(settings, os2_server))
@@ -135,7 +160,10 @@ async def test_an_invalid_record_is_never_acknowledged_and_listed_once(
     state.add([record(2, DistanceMeters="far")])
     await wait_until(lambda: state.served[2] >= 6, 10, "the changed record pulled")
     status, body = await gw.ops("GET", "rejections")
-    assert body["count"] == 2 and [r["errors"][0]["pointer"] for r in body["rejections"]][0] == "/DistanceMeters"
+    assert (
+        body["count"] == 2
+        and [r["errors"][0]["pointer"] for r in body["rejections"]][0] == "/DistanceMeters"
+    )
     state.add([record(2)])
     await wait_until(lambda: 2 in state.processed, 10, "the fixed record acknowledged")
     await gw.wait_for("2", {"delivered"})
@@ -148,13 +176,16 @@ async def test_an_invalid_record_is_never_acknowledged_and_listed_once(
 
     cfg = tmp_path / "cli.toml"
     cfg.write_text("")
-    code = await asyncio.to_thread(main, ["rejections", "--config", str(cfg), "--store", settings.store_url])
+    code = await asyncio.to_thread(
+        main, ["rejections", "--config", str(cfg), "--store", settings.store_url]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "2 rejections" in out and "/DistanceMeters" in out and not CPR.search(out)
 
 
 async def test_a_record_the_routes_vendor_cannot_take_is_a_rejection_with_its_reason(
-        make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer) -> None:
+    make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer
+) -> None:
     state = os2(os2_server)
     state.add([record(1), record(2, ApprovedByCpr=None), record(3, TFCode="02\x0001")])
     gw = await make_gateway(with_source(settings, os2_server))
@@ -164,11 +195,14 @@ async def test_a_record_the_routes_vendor_cannot_take_is_a_rejection_with_its_re
     reasons = {r["record_id"]: r["errors"] for r in body["rejections"]}
     assert reasons["2"] == [{"pointer": "/ApprovedByCpr", "message": reasons["2"][0]["message"]}]
     assert "sd-koersel" in reasons["2"][0]["message"]
-    assert [e["pointer"] for e in reasons["3"]] == ["/TFCode"] and "U+0000" in reasons["3"][0]["message"]
+    assert [e["pointer"] for e in reasons["3"]] == ["/TFCode"] and "U+0000" in reasons["3"][0][
+        "message"
+    ]
 
 
 async def test_a_changed_record_under_a_stored_id_is_a_conflict_not_acknowledged(
-        make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer) -> None:
+    make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer
+) -> None:
     state = os2(os2_server)
     state.add([record(5)])
     gw = await make_gateway(with_source(settings, os2_server))
@@ -184,7 +218,8 @@ async def test_a_changed_record_under_a_stored_id_is_a_conflict_not_acknowledged
 
 
 async def test_a_lost_acknowledgement_brings_duplicates_that_are_acknowledged_not_delivered_again(
-        make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer) -> None:
+    make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer
+) -> None:
     state = os2(os2_server)
     state.fault = "ack-lost"
     state.add(record(i) for i in range(1, 21))
@@ -206,8 +241,8 @@ async def test_a_lost_acknowledgement_brings_duplicates_that_are_acknowledged_no
 
 @pytest.mark.parametrize("fault", ["server", "bad-json", "not-array", "timeout", "wrong-key"])
 async def test_pull_failures_are_audited_and_retried_while_other_work_goes_on(
-        fault: str, make_gateway: Any, settings: Settings, os2_server: TestServer,
-        sd_server: TestServer) -> None:
+    fault: str, make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer
+) -> None:
     state = os2(os2_server)
     state.add([record(1), record(2)])
     if fault == "wrong-key":
@@ -240,25 +275,46 @@ drive = "sd-koersel"
 """
 
 
-@pytest.mark.parametrize(("lines", "error"), [
-    ('base_url = "https://os2.example.dk/api/"\napi_key = "x"\ninterval_seconds = 60',
-     "tenants.746.sources.os2indberetning.api_key: secrets are not accepted inline"),
-    ('base_url = "https://os2.example.dk/api/"\napi_key_file = "key"\ninterval_seconds = 60\nschedule = "* * * * *"',
-     "tenants.746.sources.os2indberetning.interval_seconds: give either interval_seconds or schedule"),
-    ('base_url = "https://os2.example.dk/api/"\napi_key_file = "key"',
-     "tenants.746.sources.os2indberetning.interval_seconds: give either interval_seconds or schedule"),
-    ('base_url = "os2.example.dk/api"\napi_key_file = "key"\ninterval_seconds = 60',
-     "tenants.746.sources.os2indberetning.base_url: expected an http(s) URL"),
-    ('base_url = "https://os2.example.dk/api/"\napi_key_file = "key"\nschedule = "every minute"',
-     "tenants.746.sources.os2indberetning.schedule: invalid cron expression"),
-    ('base_url = "https://os2.example.dk/api/"\napi_key_file = "missing"\ninterval_seconds = 60',
-     "tenants.746.sources.os2indberetning.api_key_file: cannot read /"),
-    ('base_url = "https://os2.example.dk/api/"\napi_key_env = "NOPE_KEY"\ninterval_seconds = 60',
-     "tenants.746.sources.os2indberetning.api_key_env: environment variable NOPE_KEY is not set"),
-    ('base_url = "https://os2.example.dk/api/"\napi_key_file = "key"\ninterval_seconds = 0',
-     "tenants.746.sources.os2indberetning.interval_seconds: must be positive"),
-])
-def test_source_settings_errors_are_one_line_naming_the_key(lines: str, error: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        (
+            'base_url = "https://os2.example.dk/api/"\napi_key = "x"\ninterval_seconds = 60',
+            "tenants.746.sources.os2indberetning.api_key: secrets are not accepted inline",
+        ),
+        (
+            'base_url = "https://os2.example.dk/api/"\napi_key_file = "key"\ninterval_seconds = 60\nschedule = "* * * * *"',
+            "tenants.746.sources.os2indberetning.interval_seconds: give either interval_seconds or schedule",
+        ),
+        (
+            'base_url = "https://os2.example.dk/api/"\napi_key_file = "key"',
+            "tenants.746.sources.os2indberetning.interval_seconds: give either interval_seconds or schedule",
+        ),
+        (
+            'base_url = "os2.example.dk/api"\napi_key_file = "key"\ninterval_seconds = 60',
+            "tenants.746.sources.os2indberetning.base_url: expected an http(s) URL",
+        ),
+        (
+            'base_url = "https://os2.example.dk/api/"\napi_key_file = "key"\nschedule = "every minute"',
+            "tenants.746.sources.os2indberetning.schedule: invalid cron expression",
+        ),
+        (
+            'base_url = "https://os2.example.dk/api/"\napi_key_file = "missing"\ninterval_seconds = 60',
+            "tenants.746.sources.os2indberetning.api_key_file: cannot read /",
+        ),
+        (
+            'base_url = "https://os2.example.dk/api/"\napi_key_env = "NOPE_KEY"\ninterval_seconds = 60',
+            "tenants.746.sources.os2indberetning.api_key_env: environment variable NOPE_KEY is not set",
+        ),
+        (
+            'base_url = "https://os2.example.dk/api/"\napi_key_file = "key"\ninterval_seconds = 0',
+            "tenants.746.sources.os2indberetning.interval_seconds: must be positive",
+        ),
+    ],
+)
+def test_source_settings_errors_are_one_line_naming_the_key(
+    lines: str, error: str, tmp_path: Path
+) -> None:
     (tmp_path / "key").write_text("k-123\n")
     cfg = tmp_path / "gw.toml"
     cfg.write_text(BASE + lines + "\n")
@@ -268,12 +324,16 @@ def test_source_settings_errors_are_one_line_naming_the_key(lines: str, error: s
     assert "k-123" not in str(exc.value)
 
 
-def test_source_settings_read_the_key_relative_to_the_file_and_never_show_it(tmp_path: Path) -> None:
+def test_source_settings_read_the_key_relative_to_the_file_and_never_show_it(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "os2-api-key").write_text("k-secret-789\n")
     cfg = tmp_path / "gw.toml"
-    cfg.write_text(BASE + 'base_url = "https://os2.example.dk/api"\napi_key_file = "secrets/os2-api-key"\n'
-                   'schedule = "*/5 * * * *"\n')
+    cfg.write_text(
+        BASE + 'base_url = "https://os2.example.dk/api"\napi_key_file = "secrets/os2-api-key"\n'
+        'schedule = "*/5 * * * *"\n'
+    )
     source = load(cfg, env={}).tenants["746"].sources["os2indberetning"]
     assert source.api_key == "k-secret-789" and source.base_url == "https://os2.example.dk/api/"
     assert source.schedule == "*/5 * * * *" and source.interval_seconds is None
@@ -282,9 +342,13 @@ def test_source_settings_read_the_key_relative_to_the_file_and_never_show_it(tmp
 
 def test_a_source_needs_a_drive_route(tmp_path: Path) -> None:
     cfg = tmp_path / "gw.toml"
-    cfg.write_text('[tenants.746.sources.os2indberetning]\nbase_url = "https://x.dk/"\napi_key_env = "K"\n'
-                   "interval_seconds = 60\n")
-    with pytest.raises(ConfigError, match=r"^tenants\.746\.sources\.os2indberetning: the tenant has no route"):
+    cfg.write_text(
+        '[tenants.746.sources.os2indberetning]\nbase_url = "https://x.dk/"\napi_key_env = "K"\n'
+        "interval_seconds = 60\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"^tenants\.746\.sources\.os2indberetning: the tenant has no route"
+    ):
         load(cfg, env={"K": "k"})
 
 
@@ -330,7 +394,7 @@ api_key_hashes = []
 [tenants.746.routes]
 drive = "sd-koersel"
 [tenants.746.vendors.sd-koersel]
-endpoint = "{sd.make_url('/sdws/AnsaettelseKoerselOpret20170501')}"
+endpoint = "{sd.make_url("/sdws/AnsaettelseKoerselOpret20170501")}"
 username = "{SD_USER}"
 password_file = "sd-password"
 institution = "XY"
@@ -338,7 +402,7 @@ connect_timeout_seconds = 1
 read_timeout_seconds = 2
 opening_hours = "always"
 [tenants.746.sources.os2indberetning]
-base_url = "{os2_server.make_url('/api/')}"
+base_url = "{os2_server.make_url("/api/")}"
 api_key_file = "os2-key"
 interval_seconds = 0.1
 read_timeout_seconds = 1
@@ -349,12 +413,15 @@ read_timeout_seconds = 1
 def _stored(db: Path) -> tuple[int, int]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         reports = conn.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
-        delivered = conn.execute("SELECT COUNT(*) FROM deliveries WHERE status = 'delivered'").fetchone()[0]
+        delivered = conn.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE status = 'delivered'"
+        ).fetchone()[0]
     return int(reports), int(delivered)
 
 
 async def test_killed_between_commit_and_acknowledgement_nothing_is_delivered_twice(
-        tmp_path: Path, os2_server: TestServer, sd_server: TestServer) -> None:
+    tmp_path: Path, os2_server: TestServer, sd_server: TestServer
+) -> None:
     state = os2(os2_server)
     state.fault = "ack-hang"  # the commit happened; the acknowledgement never comes back
     state.add(record(i) for i in range(1, 51))
@@ -362,14 +429,20 @@ async def test_killed_between_commit_and_acknowledgement_nothing_is_delivered_tw
     await gateway.start()
     try:
         await asyncio.wait_for(state.ack_seen.wait(), 20)
-        assert _stored(tmp_path / "gateway.db")[0] == 50  # committed before the acknowledgement was sent
+        assert (
+            _stored(tmp_path / "gateway.db")[0] == 50
+        )  # committed before the acknowledgement was sent
         # delivered while the acknowledgement hangs: nothing is in flight when it is killed
-        await wait_until(lambda: _stored(tmp_path / "gateway.db") == (50, 50), 30, "50 stored and delivered")
+        await wait_until(
+            lambda: _stored(tmp_path / "gateway.db") == (50, 50), 30, "50 stored and delivered"
+        )
         await gateway.kill()
         assert not state.processed and state.ack_requests == 1
         state.fault = None
         await gateway.start()
-        await wait_until(lambda: len(state.processed) == 50, 20, "all acknowledged after the restart")
+        await wait_until(
+            lambda: len(state.processed) == 50, 20, "all acknowledged after the restart"
+        )
         await asyncio.sleep(0.5)
         assert await gateway.stop() == 0
     finally:
@@ -383,8 +456,9 @@ async def test_killed_between_commit_and_acknowledgement_nothing_is_delivered_tw
 # -- the demo and the simulator's command line ---------------------------------------------------
 
 
-def test_the_demo_pulls_746_from_its_built_in_simulator(tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_demo_pulls_746_from_its_built_in_simulator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tests.test_cli import _request, running_demo
 
     with running_demo(tmp_path) as (port, store):
@@ -402,7 +476,9 @@ def test_the_demo_pulls_746_from_its_built_in_simulator(tmp_path: Path,
         assert sorted(views) == ["7461", "7462", "7463"]
     assert main(["rejections", "--config", str(tmp_path / "demo.toml"), "--store", store]) == 0
     out = capsys.readouterr().out
-    assert "1 rejections" in out and "7464" in out and "/DistanceMeters" in out and not CPR.search(out)
+    assert (
+        "1 rejections" in out and "7464" in out and "/DistanceMeters" in out and not CPR.search(out)
+    )
 
 
 def test_simulate_os2indberetning_serves_with_the_api_key_only(tmp_path: Path) -> None:
@@ -410,9 +486,24 @@ def test_simulate_os2indberetning_serves_with_the_api_key_only(tmp_path: Path) -
     key.write_text("sim-key\n")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "simulate", "os2indberetning", "--port", str(port),
-         "--api-key-file", str(key), "--records", str(REPO / "examples" / "os2indberetning-pull-746.json")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "simulate",
+            "os2indberetning",
+            "--port",
+            str(port),
+            "--api-key-file",
+            str(key),
+            "--records",
+            str(REPO / "examples" / "os2indberetning-pull-746.json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
     base = f"http://127.0.0.1:{port}/api/"
     try:
         assert proc.stdout is not None and "simulator os2indberetning" in proc.stdout.readline()

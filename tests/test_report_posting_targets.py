@@ -29,7 +29,10 @@ def problems(**over: Any) -> list[tuple[str, str]]:
 def test_valid_posting_targets(over: dict[str, Any]) -> None:
     assert problems(**over) == []
     report = Report.from_dict(normalise(drive(**over)))
-    assert (report.cost_center, report.psp_element) == (over.get("cost_center"), over.get("psp_element"))
+    assert (report.cost_center, report.psp_element) == (
+        over.get("cost_center"),
+        over.get("psp_element"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -58,8 +61,10 @@ def test_what_kmd_cannot_carry_is_refused(field: str, value: Any) -> None:
         ({"account": "1234567890", "cost_center": "4711"}, ["/cost_center"]),
         ({"account": "1234567890", "psp_element": "XG-1"}, ["/psp_element"]),
         ({"cost_center": "4711", "psp_element": "XG-1"}, ["/psp_element"]),
-        ({"account": "1234567890", "cost_center": "4711", "psp_element": "XG-1"},
-         ["/cost_center", "/psp_element"]),
+        (
+            {"account": "1234567890", "cost_center": "4711", "psp_element": "XG-1"},
+            ["/cost_center", "/psp_element"],
+        ),
     ],
 )
 def test_never_two_posting_targets(over: dict[str, Any], pointers: list[str]) -> None:
@@ -73,8 +78,10 @@ async def test_two_posting_targets_are_422_at_intake_with_a_pointer(gateway: Gat
     both = drive(report_id="both", account="1234567890", psp_element="XG-1")
     status, problem = await gateway.post({"reports": [ok, both]})
     assert status == 422
-    assert problem["errors"] == [{
-        "pointer": "/reports/1/psp_element",
-        "message": "not allowed together with account: give only one of account, cost_center "
-                   "and psp_element",
-    }]
+    assert problem["errors"] == [
+        {
+            "pointer": "/reports/1/psp_element",
+            "message": "not allowed together with account: give only one of account, cost_center "
+            "and psp_element",
+        }
+    ]

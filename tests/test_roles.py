@@ -38,21 +38,39 @@ async def test_intake_stores_and_sends_nothing_then_dispatch_delivers(
     await asyncio.sleep(0.5)  # ten dispatcher polls: none runs in an intake process
     _, view = await intake.get("746", "R-1")
     assert view["status"] == "queued"
-    assert {p: await _status(intake, p) for p in ("/healthz", "/metrics", "/openapi.json", "/v1/ops/deliveries")} \
-        == {"/healthz": 200, "/metrics": 200, "/openapi.json": 200, "/v1/ops/deliveries": 200}
+    assert {
+        p: await _status(intake, p)
+        for p in ("/healthz", "/metrics", "/openapi.json", "/v1/ops/deliveries")
+    } == {"/healthz": 200, "/metrics": 200, "/openapi.json": 200, "/v1/ops/deliveries": 200}
 
     dispatch = await make_gateway(settings, role="dispatch")  # the same store, as on PostgreSQL
     await intake.wait_for("R-1", {"delivered"})
-    served = {p: await _status(dispatch, p)
-              for p in ("/healthz", "/readyz", "/metrics", "/v1/reports/746/R-1", "/openapi.json",
-                        "/v1/ops/deliveries")}
-    assert served == {"/healthz": 200, "/readyz": 200, "/metrics": 200, "/v1/reports/746/R-1": 404,
-                      "/openapi.json": 404, "/v1/ops/deliveries": 404}
+    served = {
+        p: await _status(dispatch, p)
+        for p in (
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/v1/reports/746/R-1",
+            "/openapi.json",
+            "/v1/ops/deliveries",
+        )
+    }
+    assert served == {
+        "/healthz": 200,
+        "/readyz": 200,
+        "/metrics": 200,
+        "/v1/reports/746/R-1": 404,
+        "/openapi.json": 404,
+        "/v1/ops/deliveries": 404,
+    }
     resp = await dispatch.client.post("/v1/reports", json=DRIVE)
     assert resp.status in (404, 405)
 
 
-async def test_all_is_the_default_and_does_both(make_gateway: MakeGateway, settings: Settings) -> None:
+async def test_all_is_the_default_and_does_both(
+    make_gateway: MakeGateway, settings: Settings
+) -> None:
     assert settings.role == "all"
     gw = await make_gateway(settings)
     assert (await gw.post(DRIVE))[0] == 202
@@ -63,7 +81,10 @@ def test_an_unknown_role_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     config = tmp_path / "g.toml"
     config.write_text('[server]\nrole = "both"\n')
     assert main(["serve", "--config", str(config)]) == 1
-    assert capsys.readouterr().err == "payroll-gateway: server.role: 'both' is not a role (intake, dispatch or all)\n"
+    assert (
+        capsys.readouterr().err
+        == "payroll-gateway: server.role: 'both' is not a role (intake, dispatch or all)\n"
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--config", str(config), "--role", "both"])
     assert exit_.value.code == 1
@@ -75,14 +96,31 @@ def test_serve_role_dispatch_answers_health_only(tmp_path: Path) -> None:
     config = _demo_config(tmp_path)
     config.write_text(config.read_text().replace("[server]\n", '[server]\nrole = "intake"\n', 1))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--role", "dispatch",
-         "--listen", f"127.0.0.1:{port}", "--store", f"sqlite:///{tmp_path / 'demo.db'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(config),
+            "--role",
+            "dispatch",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--store",
+            f"sqlite:///{tmp_path / 'demo.db'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         assert proc.stdout is not None
-        first = next(line for line in proc.stdout if line.startswith("payroll-gateway:") and "role" in line)
+        first = next(
+            line for line in proc.stdout if line.startswith("payroll-gateway:") and "role" in line
+        )
         assert "health at" in first and "role dispatch" in first, first
         base = f"http://127.0.0.1:{port}"
         with urllib.request.urlopen(f"{base}/healthz", timeout=10) as resp:

@@ -19,22 +19,50 @@ from gateway.validation import normalise, validate_report, vendor_fields
 
 ADAPTERS = load_adapters()
 VENDOR = {
-    "sd-koersel": VendorSettings(endpoint="https://sd.invalid/x", username="SYtest", password="pw",
-                                 institution="XY"),
+    "sd-koersel": VendorSettings(
+        endpoint="https://sd.invalid/x", username="SYtest", password="pw", institution="XY"
+    ),
     "kmd-engangsydelser": VendorSettings(endpoint="https://kmd.invalid/"),
     "kmd-ind01": VendorSettings(),
-    "kmd-absence": VendorSettings(endpoint="https://kmd.invalid/XISOAPAdapter/MessageServlet",
-                                  options={"senderService": "KMD_LPT_VACAB_Service"}),
+    "kmd-absence": VendorSettings(
+        endpoint="https://kmd.invalid/XISOAPAdapter/MessageServlet",
+        options={"senderService": "KMD_LPT_VACAB_Service"},
+    ),
 }
-HOSTILE = st.sampled_from(["", "\n", "\r\n", "\x00", "\t", "\x7f", "\x85", "\ud800", "\udfff", "\ufffe",
-                           "\uffff", "\u2028", "\u200b", "æøå", "Ω", "😀", "<&>", "]]>", "'\""])
+HOSTILE = st.sampled_from(
+    [
+        "",
+        "\n",
+        "\r\n",
+        "\x00",
+        "\t",
+        "\x7f",
+        "\x85",
+        "\ud800",
+        "\udfff",
+        "\ufffe",
+        "\uffff",
+        "\u2028",
+        "\u200b",
+        "æøå",
+        "Ω",
+        "😀",
+        "<&>",
+        "]]>",
+        "'\"",
+    ]
+)
 ANY_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
 
 
 def text(core: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     """Valid-looking text with hostile characters before, inside or after it."""
-    return st.one_of(ANY_TEXT, st.builds(lambda a, b, c: a + b + c, HOSTILE, core, HOSTILE),
-                     st.builds(lambda a, b: a + b, core, HOSTILE), core)
+    return st.one_of(
+        ANY_TEXT,
+        st.builds(lambda a, b, c: a + b + c, HOSTILE, core, HOSTILE),
+        st.builds(lambda a, b: a + b, core, HOSTILE),
+        core,
+    )
 
 
 CODE = text(st.from_regex(r"[0-9A-Za-z]{1,8}", fullmatch=True))
@@ -44,33 +72,58 @@ CPR = text(st.sampled_from(["0101901234", "6101901235", "3112990000"]))
 
 @st.composite
 def employee(draw: Any) -> dict[str, Any]:
-    return {"cpr": draw(CPR), "employment_id": draw(text(st.from_regex(r"[0-9]{1,8}", fullmatch=True))),
-            "employment_type": draw(st.integers(0, 9)), "extra_number": draw(st.integers(0, 9)),
-            **({"institution": draw(text(st.just("XY")))} if draw(st.booleans()) else {})}
+    return {
+        "cpr": draw(CPR),
+        "employment_id": draw(text(st.from_regex(r"[0-9]{1,8}", fullmatch=True))),
+        "employment_type": draw(st.integers(0, 9)),
+        "extra_number": draw(st.integers(0, 9)),
+        **({"institution": draw(text(st.just("XY")))} if draw(st.booleans()) else {}),
+    }
 
 
 @st.composite
 def drive(draw: Any) -> dict[str, Any]:
-    report = {"kind": "drive", "municipality": "746", "report_id": draw(text(st.just("R-1"))),
-              "employee": draw(employee()), "drive_date": "2026-03-29",
-              "distance_km": draw(st.sampled_from(["0.01", "12.50", "99999.99"])),
-              "wage_code": draw(CODE), "approved_by_cpr": draw(CPR)}
-    optional = {"wage_code_optional": CODE, "account": DIGITS10, "license_plate": text(st.just("AB12345")),
-                "purpose": ANY_TEXT}
+    report = {
+        "kind": "drive",
+        "municipality": "746",
+        "report_id": draw(text(st.just("R-1"))),
+        "employee": draw(employee()),
+        "drive_date": "2026-03-29",
+        "distance_km": draw(st.sampled_from(["0.01", "12.50", "99999.99"])),
+        "wage_code": draw(CODE),
+        "approved_by_cpr": draw(CPR),
+    }
+    optional = {
+        "wage_code_optional": CODE,
+        "account": DIGITS10,
+        "license_plate": text(st.just("AB12345")),
+        "purpose": ANY_TEXT,
+    }
     for key, strategy in optional.items():
         if draw(st.booleans()):
             report[key] = draw(strategy)
     if draw(st.booleans()):
-        report["route"] = {"from": draw(ANY_TEXT), "to": draw(ANY_TEXT), "via": draw(st.lists(ANY_TEXT, max_size=2))}
+        report["route"] = {
+            "from": draw(ANY_TEXT),
+            "to": draw(ANY_TEXT),
+            "via": draw(st.lists(ANY_TEXT, max_size=2)),
+        }
     return report
 
 
 @st.composite
 def vacation(draw: Any) -> dict[str, Any]:
     kind = draw(st.sampled_from(["regular", "sixth_week", "care", "senior"]))
-    return {"kind": "vacation", "municipality": "746", "report_id": draw(text(st.just("V-1"))),
-            "employee": draw(employee()), "start_date": "2026-07-06", "end_date": "2026-07-10",
-            "vacation_type": kind, **({"child_number": 1} if kind == "care" else {})}
+    return {
+        "kind": "vacation",
+        "municipality": "746",
+        "report_id": draw(text(st.just("V-1"))),
+        "employee": draw(employee()),
+        "start_date": "2026-07-06",
+        "end_date": "2026-07-10",
+        "vacation_type": kind,
+        **({"child_number": 1} if kind == "care" else {}),
+    }
 
 
 def accepted(report: dict[str, Any], adapter: Any) -> bool:
@@ -85,7 +138,9 @@ def render_everything(name: str, report: dict[str, Any]) -> None:
         assert not failures, failures
         return
     for message in adapter.plan(typed, [], vendor).messages:
-        adapter.render(typed, message, vendor)  # raises InvalidPayload if our vendor schema refuses it
+        adapter.render(
+            typed, message, vendor
+        )  # raises InvalidPayload if our vendor schema refuses it
 
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -107,7 +162,14 @@ def test_accepted_vacation_text_always_renders(report: dict[str, Any]) -> None:
 
 @given(st.sampled_from(["0201\n", "0201\r\n", "0201\x00", "\x000201"]))
 def test_a_valid_code_with_a_control_character_is_never_accepted(code: str) -> None:
-    report = {"kind": "drive", "municipality": "746", "report_id": "R-1",
-              "employee": {"cpr": "0101901234", "employment_id": "1"}, "drive_date": "2026-03-29",
-              "distance_km": "1.00", "wage_code": code, "approved_by_cpr": "0202802345"}
+    report = {
+        "kind": "drive",
+        "municipality": "746",
+        "report_id": "R-1",
+        "employee": {"cpr": "0101901234", "employment_id": "1"},
+        "drive_date": "2026-03-29",
+        "distance_km": "1.00",
+        "wage_code": code,
+        "approved_by_cpr": "0202802345",
+    }
     assert {e.pointer for e in validate_report(report)} == {"/wage_code"}

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 def _config(tmp_path: Path, port: int) -> Path:
     certs = ensure_dev_certs(tmp_path / "certs")
     path = tmp_path / "gw.toml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [server]
 listen = "127.0.0.1:{port}"
 store = "sqlite:///gw.db"
@@ -33,7 +34,7 @@ tls_cert_file = "certs/{certs.server_cert.name}"
 tls_key_file = "certs/{certs.server_key.name}"
 role = "intake"
 [tenants.746]
-api_keys = [{{id = "tls12345", hash = "{hash_api_key('pgw_tls12345_secret')}"}}]
+api_keys = [{{id = "tls12345", hash = "{hash_api_key("pgw_tls12345_secret")}"}}]
 [tenants.746.routes]
 drive = "sd-koersel"
 [tenants.746.vendors.sd-koersel]
@@ -41,7 +42,9 @@ endpoint = "http://127.0.0.1:9/unused"
 username = "SYx"
 password_env = "PGW_TEST_SD_PW"
 institution = "XY"
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -49,7 +52,10 @@ def test_serve_answers_over_https_with_the_security_headers(tmp_path: Path) -> N
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--config", str(_config(tmp_path, port))],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PGW_TEST_SD_PW": "x"},
     )
     try:
@@ -65,8 +71,14 @@ def test_serve_answers_over_https_with_the_security_headers(tmp_path: Path) -> N
             assert resp.status == 200
             assert resp.headers["X-Content-Type-Options"] == "nosniff"
             assert resp.headers["Content-Security-Policy"] == "default-src 'none'"
-        report = urllib.request.Request(f"{base}/v1/reports", data=json.dumps(DRIVE).encode(), headers={
-            "Authorization": "Bearer pgw_tls12345_secret", "Content-Type": "application/json"})
+        report = urllib.request.Request(
+            f"{base}/v1/reports",
+            data=json.dumps(DRIVE).encode(),
+            headers={
+                "Authorization": "Bearer pgw_tls12345_secret",
+                "Content-Type": "application/json",
+            },
+        )
         with urllib.request.urlopen(report, context=context, timeout=10) as resp:
             assert resp.status == 202
             assert resp.headers["Cache-Control"] == "no-store"

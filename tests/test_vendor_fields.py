@@ -50,24 +50,31 @@ async def test_sd_needs_the_approver(gateway: Gateway) -> None:
 
 async def test_compat_points_at_the_senders_key_for_a_vendor_field(gateway: Gateway) -> None:
     record = {**PASCAL, "ApprovedByCpr": None}
-    resp = await gateway.client.post("/v1/compat/os2indberetning/drive-reports", json=[record],
-                                     headers={"Authorization": f"Bearer {KEY_746}"})
+    resp = await gateway.client.post(
+        "/v1/compat/os2indberetning/drive-reports",
+        json=[record],
+        headers={"Authorization": f"Bearer {KEY_746}"},
+    )
     assert resp.status == 422
     assert pointers(await resp.json()) == {"/0/ApprovedByCpr"}
 
 
-@pytest.mark.parametrize(("field", "value", "pointer"), [
-    ("wage_code", "0201\n", "/wage_code"),               # Python's $ matches before a final newline
-    ("wage_code_optional", "0202\n", "/wage_code_optional"),
-    ("account", "1234567890\n", "/account"),
-    ("license_plate", "AB\x0012345", "/license_plate"),
-    ("purpose", "møde\x1b[2J", "/purpose"),
-    ("report_id", "R-\u00851", "/report_id"),            # C1 NEL
-    ("report_id", "R-\ud800", "/report_id"),             # a lone surrogate
-    ("purpose", "\ufffe", "/purpose"),
-])
-async def test_text_with_control_characters_is_refused(gateway: Gateway, field: str, value: str,
-                                                       pointer: str) -> None:
+@pytest.mark.parametrize(
+    ("field", "value", "pointer"),
+    [
+        ("wage_code", "0201\n", "/wage_code"),  # Python's $ matches before a final newline
+        ("wage_code_optional", "0202\n", "/wage_code_optional"),
+        ("account", "1234567890\n", "/account"),
+        ("license_plate", "AB\x0012345", "/license_plate"),
+        ("purpose", "møde\x1b[2J", "/purpose"),
+        ("report_id", "R-\u00851", "/report_id"),  # C1 NEL
+        ("report_id", "R-\ud800", "/report_id"),  # a lone surrogate
+        ("purpose", "\ufffe", "/purpose"),
+    ],
+)
+async def test_text_with_control_characters_is_refused(
+    gateway: Gateway, field: str, value: str, pointer: str
+) -> None:
     status, problem = await gateway.post(drive(**{field: value}))
     assert status == 422
     assert pointer in pointers(problem)
@@ -87,15 +94,30 @@ def test_compat_mapping_keeps_a_trailing_newline_for_validation_to_refuse() -> N
     assert to_canonical({**PASCAL, "TFCode": "02\n01"}, "746")["wage_code"] == "02\n01"
 
 
-@pytest.mark.parametrize(("adapter", "field", "value"), [
-    ("kmd-engangsydelser", "/employee/employment_id", "00-123"),  # Medarbejdernummer: letters and digits
-    ("kmd-engangsydelser", "/wage_code", "02A1"),                 # Loenart: 4 digits
-    ("kmd-ind01", "/wage_code", "201"),                           # 4 characters in the record
-    ("kmd-ind01", "/wage_code_optional", "02011"),
-])
-def test_a_format_narrower_than_the_schema_is_refused_for_that_vendor(adapter: str, field: str, value: str) -> None:
-    report = drive(employee={"cpr": "0101901234", "employment_id": "00123", "employment_type": 1,
-                             "extra_number": 0})
+@pytest.mark.parametrize(
+    ("adapter", "field", "value"),
+    [
+        (
+            "kmd-engangsydelser",
+            "/employee/employment_id",
+            "00-123",
+        ),  # Medarbejdernummer: letters and digits
+        ("kmd-engangsydelser", "/wage_code", "02A1"),  # Loenart: 4 digits
+        ("kmd-ind01", "/wage_code", "201"),  # 4 characters in the record
+        ("kmd-ind01", "/wage_code_optional", "02011"),
+    ],
+)
+def test_a_format_narrower_than_the_schema_is_refused_for_that_vendor(
+    adapter: str, field: str, value: str
+) -> None:
+    report = drive(
+        employee={
+            "cpr": "0101901234",
+            "employment_id": "00123",
+            "employment_type": 1,
+            "extra_number": 0,
+        }
+    )
     target = report["employee"] if field.startswith("/employee/") else report
     target[field.rsplit("/", 1)[1]] = value
     assert not validate_report(report)  # the canonical schema takes it

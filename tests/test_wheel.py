@@ -35,28 +35,56 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "report-drive-746.json"
 API_KEY = "wheel-test-key-746"
 # what pip prints when no package index can be reached: the only reason to skip
-OFFLINE = ("Failed to establish a new connection", "NewConnectionError", "Network is unreachable",
-           "Temporary failure in name resolution", "Name or service not known", "ConnectTimeoutError",
-           "ProxyError")
+OFFLINE = (
+    "Failed to establish a new connection",
+    "NewConnectionError",
+    "Network is unreachable",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "ConnectTimeoutError",
+    "ProxyError",
+)
 # what a checkout may hold that is not the project: never copied into the build
-NOT_SOURCE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".demo", ".pytest_cache",
-              ".hypothesis", ".ruff_cache", "*.db", "*.db-*")
+NOT_SOURCE = (
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    ".demo",
+    ".pytest_cache",
+    ".hypothesis",
+    ".ruff_cache",
+    "*.db",
+    "*.db-*",
+)
 
 
 def _pip(*args: str, cwd: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=240, env=_clean_env())
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_clean_env(),
+    )
     if done.returncode == 0:
         return
     output = done.stdout + done.stderr
     if any(marker in output for marker in OFFLINE):
-        pytest.skip(f"no package index reachable for `pip {args[0]}`: {output.strip().splitlines()[-1]}")
+        pytest.skip(
+            f"no package index reachable for `pip {args[0]}`: {output.strip().splitlines()[-1]}"
+        )
     pytest.fail(f"pip {' '.join(args)} failed:\n{output}")
 
 
 def _clean_env() -> dict[str, str]:
     """The environment without anything that would put the checkout on the import path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
     return {**env, "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -78,9 +106,18 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def venv(wheel: Path) -> Path:
     """A fresh venv with the wheel and the pinned dependencies."""
     env = wheel.parent.parent / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=60)
-    _pip("--python", str(env / "bin" / "python"), "install", "-c", str(REPO / "requirements.lock"),
-         str(wheel), cwd=wheel.parent)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=60
+    )
+    _pip(
+        "--python",
+        str(env / "bin" / "python"),
+        "install",
+        "-c",
+        str(REPO / "requirements.lock"),
+        str(wheel),
+        cwd=wheel.parent,
+    )
     return env
 
 
@@ -92,31 +129,54 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def _run(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(venv / "bin" / "payroll-gateway"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60, env=_clean_env())
+    return subprocess.run(
+        [str(venv / "bin" / "payroll-gateway"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_clean_env(),
+    )
 
 
 def test_every_package_on_disk_is_listed_in_pyproject() -> None:
-    listed = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
-    on_disk = {".".join(init.parent.relative_to(REPO).parts)
-               for top in ("gateway", "adapters", "schemas") for init in (REPO / top).rglob("__init__.py")}
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"][
+        "setuptools"
+    ]["packages"]
+    on_disk = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for top in ("gateway", "adapters", "schemas")
+        for init in (REPO / top).rglob("__init__.py")
+    }
     assert sorted(listed) == sorted(on_disk)
 
 
 def test_the_wheel_carries_every_source_and_schema_file(wheel: Path) -> None:
-    wanted = {p.relative_to(REPO).as_posix() for top in ("gateway", "adapters", "schemas")
-              for p in (REPO / top).rglob("*")
-              if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")}
+    wanted = {
+        p.relative_to(REPO).as_posix()
+        for top in ("gateway", "adapters", "schemas")
+        for p in (REPO / top).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+    }
     with zipfile.ZipFile(wheel) as archive:
         assert wanted - set(archive.namelist()) == set()
 
 
 def test_the_installed_packages_come_from_site_packages(venv: Path, workdir: Path) -> None:
-    code = ("import json, sysconfig, gateway, adapters, schemas; "
-            "print(json.dumps([sysconfig.get_path('purelib'), gateway.__file__, adapters.__file__, "
-            "schemas.__file__]))")
-    done = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=workdir, capture_output=True,
-                          text=True, timeout=60, env=_clean_env(), check=True)
+    code = (
+        "import json, sysconfig, gateway, adapters, schemas; "
+        "print(json.dumps([sysconfig.get_path('purelib'), gateway.__file__, adapters.__file__, "
+        "schemas.__file__]))"
+    )
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_clean_env(),
+        check=True,
+    )
     purelib, *modules = (Path(p) for p in json.loads(done.stdout))
     assert purelib.is_relative_to(venv)
     for module in modules:
@@ -142,8 +202,13 @@ def test_serve_delivers_a_report_to_the_built_in_simulator(venv: Path, workdir: 
     (workdir / "gateway.toml").write_text(_config(port, sd_port), encoding="utf-8")
     log = workdir / "serve.log"
     with log.open("w", encoding="utf-8") as out:
-        proc = subprocess.Popen([str(venv / "bin" / "payroll-gateway"), "serve", "--config", "gateway.toml"],
-                                cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "payroll-gateway"), "serve", "--config", "gateway.toml"],
+            cwd=workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_clean_env(),
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_until_up(base, proc, log)
@@ -155,7 +220,9 @@ def test_serve_delivers_a_report_to_the_built_in_simulator(venv: Path, workdir: 
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=30)
     assert code == 0, log.read_text()
-    assert (workdir / "data" / "gateway.db").is_file()  # the relative store URL, from the config's folder
+    assert (
+        workdir / "data" / "gateway.db"
+    ).is_file()  # the relative store URL, from the config's folder
 
 
 def _config(port: int, sd_port: int) -> str:
@@ -197,8 +264,11 @@ def _free_port() -> int:
 
 
 def _request(url: str, data: bytes | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=data, headers={"Authorization": f"Bearer {API_KEY}",
-                                                          "Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=5) as resp:
         return resp.status, json.loads(resp.read())
 

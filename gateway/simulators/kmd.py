@@ -154,12 +154,16 @@ class KmdLedger:
             return self._delete(record)
         return Status("E", f"Ukendt operation {operation}")
 
-    def holdings(self, personnel: str, start: date | None = None, end: date | None = None
-                 ) -> list[HeldRecord]:
+    def holdings(
+        self, personnel: str, start: date | None = None, end: date | None = None
+    ) -> list[HeldRecord]:
         """The person's records whose dates touch ``start..end`` (all without bounds)."""
         return sorted(
-            (r for r in self._held.get(personnel, ())
-             if (start is None or r.end_date >= start) and (end is None or r.start_date <= end)),
+            (
+                r
+                for r in self._held.get(personnel, ())
+                if (start is None or r.end_date >= start) and (end is None or r.start_date <= end)
+            ),
             key=lambda r: r.span,
         )
 
@@ -185,14 +189,18 @@ class KmdLedger:
         if old is None:
             return Status("E", f"Fravær {original.describe()} findes ikke og kan ikke ændres")
         if record.type != old.type:  # the type is part of SAP's record key: delete and insert
-            return Status("E", f"Fraværstype kan ikke ændres ({old.type} til {record.type}): "
-                               "slet fraværet og opret et nyt")
+            return Status(
+                "E",
+                f"Fraværstype kan ikke ændres ({old.type} til {record.type}): "
+                "slet fraværet og opret et nyt",
+            )
         clash = self._clash(record, ignore=old)
         if clash is not None:
             return Status("E", f"Fravær {record.describe()} overlapper {clash.describe()}")
         mine = self._held[record.personnel_number]
-        mine[mine.index(old)] = replace(record, object_id=old.object_id,
-                                        record_number=old.record_number)
+        mine[mine.index(old)] = replace(
+            record, object_id=old.object_id, record_number=old.record_number
+        )
         return Status("S", f"Fravær {original.describe()} ændret til {record.describe()}")
 
     def _delete(self, record: HeldRecord) -> Status:
@@ -236,8 +244,12 @@ class KmdSimState:
     def from_options(cls, options: SimulatorOptions) -> KmdSimState:
         if options.fault is not None and options.fault not in FAULTS:
             raise ValueError(f"unknown KMD fault {options.fault!r}; known: {', '.join(FAULTS)}")
-        return cls(fault=options.fault, fail_rate=options.fail_rate,
-                   latency_ms=options.latency_ms, rng=random.Random(options.seed))
+        return cls(
+            fault=options.fault,
+            fail_rate=options.fail_rate,
+            latency_ms=options.latency_ms,
+            rng=random.Random(options.seed),
+        )
 
     def next_fault(self) -> str | None:
         if self.fail_next > 0:
@@ -296,8 +308,7 @@ async def _servlet(request: web.Request) -> web.StreamResponse:
         return _fault("Client", "Invalid request", "ADAPTER.SOAP_EXCEPTION", str(exc))
     routing = _routing_error(request, payload)
     if routing:
-        return _fault("Server", "Server Error", "RCVR_DETERMINATION.NO_RECEIVER_CASE_BE",
-                      routing)
+        return _fault("Server", "Server Error", "RCVR_DETERMINATION.NO_RECEIVER_CASE_BE", routing)
     errors = schema_errors(_SCHEMA, payload)
     if errors:
         return _fault("Client", "Invalid request", "ADAPTER.SOAP_EXCEPTION", "; ".join(errors))
@@ -311,7 +322,8 @@ def _routing_error(request: web.Request, payload: etree._Element) -> str:
     """Why SAP PI would find no receiver for this call ("" when it would)."""
     query = request.query
     interface = query.get("interface") or etree.QName(payload).localname.replace(
-        "Request_MT", "_OS_SI")
+        "Request_MT", "_OS_SI"
+    )
     expected = {SET_INTERFACE: _SET_ROOT, READ_INTERFACE: _READ_ROOT}.get(interface)
     if not query.get("senderService"):
         return "No sender service given (senderService)"
@@ -323,17 +335,22 @@ def _routing_error(request: web.Request, payload: etree._Element) -> str:
 
 
 def _children(payload: etree._Element) -> dict[str, str | None]:
-    return {etree.QName(c).localname: (c.text or "").strip() or None
-            for c in payload if isinstance(c.tag, str)}
+    return {
+        etree.QName(c).localname: (c.text or "").strip() or None
+        for c in payload
+        if isinstance(c.tag, str)
+    }
 
 
-async def _set(request: web.Request, state: KmdSimState, fields: dict[str, str | None]
-               ) -> web.StreamResponse:
+async def _set(
+    request: web.Request, state: KmdSimState, fields: dict[str, str | None]
+) -> web.StreamResponse:
     fault = state.next_fault()
     if fault == "server":
         state.received.append(Received(fields, "fault"))
-        return _fault("Server", "Server Error", "ADAPTER.JAVA_EXCEPTION",
-                      "Simulated SAP PI system error")
+        return _fault(
+            "Server", "Server Error", "ADAPTER.JAVA_EXCEPTION", "Simulated SAP PI system error"
+        )
     if fault == "timeout":
         state.received.append(Received(fields, "timeout"))
         await asyncio.sleep(state.timeout_seconds)
@@ -364,8 +381,9 @@ def _element(parent: etree._Element, name: str, text: str | None = None) -> etre
 
 
 def _set_response(status: Status) -> etree._Element:
-    root = etree.Element(f"{{{NAMESPACE}}}SetAbsenceAttendanceResponse_MT",
-                         nsmap={"ns1": NAMESPACE})
+    root = etree.Element(
+        f"{{{NAMESPACE}}}SetAbsenceAttendanceResponse_MT", nsmap={"ns1": NAMESPACE}
+    )
     rs = _element(root, "ReturnStatus")
     _element(rs, "StatusType", status.type)
     _element(rs, "MessageText", status.text)
@@ -373,12 +391,15 @@ def _set_response(status: Status) -> etree._Element:
 
 
 def _read_response(ledger: KmdLedger, fields: Mapping[str, str | None]) -> etree._Element:
-    root = etree.Element(f"{{{NAMESPACE}}}GetAbsenceAttendanceByPeriodResponse_MT",
-                         nsmap={"ns1": NAMESPACE})
+    root = etree.Element(
+        f"{{{NAMESPACE}}}GetAbsenceAttendanceByPeriodResponse_MT", nsmap={"ns1": NAMESPACE}
+    )
     start, end = fields.get("StartDate"), fields.get("EndDate")
-    records = ledger.holdings(fields.get("PersonnelNumber") or "",
-                              date.fromisoformat(start) if start else None,
-                              date.fromisoformat(end) if end else None)
+    records = ledger.holdings(
+        fields.get("PersonnelNumber") or "",
+        date.fromisoformat(start) if start else None,
+        date.fromisoformat(end) if end else None,
+    )
     item = _element(_element(root, "ReturnStatus"), "item")
     _element(item, "StatusType", "S")
     _element(item, "MessageText", f"{len(records)} fravær fundet")
@@ -390,18 +411,27 @@ def _read_response(ledger: KmdLedger, fields: Mapping[str, str | None]) -> etree
 
 def _read_item(parent: etree._Element, r: HeldRecord) -> None:
     key = _element(parent, "Key")
-    for name, value in (("PersonnelNumber", r.personnel_number),
-                        ("AbsenceAttendanceType", r.type), ("ObjectId", r.object_id),
-                        ("LockIndicator", r.lock_indicator), ("EndDate", str(r.end_date)),
-                        ("StartDate", str(r.start_date)), ("RecordNumber", r.record_number)):
+    for name, value in (
+        ("PersonnelNumber", r.personnel_number),
+        ("AbsenceAttendanceType", r.type),
+        ("ObjectId", r.object_id),
+        ("LockIndicator", r.lock_indicator),
+        ("EndDate", str(r.end_date)),
+        ("StartDate", str(r.start_date)),
+        ("RecordNumber", r.record_number),
+    ):
         _element(key, name, value)
     item = _element(parent, "Item")
     # KMD writes a missing time as midnight, as SAP does
-    for name, value in (("PersonnelNumber", r.personnel_number),
-                        ("StartDate", str(r.start_date)), ("EndDate", str(r.end_date)),
-                        ("StartTime", _hms(r.start_time)), ("EndTime", _hms(r.end_time)),
-                        ("AbsenceAttendanceType", r.type),
-                        ("AbsenceAttendanceTypeText", _TYPE_TEXT.get(r.type, r.type))):
+    for name, value in (
+        ("PersonnelNumber", r.personnel_number),
+        ("StartDate", str(r.start_date)),
+        ("EndDate", str(r.end_date)),
+        ("StartTime", _hms(r.start_time)),
+        ("EndTime", _hms(r.end_time)),
+        ("AbsenceAttendanceType", r.type),
+        ("AbsenceAttendanceTypeText", _TYPE_TEXT.get(r.type, r.type)),
+    ):
         _element(item, name, value)
     if r.type == "OS" and r.additional_data:
         _element(_element(_element(item, "CompLeave"), "Item"), "ChildNumber", r.additional_data)
@@ -419,20 +449,21 @@ def _envelope(payload: etree._Element) -> bytes:
 
 
 def _answer(payload: etree._Element, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=_envelope(payload),
-                        content_type="text/xml", charset="utf-8")
+    return web.Response(
+        status=status, body=_envelope(payload), content_type="text/xml", charset="utf-8"
+    )
 
 
 def _fault(code: str, string: str, error_code: str, text: str) -> web.Response:
     """A SAP PI fault: HTTP 500 with a SystemError detail (context, code, text)."""
     env = etree.Element(f"{{{SOAP_ENV}}}Envelope", nsmap={"SOAP": SOAP_ENV})
     etree.SubElement(env, f"{{{SOAP_ENV}}}Header")
-    fault = etree.SubElement(etree.SubElement(env, f"{{{SOAP_ENV}}}Body"),
-                             f"{{{SOAP_ENV}}}Fault")
+    fault = etree.SubElement(etree.SubElement(env, f"{{{SOAP_ENV}}}Body"), f"{{{SOAP_ENV}}}Fault")
     _element(fault, "faultcode", f"SOAP:{code}")
     _element(fault, "faultstring", string)
-    error = etree.SubElement(_element(fault, "detail"), f"{{{SAP_XI}}}SystemError",
-                             nsmap={"s": SAP_XI})
+    error = etree.SubElement(
+        _element(fault, "detail"), f"{{{SAP_XI}}}SystemError", nsmap={"s": SAP_XI}
+    )
     _element(error, "context", "XIAdapter")
     _element(error, "code", error_code)
     _element(error, "text", text)

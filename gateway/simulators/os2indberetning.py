@@ -84,7 +84,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
 
 def build_app(options: SimulatorOptions) -> web.Application:
     if options.fault is not None and options.fault not in FAULTS:
-        raise ValueError(f"unknown os2indberetning fault {options.fault!r}; choose from {sorted(FAULTS)}")
+        raise ValueError(
+            f"unknown os2indberetning fault {options.fault!r}; choose from {sorted(FAULTS)}"
+        )
     app = web.Application()
     state = Os2State(api_key=options.api_key, fault=options.fault)
     if options.records_file:
@@ -128,7 +130,9 @@ async def _get_reports(request: web.Request) -> web.StreamResponse:
     for record in records:
         state.served[int(_id(record))] += 1
     if state.fault == "bad-json":
-        return web.Response(status=200, text=json.dumps(records)[:-1] + ",", content_type="application/json")
+        return web.Response(
+            status=200, text=json.dumps(records)[:-1] + ",", content_type="application/json"
+        )
     if state.fault == "not-array":
         return web.json_response({"records": records})
     return web.json_response(records)
@@ -144,7 +148,9 @@ async def _acknowledge(request: web.Request) -> web.StreamResponse:
         ids = json.loads(await request.read())
     except (UnicodeDecodeError, json.JSONDecodeError):
         return web.Response(status=400, text="expected a JSON array of integer ids")
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in ids
+    ):
         return web.Response(status=400, text="expected a JSON array of integer ids")
     if state.fault == "server":
         return web.Response(status=500, text="Simulated server error")

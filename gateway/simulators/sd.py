@@ -61,7 +61,9 @@ FAULTS = frozenset(
     {"server", "client", "closed", "unavailable", "throttle", "timeout", "drop-after-apply"}
 )
 MIX_KINDS = FAULTS | {"reset"}
-APPLIED_KINDS = frozenset({"drop-after-apply", "hang-after-apply"})  # stored, then no answer in time
+APPLIED_KINDS = frozenset(
+    {"drop-after-apply", "hang-after-apply"}
+)  # stored, then no answer in time
 TIMEOUT_SECONDS = 3600.0  # far beyond any client read timeout; shutdown ends it early
 
 
@@ -118,8 +120,9 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     state.received += 1
     if not _authorized(request, state.options):
-        return web.Response(status=401, text="Unauthorized",
-                            headers={"WWW-Authenticate": 'Basic realm="SD"'})
+        return web.Response(
+            status=401, text="Unauthorized", headers={"WWW-Authenticate": 'Basic realm="SD"'}
+        )
     if state.options.latency_ms:
         await asyncio.sleep(state.options.latency_ms / 1000)
     kind = _injected_fault(state)
@@ -236,8 +239,9 @@ def _drop(request: web.Request) -> web.Response:
 
 def _response_payload(request_payload: etree._Element, registrering_id: str) -> etree._Element:
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    root = etree.Element(f"{{{SD_NS}}}AnsaettelseKoerselOpret20170501",
-                         dannetDatoTid=now, nsmap={"sd": SD_NS})
+    root = etree.Element(
+        f"{{{SD_NS}}}AnsaettelseKoerselOpret20170501", dannetDatoTid=now, nsmap={"sd": SD_NS}
+    )
     echo = etree.SubElement(root, f"{{{SD_NS}}}InddataStruktur")
     echo.extend(etree.fromstring(etree.tostring(child)) for child in request_payload)
     etree.SubElement(root, f"{{{SD_NS}}}RegistreringIdentifikator").text = registrering_id

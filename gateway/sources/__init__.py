@@ -39,18 +39,32 @@ def next_pull_at(source: PullSource, now: float, failures: int) -> float:
     first = source.interval_seconds or CRON_FIRST_BACKOFF_SECONDS
     wait = first
     if failures:
-        policy = RetryPolicy(first_delay=first, multiplier=2.0, cap=max(first, BACKOFF_CAP_SECONDS), jitter=0.0)
+        policy = RetryPolicy(
+            first_delay=first, multiplier=2.0, cap=max(first, BACKOFF_CAP_SECONDS), jitter=0.0
+        )
         wait = next_delay(policy, failures)
     if source.schedule is None:
         return now + wait
-    after = now + (wait if failures else 0.0)  # a failing cron source skips ticks until its backoff ran out
-    return next_run(source.schedule, datetime.fromtimestamp(after, UTC).astimezone(COPENHAGEN)).timestamp()
+    after = now + (
+        wait if failures else 0.0
+    )  # a failing cron source skips ticks until its backoff ran out
+    return next_run(
+        source.schedule, datetime.fromtimestamp(after, UTC).astimezone(COPENHAGEN)
+    ).timestamp()
 
 
-def build_pullers(settings: Settings, store: Store, calendars: Mapping[tuple[str, str], CutoffCalendar],
-                  wake: Callable[[], None], adapters: Mapping[str, Adapter]) -> list[Os2Indberetning]:
+def build_pullers(
+    settings: Settings,
+    store: Store,
+    calendars: Mapping[tuple[str, str], CutoffCalendar],
+    wake: Callable[[], None],
+    adapters: Mapping[str, Adapter],
+) -> list[Os2Indberetning]:
     """One puller per configured (tenant, source)."""
     from .os2indberetning import Os2Indberetning
 
-    return [Os2Indberetning(tenant, source, store, calendars, wake, adapters)
-            for tenant in settings.tenants.values() for source in tenant.sources.values()]
+    return [
+        Os2Indberetning(tenant, source, store, calendars, wake, adapters)
+        for tenant in settings.tenants.values()
+        for source in tenant.sources.values()
+    ]

@@ -69,8 +69,12 @@ def ack_id(record: Any) -> int | None:
     return None
 
 
-def read_record(tenant: Tenant, record: Any, cutoff: Callable[[str], float | None],
-                adapters: Mapping[str, Adapter] | None = None) -> PulledRecord:
+def read_record(
+    tenant: Tenant,
+    record: Any,
+    cutoff: Callable[[str], float | None],
+    adapters: Mapping[str, Adapter] | None = None,
+) -> PulledRecord:
     """One export record as the store takes it: a report, or why it is not one (CPR masked)."""
     value = raw_id(record)
     record_id = mask_cpr(str(value).strip()) if value is not None else ""
@@ -79,16 +83,24 @@ def read_record(tenant: Tenant, record: Any, cutoff: Callable[[str], float | Non
         report = to_new_report(tenant, record, cutoff, adapters)
     except GatewayError as exc:
         errors = exc.errors or (FieldError("/", exc.detail),)
-        return PulledRecord(record_id, digest, None, tuple((e.pointer, mask_cpr(e.message)) for e in errors))
+        return PulledRecord(
+            record_id, digest, None, tuple((e.pointer, mask_cpr(e.message)) for e in errors)
+        )
     if ack_id(record) is None:
-        return PulledRecord(record_id, digest, None,
-                            (("/Id", "must be a whole number: OS2indberetning acknowledges records by it"),))
+        return PulledRecord(
+            record_id,
+            digest,
+            None,
+            (("/Id", "must be a whole number: OS2indberetning acknowledges records by it"),),
+        )
     return PulledRecord(record_id, digest, report)
 
 
 def to_acknowledge(records: Sequence[Any], outcomes: Sequence[PullOutcome]) -> list[int]:
     """The ids to acknowledge: every record that is stored now with its content, and only those."""
-    ids = {ack_id(r) for r, outcome in zip(records, outcomes, strict=True) if outcome in ACKNOWLEDGED}
+    ids = {
+        ack_id(r) for r, outcome in zip(records, outcomes, strict=True) if outcome in ACKNOWLEDGED
+    }
     return sorted(i for i in ids if i is not None)
 
 
@@ -104,8 +116,11 @@ class Os2Client:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.source.connect_timeout,
-                                            sock_read=self.source.read_timeout)
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.source.connect_timeout,
+                sock_read=self.source.read_timeout,
+            )
             self._session = aiohttp.ClientSession(timeout=timeout)
         return self._session
 
@@ -114,9 +129,13 @@ class Os2Client:
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise PullError(f"{GET_REPORTS}: the answer is not JSON ({exc.__class__.__name__})") from exc
+            raise PullError(
+                f"{GET_REPORTS}: the answer is not JSON ({exc.__class__.__name__})"
+            ) from exc
         if not isinstance(data, list):
-            raise PullError(f"{GET_REPORTS}: expected a JSON array of records, got a JSON {_json_type(data)}")
+            raise PullError(
+                f"{GET_REPORTS}: expected a JSON array of records, got a JSON {_json_type(data)}"
+            )
         return data
 
     async def acknowledge(self, ids: Sequence[int]) -> None:
@@ -132,8 +151,10 @@ class Os2Client:
                     raise PullError(f"{operation}: HTTP {resp.status} {resp.reason or ''}".rstrip())
                 return body
         except TimeoutError as exc:
-            raise PullError(f"{operation}: no answer in time (connect {self.source.connect_timeout:g} s, "
-                            f"read {self.source.read_timeout:g} s)") from exc
+            raise PullError(
+                f"{operation}: no answer in time (connect {self.source.connect_timeout:g} s, "
+                f"read {self.source.read_timeout:g} s)"
+            ) from exc
         except aiohttp.ClientError as exc:
             text = str(exc).replace(self.source.api_key, "***")
             raise PullError(f"{operation}: {exc.__class__.__name__}: {text}"[:300]) from exc
@@ -144,7 +165,9 @@ class Os2Client:
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    return {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
 
 
 # -- the loop ------------------------------------------------------------------------------
@@ -164,9 +187,16 @@ class Os2Indberetning:
 
     name = NAME
 
-    def __init__(self, tenant: Tenant, source: PullSource, store: Store,
-                 calendars: Mapping[tuple[str, str], CutoffCalendar], wake: Callable[[], None],
-                 adapters: Mapping[str, Adapter] | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        tenant: Tenant,
+        source: PullSource,
+        store: Store,
+        calendars: Mapping[tuple[str, str], CutoffCalendar],
+        wake: Callable[[], None],
+        adapters: Mapping[str, Adapter] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.tenant, self.source, self.store, self.adapters = tenant, source, store, adapters
         self.calendars, self.wake, self.clock = calendars, wake, clock
         self.client = Os2Client(source)
@@ -200,7 +230,12 @@ class Os2Indberetning:
             await self._failed(f"internal error: {exc.__class__.__name__}")
             return None
         if self.failures:
-            log.info("%s pull for %s works again after %d failure(s)", NAME, self.municipality, self.failures)
+            log.info(
+                "%s pull for %s works again after %d failure(s)",
+                NAME,
+                self.municipality,
+                self.failures,
+            )
         self.failures = 0
         self.pulls += 1
         return summary
@@ -219,33 +254,57 @@ class Os2Indberetning:
         if ids:  # only after the commit above: an id acknowledged is an id stored
             await self.client.acknowledge(ids)
         summary = PullSummary(
-            received=len(records), created=outcomes.count(PullOutcome.CREATED),
+            received=len(records),
+            created=outcomes.count(PullOutcome.CREATED),
             duplicates=outcomes.count(PullOutcome.DUPLICATE),
-            rejected=len(outcomes) - outcomes.count(PullOutcome.CREATED) - outcomes.count(PullOutcome.DUPLICATE),
+            rejected=len(outcomes)
+            - outcomes.count(PullOutcome.CREATED)
+            - outcomes.count(PullOutcome.DUPLICATE),
             acknowledged=len(ids),
         )
         if summary.created or summary.acknowledged:  # a pull that changed nothing is not news
-            await self.store.record_event("source.pulled", {"municipality": self.municipality, "source": NAME,
-                                                            "received": summary.received,
-                                                            "created": summary.created,
-                                                            "duplicates": summary.duplicates,
-                                                            "rejected": summary.rejected,
-                                                            "acknowledged": summary.acknowledged}, self.clock())
+            await self.store.record_event(
+                "source.pulled",
+                {
+                    "municipality": self.municipality,
+                    "source": NAME,
+                    "received": summary.received,
+                    "created": summary.created,
+                    "duplicates": summary.duplicates,
+                    "rejected": summary.rejected,
+                    "acknowledged": summary.acknowledged,
+                },
+                self.clock(),
+            )
         return summary
 
     async def _failed(self, error: str) -> None:
         self.failures += 1
         error = mask_cpr(error.replace(self.source.api_key, "***"))
         wait = next_pull_at(self.source, self.clock(), self.failures) - self.clock()
-        log.warning("%s pull for %s failed (%d in a row; next in %.1f s): %s",
-                    NAME, self.municipality, self.failures, wait, error)
-        detail = {"municipality": self.municipality, "source": NAME, "error": error,
-                  "failures_in_a_row": self.failures, "next_pull_in_seconds": round(wait, 3)}
+        log.warning(
+            "%s pull for %s failed (%d in a row; next in %.1f s): %s",
+            NAME,
+            self.municipality,
+            self.failures,
+            wait,
+            error,
+        )
+        detail = {
+            "municipality": self.municipality,
+            "source": NAME,
+            "error": error,
+            "failures_in_a_row": self.failures,
+            "next_pull_in_seconds": round(wait, 3),
+        }
         try:
             await self.store.record_event("source.pull_failed", detail, self.clock())
         except StoreError:
-            log.warning("%s pull failure for %s could not be audited: the store is unavailable",
-                        NAME, self.municipality)
+            log.warning(
+                "%s pull failure for %s could not be audited: the store is unavailable",
+                NAME,
+                self.municipality,
+            )
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -159,35 +159,73 @@ class Store(Protocol):
     async def get_report(self, municipality: str, report_id: str) -> dict[str, Any] | None: ...
     async def reclaim(self, now: float, every_lease: bool) -> dict[str, int]: ...
     async def claim_due(
-        self, now: float, owner: str, lease_seconds: float, limit: int,
-        adapters: Sequence[str], readback_adapters: Sequence[str], municipality: str | None = None,
+        self,
+        now: float,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        adapters: Sequence[str],
+        readback_adapters: Sequence[str],
+        municipality: str | None = None,
         lane_order: bool = True,
     ) -> list[Job]: ...
     # with ``owner``: raises LeaseLost unless ``owner`` still holds an unexpired lease on it
     async def begin_attempt(
-        self, delivery_id: int, message: Message, request_body: str, now: float, owner: str | None = None,
+        self,
+        delivery_id: int,
+        message: Message,
+        request_body: str,
+        now: float,
+        owner: str | None = None,
     ) -> int: ...
     async def end_attempt(
-        self, attempt_id: int, delivery_id: int, report_pk: int, adapter: str, version: int,
-        record: AttemptRecord, message: Message, settle: Settle | None, now: float,
+        self,
+        attempt_id: int,
+        delivery_id: int,
+        report_pk: int,
+        adapter: str,
+        version: int,
+        record: AttemptRecord,
+        message: Message,
+        settle: Settle | None,
+        now: float,
     ) -> None: ...
     async def settle(self, delivery_id: int, settle: Settle, now: float, event: str) -> None: ...
     async def replace_parts(
-        self, delivery_id: int, report_pk: int, adapter: str, parts: Sequence[DeliveredPart],
+        self,
+        delivery_id: int,
+        report_pk: int,
+        adapter: str,
+        parts: Sequence[DeliveredPart],
         now: float,
     ) -> None: ...
     async def count_by_status(self) -> dict[str, int]: ...
-    async def deliveries_of(self, version_pks: Sequence[int]) -> dict[int, list[dict[str, Any]]]: ...
+    async def deliveries_of(
+        self, version_pks: Sequence[int]
+    ) -> dict[int, list[dict[str, Any]]]: ...
     async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]: ...
     # the audit trail (``since``/``until``: epoch seconds, for an export), its attempt rows, its head
-    async def audit_chain(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]: ...
+    async def audit_chain(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]: ...
     async def audit_attempts(self) -> list[dict[str, Any]]: ...
     async def audit_head(self) -> tuple[int, str] | None: ...
     # retention: bodies and CPR numbers of versions finished before ``before`` (audited)
-    async def purge(self, before: float, now: float, *, dry_run: bool = False,
-                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]: ...
+    async def purge(
+        self,
+        before: float,
+        now: float,
+        *,
+        dry_run: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]: ...
     async def record_event(
-        self, event: str, detail: dict[str, Any], now: float, *, actor: str = "gateway",
+        self,
+        event: str,
+        detail: dict[str, Any],
+        now: float,
+        *,
+        actor: str = "gateway",
         delivery_id: int | None = None,
     ) -> None: ...
     # endpoints and operations
@@ -200,11 +238,19 @@ class Store(Protocol):
     ) -> None: ...
     async def defer_due(self, municipality: str, adapter: str, until: float, now: float) -> int: ...
     async def undefer(self, municipality: str | None, adapter: str | None, now: float) -> int: ...
-    async def list_deliveries(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]: ...
+    async def list_deliveries(
+        self, filters: Mapping[str, Any], limit: int = 200
+    ) -> list[dict[str, Any]]: ...
     async def count_at_risk(self) -> int: ...
     async def operate(
-        self, action: str, filters: Mapping[str, Any], actor: str, reason: str, now: float,
-        readback_adapters: Sequence[str] = (), vendor_reference: str | None = None,
+        self,
+        action: str,
+        filters: Mapping[str, Any],
+        actor: str,
+        reason: str,
+        now: float,
+        readback_adapters: Sequence[str] = (),
+        vendor_reference: str | None = None,
     ) -> dict[str, list[int]]: ...
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]: ...
     async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]: ...
@@ -218,7 +264,9 @@ class Store(Protocol):
     async def take_pulled(
         self, municipality: str, source: str, records: Sequence[PulledRecord], now: float
     ) -> list[PullOutcome]: ...
-    async def list_rejections(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]: ...
+    async def list_rejections(
+        self, filters: Mapping[str, Any], limit: int = 200
+    ) -> list[dict[str, Any]]: ...
     # several processes: only one writes a file (IND01) at a time
     def file_lock(self, key: str) -> AbstractAsyncContextManager[None]: ...
     # personal data: seal values stored in clear (done at open), or (``rotate``) re-seal every
@@ -226,8 +274,9 @@ class Store(Protocol):
     async def reseal(self, rotate: bool) -> dict[str, int]: ...
 
 
-def open_store(url: str, pool_size: int = 10, keys: DataKeys | None = None,
-               audit_key: bytes | None = None) -> Store:
+def open_store(
+    url: str, pool_size: int = 10, keys: DataKeys | None = None, audit_key: bytes | None = None
+) -> Store:
     """The store engine for a SQLAlchemy-style URL (``pool_size``: PostgreSQL connections).
 
     ``keys`` seal the personal data it stores (``gateway.privacy``); without, SQLite uses the

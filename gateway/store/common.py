@@ -33,10 +33,17 @@ class Row(Protocol):
 
 BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
 WATCHED_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.WATCHED))
-CONFLICT_ERRORS = (("/Id", "this Id was already received with different content; the gateway keeps the "
-                           "first (change it in OS2indberetning as a new record, or ask the payroll office)"),)
-AUDIT_INSERT = ("INSERT INTO audit_events (id, at, actor, event, report_pk, delivery_id, detail, prev_hash,"
-                " hash, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+CONFLICT_ERRORS = (
+    (
+        "/Id",
+        "this Id was already received with different content; the gateway keeps the "
+        "first (change it in OS2indberetning as a new record, or ask the payroll office)",
+    ),
+)
+AUDIT_INSERT = (
+    "INSERT INTO audit_events (id, at, actor, event, report_pk, delivery_id, detail, prev_hash,"
+    " hash, hmac) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 #: the head a new event chains onto (read inside the write transaction, under the writer lock)
 AUDIT_HEAD = "SELECT id, hmac FROM audit_events ORDER BY id DESC LIMIT 1"
 FILTERS = {
@@ -60,9 +67,14 @@ def facts(row: Row, reads_back: bool = False) -> Delivery:
         return row[name] if name in keys and row[name] is not None else default
 
     return Delivery(
-        Status(row["status"]), attempts=get("attempts", 0), retry_since=get("retry_since", 0.0),
-        reads_back=reads_back, cutoff_at=get("cutoff_at"), next_attempt_at=get("next_attempt_at"),
-        at_risk=bool(get("at_risk", False)), last_error=get("last_error"),
+        Status(row["status"]),
+        attempts=get("attempts", 0),
+        retry_since=get("retry_since", 0.0),
+        reads_back=reads_back,
+        cutoff_at=get("cutoff_at"),
+        next_attempt_at=get("next_attempt_at"),
+        at_risk=bool(get("at_risk", False)),
+        last_error=get("last_error"),
     )
 
 
@@ -81,12 +93,21 @@ def lease_refusal(row: Row | None, owner: str, now: float) -> str | None:
 
 def settled(settle: Settle, event: str) -> Decision:
     """A ``Settle`` (what ``settle``/``end_attempt`` are given) as the decision it came from."""
-    return Decision(settle.status, event, next_attempt_at=settle.next_attempt_at,
-                    last_error=settle.last_error, vendor_reference=settle.vendor_reference,
-                    warning=settle.warning, count_attempt=settle.count_attempt, at_risk=settle.at_risk)
+    return Decision(
+        settle.status,
+        event,
+        next_attempt_at=settle.next_attempt_at,
+        last_error=settle.last_error,
+        vendor_reference=settle.vendor_reference,
+        warning=settle.warning,
+        count_attempt=settle.count_attempt,
+        at_risk=settle.at_risk,
+    )
 
 
-def decision_update(delivery_id: int, decision: Decision, now: float) -> tuple[str, tuple[Any, ...]]:
+def decision_update(
+    delivery_id: int, decision: Decision, now: float
+) -> tuple[str, tuple[Any, ...]]:
     """The one UPDATE that persists a decision (both engines; no deciding here).
 
     The status; ``next_attempt_at`` only if given; ``last_error`` replaced; vendor reference
@@ -96,7 +117,10 @@ def decision_update(delivery_id: int, decision: Decision, now: float) -> tuple[s
     """
     at_risk = None if decision.at_risk is None else int(decision.at_risk)
     if not decision.changes_state:
-        return "UPDATE deliveries SET at_risk = COALESCE(?, at_risk) WHERE id = ?", (at_risk, delivery_id)
+        return "UPDATE deliveries SET at_risk = COALESCE(?, at_risk) WHERE id = ?", (
+            at_risk,
+            delivery_id,
+        )
     fresh = int(decision.fresh_budget)
     return (
         "UPDATE deliveries SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),"
@@ -106,9 +130,20 @@ def decision_update(delivery_id: int, decision: Decision, now: float) -> tuple[s
         " retry_since = CASE WHEN ? = 1 THEN ? ELSE retry_since END,"
         " lease_owner = NULL, lease_until = NULL, updated_at = ?, at_risk = COALESCE(?, at_risk)"
         " WHERE id = ?",
-        (str(decision.status), decision.next_attempt_at, decision.last_error, decision.vendor_reference,
-         decision.warning, fresh, int(decision.count_attempt), fresh, decision.next_attempt_at, now,
-         at_risk, delivery_id),
+        (
+            str(decision.status),
+            decision.next_attempt_at,
+            decision.last_error,
+            decision.vendor_reference,
+            decision.warning,
+            fresh,
+            int(decision.count_attempt),
+            fresh,
+            decision.next_attempt_at,
+            now,
+            at_risk,
+            delivery_id,
+        ),
     )
 
 
@@ -116,8 +151,12 @@ def decision_audit(decision: Decision) -> dict[str, Any]:
     """The audit detail of a decision: its own, or what a settle records."""
     if decision.detail:
         return dict(decision.detail)
-    detail = {"status": str(decision.status), "error": decision.last_error,
-              "vendor_reference": decision.vendor_reference, "warning": decision.warning}
+    detail = {
+        "status": str(decision.status),
+        "error": decision.last_error,
+        "vendor_reference": decision.vendor_reference,
+        "warning": decision.warning,
+    }
     return {k: v for k, v in detail.items() if v is not None}
 
 
@@ -128,7 +167,9 @@ OPEN_BREAKER = (
     " WHEN excluded.open_until > endpoint_breakers.open_until THEN excluded.open_until"
     " ELSE endpoint_breakers.open_until END"
 )
-BREAKERS_OPEN = "SELECT municipality, adapter, open_until FROM endpoint_breakers WHERE open_until > ?"
+BREAKERS_OPEN = (
+    "SELECT municipality, adapter, open_until FROM endpoint_breakers WHERE open_until > ?"
+)
 
 
 def filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
@@ -149,17 +190,23 @@ def filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
 
 
 def message_json(message: Message) -> dict[str, Any]:
-    return {"part": message.part, "operation": message.operation,
-            "fields": dict(message.fields), "deletes": message.deletes}
+    return {
+        "part": message.part,
+        "operation": message.operation,
+        "fields": dict(message.fields),
+        "deletes": message.deletes,
+    }
 
 
 def message(data: dict[str, Any]) -> Message:
     return Message(data["part"], data["operation"], data["fields"], data["deletes"])
 
 
-def audit_rows(key: bytes, head: Row | None,
-               events: Iterable[tuple[float, str, str, int | None, int | None, dict[str, Any]]],
-               ) -> list[tuple[Any, ...]]:
+def audit_rows(
+    key: bytes,
+    head: Row | None,
+    events: Iterable[tuple[float, str, str, int | None, int | None, dict[str, Any]]],
+) -> list[tuple[Any, ...]]:
     """Audit rows (for ``AUDIT_INSERT``) chained onto ``head`` (id and HMAC of the last one).
 
     Ids are given, not drawn from a sequence, because the HMAC covers them: the trail has
@@ -172,8 +219,20 @@ def audit_rows(key: bytes, head: Row | None,
         text = json.dumps(detail, sort_keys=True, default=str)
         last_id += 1
         mac = event_hmac(key, prev, last_id, now, actor, event, report_pk, delivery_id, text)
-        rows.append((last_id, now, actor, event, report_pk, delivery_id, text, prev,
-                     hashlib.sha256(text.encode()).hexdigest(), mac))
+        rows.append(
+            (
+                last_id,
+                now,
+                actor,
+                event,
+                report_pk,
+                delivery_id,
+                text,
+                prev,
+                hashlib.sha256(text.encode()).hexdigest(),
+                mac,
+            )
+        )
         prev = mac
     return rows
 
@@ -182,8 +241,12 @@ def blocker_view(row: Row | None) -> dict[str, Any] | None:
     """What holds a delivery back: the first earlier unfinished delivery of its lane."""
     if row is None:
         return None
-    return {"delivery_id": row["id"], "report_id": row["report_id"], "status": row["status"],
-            "reason": f"waiting for delivery {row['id']} of the same employee ({row['status']})"}
+    return {
+        "delivery_id": row["id"],
+        "report_id": row["report_id"],
+        "status": row["status"],
+        "reason": f"waiting for delivery {row['id']} of the same employee ({row['status']})",
+    }
 
 
 def waits_in_lane(row: Row) -> bool:
@@ -196,18 +259,47 @@ def shown(row: Row, blocker: dict[str, Any] | None) -> str:
     return str(deliveries.shown_status(Status(row["status"]), blocker is not None))
 
 
-ATTEMPT_FIELDS = ("id", "part", "operation", "started_at", "finished_at", "outcome",
-                  "http_status", "latency_ms", "error", "request_body", "response_body")
+ATTEMPT_FIELDS = (
+    "id",
+    "part",
+    "operation",
+    "started_at",
+    "finished_at",
+    "outcome",
+    "http_status",
+    "latency_ms",
+    "error",
+    "request_body",
+    "response_body",
+)
 
 
-def delivery_view(d: Row, attempts: Iterable[Row], blocker: dict[str, Any] | None) -> dict[str, Any]:
+def delivery_view(
+    d: Row, attempts: Iterable[Row], blocker: dict[str, Any] | None
+) -> dict[str, Any]:
     """A delivery as ``get_report`` shows it (held when an earlier one blocks it)."""
-    view = {k: d[k] for k in ("id", "adapter", "version", "vendor_reference", "attempts",
-                              "next_attempt_at", "last_error", "warning", "cutoff_at",
-                              "created_at", "updated_at")}
-    view.update(status=shown(d, blocker), attempt_count=d["attempts"],
-                attempts=[{k: a[k] for k in ATTEMPT_FIELDS} for a in attempts],
-                at_risk=bool(d["at_risk"]))
+    view = {
+        k: d[k]
+        for k in (
+            "id",
+            "adapter",
+            "version",
+            "vendor_reference",
+            "attempts",
+            "next_attempt_at",
+            "last_error",
+            "warning",
+            "cutoff_at",
+            "created_at",
+            "updated_at",
+        )
+    }
+    view.update(
+        status=shown(d, blocker),
+        attempt_count=d["attempts"],
+        attempts=[{k: a[k] for k in ATTEMPT_FIELDS} for a in attempts],
+        at_risk=bool(d["at_risk"]),
+    )
     if blocker is not None:
         view["held_by"] = blocker
     return view
@@ -215,9 +307,25 @@ def delivery_view(d: Row, attempts: Iterable[Row], blocker: dict[str, Any] | Non
 
 def list_view(row: Row, blocker: dict[str, Any] | None) -> dict[str, Any]:
     """A delivery as ``list_deliveries`` shows it."""
-    view = {k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version", "status",
-                                "attempts", "next_attempt_at", "last_error", "vendor_reference",
-                                "warning", "cutoff_at", "created_at", "updated_at")}
+    view = {
+        k: row[k]
+        for k in (
+            "id",
+            "municipality",
+            "report_id",
+            "adapter",
+            "version",
+            "status",
+            "attempts",
+            "next_attempt_at",
+            "last_error",
+            "vendor_reference",
+            "warning",
+            "cutoff_at",
+            "created_at",
+            "updated_at",
+        )
+    }
     view["at_risk"] = bool(row["at_risk"])
     if row["deferred_from"] is not None and waits_in_lane(row):
         view["waiting_for_opening_at"] = row["next_attempt_at"]  # the endpoint is closed until then
@@ -228,10 +336,18 @@ def list_view(row: Row, blocker: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def rejection_view(r: Row) -> dict[str, Any]:
-    return {"id": r["id"], "municipality": r["municipality"], "source": r["source"],
-            "record_id": r["record_id"], "kind": r["kind"], "errors": json.loads(r["errors"]),
-            "first_seen_at": r["first_seen_at"], "last_seen_at": r["last_seen_at"],
-            "times_seen": r["times_seen"], "resolved_at": r["resolved_at"]}
+    return {
+        "id": r["id"],
+        "municipality": r["municipality"],
+        "source": r["source"],
+        "record_id": r["record_id"],
+        "kind": r["kind"],
+        "errors": json.loads(r["errors"]),
+        "first_seen_at": r["first_seen_at"],
+        "last_seen_at": r["last_seen_at"],
+        "times_seen": r["times_seen"],
+        "resolved_at": r["resolved_at"],
+    }
 
 
 def delivered_part(keys: DataKeys, p: Row) -> DeliveredPart:
@@ -239,12 +355,16 @@ def delivered_part(keys: DataKeys, p: Row) -> DeliveredPart:
     return DeliveredPart(p["part"], p["version"], fields, p["vendor_reference"])
 
 
-def job(row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[str], keys: DataKeys) -> Job:
+def job(
+    row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[str], keys: DataKeys
+) -> Job:
     """A claimed delivery as the dispatcher gets it: the report with its CPR numbers restored
     (opened with the data keys), what was delivered of it before, and (in doubt) what may have
     reached the vendor."""
     report = open_body(keys, version["id"], version["body"])
-    employee, approver = open_cprs(keys, version["id"], version["employee_cpr"], version["approved_by_cpr"])
+    employee, approver = open_cprs(
+        keys, version["id"], version["employee_cpr"], version["approved_by_cpr"]
+    )
     report["employee"]["cpr"] = employee
     if approver is not None:
         report["approved_by_cpr"] = approver
@@ -252,12 +372,25 @@ def job(row: Row, version: Row, parts: Iterable[Row], pending_texts: Iterable[st
     pending: tuple[Message, ...] = ()
     if row["status"] == Status.IN_DOUBT:
         # the same message sent twice is pending once (compared opened: each seal differs)
-        opened = dict.fromkeys(keys.open_or_plain(t, message_context(row["id"])) for t in pending_texts)
+        opened = dict.fromkeys(
+            keys.open_or_plain(t, message_context(row["id"])) for t in pending_texts
+        )
         pending = tuple(message(json.loads(t)) for t in opened)
     retry_since = row["retry_since"] if row["retry_since"] is not None else row["created_at"]
-    return Job(row["id"], row["report_pk"], row["municipality"], row["adapter"], row["version"],
-               row["attempts"], retry_since, row["status"], report, delivered, pending,
-               cutoff_at=row["cutoff_at"])
+    return Job(
+        row["id"],
+        row["report_pk"],
+        row["municipality"],
+        row["adapter"],
+        row["version"],
+        row["attempts"],
+        retry_since,
+        row["status"],
+        report,
+        delivered,
+        pending,
+        cutoff_at=row["cutoff_at"],
+    )
 
 
 # -- personal data at rest (gateway.privacy): what each engine writes and reads ---------------
@@ -268,22 +401,35 @@ def _context(column: str, key: Any) -> str:
     return f"{column}:{key}"
 
 
-def sealed_cprs(keys: DataKeys, version_pk: int, new: NewReport) -> tuple[str, str | None, str, str | None]:
+def sealed_cprs(
+    keys: DataKeys, version_pk: int, new: NewReport
+) -> tuple[str, str | None, str, str | None]:
     """A ``report_cprs`` row's values after the version_pk: the two CPRs sealed, their lookup hashes."""
-    return (keys.seal(new.employee_cpr, _context("employee_cpr", version_pk)),
-            None if new.approved_by_cpr is None
-            else keys.seal(new.approved_by_cpr, _context("approved_by_cpr", version_pk)),
-            keys.lookup_hash(new.employee_cpr),
-            None if new.approved_by_cpr is None else keys.lookup_hash(new.approved_by_cpr))
+    return (
+        keys.seal(new.employee_cpr, _context("employee_cpr", version_pk)),
+        None
+        if new.approved_by_cpr is None
+        else keys.seal(new.approved_by_cpr, _context("approved_by_cpr", version_pk)),
+        keys.lookup_hash(new.employee_cpr),
+        None if new.approved_by_cpr is None else keys.lookup_hash(new.approved_by_cpr),
+    )
 
 
-CPRS_INSERT = ("INSERT INTO report_cprs (version_pk, employee_cpr, approved_by_cpr, employee_cpr_hash,"
-               " approved_cpr_hash) VALUES (?, ?, ?, ?, ?)")
+CPRS_INSERT = (
+    "INSERT INTO report_cprs (version_pk, employee_cpr, approved_by_cpr, employee_cpr_hash,"
+    " approved_cpr_hash) VALUES (?, ?, ?, ?, ?)"
+)
 
 
-def open_cprs(keys: DataKeys, version_pk: int, employee: str, approver: str | None) -> tuple[str, str | None]:
-    return (keys.open_or_plain(employee, _context("employee_cpr", version_pk)),
-            None if approver is None else keys.open_or_plain(approver, _context("approved_by_cpr", version_pk)))
+def open_cprs(
+    keys: DataKeys, version_pk: int, employee: str, approver: str | None
+) -> tuple[str, str | None]:
+    return (
+        keys.open_or_plain(employee, _context("employee_cpr", version_pk)),
+        None
+        if approver is None
+        else keys.open_or_plain(approver, _context("approved_by_cpr", version_pk)),
+    )
 
 
 def sealed_json(keys: DataKeys, value: Any, context: str) -> str:
@@ -322,7 +468,9 @@ def open_body(keys: DataKeys, version_pk: int, text: str) -> dict[str, Any]:
     return body
 
 
-def sealed_part(keys: DataKeys, report_pk: int, adapter: str, part: str, fields: Mapping[str, Any]) -> str:
+def sealed_part(
+    keys: DataKeys, report_pk: int, adapter: str, part: str, fields: Mapping[str, Any]
+) -> str:
     return sealed_json(keys, dict(fields), part_context(report_pk, adapter, part))
 
 
@@ -350,33 +498,62 @@ def open_run_deliveries(keys: DataKeys, run_id: str, text: str) -> dict[str, Any
 
 def open_run(keys: DataKeys, row: Row) -> dict[str, Any]:
     """A ``file_runs`` row as the journal reads it: its data and deliveries opened."""
-    return {**{k: row[k] for k in row.keys()},
-            "data": keys.open_or_plain(row["data"], run_context(row["run_id"])),
-            "deliveries": open_run_deliveries(keys, row["run_id"], row["deliveries"])}
+    return {
+        **{k: row[k] for k in row.keys()},
+        "data": keys.open_or_plain(row["data"], run_context(row["run_id"])),
+        "deliveries": open_run_deliveries(keys, row["run_id"], row["deliveries"]),
+    }
 
 
 #: every sealed column but the CPRs: (table, key columns, context columns, column, context)
 _SEALED: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, Any]] = {
-    "report_versions.body": ("report_versions", ("id",), (), "body", lambda r: body_context(r["id"])),
+    "report_versions.body": (
+        "report_versions",
+        ("id",),
+        (),
+        "body",
+        lambda r: body_context(r["id"]),
+    ),
     "file_runs.data": ("file_runs", ("run_id",), (), "data", lambda r: run_context(r["run_id"])),
-    "file_runs.deliveries": ("file_runs", ("run_id",), (), "deliveries",
-                             lambda r: run_context(r["run_id"], "deliveries")),
-    "parts.fields": ("parts", ("report_pk", "adapter", "part"), (), "fields",
-                     lambda r: part_context(r["report_pk"], r["adapter"], r["part"])),
-    "attempts.message": ("attempts", ("id",), ("delivery_id",), "message",
-                         lambda r: message_context(r["delivery_id"])),
+    "file_runs.deliveries": (
+        "file_runs",
+        ("run_id",),
+        (),
+        "deliveries",
+        lambda r: run_context(r["run_id"], "deliveries"),
+    ),
+    "parts.fields": (
+        "parts",
+        ("report_pk", "adapter", "part"),
+        (),
+        "fields",
+        lambda r: part_context(r["report_pk"], r["adapter"], r["part"]),
+    ),
+    "attempts.message": (
+        "attempts",
+        ("id",),
+        ("delivery_id",),
+        "message",
+        lambda r: message_context(r["delivery_id"]),
+    ),
 }
-_CPRS_READ = ("SELECT version_pk, employee_cpr, approved_by_cpr, employee_cpr_hash, approved_cpr_hash"
-              " FROM report_cprs")
+_CPRS_READ = (
+    "SELECT version_pk, employee_cpr, approved_by_cpr, employee_cpr_hash, approved_cpr_hash"
+    " FROM report_cprs"
+)
 #: at start, only CPR rows stored in clear (or without a lookup hash) need work
-_CPRS_IN_CLEAR = ("employee_cpr NOT LIKE 'v1:%' OR approved_by_cpr NOT LIKE 'v1:%'"
-                  " OR employee_cpr_hash IS NULL OR (approved_by_cpr IS NOT NULL AND approved_cpr_hash IS NULL)")
+_CPRS_IN_CLEAR = (
+    "employee_cpr NOT LIKE 'v1:%' OR approved_by_cpr NOT LIKE 'v1:%'"
+    " OR employee_cpr_hash IS NULL OR (approved_by_cpr IS NOT NULL AND approved_cpr_hash IS NULL)"
+)
 RESEAL_TABLES = ("report_cprs", *_SEALED)
 RESEAL_UPDATE = {
     "report_cprs": "UPDATE report_cprs SET employee_cpr = ?, approved_by_cpr = ?, employee_cpr_hash = ?,"
-                   " approved_cpr_hash = ? WHERE version_pk = ?",
-    **{name: f"UPDATE {t} SET {column} = ? WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
-       for name, (t, keys, _, column, _) in _SEALED.items()},
+    " approved_cpr_hash = ? WHERE version_pk = ?",
+    **{
+        name: f"UPDATE {t} SET {column} = ? WHERE {' AND '.join(f'{k} = ?' for k in keys)}"
+        for name, (t, keys, _, column, _) in _SEALED.items()
+    },
 }
 
 
@@ -396,6 +573,7 @@ def resealed(keys: DataKeys, name: str, row: Row, rotate: bool) -> tuple[Any, ..
     every value not sealed under the current key is re-sealed and stale lookup hashes
     recomputed. Either way a second run finds nothing to do.
     """
+
     def again(value: str | None, context: str) -> str | None:
         if value is None or (not rotate and value.startswith("v1:")):
             return None
@@ -409,14 +587,24 @@ def resealed(keys: DataKeys, name: str, row: Row, rotate: bool) -> tuple[Any, ..
     emp = again(row["employee_cpr"], _context("employee_cpr", pk))
     appr = again(row["approved_by_cpr"], _context("approved_by_cpr", pk))
     fresh = keys.current_id + ":" if rotate else ""  # at start: only missing hashes
-    stale = row["employee_cpr_hash"] is None or not row["employee_cpr_hash"].startswith(fresh) or (
-        row["approved_by_cpr"] is not None
-        and (row["approved_cpr_hash"] is None or not row["approved_cpr_hash"].startswith(fresh)))
+    stale = (
+        row["employee_cpr_hash"] is None
+        or not row["employee_cpr_hash"].startswith(fresh)
+        or (
+            row["approved_by_cpr"] is not None
+            and (row["approved_cpr_hash"] is None or not row["approved_cpr_hash"].startswith(fresh))
+        )
+    )
     if emp is None and appr is None and not stale:
         return None
     e_plain, a_plain = open_cprs(keys, pk, row["employee_cpr"], row["approved_by_cpr"])
-    return (emp or row["employee_cpr"], appr or row["approved_by_cpr"], keys.lookup_hash(e_plain),
-            None if a_plain is None else keys.lookup_hash(a_plain), pk)
+    return (
+        emp or row["employee_cpr"],
+        appr or row["approved_by_cpr"],
+        keys.lookup_hash(e_plain),
+        None if a_plain is None else keys.lookup_hash(a_plain),
+        pk,
+    )
 
 
 #: attempt outcomes whose message may have reached the vendor: in doubt, and (asked by an
@@ -426,14 +614,18 @@ PENDING_OUTCOMES = ("in_doubt", "retry", "failed")
 
 # -- the audit trail's seals, the re-chain, retention (both engines) ----------------------
 
-ATTEMPT_ROW = ("SELECT id, delivery_id, part, operation, message, started_at, finished_at, outcome,"
-               " http_status, latency_ms, error, request_body, response_body FROM attempts")
+ATTEMPT_ROW = (
+    "SELECT id, delivery_id, part, operation, message, started_at, finished_at, outcome,"
+    " http_status, latency_ms, error, request_body, response_body FROM attempts"
+)
 FINAL_SQL = ",".join(f"'{s}'" for s in sorted(FINAL))
 #: report versions whose bodies may go: received before the cut-off, every delivery of
 #: them final and last changed before it, not purged yet (parameters: before, before)
-PURGEABLE = ("SELECT v.id FROM report_versions v WHERE v.purged_at IS NULL AND v.received_at < ?"
-             " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.version_pk = v.id"
-             f" AND (d.status NOT IN ({FINAL_SQL}) OR d.updated_at >= ?))")
+PURGEABLE = (
+    "SELECT v.id FROM report_versions v WHERE v.purged_at IS NULL AND v.received_at < ?"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.version_pk = v.id"
+    f" AND (d.status NOT IN ({FINAL_SQL}) OR d.updated_at >= ?))"
+)
 PURGE_BATCH = 500  # versions per transaction (and per audited purge event)
 #: what a purge would drop, counted without touching anything (dry run)
 PURGE_PREVIEW = (
@@ -450,14 +642,25 @@ def rechained(key: bytes, events: Sequence[Row]) -> list[tuple[str, str, str, in
     re-chain of migration 8: history is re-anchored from that point)."""
     updates, prev = [], ""
     for e in events:
-        mac = event_hmac(key, prev, int(e["id"]), e["at"], e["actor"], e["event"], e["report_pk"],
-                         e["delivery_id"], e["detail"])
+        mac = event_hmac(
+            key,
+            prev,
+            int(e["id"]),
+            e["at"],
+            e["actor"],
+            e["event"],
+            e["report_pk"],
+            e["delivery_id"],
+            e["detail"],
+        )
         updates.append((prev, hashlib.sha256(e["detail"].encode()).hexdigest(), mac, int(e["id"])))
         prev = mac
     return updates
 
 
-def audit_attempt_rows(keys: DataKeys, audit_key: bytes, rows: Sequence[Row]) -> list[dict[str, Any]]:
+def audit_attempt_rows(
+    keys: DataKeys, audit_key: bytes, rows: Sequence[Row]
+) -> list[dict[str, Any]]:
     """Attempt rows as the audit trail seals them: the sealed message replaced by an HMAC (audit
     key) of what it says. Its ciphertext changes with every rotation of the data key, what it
     says does not; and a keyed digest of a text that may hold a CPR cannot be guessed from the
@@ -465,7 +668,9 @@ def audit_attempt_rows(keys: DataKeys, audit_key: bytes, rows: Sequence[Row]) ->
     out = []
     for row in rows:
         a = dict(row)
-        said = json.dumps(message_json(open_message(keys, a["delivery_id"], a["message"])), sort_keys=True)
+        said = json.dumps(
+            message_json(open_message(keys, a["delivery_id"], a["message"])), sort_keys=True
+        )
         a["message"] = hmac.new(audit_key, said.encode(), hashlib.sha256).hexdigest()
         out.append(a)
     return out
@@ -475,22 +680,47 @@ def rechain_detail(events: Sequence[Row], attempts: Sequence[Row]) -> dict[str, 
     """The ``audit.rechained`` event: what was re-chained, whether the old unkeyed chain held,
     and a seal of every attempt written before seals existed."""
     broken = legacy_broken([dict(e) for e in events])
-    return {"events": len(events), "legacy_chain": "intact" if broken is None else f"broken at event {broken}",
-            "attempts_sealed": [seal(dict(a)) for a in attempts]}
+    return {
+        "events": len(events),
+        "legacy_chain": "intact" if broken is None else f"broken at event {broken}",
+        "attempts_sealed": [seal(dict(a)) for a in attempts],
+    }
 
 
-def purge_detail(before: float, versions: Sequence[int], cprs: int, deliveries_: Sequence[int],
-                 bodies: int, extra: Mapping[str, Any]) -> dict[str, Any]:
+def purge_detail(
+    before: float,
+    versions: Sequence[int],
+    cprs: int,
+    deliveries_: Sequence[int],
+    bodies: int,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
     """The ``retention.purged`` event: counts, and the deliveries whose attempt bodies went
     (``audit verify`` accepts a missing body only for those)."""
-    return {"before": before, "versions": len(versions), "cprs": cprs, "attempt_bodies": bodies,
-            "deliveries": list(deliveries_), **extra}
+    return {
+        "before": before,
+        "versions": len(versions),
+        "cprs": cprs,
+        "attempt_bodies": bodies,
+        "deliveries": list(deliveries_),
+        **extra,
+    }
 
 
 def version_view(keys: DataKeys, v: Row) -> dict[str, Any]:
     """A report version as ``get_report`` shows it (body opened): a purged one without its body."""
     if v["purged_at"] is not None:
-        return {"id": v["id"], "version": v["version"], "received_at": v["received_at"], "purged": True,
-                "purged_at": v["purged_at"]}
-    return {"id": v["id"], "version": v["version"], "received_at": v["received_at"], "purged": False,
-            "report": open_body(keys, v["id"], v["body"])}
+        return {
+            "id": v["id"],
+            "version": v["version"],
+            "received_at": v["received_at"],
+            "purged": True,
+            "purged_at": v["purged_at"],
+        }
+    return {
+        "id": v["id"],
+        "version": v["version"],
+        "received_at": v["received_at"],
+        "purged": False,
+        "report": open_body(keys, v["id"], v["body"]),
+    }

@@ -94,7 +94,13 @@ AuditEvent = tuple[float, str, str, int | None, int | None, dict[str, Any]]
 _WRITE_LOCK = 0x5047_5731  # advisory lock key: writers that append to the audit trail
 _MIGRATE_LOCK = 0x5047_5732
 _FILE_LOCK_SPACE = 0x5047  # two-key advisory locks: (space, hash of the file key)
-_RETRYABLE_STATES = ("08", "40", "53", "57", "58")  # connection, rollback, resources, operator, system
+_RETRYABLE_STATES = (
+    "08",
+    "40",
+    "53",
+    "57",
+    "58",
+)  # connection, rollback, resources, operator, system
 
 
 def store_error(exc: BaseException) -> StoreError | None:
@@ -108,8 +114,13 @@ def store_error(exc: BaseException) -> StoreError | None:
         if state.startswith(_RETRYABLE_STATES):
             return StoreError(f"the PostgreSQL store failed: {exc.__class__.__name__}: {exc}")
         return None
-    if isinstance(exc, asyncpg.InterfaceError | asyncpg.exceptions.ConnectionDoesNotExistError
-                  | OSError | TimeoutError):
+    if isinstance(
+        exc,
+        asyncpg.InterfaceError
+        | asyncpg.exceptions.ConnectionDoesNotExistError
+        | OSError
+        | TimeoutError,
+    ):
         return StoreError(f"the PostgreSQL store failed: {exc.__class__.__name__}: {exc}")
     return None
 
@@ -130,7 +141,9 @@ class _Tx:
     """One connection (in a transaction, when writing), ``?`` SQL, and the audit events
     the transaction appends: chained and inserted in one go just before the commit."""
 
-    def __init__(self, conn: asyncpg.Connection, keys: DataKeys, audit_key: bytes = UNKEYED) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, keys: DataKeys, audit_key: bytes = UNKEYED
+    ) -> None:
         self.conn = conn
         self.keys = keys  # seal and open personal data (gateway.privacy)
         self.audit_key = audit_key
@@ -152,8 +165,16 @@ class _Tx:
     async def fetchval(self, sql: str, *args: Any) -> Any:
         return await self.conn.fetchval(_q(sql), *args)
 
-    def audit(self, now: float, event: str, detail: dict[str, Any], *, actor: str = "gateway",
-              report_pk: int | None = None, delivery_id: int | None = None) -> None:
+    def audit(
+        self,
+        now: float,
+        event: str,
+        detail: dict[str, Any],
+        *,
+        actor: str = "gateway",
+        report_pk: int | None = None,
+        delivery_id: int | None = None,
+    ) -> None:
         self.events.append((now, actor, event, report_pk, delivery_id, detail))
 
     async def flush_audit(self) -> None:
@@ -171,7 +192,9 @@ class PostgresStore:
 
     single_process = False  # never reclaim every lease at start: other processes hold some
 
-    def __init__(self, dsn: str, keys: DataKeys, pool_size: int = 10, audit_key: bytes = UNKEYED) -> None:
+    def __init__(
+        self, dsn: str, keys: DataKeys, pool_size: int = 10, audit_key: bytes = UNKEYED
+    ) -> None:
         self.dsn = dsn
         self.keys = keys
         self.audit_key = audit_key
@@ -184,7 +207,9 @@ class PostgresStore:
         try:
             self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.pool_size)
         except Exception as exc:
-            raise (store_error(exc) or StoreError(f"cannot open the PostgreSQL store: {exc}")) from exc
+            raise (
+                store_error(exc) or StoreError(f"cannot open the PostgreSQL store: {exc}")
+            ) from exc
         try:
             await self._guard(self._migrate())
             if not self.keys.missing:  # values stored in clear before migration 7
@@ -207,8 +232,9 @@ class PostgresStore:
             for number, name, sql in pending(done):
                 for statement in statements(sql, "postgresql"):
                     await conn.execute(statement)
-                await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, $3)",
-                                   number, name, applied_at())
+                await conn.execute(
+                    "INSERT INTO schema_migrations VALUES ($1, $2, $3)", number, name, applied_at()
+                )
         await self._write(self._rechain)
 
     async def _rechain(self, tx: _Tx) -> None:
@@ -217,21 +243,29 @@ class PostgresStore:
             return
         events = await tx.fetch("SELECT * FROM audit_events ORDER BY id")
         if events:
-            await tx.executemany("UPDATE audit_events SET prev_hash = ?, hash = ?, hmac = ? WHERE id = ?",
-                                 rechained(self.audit_key, events))
-            attempts = audit_attempt_rows(self.keys, self.audit_key, await tx.fetch(
-                f"{ATTEMPT_ROW} WHERE finished_at IS NOT NULL ORDER BY id"))
+            await tx.executemany(
+                "UPDATE audit_events SET prev_hash = ?, hash = ?, hmac = ? WHERE id = ?",
+                rechained(self.audit_key, events),
+            )
+            attempts = audit_attempt_rows(
+                self.keys,
+                self.audit_key,
+                await tx.fetch(f"{ATTEMPT_ROW} WHERE finished_at IS NOT NULL ORDER BY id"),
+            )
             tx.audit(time.time(), "audit.rechained", rechain_detail(events, attempts))
         await tx.execute("DELETE FROM audit_rechain")
 
     async def reseal(self, rotate: bool) -> dict[str, int]:
         """Seal what is stored in clear (``rotate``: re-seal all under the current key), in one
         transaction; the counts of rows changed per table."""
+
         async def op(tx: _Tx) -> dict[str, int]:
             counts = {}
             for table in RESEAL_TABLES:
                 rows = await tx.fetch(reseal_select(table, rotate) + " FOR UPDATE")
-                updates = [u for row in rows if (u := resealed(self.keys, table, row, rotate)) is not None]
+                updates = [
+                    u for row in rows if (u := resealed(self.keys, table, row, rotate)) is not None
+                ]
                 await tx.executemany(RESEAL_UPDATE[table], updates)
                 counts[table] = len(updates)
             return counts
@@ -256,6 +290,7 @@ class PostgresStore:
 
     async def _write(self, fn: Callable[[_Tx], Awaitable[T]], *, audited: bool = True) -> T:
         """``fn`` in one transaction, committed before this returns."""
+
         async def run() -> T:
             async with self._acquire() as conn, conn.transaction():
                 if audited:
@@ -279,14 +314,16 @@ class PostgresStore:
         """Only one process at a time writes the file ``key`` (a session advisory lock)."""
         async with contextlib.AsyncExitStack() as stack:
             conn = await stack.enter_async_context(self._acquire())
-            await self._guard(conn.execute("SELECT pg_advisory_lock($1, hashtext($2))",
-                                           _FILE_LOCK_SPACE, key))
+            await self._guard(
+                conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _FILE_LOCK_SPACE, key)
+            )
             try:
                 yield
             finally:
                 with contextlib.suppress(Exception):
-                    await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))",
-                                       _FILE_LOCK_SPACE, key)
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock($1, hashtext($2))", _FILE_LOCK_SPACE, key
+                    )
 
     # -- intake --------------------------------------------------------------------------
 
@@ -315,20 +352,28 @@ class PostgresStore:
 
         return await self._write(op)
 
-    async def take_pulled(self, municipality: str, source: str, records: Sequence[PulledRecord],
-                          now: float) -> list[PullOutcome]:
+    async def take_pulled(
+        self, municipality: str, source: str, records: Sequence[PulledRecord], now: float
+    ) -> list[PullOutcome]:
         """Store the valid records and record the rejected ones, all in one transaction."""
+
         async def op(tx: _Tx) -> list[PullOutcome]:
-            batch = await _Intake.load(tx, [r.report for r in records if r.report is not None], now, self.keys)
+            batch = await _Intake.load(
+                tx, [r.report for r in records if r.report is not None], now, self.keys
+            )
             outcomes, resolved = [], []
             for record in records:
                 if record.report is None:
-                    await _reject(tx, municipality, source, record, PullOutcome.INVALID, record.errors, now)
+                    await _reject(
+                        tx, municipality, source, record, PullOutcome.INVALID, record.errors, now
+                    )
                     outcomes.append(PullOutcome.INVALID)
                     continue
                 existing = batch.stored_version(record.report)
                 if existing is not None and existing[1] != record.report.content_hash:
-                    await _reject(tx, municipality, source, record, PullOutcome.CONFLICT, CONFLICT_ERRORS, now)
+                    await _reject(
+                        tx, municipality, source, record, PullOutcome.CONFLICT, CONFLICT_ERRORS, now
+                    )
                     outcomes.append(PullOutcome.CONFLICT)
                     continue
                 if existing is None:
@@ -338,12 +383,16 @@ class PostgresStore:
             await batch.flush()
             await tx.executemany(
                 "UPDATE intake_rejections SET resolved_at = ? WHERE municipality = ? AND source = ?"
-                " AND record_id = ? AND resolved_at IS NULL", resolved)
+                " AND record_id = ? AND resolved_at IS NULL",
+                resolved,
+            )
             return outcomes
 
         return await self._write(op)
 
-    async def list_rejections(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]:
+    async def list_rejections(
+        self, filters: Mapping[str, Any], limit: int = 200
+    ) -> list[dict[str, Any]]:
         clauses, params = ["1 = 1"], []
         for key in ("municipality", "source", "kind", "record_id"):
             if filters.get(key) is not None:
@@ -351,8 +400,10 @@ class PostgresStore:
                 params.append(filters[key])
         if filters.get("unresolved"):
             clauses.append("resolved_at IS NULL")
-        sql = (f"SELECT * FROM intake_rejections WHERE {' AND '.join(clauses)}"
-               " ORDER BY first_seen_at DESC, id DESC LIMIT ?")
+        sql = (
+            f"SELECT * FROM intake_rejections WHERE {' AND '.join(clauses)}"
+            " ORDER BY first_seen_at DESC, id DESC LIMIT ?"
+        )
         rows = await self._read(lambda tx: tx.fetch(sql, *params, limit))
         return [rejection_view(r) for r in rows]
 
@@ -360,48 +411,82 @@ class PostgresStore:
 
     async def get_report(self, municipality: str, report_id: str) -> dict[str, Any] | None:
         async def read(tx: _Tx) -> dict[str, Any] | None:
-            report = await tx.fetchrow("SELECT * FROM reports WHERE municipality = ? AND report_id = ?",
-                                       municipality, report_id)
+            report = await tx.fetchrow(
+                "SELECT * FROM reports WHERE municipality = ? AND report_id = ?",
+                municipality,
+                report_id,
+            )
             if report is None:
                 return None
-            versions = [version_view(self.keys, v)
-                        for v in await tx.fetch("SELECT id, version, received_at, body, purged_at FROM"
-                                                " report_versions WHERE report_pk = ? ORDER BY version",
-                                                report["id"])]
+            versions = [
+                version_view(self.keys, v)
+                for v in await tx.fetch(
+                    "SELECT id, version, received_at, body, purged_at FROM"
+                    " report_versions WHERE report_pk = ? ORDER BY version",
+                    report["id"],
+                )
+            ]
             deliveries = []
-            for d in await tx.fetch("SELECT * FROM deliveries WHERE report_pk = ? ORDER BY id", report["id"]):
-                attempts = await tx.fetch("SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", d["id"])
+            for d in await tx.fetch(
+                "SELECT * FROM deliveries WHERE report_pk = ? ORDER BY id", report["id"]
+            ):
+                attempts = await tx.fetch(
+                    "SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", d["id"]
+                )
                 deliveries.append(delivery_view(d, attempts, await _blocker(tx, d)))
-            return {"municipality": municipality, "report_id": report_id, "kind": report["kind"],
-                    "latest_version": report["latest_version"], "versions": versions,
-                    "deliveries": deliveries}
+            return {
+                "municipality": municipality,
+                "report_id": report_id,
+                "kind": report["kind"],
+                "latest_version": report["latest_version"],
+                "versions": versions,
+                "deliveries": deliveries,
+            }
 
         return await self._read(read)
 
     async def count_by_status(self) -> dict[str, int]:
-        rows = await self._read(lambda tx: tx.fetch("SELECT status, COUNT(*) FROM deliveries GROUP BY status"))
+        rows = await self._read(
+            lambda tx: tx.fetch("SELECT status, COUNT(*) FROM deliveries GROUP BY status")
+        )
         return {r[0]: r[1] for r in rows}
 
     async def deliveries_of(self, version_pks: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
         """The deliveries of these report versions (as intake answered them), by version."""
         wanted = list(dict.fromkeys(version_pks))
-        rows = await self._read(lambda tx: tx.fetch(
-            "SELECT id, version_pk, adapter, status, vendor_reference, last_error, warning"
-            " FROM deliveries WHERE version_pk = ANY(?::bigint[]) ORDER BY id", wanted))
+        rows = await self._read(
+            lambda tx: tx.fetch(
+                "SELECT id, version_pk, adapter, status, vendor_reference, last_error, warning"
+                " FROM deliveries WHERE version_pk = ANY(?::bigint[]) ORDER BY id",
+                wanted,
+            )
+        )
         found: dict[int, list[dict[str, Any]]] = {pk: [] for pk in wanted}
         for row in rows:
             found[row["version_pk"]].append({k: row[k] for k in row.keys() if k != "version_pk"})
         return found
 
     async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]:
-        rows = await self._read(lambda tx: tx.fetch(
-            "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", report_pk, adapter))
+        rows = await self._read(
+            lambda tx: tx.fetch(
+                "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part",
+                report_pk,
+                adapter,
+            )
+        )
         return [delivered_part(self.keys, r) for r in rows]
 
-    async def audit_chain(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
-        rows = await self._read(lambda tx: tx.fetch(
-            "SELECT * FROM audit_events WHERE at >= COALESCE(?::float8, at) AND at < COALESCE(?::float8, at + 1)"
-            " ORDER BY id", since, until))
+    async def audit_chain(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        rows = await self._read(
+            lambda tx: tx.fetch(
+                "SELECT * FROM audit_events WHERE at >= COALESCE(?::float8, at) AND at < COALESCE(?::float8, at + 1)"
+                " ORDER BY id",
+                since,
+                until,
+            )
+        )
         return [dict(r) for r in rows]
 
     async def audit_attempts(self) -> list[dict[str, Any]]:
@@ -414,8 +499,14 @@ class PostgresStore:
 
     # -- retention -------------------------------------------------------------------------
 
-    async def purge(self, before: float, now: float, *, dry_run: bool = False,
-                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def purge(
+        self,
+        before: float,
+        now: float,
+        *,
+        dry_run: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Drop the bodies and CPR numbers of versions finished before ``before``, in batches,
         each one audited (``extra``: counts done outside the store, e.g. backup files)."""
         if dry_run:
@@ -424,7 +515,9 @@ class PostgresStore:
             return {**dict(row), **(extra or {})}
         total = {"versions": 0, "cprs": 0, "attempt_bodies": 0}
         while True:
-            done = await self._write(functools.partial(_purge_batch, before=before, now=now, extra=extra))
+            done = await self._write(
+                functools.partial(_purge_batch, before=before, now=now, extra=extra)
+            )
             extra = None  # counted once, in the first event
             for k in total:
                 total[k] += done[k]
@@ -432,14 +525,25 @@ class PostgresStore:
                 return total
 
     async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]:
-        rows = await self._read(lambda tx: tx.fetch(
-            "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id",
-            delivery_id))
+        rows = await self._read(
+            lambda tx: tx.fetch(
+                "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id",
+                delivery_id,
+            )
+        )
         return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
 
-    async def record_event(self, event: str, detail: dict[str, Any], now: float, *,
-                           actor: str = "gateway", delivery_id: int | None = None) -> None:
+    async def record_event(
+        self,
+        event: str,
+        detail: dict[str, Any],
+        now: float,
+        *,
+        actor: str = "gateway",
+        delivery_id: int | None = None,
+    ) -> None:
         """An audit event that changes no delivery (breaker transitions, pauses, alerts)."""
+
         async def op(tx: _Tx) -> None:
             tx.audit(now, event, detail, actor=actor, delivery_id=delivery_id)
 
@@ -453,31 +557,54 @@ class PostgresStore:
         A delivery with an attempt that started but never finished may have reached the
         vendor: it becomes in_doubt. Any other goes back to the queue.
         """
+
         async def op(tx: _Tx) -> dict[str, int]:
             rows = await tx.fetch(
                 "SELECT * FROM deliveries WHERE status = ?"
-                + ("" if every_lease else " AND lease_until < ?") + " ORDER BY id FOR UPDATE SKIP LOCKED",
-                *((Status.IN_FLIGHT,) if every_lease else (Status.IN_FLIGHT, now)))
+                + ("" if every_lease else " AND lease_until < ?")
+                + " ORDER BY id FOR UPDATE SKIP LOCKED",
+                *((Status.IN_FLIGHT,) if every_lease else (Status.IN_FLIGHT, now)),
+            )
             counts = {"requeued": 0, "in_doubt": 0}
             for row in rows:
                 open_attempt = await tx.fetchval(
-                    "SELECT id FROM attempts WHERE delivery_id = ? AND finished_at IS NULL", row["id"])
-                decision = deliveries.decide(facts(row), Event.LEASE_EXPIRED, None, now,
-                                             Detail(open_attempt=open_attempt is not None))
+                    "SELECT id FROM attempts WHERE delivery_id = ? AND finished_at IS NULL",
+                    row["id"],
+                )
+                decision = deliveries.decide(
+                    facts(row),
+                    Event.LEASE_EXPIRED,
+                    None,
+                    now,
+                    Detail(open_attempt=open_attempt is not None),
+                )
                 extra = None
                 if open_attempt is not None:
-                    await tx.execute("UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE id = ?",
-                                     now, decision.attempt_outcome, decision.last_error, open_attempt)
+                    await tx.execute(
+                        "UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE id = ?",
+                        now,
+                        decision.attempt_outcome,
+                        decision.last_error,
+                        open_attempt,
+                    )
                     extra = {"attempts_sealed": await _seals(tx, "id = ?", open_attempt)}
-                await _record_decision(tx, row["id"], decision, now, report_pk=row["report_pk"], extra=extra)
+                await _record_decision(
+                    tx, row["id"], decision, now, report_pk=row["report_pk"], extra=extra
+                )
                 counts["in_doubt" if decision.status is Status.IN_DOUBT else "requeued"] += 1
             return counts
 
         return await self._write(op)
 
     async def claim_due(
-        self, now: float, owner: str, lease_seconds: float, limit: int,
-        adapters: Sequence[str], readback_adapters: Sequence[str], municipality: str | None = None,
+        self,
+        now: float,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        adapters: Sequence[str],
+        readback_adapters: Sequence[str],
+        municipality: str | None = None,
         lane_order: bool = True,
     ) -> list[Job]:
         """Due deliveries; with ``lane_order``, only the first unfinished one per employee.
@@ -499,52 +626,106 @@ class PostgresStore:
                 "   WHERE e.municipality = d.municipality AND e.adapter = d.adapter"
                 f"   AND e.employee_key = d.employee_key AND e.id < d.id AND e.status IN ({BLOCKING_SQL})))"
                 " ORDER BY d.next_attempt_at, d.id LIMIT ? FOR UPDATE OF d SKIP LOCKED",
-                now, list(adapters), municipality, municipality, list(readback_adapters), lane_order, limit)
+                now,
+                list(adapters),
+                municipality,
+                municipality,
+                list(readback_adapters),
+                lane_order,
+                limit,
+            )
             if lane_order:
                 rows = await _lane_heads(tx, rows)
             if not rows:
                 return []
-            claimed = [deliveries.decide(facts(r, r["adapter"] in readback_adapters), Event.CLAIMED, None, now)
-                       for r in rows]
+            claimed = [
+                deliveries.decide(
+                    facts(r, r["adapter"] in readback_adapters), Event.CLAIMED, None, now
+                )
+                for r in rows
+            ]
             await tx.executemany(
                 "UPDATE deliveries SET status = ?, lease_owner = ?, lease_until = ?, updated_at = ? WHERE id = ?",
-                [(str(d.status), owner, now + lease_seconds, now, r["id"]) for d, r in zip(claimed, rows, strict=True)])
+                [
+                    (str(d.status), owner, now + lease_seconds, now, r["id"])
+                    for d, r in zip(claimed, rows, strict=True)
+                ],
+            )
             return await _jobs(tx, rows, self.keys)
 
         return await self._write(op, audited=False)
 
-    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float,
-                            owner: str | None = None) -> int:
+    async def begin_attempt(
+        self,
+        delivery_id: int,
+        message: Message,
+        request_body: str,
+        now: float,
+        owner: str | None = None,
+    ) -> int:
         async def op(tx: _Tx) -> int:
             if owner is not None:  # the row lock orders this against a reclaim or a claim
-                lease = await tx.fetchrow("SELECT status, lease_owner, lease_until FROM deliveries"
-                                          " WHERE id = ? FOR UPDATE", delivery_id)
+                lease = await tx.fetchrow(
+                    "SELECT status, lease_owner, lease_until FROM deliveries"
+                    " WHERE id = ? FOR UPDATE",
+                    delivery_id,
+                )
                 refusal = lease_refusal(lease, owner, now)
                 if refusal is not None:
                     raise LeaseLost(f"delivery {delivery_id}: {refusal}")
-            return int(await tx.fetchval(
-                "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
-                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                delivery_id, message.part, message.operation, sealed_message(self.keys, delivery_id, message),
-                now, request_body))
+            return int(
+                await tx.fetchval(
+                    "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
+                    " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                    delivery_id,
+                    message.part,
+                    message.operation,
+                    sealed_message(self.keys, delivery_id, message),
+                    now,
+                    request_body,
+                )
+            )
 
         return await self._write(op, audited=False)
 
     async def end_attempt(
-        self, attempt_id: int, delivery_id: int, report_pk: int, adapter: str, version: int,
-        record: AttemptRecord, message: Message, settle: Settle | None, now: float,
+        self,
+        attempt_id: int,
+        delivery_id: int,
+        report_pk: int,
+        adapter: str,
+        version: int,
+        record: AttemptRecord,
+        message: Message,
+        settle: Settle | None,
+        now: float,
     ) -> None:
         async def op(tx: _Tx) -> None:
             await tx.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, latency_ms = ?,"
                 " response_body = ?, error = ? WHERE id = ?",
-                now, record.outcome, record.http_status, record.latency_ms, record.response_body,
-                record.error, attempt_id)
+                now,
+                record.outcome,
+                record.http_status,
+                record.latency_ms,
+                record.response_body,
+                record.error,
+                attempt_id,
+            )
             [sealed] = await _seals(tx, "id = ?", attempt_id)
-            tx.audit(now, f"attempt.{record.outcome}",
-                     {"part": message.part, "operation": message.operation,
-                      "http_status": record.http_status, "error": record.error, "attempt": sealed},
-                     report_pk=report_pk, delivery_id=delivery_id)
+            tx.audit(
+                now,
+                f"attempt.{record.outcome}",
+                {
+                    "part": message.part,
+                    "operation": message.operation,
+                    "http_status": record.http_status,
+                    "error": record.error,
+                    "attempt": sealed,
+                },
+                report_pk=report_pk,
+                delivery_id=delivery_id,
+            )
             if record.outcome == "delivered":
                 await _record_part(tx, report_pk, adapter, version, message, record, now)
             if settle is not None:
@@ -556,60 +737,113 @@ class PostgresStore:
         await self._write(lambda tx: _settle(tx, delivery_id, settle, now, event, None))
 
     async def replace_parts(
-        self, delivery_id: int, report_pk: int, adapter: str, parts: Sequence[DeliveredPart], now: float,
+        self,
+        delivery_id: int,
+        report_pk: int,
+        adapter: str,
+        parts: Sequence[DeliveredPart],
+        now: float,
     ) -> None:
         async def op(tx: _Tx) -> None:
-            await tx.execute("DELETE FROM parts WHERE report_pk = ? AND adapter = ?", report_pk, adapter)
+            await tx.execute(
+                "DELETE FROM parts WHERE report_pk = ? AND adapter = ?", report_pk, adapter
+            )
             await tx.executemany(
                 "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference,"
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(report_pk, adapter, p.part, p.version, sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
-                  p.vendor_reference, now) for p in parts])
-            ids = [r["id"] for r in await tx.fetch("UPDATE attempts SET outcome = 'in_doubt_reconciled'"
-                                                   " WHERE delivery_id = ? AND outcome = 'in_doubt' RETURNING id",
-                                                   delivery_id)]
+                [
+                    (
+                        report_pk,
+                        adapter,
+                        p.part,
+                        p.version,
+                        sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
+                        p.vendor_reference,
+                        now,
+                    )
+                    for p in parts
+                ],
+            )
+            ids = [
+                r["id"]
+                for r in await tx.fetch(
+                    "UPDATE attempts SET outcome = 'in_doubt_reconciled'"
+                    " WHERE delivery_id = ? AND outcome = 'in_doubt' RETURNING id",
+                    delivery_id,
+                )
+            ]
             sealed = await _seals(tx, "id = ANY(?::bigint[])", ids)
-            tx.audit(now, "delivery.read_back", {"parts": [p.part for p in parts], "attempts_sealed": sealed},
-                     report_pk=report_pk, delivery_id=delivery_id)
+            tx.audit(
+                now,
+                "delivery.read_back",
+                {"parts": [p.part for p in parts], "attempts_sealed": sealed},
+                report_pk=report_pk,
+                delivery_id=delivery_id,
+            )
 
         await self._write(op)
 
     # -- endpoints -------------------------------------------------------------------------
 
     async def paused_endpoints(self) -> dict[tuple[str, str], str]:
-        rows = await self._read(lambda tx: tx.fetch(
-            "SELECT municipality, adapter, reason FROM endpoint_controls WHERE paused = 1"))
+        rows = await self._read(
+            lambda tx: tx.fetch(
+                "SELECT municipality, adapter, reason FROM endpoint_controls WHERE paused = 1"
+            )
+        )
         return {(r[0], r[1]): r[2] or "" for r in rows}
 
     async def open_breaker(self, municipality: str, adapter: str, until: float) -> None:
-        await self._write(lambda tx: tx.execute(OPEN_BREAKER, municipality, adapter, until), audited=False)
+        await self._write(
+            lambda tx: tx.execute(OPEN_BREAKER, municipality, adapter, until), audited=False
+        )
 
     async def breakers_open(self, now: float) -> dict[tuple[str, str], float]:
         rows = await self._read(lambda tx: tx.fetch(BREAKERS_OPEN, now))
         return {(r[0], r[1]): r[2] for r in rows}
 
-    async def set_paused(self, municipality: str, adapter: str, paused: bool, reason: str,
-                         actor: str, now: float) -> None:
+    async def set_paused(
+        self, municipality: str, adapter: str, paused: bool, reason: str, actor: str, now: float
+    ) -> None:
         async def op(tx: _Tx) -> None:
             await tx.execute(
                 "INSERT INTO endpoint_controls (municipality, adapter, paused, reason, actor, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (municipality, adapter) DO UPDATE SET"
                 " paused = excluded.paused, reason = excluded.reason, actor = excluded.actor,"
                 " updated_at = excluded.updated_at",
-                municipality, adapter, int(paused), reason, actor, now)
-            tx.audit(now, "endpoint.paused" if paused else "endpoint.resumed",
-                     {"municipality": municipality, "adapter": adapter, "reason": reason}, actor=actor)
+                municipality,
+                adapter,
+                int(paused),
+                reason,
+                actor,
+                now,
+            )
+            tx.audit(
+                now,
+                "endpoint.paused" if paused else "endpoint.resumed",
+                {"municipality": municipality, "adapter": adapter, "reason": reason},
+                actor=actor,
+            )
 
         await self._write(op)
 
     async def defer_due(self, municipality: str, adapter: str, until: float, now: float) -> int:
         """Move due deliveries of a closed endpoint to its opening: waiting, not a burned retry."""
-        return await self._write(lambda tx: tx.execute(
-            "UPDATE deliveries SET deferred_from = COALESCE(deferred_from, next_attempt_at),"
-            " next_attempt_at = ?, updated_at = ? WHERE municipality = ?"
-            " AND adapter = ? AND status IN (?, ?) AND next_attempt_at < ?",
-            until, now, municipality, adapter, Status.QUEUED, Status.RETRY_SCHEDULED, until),
-            audited=False)
+        return await self._write(
+            lambda tx: tx.execute(
+                "UPDATE deliveries SET deferred_from = COALESCE(deferred_from, next_attempt_at),"
+                " next_attempt_at = ?, updated_at = ? WHERE municipality = ?"
+                " AND adapter = ? AND status IN (?, ?) AND next_attempt_at < ?",
+                until,
+                now,
+                municipality,
+                adapter,
+                Status.QUEUED,
+                Status.RETRY_SCHEDULED,
+                until,
+            ),
+            audited=False,
+        )
 
     async def undefer(self, municipality: str | None, adapter: str | None, now: float) -> int:
         """Give work deferred to an opening its own due time back (all endpoints, or one)."""
@@ -618,49 +852,85 @@ class PostgresStore:
         if municipality is not None and adapter is not None:
             where += " AND municipality = ? AND adapter = ?"
             params += [municipality, adapter]
-        return await self._write(lambda tx: tx.execute(
-            f"UPDATE deliveries SET next_attempt_at = deferred_from, deferred_from = NULL, updated_at = ?"
-            f" WHERE {where}", now, *params), audited=False)
+        return await self._write(
+            lambda tx: tx.execute(
+                f"UPDATE deliveries SET next_attempt_at = deferred_from, deferred_from = NULL, updated_at = ?"
+                f" WHERE {where}",
+                now,
+                *params,
+            ),
+            audited=False,
+        )
 
     # -- operations ------------------------------------------------------------------------
 
-    async def list_deliveries(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]:
+    async def list_deliveries(
+        self, filters: Mapping[str, Any], limit: int = 200
+    ) -> list[dict[str, Any]]:
         where, params = filter_sql(filters)
 
         async def read(tx: _Tx) -> list[dict[str, Any]]:
-            rows = await tx.fetch("SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-                                  f" WHERE {where} ORDER BY d.id LIMIT ?", *params, limit)
+            rows = await tx.fetch(
+                "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+                f" WHERE {where} ORDER BY d.id LIMIT ?",
+                *params,
+                limit,
+            )
             return [list_view(row, await _blocker(tx, row)) for row in rows]
 
         return await self._read(read)
 
     async def count_at_risk(self) -> int:
-        return int(await self._read(lambda tx: tx.fetchval("SELECT COUNT(*) FROM deliveries WHERE at_risk = 1")))
+        return int(
+            await self._read(
+                lambda tx: tx.fetchval("SELECT COUNT(*) FROM deliveries WHERE at_risk = 1")
+            )
+        )
 
-    async def operate(self, action: str, filters: Mapping[str, Any], actor: str, reason: str,
-                      now: float, readback_adapters: Sequence[str] = (),
-                      vendor_reference: str | None = None) -> dict[str, list[int]]:
+    async def operate(
+        self,
+        action: str,
+        filters: Mapping[str, Any],
+        actor: str,
+        reason: str,
+        now: float,
+        readback_adapters: Sequence[str] = (),
+        vendor_reference: str | None = None,
+    ) -> dict[str, list[int]]:
         """Replay, cancel, check or confirm the selected deliveries; each change audited."""
         where, params = filter_sql(filters)
         event = deliveries.ACTIONS[action]
         detail = Detail(error=reason, actor=actor, vendor_reference=vendor_reference)
 
         async def op(tx: _Tx) -> dict[str, list[int]]:
-            rows = await tx.fetch(f"SELECT d.* FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-                                  f" WHERE {where} ORDER BY d.id FOR UPDATE OF d", *params)
+            rows = await tx.fetch(
+                f"SELECT d.* FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+                f" WHERE {where} ORDER BY d.id FOR UPDATE OF d",
+                *params,
+            )
             done: dict[str, list[int]] = {"changed": [], "skipped": []}
             for row in rows:
                 try:
-                    decision = deliveries.decide(facts(row, row["adapter"] in readback_adapters), event,
-                                                 None, now, detail)
+                    decision = deliveries.decide(
+                        facts(row, row["adapter"] in readback_adapters), event, None, now, detail
+                    )
                 except IllegalTransition:
                     done["skipped"].append(row["id"])
                     continue
                 extra = None
                 if event is Event.CONFIRM:
-                    extra = {"attempts_sealed": await _confirm_parts(tx, row, vendor_reference, now)}
-                await _record_decision(tx, row["id"], decision, now, report_pk=row["report_pk"], actor=actor,
-                                       extra=extra)
+                    extra = {
+                        "attempts_sealed": await _confirm_parts(tx, row, vendor_reference, now)
+                    }
+                await _record_decision(
+                    tx,
+                    row["id"],
+                    decision,
+                    now,
+                    report_pk=row["report_pk"],
+                    actor=actor,
+                    extra=extra,
+                )
                 done["changed"].append(row["id"])
             return done
 
@@ -668,11 +938,13 @@ class PostgresStore:
 
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
         """Flag undelivered deliveries that will miss their payroll cut-off; return the new ones."""
+
         async def op(tx: _Tx) -> list[dict[str, Any]]:
             rows = await tx.fetch(  # candidates only: the rule is deliveries.is_at_risk
                 "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
                 f" WHERE d.at_risk = 0 AND d.cutoff_at IS NOT NULL AND d.status IN ({WATCHED_SQL})"
-                " ORDER BY d.id FOR UPDATE OF d")
+                " ORDER BY d.id FOR UPDATE OF d"
+            )
             flagged = []
             for row in rows:
                 delivery = facts(row)
@@ -680,8 +952,22 @@ class PostgresStore:
                     continue
                 decision = deliveries.decide(delivery, Event.AT_RISK, None, now)
                 await _record_decision(tx, row["id"], decision, now, report_pk=row["report_pk"])
-                flagged.append({k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version",
-                                                     "status", "cutoff_at", "next_attempt_at", "last_error")})
+                flagged.append(
+                    {
+                        k: row[k]
+                        for k in (
+                            "id",
+                            "municipality",
+                            "report_id",
+                            "adapter",
+                            "version",
+                            "status",
+                            "cutoff_at",
+                            "next_attempt_at",
+                            "last_error",
+                        )
+                    }
+                )
             return flagged
 
         return await self._write(op)
@@ -693,29 +979,57 @@ class PostgresStore:
             await tx.execute(
                 "INSERT INTO file_runs (run_id, municipality, adapter, file, offset_before, data,"
                 " first_line, header_lines, deliveries, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                run["run_id"], run["municipality"], run["adapter"], run["file"], run["offset_before"],
-                sealed_run_data(self.keys, run["run_id"], run["data"]), run["first_line"], run["header_lines"], sealed_run_deliveries(self.keys, run["run_id"], run["deliveries"]), now)
-            tx.audit(now, "file_run.begin", {"run_id": run["run_id"], "file": run["file"],
-                                             "deliveries": len(run["deliveries"])})
+                run["run_id"],
+                run["municipality"],
+                run["adapter"],
+                run["file"],
+                run["offset_before"],
+                sealed_run_data(self.keys, run["run_id"], run["data"]),
+                run["first_line"],
+                run["header_lines"],
+                sealed_run_deliveries(self.keys, run["run_id"], run["deliveries"]),
+                now,
+            )
+            tx.audit(
+                now,
+                "file_run.begin",
+                {
+                    "run_id": run["run_id"],
+                    "file": run["file"],
+                    "deliveries": len(run["deliveries"]),
+                },
+            )
 
         await self._write(op)
 
     async def file_runs_unfinished(self, file: str) -> list[dict[str, Any]]:
-        rows = await self._read(lambda tx: tx.fetch(
-            "SELECT * FROM file_runs WHERE file = ? AND finished_at IS NULL ORDER BY started_at", file))
+        rows = await self._read(
+            lambda tx: tx.fetch(
+                "SELECT * FROM file_runs WHERE file = ? AND finished_at IS NULL ORDER BY started_at",
+                file,
+            )
+        )
         return [open_run(self.keys, r) for r in rows]
 
-    async def file_run_finish(self, run_id: str, line_numbers: Sequence[int], outcome: str,
-                              now: float) -> None:
+    async def file_run_finish(
+        self, run_id: str, line_numbers: Sequence[int], outcome: str, now: float
+    ) -> None:
         """The run's lines are in the file: its deliveries are delivered (one transaction)."""
+
         async def op(tx: _Tx) -> None:
             run = await tx.fetchrow("SELECT * FROM file_runs WHERE run_id = ?", run_id)
             assert run is not None
-            await tx.execute("UPDATE file_runs SET finished_at = ?, outcome = ? WHERE run_id = ?",
-                             now, outcome, run_id)
+            await tx.execute(
+                "UPDATE file_runs SET finished_at = ?, outcome = ? WHERE run_id = ?",
+                now,
+                outcome,
+                run_id,
+            )
             tx.audit(now, "file_run.finish", {"run_id": run_id, "outcome": outcome})
             name = Path(run["file"]).name
-            for delivery_id, item in open_run_deliveries(self.keys, run_id, run["deliveries"]).items():
+            for delivery_id, item in open_run_deliveries(
+                self.keys, run_id, run["deliveries"]
+            ).items():
                 refs = [f"{name}:{line_numbers[i]}" for i in item["lines"]]
                 await _file_delivered(tx, int(delivery_id), item, refs, now)
 
@@ -728,11 +1042,17 @@ class PostgresStore:
 async def _blocker(tx: _Tx, d: Mapping[str, Any]) -> dict[str, Any] | None:
     if not waits_in_lane(d):
         return None
-    return blocker_view(await tx.fetchrow(
-        f"SELECT d.id, d.status, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-        f" WHERE d.municipality = ? AND d.adapter = ? AND d.employee_key = ? AND d.id < ?"
-        f" AND d.status IN ({BLOCKING_SQL}) ORDER BY d.id LIMIT 1",
-        d["municipality"], d["adapter"], d["employee_key"], d["id"]))
+    return blocker_view(
+        await tx.fetchrow(
+            f"SELECT d.id, d.status, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+            f" WHERE d.municipality = ? AND d.adapter = ? AND d.employee_key = ? AND d.id < ?"
+            f" AND d.status IN ({BLOCKING_SQL}) ORDER BY d.id LIMIT 1",
+            d["municipality"],
+            d["adapter"],
+            d["employee_key"],
+            d["id"],
+        )
+    )
 
 
 async def _lane_heads(tx: _Tx, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
@@ -746,7 +1066,9 @@ async def _lane_heads(tx: _Tx, rows: list[asyncpg.Record]) -> list[asyncpg.Recor
         "   || d.employee_key, 0))"
         " AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.municipality = d.municipality"
         "   AND e.adapter = d.adapter AND e.employee_key = d.employee_key AND e.id < d.id"
-        f"   AND e.status IN ({BLOCKING_SQL}))", [r["id"] for r in rows])
+        f"   AND e.status IN ({BLOCKING_SQL}))",
+        [r["id"] for r in rows],
+    )
     keep = {r["id"] for r in ok}
     lanes: set[tuple[str, str, str]] = set()
     heads = []
@@ -760,52 +1082,101 @@ async def _lane_heads(tx: _Tx, rows: list[asyncpg.Record]) -> list[asyncpg.Recor
 
 async def _jobs(tx: _Tx, rows: Sequence[asyncpg.Record], keys: DataKeys) -> list[Job]:
     """The claimed rows as jobs, with three queries for all of them."""
-    versions = {v["id"]: v for v in await tx.fetch(
-        "SELECT v.id, v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
-        " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ANY(?::bigint[])",
-        [r["version_pk"] for r in rows])}
+    versions = {
+        v["id"]: v
+        for v in await tx.fetch(
+            "SELECT v.id, v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
+            " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ANY(?::bigint[])",
+            [r["version_pk"] for r in rows],
+        )
+    }
     parts: dict[tuple[int, str], list[asyncpg.Record]] = {}
-    for p in await tx.fetch("SELECT * FROM parts WHERE report_pk = ANY(?::bigint[]) ORDER BY part",
-                            list({r["report_pk"] for r in rows})):
+    for p in await tx.fetch(
+        "SELECT * FROM parts WHERE report_pk = ANY(?::bigint[]) ORDER BY part",
+        list({r["report_pk"] for r in rows}),
+    ):
         parts.setdefault((p["report_pk"], p["adapter"]), []).append(p)
     texts: dict[int, list[str]] = {}
     doubtful = [r["id"] for r in rows if r["status"] == Status.IN_DOUBT]
     if doubtful:
-        for a in await tx.fetch("SELECT delivery_id, message FROM attempts WHERE delivery_id = ANY(?::bigint[])"
-                                " AND outcome = ANY(?::text[]) ORDER BY id", doubtful, list(PENDING_OUTCOMES)):
+        for a in await tx.fetch(
+            "SELECT delivery_id, message FROM attempts WHERE delivery_id = ANY(?::bigint[])"
+            " AND outcome = ANY(?::text[]) ORDER BY id",
+            doubtful,
+            list(PENDING_OUTCOMES),
+        ):
             texts.setdefault(a["delivery_id"], []).append(a["message"])
-    return [build_job(r, versions[r["version_pk"]], parts.get((r["report_pk"], r["adapter"]), []),
-                      texts.get(r["id"], []), keys) for r in rows]
+    return [
+        build_job(
+            r,
+            versions[r["version_pk"]],
+            parts.get((r["report_pk"], r["adapter"]), []),
+            texts.get(r["id"], []),
+            keys,
+        )
+        for r in rows
+    ]
 
 
-async def _record_part(tx: _Tx, report_pk: int, adapter: str, version: int, msg: Message,
-                       record: AttemptRecord, now: float) -> None:
+async def _record_part(
+    tx: _Tx,
+    report_pk: int,
+    adapter: str,
+    version: int,
+    msg: Message,
+    record: AttemptRecord,
+    now: float,
+) -> None:
     if msg.deletes:
-        await tx.execute("DELETE FROM parts WHERE report_pk = ? AND adapter = ? AND part = ?",
-                         report_pk, adapter, msg.part)
+        await tx.execute(
+            "DELETE FROM parts WHERE report_pk = ? AND adapter = ? AND part = ?",
+            report_pk,
+            adapter,
+            msg.part,
+        )
         return
     await tx.execute(
         "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference, updated_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (report_pk, adapter, part) DO UPDATE SET"
         " version = excluded.version, fields = excluded.fields,"
         " vendor_reference = excluded.vendor_reference, updated_at = excluded.updated_at",
-        report_pk, adapter, msg.part, version, sealed_part(tx.keys, report_pk, adapter, msg.part, msg.fields),
-        record.vendor_reference, now)
+        report_pk,
+        adapter,
+        msg.part,
+        version,
+        sealed_part(tx.keys, report_pk, adapter, msg.part, msg.fields),
+        record.vendor_reference,
+        now,
+    )
 
 
-async def _settle(tx: _Tx, delivery_id: int, settle: Settle, now: float, event: str,
-                  report_pk: int | None) -> None:
+async def _settle(
+    tx: _Tx, delivery_id: int, settle: Settle, now: float, event: str, report_pk: int | None
+) -> None:
     await _record_decision(tx, delivery_id, settled(settle, event), now, report_pk=report_pk)
 
 
-async def _record_decision(tx: _Tx, delivery_id: int, decision: Decision, now: float, *,
-                           report_pk: int | None = None, actor: str = "gateway",
-                           extra: dict[str, Any] | None = None) -> None:
+async def _record_decision(
+    tx: _Tx,
+    delivery_id: int,
+    decision: Decision,
+    now: float,
+    *,
+    report_pk: int | None = None,
+    actor: str = "gateway",
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Persist what the state machine decided, and audit it (no deciding here)."""
     sql, params = decision_update(delivery_id, decision, now)
     await tx.execute(sql, *params)
-    tx.audit(now, decision.audit, {**decision_audit(decision), **(extra or {})}, actor=actor, report_pk=report_pk,
-             delivery_id=delivery_id)
+    tx.audit(
+        now,
+        decision.audit,
+        {**decision_audit(decision), **(extra or {})},
+        actor=actor,
+        report_pk=report_pk,
+        delivery_id=delivery_id,
+    )
 
 
 async def _seals(tx: _Tx, where: str, *params: Any) -> list[dict[str, Any]]:
@@ -813,66 +1184,126 @@ async def _seals(tx: _Tx, where: str, *params: Any) -> list[dict[str, Any]]:
     return [seal(a) for a in audit_attempt_rows(tx.keys, tx.audit_key, rows)]
 
 
-async def _purge_batch(tx: _Tx, before: float, now: float, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    versions = [r["id"] for r in await tx.fetch(f"{PURGEABLE} ORDER BY v.id LIMIT {PURGE_BATCH} FOR UPDATE OF v",
-                                                before, before)]
+async def _purge_batch(
+    tx: _Tx, before: float, now: float, extra: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    versions = [
+        r["id"]
+        for r in await tx.fetch(
+            f"{PURGEABLE} ORDER BY v.id LIMIT {PURGE_BATCH} FOR UPDATE OF v", before, before
+        )
+    ]
     if not versions and not extra:
         return {"versions": 0, "cprs": 0, "attempt_bodies": 0}
-    dids = [r["id"] for r in await tx.fetch("SELECT id FROM deliveries WHERE version_pk = ANY(?::bigint[])"
-                                            " ORDER BY id", versions)]
-    bodies = await tx.execute("UPDATE attempts SET request_body = NULL, response_body = NULL WHERE delivery_id"
-                              " = ANY(?::bigint[]) AND (request_body IS NOT NULL OR response_body IS NOT NULL)",
-                              dids)
+    dids = [
+        r["id"]
+        for r in await tx.fetch(
+            "SELECT id FROM deliveries WHERE version_pk = ANY(?::bigint[]) ORDER BY id", versions
+        )
+    ]
+    bodies = await tx.execute(
+        "UPDATE attempts SET request_body = NULL, response_body = NULL WHERE delivery_id"
+        " = ANY(?::bigint[]) AND (request_body IS NOT NULL OR response_body IS NOT NULL)",
+        dids,
+    )
     cprs = await tx.execute("DELETE FROM report_cprs WHERE version_pk = ANY(?::bigint[])", versions)
-    await tx.execute("UPDATE report_versions SET body = '{}', purged_at = ? WHERE id = ANY(?::bigint[])",
-                     now, versions)
+    await tx.execute(
+        "UPDATE report_versions SET body = '{}', purged_at = ? WHERE id = ANY(?::bigint[])",
+        now,
+        versions,
+    )
     detail = purge_detail(before, versions, cprs, dids, bodies, extra or {})
     tx.audit(now, PURGE_EVENT, detail, actor="retention")
     return detail
 
 
-async def _confirm_parts(tx: _Tx, row: asyncpg.Record, vendor_reference: str | None,
-                         now: float) -> list[dict[str, Any]]:
+async def _confirm_parts(
+    tx: _Tx, row: asyncpg.Record, vendor_reference: str | None, now: float
+) -> list[dict[str, Any]]:
     """The operator found the in-doubt sends at the vendor: record them as delivered parts,
     so a later version is planned against them (and never pays them twice)."""
     record = AttemptRecord("delivered", vendor_reference=vendor_reference)
-    for a in await tx.fetch("SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
-                            " ORDER BY id", row["id"]):
-        await _record_part(tx, row["report_pk"], row["adapter"], row["version"],
-                           open_message(tx.keys, row["id"], a["message"]), record, now)
+    for a in await tx.fetch(
+        "SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
+        " ORDER BY id",
+        row["id"],
+    ):
+        await _record_part(
+            tx,
+            row["report_pk"],
+            row["adapter"],
+            row["version"],
+            open_message(tx.keys, row["id"], a["message"]),
+            record,
+            now,
+        )
         await tx.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", a["id"])
     return await _seals(tx, "delivery_id = ? AND outcome = 'in_doubt_confirmed'", row["id"])
 
 
-async def _file_delivered(tx: _Tx, delivery_id: int, item: dict[str, Any], refs: list[str], now: float) -> None:
+async def _file_delivered(
+    tx: _Tx, delivery_id: int, item: dict[str, Any], refs: list[str], now: float
+) -> None:
     d = await tx.fetchrow("SELECT * FROM deliveries WHERE id = ? FOR UPDATE", delivery_id)
     reference = ", ".join(refs) or None
     if d is None or not deliveries.allowed(facts(d), Event.WRITTEN):
         return
-    decision = deliveries.decide(facts(d), Event.WRITTEN, None, now, Detail(vendor_reference=reference))
+    decision = deliveries.decide(
+        facts(d), Event.WRITTEN, None, now, Detail(vendor_reference=reference)
+    )
     for part in item["parts"]:
-        await _record_part(tx, d["report_pk"], d["adapter"], d["version"],
-                           Message(part["part"], part["operation"], part["fields"]),
-                           AttemptRecord("delivered", vendor_reference=reference), now)
+        await _record_part(
+            tx,
+            d["report_pk"],
+            d["adapter"],
+            d["version"],
+            Message(part["part"], part["operation"], part["fields"]),
+            AttemptRecord("delivered", vendor_reference=reference),
+            now,
+        )
     await _record_decision(tx, delivery_id, decision, now, report_pk=d["report_pk"])
 
 
-async def _reject(tx: _Tx, municipality: str, source: str, record: PulledRecord, kind: PullOutcome,
-                  errors: Sequence[tuple[str, str]], now: float) -> None:
+async def _reject(
+    tx: _Tx,
+    municipality: str,
+    source: str,
+    record: PulledRecord,
+    kind: PullOutcome,
+    errors: Sequence[tuple[str, str]],
+    now: float,
+) -> None:
     """Record a rejection once per (record, content); seeing it again only counts."""
     key = (municipality, source, record.record_id, record.record_hash)
     updated = await tx.execute(
         "UPDATE intake_rejections SET last_seen_at = ?, times_seen = times_seen + 1, resolved_at = NULL"
-        " WHERE municipality = ? AND source = ? AND record_id = ? AND content_hash = ?", now, *key)
+        " WHERE municipality = ? AND source = ? AND record_id = ? AND content_hash = ?",
+        now,
+        *key,
+    )
     if updated:
         return
     listed = [{"pointer": p, "message": m} for p, m in errors]
     await tx.execute(
         "INSERT INTO intake_rejections (municipality, source, record_id, content_hash, kind, errors,"
         " first_seen_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        *key, str(kind), json.dumps(listed), now, now)
-    tx.audit(now, "intake.rejected", {"municipality": municipality, "source": source,
-                                      "record_id": record.record_id, "kind": str(kind), "errors": listed})
+        *key,
+        str(kind),
+        json.dumps(listed),
+        now,
+        now,
+    )
+    tx.audit(
+        now,
+        "intake.rejected",
+        {
+            "municipality": municipality,
+            "source": source,
+            "record_id": record.record_id,
+            "kind": str(kind),
+            "errors": listed,
+        },
+    )
 
 
 class _Intake:
@@ -882,7 +1313,9 @@ class _Intake:
     def __init__(self, tx: _Tx, now: float, ids: dict[str, list[int]], keys: DataKeys) -> None:
         self.tx, self.now, self.ids, self.keys = tx, now, ids, keys
         self.reports: dict[tuple[str, str], dict[str, Any]] = {}
-        self.versions: dict[tuple[int, int], tuple[int, str]] = {}  # (report_pk, version) -> (pk, hash)
+        self.versions: dict[
+            tuple[int, int], tuple[int, str]
+        ] = {}  # (report_pk, version) -> (pk, hash)
         self.deliveries: list[dict[str, Any]] = []
         self.new_reports: list[dict[str, Any]] = []
         self.new_versions: list[tuple[Any, ...]] = []
@@ -891,30 +1324,53 @@ class _Intake:
         self.superseded: list[tuple[int, Decision]] = []  # stored deliveries: (id, decision)
 
     @classmethod
-    async def load(cls, tx: _Tx, news: Sequence[NewReport], now: float, data_keys: DataKeys) -> _Intake:
+    async def load(
+        cls, tx: _Tx, news: Sequence[NewReport], now: float, data_keys: DataKeys
+    ) -> _Intake:
         n = len(news)
-        ids = await tx.fetchrow(
-            "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('reports', 'id')) FROM generate_series(1, ?::int)) r,"
-            " ARRAY(SELECT nextval(pg_get_serial_sequence('report_versions', 'id')) FROM generate_series(1, ?::int)) v,"
-            " ARRAY(SELECT nextval(pg_get_serial_sequence('deliveries', 'id')) FROM generate_series(1, ?::int)) d",
-            n, n, n) if n else {"r": [], "v": [], "d": []}
+        ids = (
+            await tx.fetchrow(
+                "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('reports', 'id')) FROM generate_series(1, ?::int)) r,"
+                " ARRAY(SELECT nextval(pg_get_serial_sequence('report_versions', 'id')) FROM generate_series(1, ?::int)) v,"
+                " ARRAY(SELECT nextval(pg_get_serial_sequence('deliveries', 'id')) FROM generate_series(1, ?::int)) d",
+                n,
+                n,
+                n,
+            )
+            if n
+            else {"r": [], "v": [], "d": []}
+        )
         assert ids is not None
-        batch = cls(tx, now, {"r": list(ids["r"]), "v": list(ids["v"]), "d": list(ids["d"])}, data_keys)
+        batch = cls(
+            tx, now, {"r": list(ids["r"]), "v": list(ids["v"]), "d": list(ids["d"])}, data_keys
+        )
         keys = list({(new.municipality, new.report_id) for new in news})
         if not keys:
             return batch
         for r in await tx.fetch(
             "SELECT r.id, r.municipality, r.report_id, r.latest_version FROM reports r"
             " JOIN unnest(?::text[], ?::text[]) k(m, rid) ON r.municipality = k.m AND r.report_id = k.rid",
-            [k[0] for k in keys], [k[1] for k in keys],
+            [k[0] for k in keys],
+            [k[1] for k in keys],
         ):
-            batch.reports[(r["municipality"], r["report_id"])] = {"id": r["id"], "latest": r["latest_version"]}
+            batch.reports[(r["municipality"], r["report_id"])] = {
+                "id": r["id"],
+                "latest": r["latest_version"],
+            }
         pks = [r["id"] for r in batch.reports.values()]
-        for v in await tx.fetch("SELECT id, report_pk, version, content_hash FROM report_versions"
-                                " WHERE report_pk = ANY(?::bigint[])", pks):
+        for v in await tx.fetch(
+            "SELECT id, report_pk, version, content_hash FROM report_versions"
+            " WHERE report_pk = ANY(?::bigint[])",
+            pks,
+        ):
             batch.versions[(v["report_pk"], v["version"])] = (v["id"], v["content_hash"])
-        batch.deliveries = [dict(d) for d in await tx.fetch(
-            "SELECT * FROM deliveries WHERE report_pk = ANY(?::bigint[]) ORDER BY id FOR UPDATE", pks)]
+        batch.deliveries = [
+            dict(d)
+            for d in await tx.fetch(
+                "SELECT * FROM deliveries WHERE report_pk = ANY(?::bigint[]) ORDER BY id FOR UPDATE",
+                pks,
+            )
+        ]
         return batch
 
     def stored_version(self, new: NewReport) -> tuple[int, str] | None:
@@ -922,37 +1378,79 @@ class _Intake:
         return None if report is None else self.versions.get((report["id"], new.version))
 
     def existing(self, version_pk: int, new: NewReport) -> Submitted:
-        status = next((d["status"] for d in self.deliveries if d["version_pk"] == version_pk), "not_routed")
-        return Submitted(version_pk, new.municipality, new.report_id, new.version, status, created=False)
+        status = next(
+            (d["status"] for d in self.deliveries if d["version_pk"] == version_pk), "not_routed"
+        )
+        return Submitted(
+            version_pk, new.municipality, new.report_id, new.version, status, created=False
+        )
 
     def insert(self, new: NewReport) -> Submitted:
         now, report = self.now, self.reports.get((new.municipality, new.report_id))
         if report is None:
             report = {"id": self.ids["r"].pop(0), "latest": new.version}
             self.reports[(new.municipality, new.report_id)] = report
-            self.new_reports.append({"row": (report["id"], new.municipality, new.report_id, new.kind,
-                                             new.employee_key, now), "report": report})
+            self.new_reports.append(
+                {
+                    "row": (
+                        report["id"],
+                        new.municipality,
+                        new.report_id,
+                        new.kind,
+                        new.employee_key,
+                        now,
+                    ),
+                    "report": report,
+                }
+            )
         else:
             report["latest"] = max(report["latest"], new.version)
             report["changed"] = True
         version_pk = self.ids["v"].pop(0)
         self.versions[(report["id"], new.version)] = (version_pk, new.content_hash)
-        self.new_versions.append((version_pk, report["id"], new.version, new.content_hash,
-                                  sealed_body(self.keys, version_pk, new.body), now))
+        self.new_versions.append(
+            (
+                version_pk,
+                report["id"],
+                new.version,
+                new.content_hash,
+                sealed_body(self.keys, version_pk, new.body),
+                now,
+            )
+        )
         self.new_cprs.append((version_pk, *sealed_cprs(self.keys, version_pk, new)))
-        self.tx.audit(now, "report.received", {"version": new.version, "kind": new.kind},
-                      report_pk=report["id"])
+        self.tx.audit(
+            now,
+            "report.received",
+            {"version": new.version, "kind": new.kind},
+            report_pk=report["id"],
+        )
         status = "not_routed"
         if new.adapter is not None:
             status = self._add_delivery(new, report, version_pk)
-        return Submitted(version_pk, new.municipality, new.report_id, new.version, status, created=True)
+        return Submitted(
+            version_pk, new.municipality, new.report_id, new.version, status, created=True
+        )
 
     def _add_delivery(self, new: NewReport, report: dict[str, Any], version_pk: int) -> str:
         status = deliveries.initial_status(new.version, report["latest"])
-        d = {"id": self.ids["d"].pop(0), "version_pk": version_pk, "report_pk": report["id"],
-             "adapter": new.adapter, "version": new.version, "status": status, "new": new, "last_error": None}
-        self.tx.audit(self.now, f"delivery.{status}", {"adapter": new.adapter, "version": new.version},
-                      report_pk=report["id"], delivery_id=d["id"])
+        d = {
+            "id": self.ids["d"].pop(0),
+            "version_pk": version_pk,
+            "report_pk": report["id"],
+            "adapter": new.adapter,
+            "version": new.version,
+            "status": status,
+            "new": new,
+            "last_error": None,
+        }
+        self.tx.audit(
+            self.now,
+            f"delivery.{status}",
+            {"adapter": new.adapter, "version": new.version},
+            report_pk=report["id"],
+            delivery_id=d["id"],
+        )
         if status == Status.QUEUED:
             self._supersede_older(report["id"], new.adapter or "", new.version)
         self.deliveries.append(d)
@@ -968,31 +1466,62 @@ class _Intake:
             delivery = facts(d)
             if not deliveries.allowed(delivery, Event.SUPERSEDED):
                 continue
-            decision = deliveries.decide(delivery, Event.SUPERSEDED, None, self.now, Detail(by_version=version))
+            decision = deliveries.decide(
+                delivery, Event.SUPERSEDED, None, self.now, Detail(by_version=version)
+            )
             d.update(status=decision.status, last_error=decision.last_error)
-            if "new" not in d:  # a stored one is written by the writer at flush; a new one is inserted so
+            if (
+                "new" not in d
+            ):  # a stored one is written by the writer at flush; a new one is inserted so
                 self.superseded.append((d["id"], decision))
-            self.tx.audit(self.now, decision.audit, decision_audit(decision), report_pk=report_pk,
-                          delivery_id=d["id"])
+            self.tx.audit(
+                self.now,
+                decision.audit,
+                decision_audit(decision),
+                report_pk=report_pk,
+                delivery_id=d["id"],
+            )
 
     async def flush(self) -> None:
         tx, now = self.tx, self.now
         await tx.executemany(
             "INSERT INTO reports (id, municipality, report_id, kind, employee_key, latest_version, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(*r["row"][:5], r["report"]["latest"], r["row"][5]) for r in self.new_reports])
-        await tx.executemany("UPDATE reports SET latest_version = ? WHERE id = ?",
-                             [(r["latest"], r["id"]) for r in self.reports.values() if r.get("changed")])
-        await tx.executemany("INSERT INTO report_versions (id, report_pk, version, content_hash, body,"
-                             " received_at) VALUES (?, ?, ?, ?, ?, ?)", self.new_versions)
+            [(*r["row"][:5], r["report"]["latest"], r["row"][5]) for r in self.new_reports],
+        )
+        await tx.executemany(
+            "UPDATE reports SET latest_version = ? WHERE id = ?",
+            [(r["latest"], r["id"]) for r in self.reports.values() if r.get("changed")],
+        )
+        await tx.executemany(
+            "INSERT INTO report_versions (id, report_pk, version, content_hash, body,"
+            " received_at) VALUES (?, ?, ?, ?, ?, ?)",
+            self.new_versions,
+        )
         await tx.executemany(CPRS_INSERT, self.new_cprs)
         await tx.executemany(
             "INSERT INTO deliveries (id, version_pk, report_pk, municipality, adapter, employee_key, version,"
             " status, next_attempt_at, created_at, updated_at, cutoff_at, last_error)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(d["id"], d["version_pk"], d["report_pk"], d["new"].municipality, d["adapter"],
-              d["new"].employee_key, d["version"], d["status"], now, now, now, d["new"].cutoff_at,
-              d["last_error"]) for d in self.new_deliveries])
+            [
+                (
+                    d["id"],
+                    d["version_pk"],
+                    d["report_pk"],
+                    d["new"].municipality,
+                    d["adapter"],
+                    d["new"].employee_key,
+                    d["version"],
+                    d["status"],
+                    now,
+                    now,
+                    now,
+                    d["new"].cutoff_at,
+                    d["last_error"],
+                )
+                for d in self.new_deliveries
+            ],
+        )
         for delivery_id, decision in self.superseded:
             sql, params = decision_update(delivery_id, decision, now)
             await tx.execute(sql, *params)

@@ -191,7 +191,9 @@ class SQLiteStore:
             try:
                 for statement in statements(sql, "sqlite"):
                     conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (number, name, applied_at()))
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)", (number, name, applied_at())
+                )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -210,10 +212,15 @@ class SQLiteStore:
             return
         events = conn.execute("SELECT * FROM audit_events ORDER BY id").fetchall()
         if events:
-            conn.executemany("UPDATE audit_events SET prev_hash = ?, hash = ?, hmac = ? WHERE id = ?",
-                             rechained(self.audit_key, events))
-            attempts = audit_attempt_rows(self.keys, self.audit_key, conn.execute(
-                f"{ATTEMPT_ROW} WHERE finished_at IS NOT NULL ORDER BY id").fetchall())
+            conn.executemany(
+                "UPDATE audit_events SET prev_hash = ?, hash = ?, hmac = ? WHERE id = ?",
+                rechained(self.audit_key, events),
+            )
+            attempts = audit_attempt_rows(
+                self.keys,
+                self.audit_key,
+                conn.execute(f"{ATTEMPT_ROW} WHERE finished_at IS NOT NULL ORDER BY id").fetchall(),
+            )
             self._audit(conn, time.time(), "audit.rechained", rechain_detail(events, attempts))
         conn.execute("DELETE FROM audit_rechain")
 
@@ -234,8 +241,11 @@ class SQLiteStore:
     def _reseal(self, conn: sqlite3.Connection, rotate: bool) -> dict[str, int]:
         counts = {}
         for table in RESEAL_TABLES:
-            updates = [u for row in conn.execute(reseal_select(table, rotate)).fetchall()
-                       if (u := resealed(self.keys, table, row, rotate)) is not None]
+            updates = [
+                u
+                for row in conn.execute(reseal_select(table, rotate)).fetchall()
+                if (u := resealed(self.keys, table, row, rotate)) is not None
+            ]
             conn.executemany(RESEAL_UPDATE[table], updates)
             counts[table] = len(updates)
         return counts
@@ -265,7 +275,9 @@ class SQLiteStore:
             while len(batch) < _MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                results = await loop.run_in_executor(self._wpool, self._apply, [op for op, _ in batch])
+                results = await loop.run_in_executor(
+                    self._wpool, self._apply, [op for op, _ in batch]
+                )
             except asyncio.CancelledError:
                 for _, fut in batch:
                     if not fut.done():
@@ -331,14 +343,25 @@ class SQLiteStore:
     # -- audit ---------------------------------------------------------------------------
 
     def _audit(
-        self, conn: sqlite3.Connection, now: float, event: str, detail: dict[str, Any],
-        *, actor: str = "gateway", report_pk: int | None = None, delivery_id: int | None = None,
+        self,
+        conn: sqlite3.Connection,
+        now: float,
+        event: str,
+        detail: dict[str, Any],
+        *,
+        actor: str = "gateway",
+        report_pk: int | None = None,
+        delivery_id: int | None = None,
     ) -> None:
         """Append to the hash-chained audit trail, inside the caller's transaction."""
         # read inside the write transaction: another process (the CLI) may have appended
         head = conn.execute(AUDIT_HEAD).fetchone()
-        conn.execute(AUDIT_INSERT, audit_rows(self.audit_key, head,
-                                              [(now, actor, event, report_pk, delivery_id, detail)])[0])
+        conn.execute(
+            AUDIT_INSERT,
+            audit_rows(self.audit_key, head, [(now, actor, event, report_pk, delivery_id, detail)])[
+                0
+            ],
+        )
 
     def _seals(self, conn: sqlite3.Connection, where: str, *params: Any) -> list[dict[str, Any]]:
         rows = conn.execute(f"{ATTEMPT_ROW} WHERE {where} ORDER BY id", params).fetchall()
@@ -352,7 +375,9 @@ class SQLiteStore:
     async def submit(self, reports: Sequence[NewReport], now: float) -> list[Submitted]:
         return await self._write(lambda conn: self._submit(conn, reports, now))
 
-    def _submit(self, conn: sqlite3.Connection, reports: Sequence[NewReport], now: float) -> list[Submitted]:
+    def _submit(
+        self, conn: sqlite3.Connection, reports: Sequence[NewReport], now: float
+    ) -> list[Submitted]:
         results: list[Submitted] = []
         conflicts: list[int] = []
         for index, new in enumerate(reports):
@@ -377,16 +402,26 @@ class SQLiteStore:
 
     # -- pull sources ----------------------------------------------------------------------
 
-    async def take_pulled(self, municipality: str, source: str, records: Sequence[PulledRecord],
-                          now: float) -> list[PullOutcome]:
+    async def take_pulled(
+        self, municipality: str, source: str, records: Sequence[PulledRecord], now: float
+    ) -> list[PullOutcome]:
         """Store the valid records and record the rejected ones, all in one transaction."""
-        return await self._write(lambda conn: [self._take_one(conn, municipality, source, r, now)
-                                               for r in records])
+        return await self._write(
+            lambda conn: [self._take_one(conn, municipality, source, r, now) for r in records]
+        )
 
-    def _take_one(self, conn: sqlite3.Connection, municipality: str, source: str, record: PulledRecord,
-                  now: float) -> PullOutcome:
+    def _take_one(
+        self,
+        conn: sqlite3.Connection,
+        municipality: str,
+        source: str,
+        record: PulledRecord,
+        now: float,
+    ) -> PullOutcome:
         if record.report is None:
-            self._reject(conn, municipality, source, record, PullOutcome.INVALID, record.errors, now)
+            self._reject(
+                conn, municipality, source, record, PullOutcome.INVALID, record.errors, now
+            )
             return PullOutcome.INVALID
         existing = self._stored_version(conn, record.report)
         if existing is not None and existing["content_hash"] != record.report.content_hash:
@@ -402,8 +437,16 @@ class SQLiteStore:
         )
         return PullOutcome.CREATED if existing is None else PullOutcome.DUPLICATE
 
-    def _reject(self, conn: sqlite3.Connection, municipality: str, source: str, record: PulledRecord,
-                kind: PullOutcome, errors: Sequence[tuple[str, str]], now: float) -> None:
+    def _reject(
+        self,
+        conn: sqlite3.Connection,
+        municipality: str,
+        source: str,
+        record: PulledRecord,
+        kind: PullOutcome,
+        errors: Sequence[tuple[str, str]],
+        now: float,
+    ) -> None:
         """Record a rejection once per (record, content); seeing it again only counts."""
         key = (municipality, source, record.record_id, record.record_hash)
         updated = conn.execute(
@@ -419,11 +462,22 @@ class SQLiteStore:
             " first_seen_at, last_seen_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (*key, str(kind), json.dumps(listed), now, now),
         )
-        self._audit(conn, now, "intake.rejected", {"municipality": municipality, "source": source,
-                                                   "record_id": record.record_id, "kind": str(kind),
-                                                   "errors": listed})
+        self._audit(
+            conn,
+            now,
+            "intake.rejected",
+            {
+                "municipality": municipality,
+                "source": source,
+                "record_id": record.record_id,
+                "kind": str(kind),
+                "errors": listed,
+            },
+        )
 
-    async def list_rejections(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]:
+    async def list_rejections(
+        self, filters: Mapping[str, Any], limit: int = 200
+    ) -> list[dict[str, Any]]:
         clauses, params = ["1 = 1"], []
         for key in ("municipality", "source", "kind", "record_id"):
             if filters.get(key) is not None:
@@ -431,15 +485,25 @@ class SQLiteStore:
                 params.append(filters[key])
         if filters.get("unresolved"):
             clauses.append("resolved_at IS NULL")
-        sql = (f"SELECT * FROM intake_rejections WHERE {' AND '.join(clauses)}"
-               " ORDER BY first_seen_at DESC, id DESC LIMIT ?")
+        sql = (
+            f"SELECT * FROM intake_rejections WHERE {' AND '.join(clauses)}"
+            " ORDER BY first_seen_at DESC, id DESC LIMIT ?"
+        )
         rows = await self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())
         return [rejection_view(r) for r in rows]
 
     def _existing(self, conn: sqlite3.Connection, version_pk: int, new: NewReport) -> Submitted:
-        row = conn.execute("SELECT status FROM deliveries WHERE version_pk = ?", (version_pk,)).fetchone()
-        return Submitted(version_pk, new.municipality, new.report_id, new.version,
-                         row["status"] if row else "not_routed", created=False)
+        row = conn.execute(
+            "SELECT status FROM deliveries WHERE version_pk = ?", (version_pk,)
+        ).fetchone()
+        return Submitted(
+            version_pk,
+            new.municipality,
+            new.report_id,
+            new.version,
+            row["status"] if row else "not_routed",
+            created=False,
+        )
 
     def _insert(self, conn: sqlite3.Connection, new: NewReport, now: float) -> Submitted:
         report = conn.execute(
@@ -462,36 +526,69 @@ class SQLiteStore:
             (report_pk, new.version, new.content_hash, now),
         ).lastrowid
         assert version_pk is not None
-        conn.execute("UPDATE report_versions SET body = ? WHERE id = ?",
-                     (sealed_body(self.keys, version_pk, new.body), version_pk))
+        conn.execute(
+            "UPDATE report_versions SET body = ? WHERE id = ?",
+            (sealed_body(self.keys, version_pk, new.body), version_pk),
+        )
         conn.execute(CPRS_INSERT, (version_pk, *sealed_cprs(self.keys, version_pk, new)))
-        self._audit(conn, now, "report.received", {"version": new.version, "kind": new.kind},
-                    report_pk=report_pk)
+        self._audit(
+            conn,
+            now,
+            "report.received",
+            {"version": new.version, "kind": new.kind},
+            report_pk=report_pk,
+        )
         assert report_pk is not None and version_pk is not None
         status = "not_routed"
         if new.adapter is not None:
             status = self._add_delivery(conn, new, report_pk, version_pk, latest, now)
-        return Submitted(version_pk, new.municipality, new.report_id, new.version, status, created=True)
+        return Submitted(
+            version_pk, new.municipality, new.report_id, new.version, status, created=True
+        )
 
     def _add_delivery(
-        self, conn: sqlite3.Connection, new: NewReport, report_pk: int, version_pk: int,
-        latest: int, now: float,
+        self,
+        conn: sqlite3.Connection,
+        new: NewReport,
+        report_pk: int,
+        version_pk: int,
+        latest: int,
+        now: float,
     ) -> str:
         status = deliveries.initial_status(new.version, latest)
         delivery_id = conn.execute(
             "INSERT INTO deliveries (version_pk, report_pk, municipality, adapter, employee_key, version,"
             " status, next_attempt_at, created_at, updated_at, cutoff_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (version_pk, report_pk, new.municipality, new.adapter, new.employee_key, new.version,
-             status, now, now, now, new.cutoff_at),
+            (
+                version_pk,
+                report_pk,
+                new.municipality,
+                new.adapter,
+                new.employee_key,
+                new.version,
+                status,
+                now,
+                now,
+                now,
+                new.cutoff_at,
+            ),
         ).lastrowid
-        self._audit(conn, now, f"delivery.{status}", {"adapter": new.adapter, "version": new.version},
-                    report_pk=report_pk, delivery_id=delivery_id)
+        self._audit(
+            conn,
+            now,
+            f"delivery.{status}",
+            {"adapter": new.adapter, "version": new.version},
+            report_pk=report_pk,
+            delivery_id=delivery_id,
+        )
         if status == Status.QUEUED:
             self._supersede_older(conn, report_pk, new.adapter or "", new.version, now)
         return status
 
-    def _supersede_older(self, conn: sqlite3.Connection, report_pk: int, adapter: str, version: int, now: float) -> None:
+    def _supersede_older(
+        self, conn: sqlite3.Connection, report_pk: int, adapter: str, version: int, now: float
+    ) -> None:
         """A newer version replaces older ones that have not started (they are never sent)."""
         # which of them may be superseded is the state machine's to say
         rows = conn.execute(
@@ -501,7 +598,9 @@ class SQLiteStore:
         for row in rows:
             delivery = facts(row)
             if deliveries.allowed(delivery, Event.SUPERSEDED):
-                decision = deliveries.decide(delivery, Event.SUPERSEDED, None, now, Detail(by_version=version))
+                decision = deliveries.decide(
+                    delivery, Event.SUPERSEDED, None, now, Detail(by_version=version)
+                )
                 self._record_decision(conn, row["id"], decision, now, report_pk=report_pk)
 
     # -- reads ---------------------------------------------------------------------------
@@ -509,9 +608,12 @@ class SQLiteStore:
     async def get_report(self, municipality: str, report_id: str) -> dict[str, Any] | None:
         return await self._read(lambda conn: self._get_report(conn, municipality, report_id))
 
-    def _get_report(self, conn: sqlite3.Connection, municipality: str, report_id: str) -> dict[str, Any] | None:
+    def _get_report(
+        self, conn: sqlite3.Connection, municipality: str, report_id: str
+    ) -> dict[str, Any] | None:
         report = conn.execute(
-            "SELECT * FROM reports WHERE municipality = ? AND report_id = ?", (municipality, report_id)
+            "SELECT * FROM reports WHERE municipality = ? AND report_id = ?",
+            (municipality, report_id),
         ).fetchone()
         if report is None:
             return None
@@ -519,33 +621,48 @@ class SQLiteStore:
             version_view(self.keys, v)
             for v in conn.execute(
                 "SELECT id, version, received_at, body, purged_at FROM report_versions WHERE report_pk = ?"
-                " ORDER BY version", (report["id"],),
+                " ORDER BY version",
+                (report["id"],),
             )
         ]
         deliveries = [
             self._delivery_view(conn, d)
-            for d in conn.execute("SELECT * FROM deliveries WHERE report_pk = ? ORDER BY id", (report["id"],))
+            for d in conn.execute(
+                "SELECT * FROM deliveries WHERE report_pk = ? ORDER BY id", (report["id"],)
+            )
         ]
-        return {"municipality": municipality, "report_id": report_id, "kind": report["kind"],
-                "latest_version": report["latest_version"], "versions": versions, "deliveries": deliveries}
+        return {
+            "municipality": municipality,
+            "report_id": report_id,
+            "kind": report["kind"],
+            "latest_version": report["latest_version"],
+            "versions": versions,
+            "deliveries": deliveries,
+        }
 
     def _delivery_view(self, conn: sqlite3.Connection, d: sqlite3.Row) -> dict[str, Any]:
-        attempts = conn.execute("SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", (d["id"],))
+        attempts = conn.execute(
+            "SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", (d["id"],)
+        )
         return delivery_view(d, attempts, self._blocker(conn, d))
 
     def _blocker(self, conn: sqlite3.Connection, d: sqlite3.Row) -> dict[str, Any] | None:
         if not waits_in_lane(d):
             return None
-        return blocker_view(conn.execute(
-            f"SELECT d.id, d.status, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-            f" WHERE d.municipality = ? AND d.adapter = ? AND d.employee_key = ? AND d.id < ?"
-            f" AND d.status IN ({BLOCKING_SQL}) ORDER BY d.id LIMIT 1",
-            (d["municipality"], d["adapter"], d["employee_key"], d["id"]),
-        ).fetchone())
+        return blocker_view(
+            conn.execute(
+                f"SELECT d.id, d.status, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+                f" WHERE d.municipality = ? AND d.adapter = ? AND d.employee_key = ? AND d.id < ?"
+                f" AND d.status IN ({BLOCKING_SQL}) ORDER BY d.id LIMIT 1",
+                (d["municipality"], d["adapter"], d["employee_key"], d["id"]),
+            ).fetchone()
+        )
 
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._read(
-            lambda c: c.execute("SELECT status, COUNT(*) FROM deliveries GROUP BY status").fetchall()
+            lambda c: c.execute(
+                "SELECT status, COUNT(*) FROM deliveries GROUP BY status"
+            ).fetchall()
         )
         return {r[0]: r[1] for r in rows}
 
@@ -556,14 +673,16 @@ class SQLiteStore:
         def read(conn: sqlite3.Connection) -> dict[int, list[dict[str, Any]]]:
             found: dict[int, list[dict[str, Any]]] = {pk: [] for pk in wanted}
             for start in range(0, len(wanted), 500):
-                chunk = wanted[start:start + 500]
+                chunk = wanted[start : start + 500]
                 rows = conn.execute(
                     "SELECT id, version_pk, adapter, status, vendor_reference, last_error, warning"
                     f" FROM deliveries WHERE version_pk IN ({','.join('?' * len(chunk))}) ORDER BY id",
                     chunk,
                 ).fetchall()
                 for row in rows:
-                    found[row["version_pk"]].append({k: row[k] for k in row.keys() if k != "version_pk"})
+                    found[row["version_pk"]].append(
+                        {k: row[k] for k in row.keys() if k != "version_pk"}
+                    )
             return found
 
         return await self._read(read)
@@ -580,38 +699,71 @@ class SQLiteStore:
         vendor: it becomes in_doubt. Any other goes back to the queue.
         """
         rows = conn.execute(
-            "SELECT * FROM deliveries WHERE status = ?" + ("" if every_lease else " AND lease_until < ?"),
+            "SELECT * FROM deliveries WHERE status = ?"
+            + ("" if every_lease else " AND lease_until < ?"),
             (Status.IN_FLIGHT,) if every_lease else (Status.IN_FLIGHT, now),
         ).fetchall()
         counts = {"requeued": 0, "in_doubt": 0}
         for row in rows:
             open_attempt = conn.execute(
-                "SELECT id FROM attempts WHERE delivery_id = ? AND finished_at IS NULL", (row["id"],)
+                "SELECT id FROM attempts WHERE delivery_id = ? AND finished_at IS NULL",
+                (row["id"],),
             ).fetchone()
-            decision = deliveries.decide(facts(row), Event.LEASE_EXPIRED, None, now,
-                                         Detail(open_attempt=open_attempt is not None))
+            decision = deliveries.decide(
+                facts(row),
+                Event.LEASE_EXPIRED,
+                None,
+                now,
+                Detail(open_attempt=open_attempt is not None),
+            )
             extra = None
             if open_attempt is not None:
-                conn.execute("UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE id = ?",
-                             (now, decision.attempt_outcome, decision.last_error, open_attempt["id"]))
+                conn.execute(
+                    "UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE id = ?",
+                    (now, decision.attempt_outcome, decision.last_error, open_attempt["id"]),
+                )
                 extra = {"attempts_sealed": self._seals(conn, "id = ?", open_attempt["id"])}
-            self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"], extra=extra)
+            self._record_decision(
+                conn, row["id"], decision, now, report_pk=row["report_pk"], extra=extra
+            )
             counts["in_doubt" if decision.status is Status.IN_DOUBT else "requeued"] += 1
         return counts
 
     async def claim_due(
-        self, now: float, owner: str, lease_seconds: float, limit: int,
-        adapters: Sequence[str], readback_adapters: Sequence[str], municipality: str | None = None,
+        self,
+        now: float,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        adapters: Sequence[str],
+        readback_adapters: Sequence[str],
+        municipality: str | None = None,
         lane_order: bool = True,
     ) -> list[Job]:
         return await self._write(
-            lambda conn: self._claim(conn, now, owner, lease_seconds, limit, adapters,
-                                     readback_adapters, municipality, lane_order)
+            lambda conn: self._claim(
+                conn,
+                now,
+                owner,
+                lease_seconds,
+                limit,
+                adapters,
+                readback_adapters,
+                municipality,
+                lane_order,
+            )
         )
 
     def _claim(
-        self, conn: sqlite3.Connection, now: float, owner: str, lease_seconds: float, limit: int,
-        adapters: Sequence[str], readback_adapters: Sequence[str], municipality: str | None,
+        self,
+        conn: sqlite3.Connection,
+        now: float,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        adapters: Sequence[str],
+        readback_adapters: Sequence[str],
+        municipality: str | None,
         lane_order: bool,
     ) -> list[Job]:
         """Due deliveries; with ``lane_order``, only the first unfinished one per employee."""
@@ -628,7 +780,15 @@ class SQLiteStore:
             f"   AND e.adapter = d.adapter AND e.employee_key = d.employee_key AND e.id < d.id"
             f"   AND e.status IN ({BLOCKING_SQL})))"
             f" ORDER BY d.next_attempt_at, d.id LIMIT ?",
-            (now, *adapters, municipality, municipality, *readback_adapters, int(lane_order), limit),
+            (
+                now,
+                *adapters,
+                municipality,
+                municipality,
+                *readback_adapters,
+                int(lane_order),
+                limit,
+            ),
         ).fetchall()
         jobs = []
         for row in rows:
@@ -648,29 +808,50 @@ class SQLiteStore:
             " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ?",
             (row["version_pk"],),
         ).fetchone()
-        parts = conn.execute("SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part",
-                             (row["report_pk"], row["adapter"])).fetchall()
+        parts = conn.execute(
+            "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part",
+            (row["report_pk"], row["adapter"]),
+        ).fetchall()
         texts: list[str] = []
         if row["status"] == Status.IN_DOUBT:
-            texts = [a["message"] for a in conn.execute(
-                "SELECT message FROM attempts WHERE delivery_id = ?"
-                f" AND outcome IN {PENDING_OUTCOMES!r} ORDER BY id", (row["id"],))]
+            texts = [
+                a["message"]
+                for a in conn.execute(
+                    "SELECT message FROM attempts WHERE delivery_id = ?"
+                    f" AND outcome IN {PENDING_OUTCOMES!r} ORDER BY id",
+                    (row["id"],),
+                )
+            ]
         return build_job(row, version, parts, texts, self.keys)
 
-    async def begin_attempt(self, delivery_id: int, message: Message, request_body: str, now: float,
-                            owner: str | None = None) -> int:
+    async def begin_attempt(
+        self,
+        delivery_id: int,
+        message: Message,
+        request_body: str,
+        now: float,
+        owner: str | None = None,
+    ) -> int:
         def op(conn: sqlite3.Connection) -> int:
             if owner is not None:
-                lease = conn.execute("SELECT status, lease_owner, lease_until FROM deliveries WHERE id = ?",
-                                     (delivery_id,)).fetchone()
+                lease = conn.execute(
+                    "SELECT status, lease_owner, lease_until FROM deliveries WHERE id = ?",
+                    (delivery_id,),
+                ).fetchone()
                 refusal = lease_refusal(lease, owner, now)
                 if refusal is not None:
                     raise LeaseLost(f"delivery {delivery_id}: {refusal}")
             cur = conn.execute(
                 "INSERT INTO attempts (delivery_id, part, operation, message, started_at, request_body)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (delivery_id, message.part, message.operation, sealed_message(self.keys, delivery_id, message),
-                 now, request_body),
+                (
+                    delivery_id,
+                    message.part,
+                    message.operation,
+                    sealed_message(self.keys, delivery_id, message),
+                    now,
+                    request_body,
+                ),
             )
             assert cur.lastrowid is not None
             return cur.lastrowid
@@ -678,21 +859,46 @@ class SQLiteStore:
         return await self._write(op)
 
     async def end_attempt(
-        self, attempt_id: int, delivery_id: int, report_pk: int, adapter: str, version: int,
-        record: AttemptRecord, message: Message, settle: Settle | None, now: float,
+        self,
+        attempt_id: int,
+        delivery_id: int,
+        report_pk: int,
+        adapter: str,
+        version: int,
+        record: AttemptRecord,
+        message: Message,
+        settle: Settle | None,
+        now: float,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, latency_ms = ?,"
                 " response_body = ?, error = ? WHERE id = ?",
-                (now, record.outcome, record.http_status, record.latency_ms, record.response_body,
-                 record.error, attempt_id),
+                (
+                    now,
+                    record.outcome,
+                    record.http_status,
+                    record.latency_ms,
+                    record.response_body,
+                    record.error,
+                    attempt_id,
+                ),
             )
             [sealed] = self._seals(conn, "id = ?", attempt_id)
-            self._audit(conn, now, f"attempt.{record.outcome}",
-                        {"part": message.part, "operation": message.operation,
-                         "http_status": record.http_status, "error": record.error, "attempt": sealed},
-                        report_pk=report_pk, delivery_id=delivery_id)
+            self._audit(
+                conn,
+                now,
+                f"attempt.{record.outcome}",
+                {
+                    "part": message.part,
+                    "operation": message.operation,
+                    "http_status": record.http_status,
+                    "error": record.error,
+                    "attempt": sealed,
+                },
+                report_pk=report_pk,
+                delivery_id=delivery_id,
+            )
             if record.outcome == "delivered":
                 self._record_part(conn, report_pk, adapter, version, message, record, now)
             if settle is not None:
@@ -701,81 +907,155 @@ class SQLiteStore:
         await self._write(op)
 
     def _record_part(
-        self, conn: sqlite3.Connection, report_pk: int, adapter: str, version: int,
-        message: Message, record: AttemptRecord, now: float,
+        self,
+        conn: sqlite3.Connection,
+        report_pk: int,
+        adapter: str,
+        version: int,
+        message: Message,
+        record: AttemptRecord,
+        now: float,
     ) -> None:
         if message.deletes:
-            conn.execute("DELETE FROM parts WHERE report_pk = ? AND adapter = ? AND part = ?",
-                         (report_pk, adapter, message.part))
+            conn.execute(
+                "DELETE FROM parts WHERE report_pk = ? AND adapter = ? AND part = ?",
+                (report_pk, adapter, message.part),
+            )
             return
         conn.execute(
             "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (report_pk, adapter, part) DO UPDATE SET"
             " version = excluded.version, fields = excluded.fields,"
             " vendor_reference = excluded.vendor_reference, updated_at = excluded.updated_at",
-            (report_pk, adapter, message.part, version,
-             sealed_part(self.keys, report_pk, adapter, message.part, message.fields), record.vendor_reference, now),
+            (
+                report_pk,
+                adapter,
+                message.part,
+                version,
+                sealed_part(self.keys, report_pk, adapter, message.part, message.fields),
+                record.vendor_reference,
+                now,
+            ),
         )
 
     async def settle(self, delivery_id: int, settle: Settle, now: float, event: str) -> None:
         await self._write(lambda conn: self._settle(conn, delivery_id, settle, now, event, None))
 
     def _settle(
-        self, conn: sqlite3.Connection, delivery_id: int, settle: Settle, now: float, event: str,
+        self,
+        conn: sqlite3.Connection,
+        delivery_id: int,
+        settle: Settle,
+        now: float,
+        event: str,
         report_pk: int | None,
     ) -> None:
         self._record_decision(conn, delivery_id, settled(settle, event), now, report_pk=report_pk)
 
-    def _record_decision(self, conn: sqlite3.Connection, delivery_id: int, decision: Decision, now: float, *,
-                         report_pk: int | None = None, actor: str = "gateway",
-                         extra: dict[str, Any] | None = None) -> None:
+    def _record_decision(
+        self,
+        conn: sqlite3.Connection,
+        delivery_id: int,
+        decision: Decision,
+        now: float,
+        *,
+        report_pk: int | None = None,
+        actor: str = "gateway",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         """Persist what the state machine decided, and audit it (no deciding here)."""
         conn.execute(*decision_update(delivery_id, decision, now))
-        self._audit(conn, now, decision.audit, {**decision_audit(decision), **(extra or {})}, actor=actor,
-                    report_pk=report_pk, delivery_id=delivery_id)
+        self._audit(
+            conn,
+            now,
+            decision.audit,
+            {**decision_audit(decision), **(extra or {})},
+            actor=actor,
+            report_pk=report_pk,
+            delivery_id=delivery_id,
+        )
 
     async def replace_parts(
-        self, delivery_id: int, report_pk: int, adapter: str, parts: Sequence[DeliveredPart], now: float,
+        self,
+        delivery_id: int,
+        report_pk: int,
+        adapter: str,
+        parts: Sequence[DeliveredPart],
+        now: float,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM parts WHERE report_pk = ? AND adapter = ?", (report_pk, adapter))
+            conn.execute(
+                "DELETE FROM parts WHERE report_pk = ? AND adapter = ?", (report_pk, adapter)
+            )
             for p in parts:
                 conn.execute(
                     "INSERT INTO parts (report_pk, adapter, part, version, fields, vendor_reference,"
                     " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (report_pk, adapter, p.part, p.version, sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
-                     p.vendor_reference, now),
+                    (
+                        report_pk,
+                        adapter,
+                        p.part,
+                        p.version,
+                        sealed_part(self.keys, report_pk, adapter, p.part, p.fields),
+                        p.vendor_reference,
+                        now,
+                    ),
                 )
-            ids = [r[0] for r in conn.execute("SELECT id FROM attempts WHERE delivery_id = ?"
-                                              " AND outcome = 'in_doubt'", (delivery_id,))]
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'",
+                    (delivery_id,),
+                )
+            ]
             conn.execute(
                 "UPDATE attempts SET outcome = 'in_doubt_reconciled' WHERE delivery_id = ?"
-                " AND outcome = 'in_doubt'", (delivery_id,),
+                " AND outcome = 'in_doubt'",
+                (delivery_id,),
             )
             sealed = self._seals(conn, f"id IN ({','.join('?' * len(ids)) or 'NULL'})", *ids)
-            self._audit(conn, now, "delivery.read_back", {"parts": [p.part for p in parts],
-                                                          "attempts_sealed": sealed},
-                        report_pk=report_pk, delivery_id=delivery_id)
+            self._audit(
+                conn,
+                now,
+                "delivery.read_back",
+                {"parts": [p.part for p in parts], "attempts_sealed": sealed},
+                report_pk=report_pk,
+                delivery_id=delivery_id,
+            )
 
         await self._write(op)
 
     async def delivered_parts(self, report_pk: int, adapter: str) -> list[DeliveredPart]:
-        rows = await self._read(lambda c: c.execute(
-            "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part", (report_pk, adapter)
-        ).fetchall())
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT * FROM parts WHERE report_pk = ? AND adapter = ? ORDER BY part",
+                (report_pk, adapter),
+            ).fetchall()
+        )
         return [delivered_part(self.keys, r) for r in rows]
 
-    async def record_event(self, event: str, detail: dict[str, Any], now: float, *,
-                           actor: str = "gateway", delivery_id: int | None = None) -> None:
+    async def record_event(
+        self,
+        event: str,
+        detail: dict[str, Any],
+        now: float,
+        *,
+        actor: str = "gateway",
+        delivery_id: int | None = None,
+    ) -> None:
         """An audit event that changes no delivery (breaker transitions, pauses, alerts)."""
-        await self._write(lambda conn: self._audit(conn, now, event, detail, actor=actor,
-                                                   delivery_id=delivery_id))
+        await self._write(
+            lambda conn: self._audit(conn, now, event, detail, actor=actor, delivery_id=delivery_id)
+        )
 
     # -- endpoints -------------------------------------------------------------------------
 
     async def paused_endpoints(self) -> dict[tuple[str, str], str]:
-        rows = await self._read(lambda c: c.execute(
-            "SELECT municipality, adapter, reason FROM endpoint_controls WHERE paused = 1").fetchall())
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT municipality, adapter, reason FROM endpoint_controls WHERE paused = 1"
+            ).fetchall()
+        )
         return {(r[0], r[1]): r[2] or "" for r in rows}
 
     async def open_breaker(self, municipality: str, adapter: str, until: float) -> None:
@@ -788,8 +1068,9 @@ class SQLiteStore:
         rows = await self._read(lambda c: c.execute(BREAKERS_OPEN, (now,)).fetchall())
         return {(r[0], r[1]): r[2] for r in rows}
 
-    async def set_paused(self, municipality: str, adapter: str, paused: bool, reason: str,
-                         actor: str, now: float) -> None:
+    async def set_paused(
+        self, municipality: str, adapter: str, paused: bool, reason: str, actor: str, now: float
+    ) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO endpoint_controls (municipality, adapter, paused, reason, actor, updated_at)"
@@ -798,13 +1079,19 @@ class SQLiteStore:
                 " updated_at = excluded.updated_at",
                 (municipality, adapter, int(paused), reason, actor, now),
             )
-            self._audit(conn, now, "endpoint.paused" if paused else "endpoint.resumed",
-                        {"municipality": municipality, "adapter": adapter, "reason": reason}, actor=actor)
+            self._audit(
+                conn,
+                now,
+                "endpoint.paused" if paused else "endpoint.resumed",
+                {"municipality": municipality, "adapter": adapter, "reason": reason},
+                actor=actor,
+            )
 
         await self._write(op)
 
     async def defer_due(self, municipality: str, adapter: str, until: float, now: float) -> int:
         """Move due deliveries of a closed endpoint to its opening: waiting, not a burned retry."""
+
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute(
                 "UPDATE deliveries SET deferred_from = COALESCE(deferred_from, next_attempt_at),"
@@ -830,17 +1117,22 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute(
                 "UPDATE deliveries SET next_attempt_at = deferred_from, deferred_from = NULL,"
-                f" updated_at = ? WHERE {where}", (now, *params),
+                f" updated_at = ? WHERE {where}",
+                (now, *params),
             ).rowcount
 
         return await self._write(op)
 
     # -- operations ------------------------------------------------------------------------
 
-    async def list_deliveries(self, filters: Mapping[str, Any], limit: int = 200) -> list[dict[str, Any]]:
+    async def list_deliveries(
+        self, filters: Mapping[str, Any], limit: int = 200
+    ) -> list[dict[str, Any]]:
         where, params = filter_sql(filters)
-        sql = ("SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-               f" WHERE {where} ORDER BY d.id LIMIT ?")
+        sql = (
+            "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+            f" WHERE {where} ORDER BY d.id LIMIT ?"
+        )
 
         def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(sql, (*params, limit)).fetchall()
@@ -852,48 +1144,86 @@ class SQLiteStore:
         return list_view(row, self._blocker(conn, row))
 
     async def count_at_risk(self) -> int:
-        return int(await self._read(lambda c: c.execute(
-            "SELECT COUNT(*) FROM deliveries WHERE at_risk = 1").fetchone()[0]))
+        return int(
+            await self._read(
+                lambda c: c.execute("SELECT COUNT(*) FROM deliveries WHERE at_risk = 1").fetchone()[
+                    0
+                ]
+            )
+        )
 
-    async def operate(self, action: str, filters: Mapping[str, Any], actor: str, reason: str,
-                      now: float, readback_adapters: Sequence[str] = (),
-                      vendor_reference: str | None = None) -> dict[str, list[int]]:
+    async def operate(
+        self,
+        action: str,
+        filters: Mapping[str, Any],
+        actor: str,
+        reason: str,
+        now: float,
+        readback_adapters: Sequence[str] = (),
+        vendor_reference: str | None = None,
+    ) -> dict[str, list[int]]:
         """Replay, cancel, check or confirm the selected deliveries; each change audited."""
         where, params = filter_sql(filters)
         event = deliveries.ACTIONS[action]
         detail = Detail(error=reason, actor=actor, vendor_reference=vendor_reference)
 
         def op(conn: sqlite3.Connection) -> dict[str, list[int]]:
-            rows = conn.execute(f"SELECT d.* FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-                                f" WHERE {where} ORDER BY d.id", params).fetchall()
+            rows = conn.execute(
+                f"SELECT d.* FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+                f" WHERE {where} ORDER BY d.id",
+                params,
+            ).fetchall()
             done: dict[str, list[int]] = {"changed": [], "skipped": []}
             for row in rows:
                 try:
-                    decision = deliveries.decide(facts(row, row["adapter"] in readback_adapters), event,
-                                                 None, now, detail)
+                    decision = deliveries.decide(
+                        facts(row, row["adapter"] in readback_adapters), event, None, now, detail
+                    )
                 except IllegalTransition:
                     done["skipped"].append(row["id"])
                     continue
                 extra = None
                 if event is Event.CONFIRM:
-                    extra = {"attempts_sealed": self._confirm_parts(conn, row, vendor_reference, now)}
-                self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"], actor=actor,
-                                      extra=extra)
+                    extra = {
+                        "attempts_sealed": self._confirm_parts(conn, row, vendor_reference, now)
+                    }
+                self._record_decision(
+                    conn,
+                    row["id"],
+                    decision,
+                    now,
+                    report_pk=row["report_pk"],
+                    actor=actor,
+                    extra=extra,
+                )
                 done["changed"].append(row["id"])
             return done
 
         return await self._write(op)
 
-    def _confirm_parts(self, conn: sqlite3.Connection, row: sqlite3.Row, vendor_reference: str | None,
-                       now: float) -> list[dict[str, Any]]:
+    def _confirm_parts(
+        self, conn: sqlite3.Connection, row: sqlite3.Row, vendor_reference: str | None, now: float
+    ) -> list[dict[str, Any]]:
         """The operator found the in-doubt sends at the vendor: record them as delivered parts,
         so a later version is planned against them (and never pays them twice)."""
         record = AttemptRecord("delivered", vendor_reference=vendor_reference)
-        for a in conn.execute("SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
-                              " ORDER BY id", (row["id"],)).fetchall():
-            self._record_part(conn, row["report_pk"], row["adapter"], row["version"],
-                              open_message(self.keys, row["id"], a["message"]), record, now)
-            conn.execute("UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", (a["id"],))
+        for a in conn.execute(
+            "SELECT id, message FROM attempts WHERE delivery_id = ? AND outcome = 'in_doubt'"
+            " ORDER BY id",
+            (row["id"],),
+        ).fetchall():
+            self._record_part(
+                conn,
+                row["report_pk"],
+                row["adapter"],
+                row["version"],
+                open_message(self.keys, row["id"], a["message"]),
+                record,
+                now,
+            )
+            conn.execute(
+                "UPDATE attempts SET outcome = 'in_doubt_confirmed' WHERE id = ?", (a["id"],)
+            )
         return self._seals(conn, "delivery_id = ? AND outcome = 'in_doubt_confirmed'", row["id"])
 
     async def flag_at_risk(self, now: float, margin: float) -> list[dict[str, Any]]:
@@ -903,6 +1233,7 @@ class SQLiteStore:
         correction required, failed) and the cut-off is less than ``margin`` seconds away; or
         the cut-off has passed and it is still not delivered.
         """
+
         def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(  # candidates only: the rule is deliveries.is_at_risk
                 "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
@@ -916,16 +1247,33 @@ class SQLiteStore:
                     continue
                 decision = deliveries.decide(delivery, Event.AT_RISK, None, now)
                 self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"])
-                flagged.append({k: row[k] for k in ("id", "municipality", "report_id", "adapter", "version",
-                                                     "status", "cutoff_at", "next_attempt_at", "last_error")})
+                flagged.append(
+                    {
+                        k: row[k]
+                        for k in (
+                            "id",
+                            "municipality",
+                            "report_id",
+                            "adapter",
+                            "version",
+                            "status",
+                            "cutoff_at",
+                            "next_attempt_at",
+                            "last_error",
+                        )
+                    }
+                )
             return flagged
 
         return await self._write(op)
 
     async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]:
-        rows = await self._read(lambda c: c.execute(
-            "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id",
-            (delivery_id,)).fetchall())
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id",
+                (delivery_id,),
+            ).fetchall()
+        )
         return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
 
     # -- file runs (IND01) -----------------------------------------------------------------
@@ -935,52 +1283,100 @@ class SQLiteStore:
             conn.execute(
                 "INSERT INTO file_runs (run_id, municipality, adapter, file, offset_before, data,"
                 " first_line, header_lines, deliveries, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run["run_id"], run["municipality"], run["adapter"], run["file"], run["offset_before"],
-                 sealed_run_data(self.keys, run["run_id"], run["data"]), run["first_line"], run["header_lines"], sealed_run_deliveries(self.keys, run["run_id"], run["deliveries"]), now),
+                (
+                    run["run_id"],
+                    run["municipality"],
+                    run["adapter"],
+                    run["file"],
+                    run["offset_before"],
+                    sealed_run_data(self.keys, run["run_id"], run["data"]),
+                    run["first_line"],
+                    run["header_lines"],
+                    sealed_run_deliveries(self.keys, run["run_id"], run["deliveries"]),
+                    now,
+                ),
             )
-            self._audit(conn, now, "file_run.begin", {"run_id": run["run_id"], "file": run["file"],
-                                                       "deliveries": len(run["deliveries"])})
+            self._audit(
+                conn,
+                now,
+                "file_run.begin",
+                {
+                    "run_id": run["run_id"],
+                    "file": run["file"],
+                    "deliveries": len(run["deliveries"]),
+                },
+            )
 
         await self._write(op)
 
     async def file_runs_unfinished(self, file: str) -> list[dict[str, Any]]:
-        rows = await self._read(lambda c: c.execute(
-            "SELECT * FROM file_runs WHERE file = ? AND finished_at IS NULL ORDER BY started_at", (file,)
-        ).fetchall())
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT * FROM file_runs WHERE file = ? AND finished_at IS NULL ORDER BY started_at",
+                (file,),
+            ).fetchall()
+        )
         return [open_run(self.keys, r) for r in rows]
 
-    async def file_run_finish(self, run_id: str, line_numbers: Sequence[int], outcome: str,
-                              now: float) -> None:
+    async def file_run_finish(
+        self, run_id: str, line_numbers: Sequence[int], outcome: str, now: float
+    ) -> None:
         """The run's lines are in the file: its deliveries are delivered (one transaction)."""
+
         def op(conn: sqlite3.Connection) -> None:
             run = conn.execute("SELECT * FROM file_runs WHERE run_id = ?", (run_id,)).fetchone()
-            conn.execute("UPDATE file_runs SET finished_at = ?, outcome = ? WHERE run_id = ?",
-                         (now, outcome, run_id))
+            conn.execute(
+                "UPDATE file_runs SET finished_at = ?, outcome = ? WHERE run_id = ?",
+                (now, outcome, run_id),
+            )
             self._audit(conn, now, "file_run.finish", {"run_id": run_id, "outcome": outcome})
             name = Path(run["file"]).name
-            for delivery_id, item in open_run_deliveries(self.keys, run_id, run["deliveries"]).items():
+            for delivery_id, item in open_run_deliveries(
+                self.keys, run_id, run["deliveries"]
+            ).items():
                 refs = [f"{name}:{line_numbers[i]}" for i in item["lines"]]
                 self._file_delivered(conn, int(delivery_id), item, refs, now)
 
         await self._write(op)
 
-    def _file_delivered(self, conn: sqlite3.Connection, delivery_id: int, item: dict[str, Any],
-                        refs: list[str], now: float) -> None:
+    def _file_delivered(
+        self,
+        conn: sqlite3.Connection,
+        delivery_id: int,
+        item: dict[str, Any],
+        refs: list[str],
+        now: float,
+    ) -> None:
         d = conn.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
         reference = ", ".join(refs) or None
         if d is None or not deliveries.allowed(facts(d), Event.WRITTEN):
             return
-        decision = deliveries.decide(facts(d), Event.WRITTEN, None, now, Detail(vendor_reference=reference))
+        decision = deliveries.decide(
+            facts(d), Event.WRITTEN, None, now, Detail(vendor_reference=reference)
+        )
         for part in item["parts"]:
             message = Message(part["part"], part["operation"], part["fields"])
-            self._record_part(conn, d["report_pk"], d["adapter"], d["version"], message,
-                              AttemptRecord("delivered", vendor_reference=reference), now)
+            self._record_part(
+                conn,
+                d["report_pk"],
+                d["adapter"],
+                d["version"],
+                message,
+                AttemptRecord("delivered", vendor_reference=reference),
+                now,
+            )
         self._record_decision(conn, delivery_id, decision, now, report_pk=d["report_pk"])
 
-    async def audit_chain(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
-        rows = await self._read(lambda c: c.execute(
-            "SELECT * FROM audit_events WHERE at >= COALESCE(?, at) AND at < COALESCE(?, at + 1)"
-            " ORDER BY id", (since, until)).fetchall())
+    async def audit_chain(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[dict[str, Any]]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT * FROM audit_events WHERE at >= COALESCE(?, at) AND at < COALESCE(?, at + 1)"
+                " ORDER BY id",
+                (since, until),
+            ).fetchall()
+        )
         return [dict(r) for r in rows]
 
     async def audit_attempts(self) -> list[dict[str, Any]]:
@@ -993,8 +1389,14 @@ class SQLiteStore:
 
     # -- retention -------------------------------------------------------------------------
 
-    async def purge(self, before: float, now: float, *, dry_run: bool = False,
-                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def purge(
+        self,
+        before: float,
+        now: float,
+        *,
+        dry_run: bool = False,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Drop the bodies and CPR numbers of versions finished before ``before``, in batches,
         each one audited (``extra``: counts done outside the store, e.g. backup files)."""
         if dry_run:
@@ -1002,30 +1404,48 @@ class SQLiteStore:
             return {**dict(row), **(extra or {})}
         total = {"versions": 0, "cprs": 0, "attempt_bodies": 0}
         while True:
-            done = await self._write(functools.partial(self._purge_batch, before=before, now=now, extra=extra))
+            done = await self._write(
+                functools.partial(self._purge_batch, before=before, now=now, extra=extra)
+            )
             extra = None  # counted once, in the first event
             for k in total:
                 total[k] += done[k]
             if done["versions"] < PURGE_BATCH:
                 return total
 
-    def _purge_batch(self, conn: sqlite3.Connection, before: float, now: float,
-                     extra: Mapping[str, Any] | None) -> dict[str, Any]:
-        versions = [r[0] for r in conn.execute(f"{PURGEABLE} ORDER BY v.id LIMIT {PURGE_BATCH}", (before, before))]
+    def _purge_batch(
+        self, conn: sqlite3.Connection, before: float, now: float, extra: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        versions = [
+            r[0]
+            for r in conn.execute(
+                f"{PURGEABLE} ORDER BY v.id LIMIT {PURGE_BATCH}", (before, before)
+            )
+        ]
         if not versions and not extra:
             return {"versions": 0, "cprs": 0, "attempt_bodies": 0}
         marks = ",".join("?" * len(versions)) or "NULL"
-        dids = [r[0] for r in conn.execute(f"SELECT id FROM deliveries WHERE version_pk IN ({marks}) ORDER BY id",
-                                           versions)]
+        dids = [
+            r[0]
+            for r in conn.execute(
+                f"SELECT id FROM deliveries WHERE version_pk IN ({marks}) ORDER BY id", versions
+            )
+        ]
         bodies = conn.execute(
             f"UPDATE attempts SET request_body = NULL, response_body = NULL WHERE delivery_id IN"
             f" ({','.join('?' * len(dids)) or 'NULL'}) AND (request_body IS NOT NULL OR response_body IS NOT NULL)",
-            dids).rowcount
-        cprs = conn.execute(f"DELETE FROM report_cprs WHERE version_pk IN ({marks})", versions).rowcount
-        conn.execute(f"UPDATE report_versions SET body = '{{}}', purged_at = ? WHERE id IN ({marks})",
-                     (now, *versions))
+            dids,
+        ).rowcount
+        cprs = conn.execute(
+            f"DELETE FROM report_cprs WHERE version_pk IN ({marks})", versions
+        ).rowcount
+        conn.execute(
+            f"UPDATE report_versions SET body = '{{}}', purged_at = ? WHERE id IN ({marks})",
+            (now, *versions),
+        )
         detail = purge_detail(before, versions, cprs, dids, bodies, extra or {})
         self._audit(conn, now, PURGE_EVENT, detail, actor="retention")
         return detail
+
 
 __all__ = ["SQLiteStore"]

@@ -61,10 +61,24 @@ def test_every_exported_name_is_importable(name: str) -> None:
 
 
 def test_every_protocol_member_is_declared_on_the_kinds() -> None:
-    shared = {"name", "kinds", "schema_files", "required_fields", "unsupported_fields", "field_formats",
-              "opening_hours", "file_based", "reads_back", "reads_before_send", "plan", "render"}
-    for protocol, own in ((adapters.base.MessageAdapter, {"send"}),
-                          (adapters.base.FileAdapter, {"render_file", "check_settings"})):
+    shared = {
+        "name",
+        "kinds",
+        "schema_files",
+        "required_fields",
+        "unsupported_fields",
+        "field_formats",
+        "opening_hours",
+        "file_based",
+        "reads_back",
+        "reads_before_send",
+        "plan",
+        "render",
+    }
+    for protocol, own in (
+        (adapters.base.MessageAdapter, {"send"}),
+        (adapters.base.FileAdapter, {"render_file", "check_settings"}),
+    ):
         members = set(protocol_members(protocol))
         assert members == shared | own, protocol
 
@@ -73,20 +87,27 @@ def _resp(status: int, body: bytes = b"", **headers: str) -> Response:
     return Response(status, headers, body)
 
 
-@pytest.mark.parametrize(("status", "headers", "error", "retry_after", "words"), [
-    (429, {"retry-after": "30"}, Transient, 30.0, "V answered HTTP 429: busy or unavailable"),
-    (503, {"Retry-After": "7"}, Transient, 7.0, "V answered HTTP 503: busy or unavailable"),
-    (503, {}, Transient, None, "busy"),
-    (500, {}, Transient, None, "V answered HTTP 500: boom"),
-    (502, {}, Transient, None, "V answered HTTP 502"),
-    (400, {}, Rejected, None, "V answered HTTP 400: boom"),
-    (401, {}, Rejected, None, "V answered HTTP 401: it refused the credentials; fix it"),
-    (403, {}, Rejected, None, "V answered HTTP 403: it refused access; fix it"),
-    (404, {}, Rejected, None, "V answered HTTP 404: it has no such resource; fix it"),
-    (302, {}, Rejected, None, "V answered HTTP 302"),
-])
+@pytest.mark.parametrize(
+    ("status", "headers", "error", "retry_after", "words"),
+    [
+        (429, {"retry-after": "30"}, Transient, 30.0, "V answered HTTP 429: busy or unavailable"),
+        (503, {"Retry-After": "7"}, Transient, 7.0, "V answered HTTP 503: busy or unavailable"),
+        (503, {}, Transient, None, "busy"),
+        (500, {}, Transient, None, "V answered HTTP 500: boom"),
+        (502, {}, Transient, None, "V answered HTTP 502"),
+        (400, {}, Rejected, None, "V answered HTTP 400: boom"),
+        (401, {}, Rejected, None, "V answered HTTP 401: it refused the credentials; fix it"),
+        (403, {}, Rejected, None, "V answered HTTP 403: it refused access; fix it"),
+        (404, {}, Rejected, None, "V answered HTTP 404: it has no such resource; fix it"),
+        (302, {}, Rejected, None, "V answered HTTP 302"),
+    ],
+)
 def test_status_codes_map_to_the_error_the_dispatcher_acts_on(
-    status: int, headers: dict[str, str], error: type[Exception], retry_after: float | None, words: str
+    status: int,
+    headers: dict[str, str],
+    error: type[Exception],
+    retry_after: float | None,
+    words: str,
 ) -> None:
     found = classify_status(_resp(status, b"boom", **headers), "V", hint="fix it")
     assert type(found) is error and words in str(found) and found.status == status

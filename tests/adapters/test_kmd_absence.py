@@ -39,8 +39,10 @@ from gateway.simulators.kmd import STATE, build_app, start
 GOLDEN = Path(__file__).resolve().parent / "golden" / "kmd-absence"
 NS = "urn:kmd.dk:LPT:VACAB:external"
 CPR = "0707850000"
-SETTINGS = VendorSettings(endpoint="https://kmd.invalid/XISOAPAdapter/MessageServlet",
-                          options={"senderService": "KMD_LPT_VACAB_Service"})
+SETTINGS = VendorSettings(
+    endpoint="https://kmd.invalid/XISOAPAdapter/MessageServlet",
+    options={"senderService": "KMD_LPT_VACAB_Service"},
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +52,22 @@ def adapter() -> KmdAbsence:
 
 def vacation(**changes: Any) -> Report:
     data: dict[str, Any] = {
-        "kind": "vacation", "municipality": "746", "report_id": "ferie-1", "version": 1,
+        "kind": "vacation",
+        "municipality": "746",
+        "report_id": "ferie-1",
+        "version": 1,
         "employee": {"cpr": CPR, "employment_id": "00012345"},
-        "start_date": "2026-07-06", "end_date": "2026-07-10", "vacation_type": "regular",
+        "start_date": "2026-07-06",
+        "end_date": "2026-07-10",
+        "vacation_type": "regular",
     }
     data.update(changes)
     return Report.from_dict(data)
 
 
-def deliver(plan_messages: Sequence[Message], version: int,
-            delivered: Sequence[DeliveredPart] = ()) -> list[DeliveredPart]:
+def deliver(
+    plan_messages: Sequence[Message], version: int, delivered: Sequence[DeliveredPart] = ()
+) -> list[DeliveredPart]:
     """What the gateway records after every message was sent successfully (via JSON, as stored)."""
     parts = {p.part: p for p in delivered}
     for m in plan_messages:
@@ -94,40 +102,58 @@ class Case:
     options: Mapping[str, Any] | None = None
 
 
-PART_DAYS = {"start_date": "2026-08-03", "end_date": "2026-08-07",
-             "start_time": "12:00", "end_time": "11:30"}
+PART_DAYS = {
+    "start_date": "2026-08-03",
+    "end_date": "2026-08-07",
+    "start_time": "12:00",
+    "end_time": "11:30",
+}
 CASES = {
     "whole-days-regular": Case(vacation()),
     "part-days-three-absences": Case(vacation(**PART_DAYS)),
-    "two-day-part-no-middle": Case(vacation(start_date="2026-08-03", end_date="2026-08-04",
-                                            start_time="13:00", end_time="10:00")),
-    "single-day-both-times": Case(vacation(start_date="2026-09-14", end_date="2026-09-14",
-                                           start_time="08:00", end_time="12:00")),
-    "care-day": Case(vacation(start_date="2026-10-05", end_date="2026-10-05",
-                              vacation_type="care", child_number=3)),
+    "two-day-part-no-middle": Case(
+        vacation(
+            start_date="2026-08-03", end_date="2026-08-04", start_time="13:00", end_time="10:00"
+        )
+    ),
+    "single-day-both-times": Case(
+        vacation(
+            start_date="2026-09-14", end_date="2026-09-14", start_time="08:00", end_time="12:00"
+        )
+    ),
+    "care-day": Case(
+        vacation(
+            start_date="2026-10-05", end_date="2026-10-05", vacation_type="care", child_number=3
+        )
+    ),
     "sixth-week": Case(vacation(vacation_type="sixth_week")),
-    "senior-tenant-override": Case(vacation(vacation_type="senior", start_date="2026-11-02",
-                                            end_date="2026-11-02"),
-                                   options={"type_codes": {"senior": "SE"}}),
+    "senior-tenant-override": Case(
+        vacation(vacation_type="senior", start_date="2026-11-02", end_date="2026-11-02"),
+        options={"type_codes": {"senior": "SE"}},
+    ),
     "edit-mod-originals-from-delivered": Case(
         vacation(version=2, start_date="2026-07-06", start_time="10:00"),
-        before=(vacation(start_date="2026-07-06", start_time="12:00"),)),
+        before=(vacation(start_date="2026-07-06", start_time="12:00"),),
+    ),
     "edit-del-then-ins": Case(
         vacation(version=2, start_date="2026-07-06", end_date="2026-07-07"),
-        before=(vacation(start_date="2026-07-06", end_date="2026-07-06", start_time="12:00"),)),
+        before=(vacation(start_date="2026-07-06", end_date="2026-07-06", start_time="12:00"),),
+    ),
     "cancel-deletes-every-part": Case(
-        vacation(version=2, cancelled=True, **PART_DAYS),
-        before=(vacation(**PART_DAYS),)),
+        vacation(version=2, cancelled=True, **PART_DAYS), before=(vacation(**PART_DAYS),)
+    ),
 }
 
 
 def render_case(adapter: KmdAbsence, case: Case) -> list[bytes]:
-    settings = VendorSettings(endpoint=SETTINGS.endpoint,
-                              options={**SETTINGS.options, **(case.options or {})})
+    settings = VendorSettings(
+        endpoint=SETTINGS.endpoint, options={**SETTINGS.options, **(case.options or {})}
+    )
     delivered: list[DeliveredPart] = []
     for earlier in case.before:
-        delivered = deliver(adapter.plan(earlier, delivered, settings).messages,
-                            earlier.version, delivered)
+        delivered = deliver(
+            adapter.plan(earlier, delivered, settings).messages, earlier.version, delivered
+        )
     plan = adapter.plan(case.report, delivered, settings)
     return [adapter.render(case.report, m, settings).body for m in plan.messages]
 
@@ -232,7 +258,9 @@ def test_new_personnel_number_is_delete_and_insert(adapter: KmdAbsence) -> None:
     v2 = vacation(version=2, employee={"cpr": CPR, "employment_id": "00099999"})
     plan = adapter.plan(v2, delivered, SETTINGS)
     assert [(m.operation, m.fields["personnel_number"]) for m in plan.messages] == [
-        ("DEL", "00012345"), ("INS", "00099999")]
+        ("DEL", "00012345"),
+        ("INS", "00099999"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -241,8 +269,10 @@ def test_new_personnel_number_is_delete_and_insert(adapter: KmdAbsence) -> None:
         # same period, another type: never a MOD (the type is part of SAP's record key)
         ({"vacation_type": "sixth_week"}, [("DEL", "absence:2", "FE"), ("INS", "absence:2", "6F")]),
         # another type and another period: still DEL + INS, not a MOD of both
-        ({"vacation_type": "senior", "end_date": "2026-07-08"},
-         [("DEL", "absence:2", "FE"), ("INS", "absence:2", "SO")]),
+        (
+            {"vacation_type": "senior", "end_date": "2026-07-08"},
+            [("DEL", "absence:2", "FE"), ("INS", "absence:2", "SO")],
+        ),
     ],
 )
 def test_a_type_change_is_delete_and_insert_never_mod(
@@ -257,8 +287,14 @@ def test_a_type_change_of_part_days_deletes_every_part_first(adapter: KmdAbsence
     delivered = deliver(adapter.plan(vacation(**PART_DAYS), [], SETTINGS).messages, 1)
     v2 = vacation(version=2, **{**PART_DAYS, "vacation_type": "sixth_week", "end_time": "14:00"})
     ops = [(m.operation, m.part) for m in adapter.plan(v2, delivered, SETTINGS).messages]
-    assert ops == [("DEL", "absence:1"), ("DEL", "absence:2"), ("DEL", "absence:3"),
-                   ("INS", "absence:1"), ("INS", "absence:2"), ("INS", "absence:3")]
+    assert ops == [
+        ("DEL", "absence:1"),
+        ("DEL", "absence:2"),
+        ("DEL", "absence:3"),
+        ("INS", "absence:1"),
+        ("INS", "absence:2"),
+        ("INS", "absence:3"),
+    ]
 
 
 def test_cancel_with_nothing_delivered_is_not_applicable(adapter: KmdAbsence) -> None:
@@ -270,8 +306,13 @@ def test_empty_period_is_invalid(adapter: KmdAbsence) -> None:
     with pytest.raises(InvalidPayload):
         adapter.plan(vacation(end_date="2026-07-05"), [], SETTINGS)
     with pytest.raises(InvalidPayload):
-        adapter.plan(vacation(end_date="2026-07-06", start_date="2026-07-06",
-                              start_time="12:00", end_time="09:00"), [], SETTINGS)
+        adapter.plan(
+            vacation(
+                end_date="2026-07-06", start_date="2026-07-06", start_time="12:00", end_time="09:00"
+            ),
+            [],
+            SETTINGS,
+        )
 
 
 def test_render_refuses_what_fails_our_schema(adapter: KmdAbsence) -> None:
@@ -366,12 +407,16 @@ class Kmd:
 @pytest.fixture
 async def kmd(tmp_path: Path) -> AsyncIterator[Kmd]:
     certs = ensure_dev_certs(tmp_path / "certs")
-    options = SimulatorOptions(cert_file=str(certs.server_cert), key_file=str(certs.server_key),
-                               client_ca_file=str(certs.ca_file))
+    options = SimulatorOptions(
+        cert_file=str(certs.server_cert),
+        key_file=str(certs.server_key),
+        client_ca_file=str(certs.ca_file),
+    )
     app = build_app(options)
     runner, url = await start(app, options)
-    settings = VendorSettings(endpoint=url, read_timeout=2.0,
-                              options={"senderService": "KMD_LPT_VACAB_Service"})
+    settings = VendorSettings(
+        endpoint=url, read_timeout=2.0, options={"senderService": "KMD_LPT_VACAB_Service"}
+    )
     try:
         yield Kmd(app, settings, certs)
     finally:
@@ -385,14 +430,15 @@ async def channel(kmd: Kmd) -> AsyncIterator[Channel]:
         yield Channel(session, kmd.settings)
 
 
-async def send_all(adapter: KmdAbsence, report: Report, messages: Sequence[Message],
-                   channel: Channel) -> list[Any]:
-    return [await adapter.send(adapter.render(report, m, channel.settings), channel)
-            for m in messages]
+async def send_all(
+    adapter: KmdAbsence, report: Report, messages: Sequence[Message], channel: Channel
+) -> list[Any]:
+    return [
+        await adapter.send(adapter.render(report, m, channel.settings), channel) for m in messages
+    ]
 
 
-async def test_send_inserts_and_reads_back(adapter: KmdAbsence, kmd: Kmd,
-                                           channel: Channel) -> None:
+async def test_send_inserts_and_reads_back(adapter: KmdAbsence, kmd: Kmd, channel: Channel) -> None:
     report = vacation(**PART_DAYS)
     plan = adapter.plan(report, [], kmd.settings)
     receipts = await send_all(adapter, report, plan.messages, channel)
@@ -407,8 +453,7 @@ async def test_send_inserts_and_reads_back(adapter: KmdAbsence, kmd: Kmd,
     assert {p.part: p.fields for p in held} == {p.part: p.fields for p in delivered}
 
 
-async def test_edit_and_cancel_round_trip(adapter: KmdAbsence, kmd: Kmd,
-                                          channel: Channel) -> None:
+async def test_edit_and_cancel_round_trip(adapter: KmdAbsence, kmd: Kmd, channel: Channel) -> None:
     v1 = vacation(**PART_DAYS)
     delivered = deliver(adapter.plan(v1, [], kmd.settings).messages, 1)
     await send_all(adapter, v1, adapter.plan(v1, [], kmd.settings).messages, channel)
@@ -418,23 +463,29 @@ async def test_edit_and_cancel_round_trip(adapter: KmdAbsence, kmd: Kmd,
     delivered = deliver(plan2.messages, 2, delivered)
     held = kmd.state.ledger.holdings("00012345")
     assert [(str(r.start_date), str(r.end_date)) for r in held] == [
-        ("2026-08-03", "2026-08-03"), ("2026-08-04", "2026-08-09"), ("2026-08-10", "2026-08-10")]
+        ("2026-08-03", "2026-08-03"),
+        ("2026-08-04", "2026-08-09"),
+        ("2026-08-10", "2026-08-10"),
+    ]
     v3 = vacation(version=3, cancelled=True, **PART_DAYS)
     await send_all(adapter, v3, adapter.plan(v3, delivered, kmd.settings).messages, channel)
     assert kmd.state.ledger.holdings("00012345") == []
     assert all(r.outcome == "applied" for r in kmd.state.received)
 
 
-async def test_warning_is_a_receipt_with_the_text(adapter: KmdAbsence, kmd: Kmd,
-                                                  channel: Channel) -> None:
+async def test_warning_is_a_receipt_with_the_text(
+    adapter: KmdAbsence, kmd: Kmd, channel: Channel
+) -> None:
     kmd.state.fault = "warning"
-    [receipt] = await send_all(adapter, vacation(), adapter.plan(vacation(), [], SETTINGS).messages,
-                               channel)
+    [receipt] = await send_all(
+        adapter, vacation(), adapter.plan(vacation(), [], SETTINGS).messages, channel
+    )
     assert receipt.warning and "advarsel" in receipt.warning
 
 
-async def test_kmd_error_is_rejected_with_its_text(adapter: KmdAbsence, kmd: Kmd,
-                                                   channel: Channel) -> None:
+async def test_kmd_error_is_rejected_with_its_text(
+    adapter: KmdAbsence, kmd: Kmd, channel: Channel
+) -> None:
     [message] = adapter.plan(vacation(), [], SETTINGS).messages
     await send_all(adapter, vacation(), [message], channel)
     other = vacation(report_id="ferie-2", start_date="2026-07-08", end_date="2026-07-12")
@@ -443,8 +494,9 @@ async def test_kmd_error_is_rejected_with_its_text(adapter: KmdAbsence, kmd: Kmd
         await send_all(adapter, other, [clash], channel)
 
 
-async def test_server_fault_is_transient_and_not_applied(adapter: KmdAbsence, kmd: Kmd,
-                                                         channel: Channel) -> None:
+async def test_server_fault_is_transient_and_not_applied(
+    adapter: KmdAbsence, kmd: Kmd, channel: Channel
+) -> None:
     kmd.state.fail_next = 1
     [message] = adapter.plan(vacation(), [], SETTINGS).messages
     with pytest.raises(Transient, match="system error"):
@@ -454,10 +506,13 @@ async def test_server_fault_is_transient_and_not_applied(adapter: KmdAbsence, km
     assert len(kmd.state.ledger.holdings("00012345")) == 1
 
 
-async def test_wrong_interface_namespace_is_rejected(adapter: KmdAbsence, kmd: Kmd,
-                                                     channel: Channel) -> None:
-    settings = VendorSettings(endpoint=kmd.settings.endpoint, options={
-        "senderService": "X", "interfaceNamespace": "urn:wrong"})
+async def test_wrong_interface_namespace_is_rejected(
+    adapter: KmdAbsence, kmd: Kmd, channel: Channel
+) -> None:
+    settings = VendorSettings(
+        endpoint=kmd.settings.endpoint,
+        options={"senderService": "X", "interfaceNamespace": "urn:wrong"},
+    )
     [message] = adapter.plan(vacation(), [], settings).messages
     payload = adapter.render(vacation(), message, settings)
     with pytest.raises(Rejected, match="configuration"):
@@ -465,7 +520,8 @@ async def test_wrong_interface_namespace_is_rejected(adapter: KmdAbsence, kmd: K
 
 
 async def test_drop_after_apply_is_in_doubt_then_read_back_finds_it(
-        adapter: KmdAbsence, kmd: Kmd, channel: Channel) -> None:
+    adapter: KmdAbsence, kmd: Kmd, channel: Channel
+) -> None:
     report = vacation(**PART_DAYS)
     plan = adapter.plan(report, [], kmd.settings)
     first, in_doubt, *rest = plan.messages
@@ -484,8 +540,9 @@ async def test_drop_after_apply_is_in_doubt_then_read_back_finds_it(
     assert len(sent) == len(set(sent)) == 3
 
 
-async def test_read_back_of_a_pending_delete(adapter: KmdAbsence, kmd: Kmd,
-                                             channel: Channel) -> None:
+async def test_read_back_of_a_pending_delete(
+    adapter: KmdAbsence, kmd: Kmd, channel: Channel
+) -> None:
     report = vacation()
     plan = adapter.plan(report, [], kmd.settings)
     await send_all(adapter, report, plan.messages, channel)
@@ -493,7 +550,8 @@ async def test_read_back_of_a_pending_delete(adapter: KmdAbsence, kmd: Kmd,
     cancel = vacation(version=2, cancelled=True)
     [delete] = adapter.plan(cancel, known, kmd.settings).messages
     assert [p.part for p in await adapter.read_back(cancel, known, [delete], channel)] == [
-        "absence:2"]
+        "absence:2"
+    ]
     kmd.state.drop_next = 1
     with pytest.raises(InDoubt):
         await send_all(adapter, cancel, [delete], channel)

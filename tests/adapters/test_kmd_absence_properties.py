@@ -29,10 +29,17 @@ def vacations(draw: st.DrawFn, version: int = 1) -> Report:
     end = start + timedelta(days=draw(st.integers(-1, 5)))
     kind = draw(st.sampled_from(TYPES))
     data: dict[str, Any] = {
-        "kind": "vacation", "municipality": "746", "report_id": "r", "version": version,
-        "employee": {"cpr": "0707850000",
-                     "employment_id": draw(st.sampled_from(["00012345", "00012345", "7"]))},
-        "start_date": start.isoformat(), "end_date": end.isoformat(), "vacation_type": kind,
+        "kind": "vacation",
+        "municipality": "746",
+        "report_id": "r",
+        "version": version,
+        "employee": {
+            "cpr": "0707850000",
+            "employment_id": draw(st.sampled_from(["00012345", "00012345", "7"])),
+        },
+        "start_date": start.isoformat(),
+        "end_date": end.isoformat(),
+        "vacation_type": kind,
         "cancelled": draw(st.booleans()) and draw(st.booleans()),
     }
     for name in ("start_time", "end_time"):
@@ -91,16 +98,22 @@ def request_fields(body: bytes) -> dict[str, str | None]:
 
 def expected_holdings(report: Report) -> set[tuple[object, ...]]:
     code = {"regular": "FE", "sixth_week": "6F", "senior": "SO", "care": "OS"}.get(
-        report.vacation_type or "")
+        report.vacation_type or ""
+    )
     if report.cancelled or code is None:
         return set()
-    return {(report.employee.employment_id, code, a.start_date, a.end_date, a.start_time,
-             a.end_time) for a in split(report)}
+    return {
+        (report.employee.employment_id, code, a.start_date, a.end_date, a.start_time, a.end_time)
+        for a in split(report)
+    }
 
 
 def ledger_holdings(ledger: KmdLedger) -> set[tuple[object, ...]]:
-    return {(r.personnel_number, r.type, r.start_date, r.end_date, r.start_time, r.end_time)
-            for person in ("00012345", "7") for r in ledger.holdings(person)}
+    return {
+        (r.personnel_number, r.type, r.start_date, r.end_date, r.start_time, r.end_time)
+        for person in ("00012345", "7")
+        for r in ledger.holdings(person)
+    }
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,11 +141,14 @@ def test_any_sequence_of_versions_leaves_exactly_the_latest(drafts: list[Report]
 
 def _as_dict(report: Report) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "kind": "vacation", "municipality": report.municipality, "report_id": report.report_id,
-        "employee": {"cpr": report.employee.cpr,
-                     "employment_id": report.employee.employment_id},
-        "start_date": str(report.start_date), "end_date": str(report.end_date),
-        "vacation_type": report.vacation_type, "cancelled": report.cancelled,
+        "kind": "vacation",
+        "municipality": report.municipality,
+        "report_id": report.report_id,
+        "employee": {"cpr": report.employee.cpr, "employment_id": report.employee.employment_id},
+        "start_date": str(report.start_date),
+        "end_date": str(report.end_date),
+        "vacation_type": report.vacation_type,
+        "cancelled": report.cancelled,
     }
     for name in ("start_time", "end_time"):
         value = getattr(report, name)
@@ -144,11 +160,18 @@ def _as_dict(report: Report) -> dict[str, Any]:
 
 
 def test_invalid_period_plans_nothing_but_raises() -> None:
-    report = Report.from_dict({
-        "kind": "vacation", "municipality": "746", "report_id": "r",
-        "employee": {"cpr": "0707850000", "employment_id": "1"},
-        "start_date": "2026-07-06", "end_date": "2026-07-06", "end_time": "00:00",
-        "vacation_type": "regular"})
+    report = Report.from_dict(
+        {
+            "kind": "vacation",
+            "municipality": "746",
+            "report_id": "r",
+            "employee": {"cpr": "0707850000", "employment_id": "1"},
+            "start_date": "2026-07-06",
+            "end_date": "2026-07-06",
+            "end_time": "00:00",
+            "vacation_type": "regular",
+        }
+    )
     try:
         ADAPTER.plan(report, [], SETTINGS)
     except InvalidPayload as exc:
@@ -158,18 +181,31 @@ def test_invalid_period_plans_nothing_but_raises() -> None:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(vacations(), st.lists(st.sampled_from(["regular", "sixth_week", "senior", "care"]),
-                             min_size=1, max_size=4), st.data())
+@given(
+    vacations(),
+    st.lists(st.sampled_from(["regular", "sixth_week", "senior", "care"]), min_size=1, max_size=4),
+    st.data(),
+)
 def test_type_changes_are_delete_and_insert_and_the_ledger_ends_with_the_latest(
     first: Report, kinds: list[str], data: st.DataObject
 ) -> None:
     """Versions that change the type (and perhaps the period) of a delivered absence."""
     assume(valid(first) and not first.cancelled)
     ledger, delivered = KmdLedger(), dict[str, DeliveredPart]()
-    drafts = [first, *(Report.from_dict({**_as_dict(first), "vacation_type": k, "child_number": 1,
-                                         "end_date": str(first.end_date + timedelta(
-                                             days=data.draw(st.integers(0, 2))))})
-                       for k in kinds)]
+    drafts = [
+        first,
+        *(
+            Report.from_dict(
+                {
+                    **_as_dict(first),
+                    "vacation_type": k,
+                    "child_number": 1,
+                    "end_date": str(first.end_date + timedelta(days=data.draw(st.integers(0, 2)))),
+                }
+            )
+            for k in kinds
+        ),
+    ]
     for version, draft in enumerate(drafts, 1):
         report = Report.from_dict({**_as_dict(draft), "version": version})
         before = {p.part: p.fields["type"] for p in delivered.values()}
@@ -181,6 +217,7 @@ def test_type_changes_are_delete_and_insert_and_the_ledger_ends_with_the_latest(
             if message.deletes:
                 delivered.pop(message.part)
             else:
-                delivered[message.part] = DeliveredPart(message.part, version,
-                                                        json.loads(json.dumps(message.fields)))
+                delivered[message.part] = DeliveredPart(
+                    message.part, version, json.loads(json.dumps(message.fields))
+                )
         assert ledger_holdings(ledger) == expected_holdings(report)

@@ -593,21 +593,39 @@ def test_a_report_with_two_posting_targets_is_never_sent(over: dict[str, Any]) -
 
 async def test_read_back_matches_entries_read_in_the_date_time_form_sent(kmd: Any) -> None:
     canned, channel = kmd
-    canned.answer(200, {"Header": {"Status": 0, "Tekst": "OK"}, "Engangsydelser": [
-        _entry("0100", 12.5, startdato="2024-11-27T00:00:00Z"),
-        _entry("0100", 1, startdato="2024-12-01T00:00:00Z"),  # another month: not counted
-    ]})
+    canned.answer(
+        200,
+        {
+            "Header": {"Status": 0, "Tekst": "OK"},
+            "Engangsydelser": [
+                _entry("0100", 12.5, startdato="2024-11-27T00:00:00Z"),
+                _entry("0100", 1, startdato="2024-12-01T00:00:00Z"),  # another month: not counted
+            ],
+        },
+    )
     (part,) = await ADAPTER.read_back(drive(version=2), [], [], channel)
-    assert part.fields == {"totals": {"0100": "12.50"}, "month": "2024-11", "startdato": "2024-11-27"}
+    assert part.fields == {
+        "totals": {"0100": "12.50"},
+        "month": "2024-11",
+        "startdato": "2024-11-27",
+    }
     assert ADAPTER.plan(drive(version=2), [part], PLAIN) == Plan()  # what was sent is held
 
 
 async def test_a_read_instant_is_taken_as_the_danish_date(kmd: Any) -> None:
     # a client that wrote Danish midnight of 1 December as UTC: that is December, not November
     canned, channel = kmd
-    canned.answer(200, {"Header": {"Status": 0, "Tekst": "OK"}, "Engangsydelser": [
-        _entry("0100", 12.5, startdato="2024-11-27T00:00:00Z"),
-        _entry("0100", 1, startdato="2024-11-30T23:00:00Z"),  # 1 December in Denmark: not counted
-    ]})
+    canned.answer(
+        200,
+        {
+            "Header": {"Status": 0, "Tekst": "OK"},
+            "Engangsydelser": [
+                _entry("0100", 12.5, startdato="2024-11-27T00:00:00Z"),
+                _entry(
+                    "0100", 1, startdato="2024-11-30T23:00:00Z"
+                ),  # 1 December in Denmark: not counted
+            ],
+        },
+    )
     (part,) = await ADAPTER.read_back(drive(version=2), [], [], channel)
     assert part.fields["totals"] == {"0100": "12.50"}

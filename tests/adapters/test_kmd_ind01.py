@@ -309,9 +309,12 @@ async def test_send_is_refused() -> None:
 def test_a_mid_month_change_of_employment_type_or_extra_number_gives_two_records() -> None:
     reports = [
         drive(report_id="a", drive_date="2024-11-03", distance_km="10"),
-        drive(report_id="b", drive_date="2024-11-20", distance_km="4",
-              employee={"employment_type": 2}),
-        drive(report_id="c", drive_date="2024-11-21", distance_km="1", employee={"extra_number": 3}),
+        drive(
+            report_id="b", drive_date="2024-11-20", distance_km="4", employee={"employment_type": 2}
+        ),
+        drive(
+            report_id="c", drive_date="2024-11-21", distance_km="1", employee={"extra_number": 3}
+        ),
         drive(report_id="d", drive_date="2024-11-29", distance_km="2"),
     ]
     written, failures = records(reports, PLAIN)
@@ -340,7 +343,9 @@ def test_cost_center_and_psp_element_are_refused_with_a_reason(field: str) -> No
     with pytest.raises(InvalidPayload, match=f"cannot carry {field}"):
         ADAPTER.render(report, message, PLAIN)
     # in a file only that report's group fails; the others are written
-    written, failures = records([drive(report_id="ok"), drive(report_id="no", **{field: "1"})], PLAIN)
+    written, failures = records(
+        [drive(report_id="ok"), drive(report_id="no", **{field: "1"})], PLAIN
+    )
     assert [g.covers for g, _ in written] == [(("851", "ok", 1),)]
     assert [(f.group.covers, field in f.reason) for f in failures] == [((("851", "no", 1),), True)]
 
@@ -363,10 +368,16 @@ def test_the_file_is_iso_8859_1_by_default_and_the_encoding_is_a_setting() -> No
     [
         ({"encoding": "no-such-codec"}, "encoding", "unknown encoding 'no-such-codec'"),
         ({"encoding": "utf-16"}, "encoding", "does not write ASCII text as ASCII bytes"),
-        ({"encoding": "ascii", "file_header": "492 Ærø Kommune"}, "file_header",
-         "'492 Ærø Kommune' cannot be written in ascii"),
-        ({"municipality_name": "Ærø Kommune ☃"}, "municipality_name",
-         "cannot be written in iso-8859-1"),
+        (
+            {"encoding": "ascii", "file_header": "492 Ærø Kommune"},
+            "file_header",
+            "'492 Ærø Kommune' cannot be written in ascii",
+        ),
+        (
+            {"municipality_name": "Ærø Kommune ☃"},
+            "municipality_name",
+            "cannot be written in iso-8859-1",
+        ),
         ({"file_header": "two\nlines"}, "file_header", "must be a single line"),
         ({"kmd_municipality": "12345"}, "kmd_municipality", "is not 1-4 digits"),
     ],

@@ -46,8 +46,14 @@ def _app() -> web.Application:
         return web.Response(body=b"x" * 1000)
 
     app = web.Application()
-    app.add_routes([web.post("/trickle", trickle), web.post("/huge", huge),
-                    web.post("/chunked", huge_chunked), web.post("/small", small)])
+    app.add_routes(
+        [
+            web.post("/trickle", trickle),
+            web.post("/huge", huge),
+            web.post("/chunked", huge_chunked),
+            web.post("/small", small),
+        ]
+    )
     return app
 
 
@@ -59,7 +65,9 @@ async def vendor(aiohttp_server: Serve) -> TestServer:
 async def _post(server: TestServer, path: str, **settings: object) -> bytes:
     vendor = VendorSettings(endpoint=str(server.make_url(path)), connect_timeout=1, read_timeout=2)
     async with aiohttp.ClientSession() as session:
-        response = await post(Channel(session, replace(vendor, **settings)), Payload(b"<x/>", "text/xml"))
+        response = await post(
+            Channel(session, replace(vendor, **settings)), Payload(b"<x/>", "text/xml")
+        )
     return response.body
 
 

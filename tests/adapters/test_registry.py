@@ -33,7 +33,10 @@ def test_a_missing_schema_file_is_named(monkeypatch: pytest.MonkeyPatch) -> None
         return [ep]
 
     monkeypatch.setattr(adapters.registry, "entry_points", only_this)
-    with pytest.raises(RegistryError, match=r"^adapter 'unreadable': schema file schemas/nowhere/missing.xsd is missing$"):
+    with pytest.raises(
+        RegistryError,
+        match=r"^adapter 'unreadable': schema file schemas/nowhere/missing.xsd is missing$",
+    ):
         load_adapters()
 
 
@@ -95,23 +98,33 @@ def test_a_complete_adapter_is_accepted() -> None:
     assert check_adapter(adapter) is adapter
 
 
-@pytest.mark.parametrize(("factory", "words"), [
-    (ReadsBeforeSendWithoutReadBack, "reads_before_send needs reads_back"),
-    (ClaimsReadBackWithoutMethod, "declares reads_back but has no read_back method"),
-    (NoSend, "does not implement the MessageAdapter protocol"),
-    (FileWithoutLayout, "does not implement the FileAdapter protocol (missing: check_settings, render_file)"),
-    (NoDeclaration, "declare 'reads_back' as True or False"),
-    (MissingSchema, "schema file schemas/nowhere/missing.xsd is missing"),
-    (NoKinds, "kinds must be a non-empty set"),
-])
-def test_an_inconsistent_adapter_is_refused_in_one_line_naming_it(factory: type[Good], words: str) -> None:
+@pytest.mark.parametrize(
+    ("factory", "words"),
+    [
+        (ReadsBeforeSendWithoutReadBack, "reads_before_send needs reads_back"),
+        (ClaimsReadBackWithoutMethod, "declares reads_back but has no read_back method"),
+        (NoSend, "does not implement the MessageAdapter protocol"),
+        (
+            FileWithoutLayout,
+            "does not implement the FileAdapter protocol (missing: check_settings, render_file)",
+        ),
+        (NoDeclaration, "declare 'reads_back' as True or False"),
+        (MissingSchema, "schema file schemas/nowhere/missing.xsd is missing"),
+        (NoKinds, "kinds must be a non-empty set"),
+    ],
+)
+def test_an_inconsistent_adapter_is_refused_in_one_line_naming_it(
+    factory: type[Good], words: str
+) -> None:
     with pytest.raises(RegistryError) as err:
         check_adapter(factory())
     text = str(err.value)
     assert text.startswith("adapter 'good'") and words in text and "\n" not in text
 
 
-def test_an_adapter_registered_under_another_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_adapter_registered_under_another_name_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ep = EntryPoint("other", f"{__name__}:Good", adapters.registry.GROUP)
     monkeypatch.setattr(adapters.registry, "entry_points", lambda **_: [ep])
     with pytest.raises(RegistryError, match=r"calls itself 'good', registered as 'other'$"):
@@ -127,7 +140,9 @@ def test_the_same_name_twice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_the_built_in_adapters_declare_their_kind_and_capabilities() -> None:
     loaded = load_adapters()
-    declared = {name: (a.file_based, a.reads_back, a.reads_before_send) for name, a in loaded.items()}
+    declared = {
+        name: (a.file_based, a.reads_back, a.reads_before_send) for name, a in loaded.items()
+    }
     assert declared == {
         "sd-koersel": (False, False, False),
         "kmd-absence": (False, True, False),
@@ -145,8 +160,12 @@ class _DeclaresLate(Good):
         self.schema_files = ("nowhere/late.xsd",)
 
 
-def test_schema_files_declared_by_the_built_adapter_are_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_schema_files_declared_by_the_built_adapter_are_checked_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     ep = EntryPoint("good", f"{__name__}:_DeclaresLate", adapters.registry.GROUP)
     monkeypatch.setattr(adapters.registry, "entry_points", lambda **_: [ep])
-    with pytest.raises(RegistryError, match=r"^adapter 'good': schema file schemas/nowhere/late.xsd is missing$"):
+    with pytest.raises(
+        RegistryError, match=r"^adapter 'good': schema file schemas/nowhere/late.xsd is missing$"
+    ):
         load_adapters()

@@ -113,12 +113,23 @@ def test_golden_element_order_is_the_vendors(adapter: SdKoersel) -> None:
     (payload,) = render_all(adapter, load_report("drive-full.json"))
     names = [etree.QName(child).localname for child in payload_of(payload)]
     assert names == [
-        "InstitutionIdentifikator", "BrugerIdentifikator", "AnsaettelseIdentifikator",
-        "RegistreringTypeIdentifikator", "KoerselDato", "KilometerMaal",
-        "KontoNummerIdentifikator", "GodkendtIndikator", "KontrolleretIndikator",
-        "DokumentationEksternIndikator", "Regel60DageIndikator",
-        "RegistreringNummerIdentifikator", "AarsagTekst", "KoertFraTekst", "KoertTilTekst",
-        "KoertViaTekst", "KoertViaTekst",
+        "InstitutionIdentifikator",
+        "BrugerIdentifikator",
+        "AnsaettelseIdentifikator",
+        "RegistreringTypeIdentifikator",
+        "KoerselDato",
+        "KilometerMaal",
+        "KontoNummerIdentifikator",
+        "GodkendtIndikator",
+        "KontrolleretIndikator",
+        "DokumentationEksternIndikator",
+        "Regel60DageIndikator",
+        "RegistreringNummerIdentifikator",
+        "AarsagTekst",
+        "KoertFraTekst",
+        "KoertTilTekst",
+        "KoertViaTekst",
+        "KoertViaTekst",
     ]
 
 
@@ -127,12 +138,24 @@ def test_namespaces_follow_the_vendor(adapter: SdKoersel) -> None:
     root = payload_of(payload)
     assert root.tag == f"{{{SD}}}AnsaettelseKoerselOpret"
     namespaces = {etree.QName(c).localname: etree.QName(c).namespace for c in root}
-    for name in ("RegistreringTypeIdentifikator", "KoerselDato", "KilometerMaal",
-                 "Regel60DageIndikator", "AarsagTekst", "KoertFraTekst", "KoertTilTekst"):
+    for name in (
+        "RegistreringTypeIdentifikator",
+        "KoerselDato",
+        "KilometerMaal",
+        "Regel60DageIndikator",
+        "AarsagTekst",
+        "KoertFraTekst",
+        "KoertTilTekst",
+    ):
         assert namespaces[name] == K, name
     assert namespaces["RegistreringNummerIdentifikator"] == SKAT
-    for name in ("InstitutionIdentifikator", "BrugerIdentifikator", "KontoNummerIdentifikator",
-                 "GodkendtIndikator", "KoertViaTekst"):
+    for name in (
+        "InstitutionIdentifikator",
+        "BrugerIdentifikator",
+        "KontoNummerIdentifikator",
+        "GodkendtIndikator",
+        "KoertViaTekst",
+    ):
         assert namespaces[name] == SD, name
 
 
@@ -161,8 +184,14 @@ def test_minimal_mapping(adapter: SdKoersel) -> None:
     assert t["GodkendtIndikator"] == t["KontrolleretIndikator"] == ["true"]
     assert t["DokumentationEksternIndikator"] == ["true"]
     assert t["Regel60DageIndikator"] == ["false"]
-    for absent in ("KontoNummerIdentifikator", "RegistreringNummerIdentifikator", "AarsagTekst",
-                   "KoertFraTekst", "KoertTilTekst", "KoertViaTekst"):
+    for absent in (
+        "KontoNummerIdentifikator",
+        "RegistreringNummerIdentifikator",
+        "AarsagTekst",
+        "KoertFraTekst",
+        "KoertTilTekst",
+        "KoertViaTekst",
+    ):
         assert absent not in t
 
 
@@ -181,7 +210,9 @@ def test_full_mapping(adapter: SdKoersel) -> None:
 
 
 def test_optional_wage_code_is_a_second_posting(adapter: SdKoersel) -> None:
-    first, second = (texts(p) for p in render_all(adapter, load_report(CASES["optional-wage-code"])))
+    first, second = (
+        texts(p) for p in render_all(adapter, load_report(CASES["optional-wage-code"]))
+    )
     assert first["RegistreringTypeIdentifikator"] == ["1234"]
     assert second["RegistreringTypeIdentifikator"] == ["9876"]
     assert first["KilometerMaal"] == second["KilometerMaal"] == ["8.00"]
@@ -220,8 +251,10 @@ def test_envelope_is_soap_1_1(adapter: SdKoersel) -> None:
 
 
 def test_indicators_can_be_turned_off(adapter: SdKoersel) -> None:
-    s = dataclasses.replace(SETTINGS, options={
-        "kontrolleret_indikator": False, "dokumentation_ekstern_indikator": False})
+    s = dataclasses.replace(
+        SETTINGS,
+        options={"kontrolleret_indikator": False, "dokumentation_ekstern_indikator": False},
+    )
     (payload,) = render_all(adapter, load_report("drive-minimal.json"), s)
     t = texts(payload)
     assert t["KontrolleretIndikator"] == t["DokumentationEksternIndikator"] == ["false"]
@@ -299,7 +332,9 @@ def delivered_from(plan: Plan, version: int = 1) -> list[DeliveredPart]:
 def test_plan_one_message_per_wage_code(adapter: SdKoersel) -> None:
     plan = adapter.plan(load_report("drive-optional-wage-code.json"), [], SETTINGS)
     assert [(m.part, m.operation) for m in plan.messages] == [
-        ("wage_code", "create"), ("wage_code_optional", "create")]
+        ("wage_code", "create"),
+        ("wage_code_optional", "create"),
+    ]
     first, second = (dict(m.fields) for m in plan.messages)
     assert first["wage_code"] == "1234" and second["wage_code"] == "9876"
     assert first["distance_km"] == second["distance_km"] == "8.00"
@@ -350,10 +385,13 @@ def test_plan_dropping_a_delivered_wage_code_needs_correction(adapter: SdKoersel
 
 def test_plan_cancelled_after_delivery_needs_correction(adapter: SdKoersel) -> None:
     done = delivered_from(adapter.plan(load_report("drive-minimal.json"), [], SETTINGS))
-    plan = adapter.plan(load_report("drive-minimal.json", version=2, cancelled=True), done, SETTINGS)
+    plan = adapter.plan(
+        load_report("drive-minimal.json", version=2, cancelled=True), done, SETTINGS
+    )
     assert plan.messages == () and plan.not_applicable is None
     assert plan.correction_required and plan.correction_required.startswith(
-        "SD Løn has no edit or cancel operation; ")
+        "SD Løn has no edit or cancel operation; "
+    )
 
 
 def test_plan_cancelled_before_delivery_is_not_applicable(adapter: SdKoersel) -> None:
@@ -390,6 +428,7 @@ def start_sd(aiohttp_server):
     async def start(**options: object):
         opts = SimulatorOptions(**{"username": "SYtest", "password": "pw", **options})
         return await aiohttp_server(build_app(opts))
+
     return start
 
 
@@ -410,11 +449,17 @@ async def test_send_happy_path(adapter: SdKoersel, start_sd, session) -> None:
     (accepted,) = server.app[STATE].accepted
     assert receipt.vendor_reference == accepted.registrering_id
     assert receipt.status == 200 and receipt.warning is None
-    assert (accepted.employment_id, accepted.wage_code, str(accepted.km)) == ("00012345", "1234", "12.30")
+    assert (accepted.employment_id, accepted.wage_code, str(accepted.km)) == (
+        "00012345",
+        "1234",
+        "12.30",
+    )
     assert accepted.date.isoformat() == "2026-02-10"
 
 
-async def test_send_client_fault_is_rejected_with_text(adapter: SdKoersel, start_sd, session) -> None:
+async def test_send_client_fault_is_rejected_with_text(
+    adapter: SdKoersel, start_sd, session
+) -> None:
     server = await start_sd(fault="client")
     with pytest.raises(Rejected, match="Simulated client fault") as info:
         await send_minimal(adapter, channel_for(server, session))
@@ -425,7 +470,8 @@ async def test_send_unknown_employment_is_rejected(adapter: SdKoersel, start_sd,
     server = await start_sd()
     report = load_report("drive-minimal.json")
     report = dataclasses.replace(
-        report, employee=dataclasses.replace(report.employee, employment_id="00000000"))
+        report, employee=dataclasses.replace(report.employee, employment_id="00000000")
+    )
     channel = channel_for(server, session)
     (message,) = adapter.plan(report, [], channel.settings).messages
     with pytest.raises(Rejected, match="EmploymentIdentifier does not exist"):
@@ -433,12 +479,15 @@ async def test_send_unknown_employment_is_rejected(adapter: SdKoersel, start_sd,
     assert server.app[STATE].accepted == []
 
 
-@pytest.mark.parametrize(("fault", "retry_after", "text"), [
-    ("server", None, "Server"),
-    ("closed", None, "closed"),
-    ("unavailable", 120.0, "HTTP 503"),
-    ("throttle", 61.0, "HTTP 429"),
-])
+@pytest.mark.parametrize(
+    ("fault", "retry_after", "text"),
+    [
+        ("server", None, "Server"),
+        ("closed", None, "closed"),
+        ("unavailable", 120.0, "HTTP 503"),
+        ("throttle", 61.0, "HTTP 429"),
+    ],
+)
 async def test_send_transient_faults(
     adapter: SdKoersel, start_sd, session, fault: str, retry_after: float | None, text: str
 ) -> None:
@@ -460,7 +509,9 @@ async def test_send_recovers_after_server_faults(adapter: SdKoersel, start_sd, s
     assert len(server.app[STATE].accepted) == 1
 
 
-async def test_send_wrong_password_is_rejected_with_hint(adapter: SdKoersel, start_sd, session) -> None:
+async def test_send_wrong_password_is_rejected_with_hint(
+    adapter: SdKoersel, start_sd, session
+) -> None:
     server = await start_sd()
     with pytest.raises(Rejected, match="credentials.*SY") as info:
         await send_minimal(adapter, channel_for(server, session, password="wrong"))
@@ -498,8 +549,10 @@ def envelope(inner: str) -> bytes:
 
 
 def fault_body(code: str, text: str) -> bytes:
-    return envelope(f"<s:Fault><faultcode>s:{code}</faultcode><faultstring>x</faultstring>"
-                    f"<detail><string>{text}</string></detail></s:Fault>")
+    return envelope(
+        f"<s:Fault><faultcode>s:{code}</faultcode><faultstring>x</faultstring>"
+        f"<detail><string>{text}</string></detail></s:Fault>"
+    )
 
 
 def test_unparseable_200_is_in_doubt() -> None:
@@ -513,7 +566,9 @@ def test_200_with_another_element_is_in_doubt() -> None:
 
 
 def test_200_without_reference_is_accepted_with_a_warning() -> None:
-    body = envelope(f'<x:AnsaettelseKoerselOpret20170501 xmlns:x="{SD}" dannetDatoTid="2026-01-01T00:00:00"/>')
+    body = envelope(
+        f'<x:AnsaettelseKoerselOpret20170501 xmlns:x="{SD}" dannetDatoTid="2026-01-01T00:00:00"/>'
+    )
     receipt = interpret(Response(200, {}, body))
     assert receipt.vendor_reference is None and receipt.warning
 

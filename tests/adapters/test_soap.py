@@ -61,7 +61,13 @@ def codec() -> ZeepCodec:
 
 
 def envelope(inner: bytes) -> bytes:
-    return b'<s:Envelope xmlns:s="' + SOAP_ENV.encode() + b'"><s:Body>' + inner + b"</s:Body></s:Envelope>"
+    return (
+        b'<s:Envelope xmlns:s="'
+        + SOAP_ENV.encode()
+        + b'"><s:Body>'
+        + inner
+        + b"</s:Body></s:Envelope>"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,8 +92,9 @@ def test_parse_xml_rejects_billion_laughs() -> None:
 def test_parse_xml_does_not_read_files(tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET")
-    xxe = (f'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY xxe SYSTEM "file://{secret}">]>'
-           "<a>&xxe;</a>").encode()
+    xxe = (
+        f'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY xxe SYSTEM "file://{secret}">]><a>&xxe;</a>'
+    ).encode()
     with pytest.raises(UnsafeXML):
         parse_xml(xxe)
     # and even the parser alone never expands it
@@ -98,8 +105,7 @@ def test_parse_xml_does_not_read_files(tmp_path: Path) -> None:
 
 
 def test_parse_xml_does_not_touch_the_network() -> None:
-    xxe = (b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "http://127.0.0.1:9/x">]>'
-           b"<a>&x;</a>")
+    xxe = b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "http://127.0.0.1:9/x">]><a>&x;</a>'
     with pytest.raises(UnsafeXML):
         parse_xml(xxe)
 
@@ -120,9 +126,11 @@ def test_body_payload_needs_a_payload() -> None:
 
 
 def test_find_fault_reads_code_string_and_detail() -> None:
-    body = envelope(b"<s:Fault><faultcode>s:Client</faultcode><faultstring> bad </faultstring>"
-                    b"<detail><string>The stated EmploymentIdentifier does not exist</string>"
-                    b"</detail></s:Fault>")
+    body = envelope(
+        b"<s:Fault><faultcode>s:Client</faultcode><faultstring> bad </faultstring>"
+        b"<detail><string>The stated EmploymentIdentifier does not exist</string>"
+        b"</detail></s:Fault>"
+    )
     fault = find_fault(parse_xml(body))
     assert fault is not None
     assert (fault.code, fault.string) == ("Client", "bad")
@@ -147,7 +155,8 @@ def test_find_fault_none_for_a_normal_reply() -> None:
 def test_build_gives_soap_action_and_a_valid_payload(codec: ZeepCodec) -> None:
     body, headers = codec.build(OPERATION, **VALUES)
     assert headers["SOAPAction"] == (
-        '"https://service.sd.dk/sdws-indberetning/services/AnsaettelseKoerselOpret20170501"')
+        '"https://service.sd.dk/sdws-indberetning/services/AnsaettelseKoerselOpret20170501"'
+    )
     assert headers["Content-Type"].startswith("text/xml")
     payload = body_payload(parse_xml(body))
     assert payload.tag == f"{{{SD}}}AnsaettelseKoerselOpret"
@@ -163,8 +172,9 @@ def test_build_refuses_a_missing_required_field(codec: ZeepCodec) -> None:
 def test_round_trip_through_a_response(codec: ZeepCodec) -> None:
     body, _ = codec.build(OPERATION, **VALUES)
     request = body_payload(parse_xml(body))
-    response = etree.Element(f"{{{SD}}}AnsaettelseKoerselOpret20170501",
-                             dannetDatoTid="2026-03-29T10:00:00+02:00")
+    response = etree.Element(
+        f"{{{SD}}}AnsaettelseKoerselOpret20170501", dannetDatoTid="2026-03-29T10:00:00+02:00"
+    )
     echo = etree.SubElement(response, f"{{{SD}}}InddataStruktur")
     echo.extend(etree.fromstring(etree.tostring(c)) for c in request)
     etree.SubElement(response, f"{{{SD}}}RegistreringIdentifikator").text = "reg-1"
@@ -179,8 +189,9 @@ def test_round_trip_through_a_response(codec: ZeepCodec) -> None:
 
 
 def test_parse_raises_zeep_fault(codec: ZeepCodec) -> None:
-    reply = envelope(b"<s:Fault><faultcode>s:Client</faultcode><faultstring>no</faultstring>"
-                     b"</s:Fault>")
+    reply = envelope(
+        b"<s:Fault><faultcode>s:Client</faultcode><faultstring>no</faultstring></s:Fault>"
+    )
     with pytest.raises(Fault) as info:
         codec.parse(OPERATION, 500, {"Content-Type": "text/xml"}, reply)
     assert info.value.message == "no"

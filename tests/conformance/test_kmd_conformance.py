@@ -62,10 +62,13 @@ def test_read_request_is_valid_for_kmd() -> None:
 
 async def test_simulator_answers_are_valid_for_kmd(aiohttp_client: Any) -> None:
     client: TestClient = await aiohttp_client(build_app(SimulatorOptions()))
-    query = ("?senderParty=&senderService=S&receiverParty=&receiverService="
-             "&interfaceNamespace=urn%3Akmd.dk%3ALPT%3AVACAB%3Aexternal&interface=")
-    report = Report.from_dict(json.loads(
-        (TESTS / "data" / "reports" / "vacation-care.json").read_text()))
+    query = (
+        "?senderParty=&senderService=S&receiverParty=&receiverService="
+        "&interfaceNamespace=urn%3Akmd.dk%3ALPT%3AVACAB%3Aexternal&interface="
+    )
+    report = Report.from_dict(
+        json.loads((TESTS / "data" / "reports" / "vacation-care.json").read_text())
+    )
     [body] = rendered(TESTS / "data" / "reports" / "vacation-care.json")
     resp = await client.post(PATH + query + "SetAbsenceAttendance_OS_SI", data=body)
     assert resp.status == 200

@@ -81,15 +81,18 @@ MUTATIONS = {
     "account too short": lambda b: b.replace(b">1234567890<", b">12345<"),
     "date with time": lambda b: b.replace(b">2026-02-10<", b">2026-02-10T00:00:00<"),
     "boolean as word": lambda b: b.replace(b">true</ns0:Godkendt", b">yes</ns0:Godkendt"),
-    "wrong namespace": lambda b: b.replace(b'ns3="urn:oio:sd:snitflader:2012.02.01"',
-                                           b'ns3="urn:oio:sd:snitflader:2017.05.01"'),
+    "wrong namespace": lambda b: b.replace(
+        b'ns3="urn:oio:sd:snitflader:2012.02.01"', b'ns3="urn:oio:sd:snitflader:2017.05.01"'
+    ),
     "missing indicator": lambda b: b.replace(
-        b"<ns0:KontrolleretIndikator>true</ns0:KontrolleretIndikator>", b""),
+        b"<ns0:KontrolleretIndikator>true</ns0:KontrolleretIndikator>", b""
+    ),
     "swapped order": lambda b: b.replace(
         b"<ns0:GodkendtIndikator>true</ns0:GodkendtIndikator>"
         b"<ns0:KontrolleretIndikator>true</ns0:KontrolleretIndikator>",
         b"<ns0:KontrolleretIndikator>true</ns0:KontrolleretIndikator>"
-        b"<ns0:GodkendtIndikator>true</ns0:GodkendtIndikator>"),
+        b"<ns0:GodkendtIndikator>true</ns0:GodkendtIndikator>",
+    ),
 }
 
 
@@ -97,10 +100,12 @@ MUTATIONS = {
 def test_our_schema_agrees_with_the_vendor(
     adapter: SdKoersel, our_schema: etree.XMLSchema, name: str
 ) -> None:
-    report = Report.from_dict({
-        **json.loads((TESTS / "data" / "reports" / "drive-minimal.json").read_text()),
-        "account": "1234567890",
-    })
+    report = Report.from_dict(
+        {
+            **json.loads((TESTS / "data" / "reports" / "drive-minimal.json").read_text()),
+            "account": "1234567890",
+        }
+    )
     (message,) = adapter.plan(report, [], SETTINGS).messages
     original = adapter.render(report, message, SETTINGS).body
     body = MUTATIONS[name](original)

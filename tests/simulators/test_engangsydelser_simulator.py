@@ -246,9 +246,11 @@ async def test_both_cost_centre_and_psp_element_is_code_167(kmd: Any) -> None:
 async def test_wire_forms_of_os2s_production_client(kmd: Any) -> None:
     """Startdato at T00:00:00Z; Kun_Valider "1" or absent: a plain date or "0" is a 400."""
     state, channel = kmd
-    for bad in ({**_item("1.00"), "Startdato": "2024-11-27"},
-                {**_item("1.00"), "Startdato": "2024-11-27T00:00:00Z\n"},
-                {**_item("1.00"), "Startdato": "2024-11-27T13:00:00Z"}):
+    for bad in (
+        {**_item("1.00"), "Startdato": "2024-11-27"},
+        {**_item("1.00"), "Startdato": "2024-11-27T00:00:00Z\n"},
+        {**_item("1.00"), "Startdato": "2024-11-27T13:00:00Z"},
+    ):
         status, doc = await _post(channel, _update_doc([bad]))
         assert status == 400 and "Startdato" in doc["details"][0]
     zero = _update_doc([_item("1.00")])
@@ -315,7 +317,9 @@ async def _mixed(aiohttp_server: Any, certs: DevCerts, kind: str) -> tuple[SimSt
 async def _send(server: Any, certs: DevCerts, report: Report) -> Any:
     """Plan without reading (the read would draw a fault too), render, send."""
     settings = VendorSettings(endpoint=str(server.make_url("/")), read_timeout=0.3)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=certs.client_context())) as s:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=certs.client_context())
+    ) as s:
         channel = Channel(s, settings)
         plan = ADAPTER.plan(report, [], settings)
         return await ADAPTER.send(ADAPTER.render(report, plan.messages[0], settings), channel)
@@ -344,7 +348,9 @@ async def test_each_mixed_fault_kind(
 async def test_mixed_faults_hit_reads_too(aiohttp_server: Any, certs: DevCerts) -> None:
     state, server = await _mixed(aiohttp_server, certs, "reset")
     settings = VendorSettings(endpoint=str(server.make_url("/")), read_timeout=1)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=certs.client_context())) as s:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=certs.client_context())
+    ) as s:
         with pytest.raises(InDoubt):
             await ADAPTER.read_back(drive(), [], [], Channel(s, settings))
     assert state.reads == []

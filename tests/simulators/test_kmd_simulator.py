@@ -22,15 +22,23 @@ from gateway.simulators import SimulatorOptions
 from gateway.simulators.kmd import STATE, KmdLedger, build_app, ssl_context, start
 
 SCHEMA = load_schema(schema_path("kmd/vacab.xsd"))
-QUERY = ("?senderParty=&senderService=S&receiverParty=&receiverService=&interface={}"
-         "&interfaceNamespace=urn%3Akmd.dk%3ALPT%3AVACAB%3Aexternal")
+QUERY = (
+    "?senderParty=&senderService=S&receiverParty=&receiverService=&interface={}"
+    "&interfaceNamespace=urn%3Akmd.dk%3ALPT%3AVACAB%3Aexternal"
+)
 SET = QUERY.format("SetAbsenceAttendance_OS_SI")
 READ = QUERY.format("GetAbsenceAttendanceByPeriod_OS_SI")
 
 
 def ins(start: str, end: str, **extra: str) -> dict[str, str | None]:
-    return {"StartDate": start, "EndDate": end, "Operation": "INS", "PersonnelNumber": "42",
-            "AbsenceAttendanceType": "FE", **extra}
+    return {
+        "StartDate": start,
+        "EndDate": end,
+        "Operation": "INS",
+        "PersonnelNumber": "42",
+        "AbsenceAttendanceType": "FE",
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,9 +62,13 @@ def test_ledger_mod_needs_the_exact_original() -> None:
     ledger = KmdLedger()
     ledger.apply(ins("2026-07-06", "2026-07-06", StartTime="12:00:00"))
     # the old OS2ferie defect: OriginalStartTime taken from the old end time (none)
-    wrong = {**ins("2026-07-06", "2026-07-06", StartTime="10:00:00"), "Operation": "MOD",
-             "OriginalStartDate": "2026-07-06", "OriginalEndDate": "2026-07-06",
-             "OriginalAbsenceAttendanceType": "FE"}
+    wrong = {
+        **ins("2026-07-06", "2026-07-06", StartTime="10:00:00"),
+        "Operation": "MOD",
+        "OriginalStartDate": "2026-07-06",
+        "OriginalEndDate": "2026-07-06",
+        "OriginalAbsenceAttendanceType": "FE",
+    }
     status = ledger.apply(wrong)
     assert status.type == "E" and "findes ikke" in status.text
     right = {**wrong, "OriginalStartTime": "12:00:00"}
@@ -69,9 +81,13 @@ def test_ledger_mod_cannot_change_the_type() -> None:
     """The absence type is part of the record's key in SAP: a type change is DEL + INS."""
     ledger = KmdLedger()
     ledger.apply(ins("2026-07-06", "2026-07-10"))
-    retype = {**ins("2026-07-06", "2026-07-10", AbsenceAttendanceType="6F"), "Operation": "MOD",
-              "OriginalStartDate": "2026-07-06", "OriginalEndDate": "2026-07-10",
-              "OriginalAbsenceAttendanceType": "FE"}
+    retype = {
+        **ins("2026-07-06", "2026-07-10", AbsenceAttendanceType="6F"),
+        "Operation": "MOD",
+        "OriginalStartDate": "2026-07-06",
+        "OriginalEndDate": "2026-07-10",
+        "OriginalAbsenceAttendanceType": "FE",
+    }
     status = ledger.apply(retype)
     assert status.type == "E" and "Fraværstype kan ikke ændres" in status.text
     [held] = ledger.holdings("42")
@@ -101,8 +117,9 @@ def test_ledger_holdings_filter_by_period() -> None:
     ledger.apply(ins("2026-07-06", "2026-07-10"))
     ledger.apply(ins("2026-08-03", "2026-08-03"))
     assert len(ledger.holdings("42", None, None)) == 2
-    assert [str(r.start_date) for r in ledger.holdings("42", *_dates("2026-07-10", "2026-08-01"))
-            ] == ["2026-07-06"]
+    assert [
+        str(r.start_date) for r in ledger.holdings("42", *_dates("2026-07-10", "2026-08-01"))
+    ] == ["2026-07-06"]
 
 
 def _dates(a: str, b: str) -> tuple[object, object]:
@@ -117,25 +134,34 @@ def _dates(a: str, b: str) -> tuple[object, object]:
 
 
 def envelope(payload: str) -> bytes:
-    return (f'<s:Envelope xmlns:s="{SOAP_ENV}"><s:Body>{payload}</s:Body></s:Envelope>'
-            ).encode()
+    return (f'<s:Envelope xmlns:s="{SOAP_ENV}"><s:Body>{payload}</s:Body></s:Envelope>').encode()
 
 
 def set_request(**fields: str) -> bytes:
     inner = "".join(f"<{k}>{v}</{k}>" for k, v in fields.items())
-    return envelope(f'<k:SetAbsenceAttendanceRequest_MT xmlns:k="{NAMESPACE}">{inner}'
-                    "</k:SetAbsenceAttendanceRequest_MT>")
+    return envelope(
+        f'<k:SetAbsenceAttendanceRequest_MT xmlns:k="{NAMESPACE}">{inner}'
+        "</k:SetAbsenceAttendanceRequest_MT>"
+    )
 
 
 def read_request(personnel: str) -> bytes:
-    return envelope(f'<k:GetAbsenceAttendanceByPeriodRequest_MT xmlns:k="{NAMESPACE}">'
-                    f"<StartDate>2026-01-01</StartDate><EndDate>2026-12-31</EndDate>"
-                    f"<PersonnelNumber>{personnel}</PersonnelNumber>"
-                    "</k:GetAbsenceAttendanceByPeriodRequest_MT>")
+    return envelope(
+        f'<k:GetAbsenceAttendanceByPeriodRequest_MT xmlns:k="{NAMESPACE}">'
+        f"<StartDate>2026-01-01</StartDate><EndDate>2026-12-31</EndDate>"
+        f"<PersonnelNumber>{personnel}</PersonnelNumber>"
+        "</k:GetAbsenceAttendanceByPeriodRequest_MT>"
+    )
 
 
-GOOD = {"StartDate": "2026-10-05", "EndDate": "2026-10-05", "AdditionalData": "03",
-        "Operation": "INS", "PersonnelNumber": "42", "AbsenceAttendanceType": "OS"}
+GOOD = {
+    "StartDate": "2026-10-05",
+    "EndDate": "2026-10-05",
+    "AdditionalData": "03",
+    "Operation": "INS",
+    "PersonnelNumber": "42",
+    "AbsenceAttendanceType": "OS",
+}
 
 
 @pytest.fixture
@@ -144,8 +170,11 @@ async def client(aiohttp_client: Any) -> TestClient:
 
 
 async def post(client: TestClient, query: str, body: bytes) -> tuple[int, etree._Element]:
-    resp = await client.post("/XISOAPAdapter/MessageServlet" + query, data=body,
-                             headers={"Content-Type": "text/xml; charset=utf-8"})
+    resp = await client.post(
+        "/XISOAPAdapter/MessageServlet" + query,
+        data=body,
+        headers={"Content-Type": "text/xml; charset=utf-8"},
+    )
     return resp.status, parse_xml(await resp.read())
 
 
@@ -162,8 +191,14 @@ async def test_set_then_read_answers_in_our_schema(client: TestClient) -> None:
     assert item.findtext("Item/StartTime") == "00:00:00"
     assert item.findtext("Item/CompLeave/Item/ChildNumber") == "03"
     assert [etree.QName(c).localname for c in item.find("Key")] == [
-        "PersonnelNumber", "AbsenceAttendanceType", "ObjectId", "LockIndicator", "EndDate",
-        "StartDate", "RecordNumber"]
+        "PersonnelNumber",
+        "AbsenceAttendanceType",
+        "ObjectId",
+        "LockIndicator",
+        "EndDate",
+        "StartDate",
+        "RecordNumber",
+    ]
     assert client.app[STATE].reads == 1 and len(client.app[STATE].received) == 1
 
 
@@ -175,7 +210,9 @@ async def test_routes_on_the_body_root_without_interface(client: TestClient) -> 
 def fault_of(env: etree._Element) -> tuple[str, str]:
     fault = env.find(f"{{{SOAP_ENV}}}Body/{{{SOAP_ENV}}}Fault")
     assert fault is not None
-    return fault.findtext("faultcode") or "", fault.findtext(f"detail/{{{SAP_XI}}}SystemError/code") or ""
+    return fault.findtext("faultcode") or "", fault.findtext(
+        f"detail/{{{SAP_XI}}}SystemError/code"
+    ) or ""
 
 
 async def test_schema_invalid_request_is_a_client_fault(client: TestClient) -> None:
@@ -192,10 +229,13 @@ async def test_unsafe_xml_is_a_client_fault(client: TestClient) -> None:
 
 async def test_unknown_interface_is_a_receiver_determination_fault(client: TestClient) -> None:
     status, env = await post(client, QUERY.format("Nope_OS_SI"), set_request(**GOOD))
-    assert status == 500 and fault_of(env) == ("SOAP:Server",
-                                               "RCVR_DETERMINATION.NO_RECEIVER_CASE_BE")
-    status, env = await post(client, SET.replace("senderService=S", "senderService="),
-                             set_request(**GOOD))
+    assert status == 500 and fault_of(env) == (
+        "SOAP:Server",
+        "RCVR_DETERMINATION.NO_RECEIVER_CASE_BE",
+    )
+    status, env = await post(
+        client, SET.replace("senderService=S", "senderService="), set_request(**GOOD)
+    )
     assert status == 500 and "RCVR_DETERMINATION" in fault_of(env)[1]
 
 
@@ -213,8 +253,9 @@ async def test_fail_rate_with_a_seed_is_reproducible(aiohttp_client: Any) -> Non
         client = await aiohttp_client(build_app(SimulatorOptions(fail_rate=0.5, seed=7)))
         statuses = []
         for day in range(1, 11):
-            req = set_request(**{**GOOD, "StartDate": f"2026-10-{day:02d}",
-                                 "EndDate": f"2026-10-{day:02d}"})
+            req = set_request(
+                **{**GOOD, "StartDate": f"2026-10-{day:02d}", "EndDate": f"2026-10-{day:02d}"}
+            )
             statuses.append((await post(client, SET, req))[0])
         outcomes.append(statuses)
     assert outcomes[0] == outcomes[1] and {200, 500} == set(outcomes[0])
@@ -224,8 +265,11 @@ async def test_timeout_fault_gives_no_timely_answer(client: TestClient) -> None:
     state = client.app[STATE]
     state.fault, state.timeout_seconds = "timeout", 5.0
     with pytest.raises(TimeoutError):
-        await client.post("/XISOAPAdapter/MessageServlet" + SET, data=set_request(**GOOD),
-                          timeout=aiohttp.ClientTimeout(total=0.3))
+        await client.post(
+            "/XISOAPAdapter/MessageServlet" + SET,
+            data=set_request(**GOOD),
+            timeout=aiohttp.ClientTimeout(total=0.3),
+        )
     assert state.ledger.holdings("42") == []
 
 
@@ -249,8 +293,12 @@ class Served:
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
     certs = ensure_dev_certs(tmp_path / "certs")
-    options = SimulatorOptions(cert_file=str(certs.server_cert), key_file=str(certs.server_key),
-                               client_ca_file=str(certs.ca_file), fault="drop-after-apply")
+    options = SimulatorOptions(
+        cert_file=str(certs.server_cert),
+        key_file=str(certs.server_key),
+        client_ca_file=str(certs.ca_file),
+        fault="drop-after-apply",
+    )
     app = build_app(options)
     runner, url = await start(app, options)
     try:
@@ -264,8 +312,7 @@ async def test_client_certificate_is_required(served: Served) -> None:
     bare = ssl.create_default_context(cafile=str(served.certs.ca_file))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=bare)) as session:
         with pytest.raises(aiohttp.ClientError):
-            async with session.post(served.url + SET,
-                                    data=set_request(**GOOD)) as resp:
+            async with session.post(served.url + SET, data=set_request(**GOOD)) as resp:
                 await resp.read()
     assert served.app[STATE].received == []
 

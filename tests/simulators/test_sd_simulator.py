@@ -51,12 +51,16 @@ def client_for(aiohttp_client):
     async def make(**options: object):
         opts = SimulatorOptions(**{"username": "SYtest", "password": "pw", **options})
         return await aiohttp_client(build_app(opts))
+
     return make
 
 
 async def post(client, body: bytes, headers: dict[str, str] | None = None):
-    resp = await client.post("/sdws/AnsaettelseKoerselOpret20170501", data=body,
-                             headers=AUTH if headers is None else headers)
+    resp = await client.post(
+        "/sdws/AnsaettelseKoerselOpret20170501",
+        data=body,
+        headers=AUTH if headers is None else headers,
+    )
     return resp.status, await resp.read()
 
 
@@ -71,12 +75,15 @@ def fault_text(body: bytes) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Basic " + base64.b64encode(b"SYtest:wrong").decode()},
-    {"Authorization": "Basic !!!not-base64"},
-    {"Authorization": "Bearer SYtest:pw"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Basic " + base64.b64encode(b"SYtest:wrong").decode()},
+        {"Authorization": "Basic !!!not-base64"},
+        {"Authorization": "Bearer SYtest:pw"},
+    ],
+)
 async def test_wrong_or_missing_credentials_get_401(client_for, adapter, headers) -> None:
     client = await client_for()
     status, _ = await post(client, request_body(adapter), headers)
@@ -105,13 +112,16 @@ async def test_schema_invalid_body_is_a_client_fault(client_for, adapter) -> Non
     assert client.server.app[STATE].accepted == []
 
 
-@pytest.mark.parametrize("body", [
-    b"not xml at all",
-    b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "y">]><a>&x;</a>',
-    b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
-    b'<k:KoerselDato xmlns:k="urn:oio:sd:snitflader:2012.02.01">2026-01-01</k:KoerselDato>'
-    b"</s:Body></s:Envelope>",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not xml at all",
+        b'<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x "y">]><a>&x;</a>',
+        b'<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>'
+        b'<k:KoerselDato xmlns:k="urn:oio:sd:snitflader:2012.02.01">2026-01-01</k:KoerselDato>'
+        b"</s:Body></s:Envelope>",
+    ],
+)
 async def test_unreadable_or_foreign_requests_are_client_faults(client_for, body) -> None:
     client = await client_for()
     status, answer = await post(client, body)
@@ -142,14 +152,16 @@ async def test_accepted_list_counts_and_answers_echo(client_for, adapter) -> Non
         payload = body_payload(parse_xml(answer))
         assert schema_errors(load_schema(schema_path("sd/sd-20170501.xsd")), payload) == []
         assert payload.findtext(f"{{{SD}}}InddataStruktur/{{{SD}}}AnsaettelseIdentifikator") == (
-            "00012345")
+            "00012345"
+        )
         references.append(payload.findtext(f"{{{SD}}}RegistreringIdentifikator"))
     accepted = client.server.app[STATE].accepted
     assert [a.registrering_id for a in accepted] == references
     assert len(set(references)) == 3
     assert [str(a.km) for a in accepted] == ["1.00", "2.50", "3.75"]
     assert {(a.employment_id, a.wage_code, a.date.isoformat()) for a in accepted} == {
-        ("00012345", "1234", "2026-02-10")}
+        ("00012345", "1234", "2026-02-10")
+    }
     assert etree.fromstring(accepted[0].body).tag.endswith("Envelope")
     assert client.server.app[STATE].received == 3
 
@@ -159,13 +171,16 @@ async def test_accepted_list_counts_and_answers_echo(client_for, adapter) -> Non
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fault", "status", "retry_after"), [
-    ("server", 500, None),
-    ("client", 500, None),
-    ("closed", 200, None),
-    ("unavailable", 503, "120"),
-    ("throttle", 429, "61"),
-])
+@pytest.mark.parametrize(
+    ("fault", "status", "retry_after"),
+    [
+        ("server", 500, None),
+        ("client", 500, None),
+        ("closed", 200, None),
+        ("unavailable", 503, "120"),
+        ("throttle", 429, "61"),
+    ],
+)
 async def test_forced_faults_store_nothing(client_for, adapter, fault, status, retry_after) -> None:
     client = await client_for(fault=fault)
     resp = await client.post("/x", data=request_body(adapter), headers=AUTH)
@@ -234,15 +249,26 @@ def test_pick_fault_shares_are_observed_over_1000_seeded_draws() -> None:
 
 def test_pick_fault_uses_cumulative_shares() -> None:
     assert [pick_fault(MIX, d) for d in (0.0, 0.2999, 0.3, 0.3999, 0.4, 0.4499, 0.45, 0.99)] == [
-        "server", "server", "timeout", "timeout", "reset", "reset", None, None]
+        "server",
+        "server",
+        "timeout",
+        "timeout",
+        "reset",
+        "reset",
+        None,
+        None,
+    ]
     assert pick_fault((), 0.0) is None
 
 
-@pytest.mark.parametrize(("mix", "message"), [
-    ((("explode", 0.1),), "unknown fault"),
-    ((("server", 1.5),), "between 0 and 1"),
-    ((("server", 0.6), ("reset", 0.6)), "more than 1"),
-])
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [
+        ((("explode", 0.1),), "unknown fault"),
+        ((("server", 1.5),), "between 0 and 1"),
+        ((("server", 0.6), ("reset", 0.6)), "more than 1"),
+    ],
+)
 def test_bad_fault_mix_is_refused(mix, message) -> None:
     with pytest.raises(ValueError, match=message):
         build_app(SimulatorOptions(fault_mix=mix))
@@ -271,7 +297,9 @@ async def test_mixed_timeout_stores_then_answers_too_late(client_for, adapter) -
 
 
 @pytest.mark.parametrize(("kind", "stored"), [("reset", 0), ("drop-after-apply", 1)])
-async def test_mixed_reset_and_drop_close_without_an_answer(client_for, adapter, kind, stored) -> None:
+async def test_mixed_reset_and_drop_close_without_an_answer(
+    client_for, adapter, kind, stored
+) -> None:
     client = await client_for(fault_mix=((kind, 1.0),), seed=1)
     with pytest.raises(aiohttp.ClientError):
         await _post_mixed(client, adapter)
