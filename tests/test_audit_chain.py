@@ -488,3 +488,20 @@ async def test_rotation_then_purge_keep_reports_readable_and_the_chain_verifying
         assert view is not None and view["versions"][0]["purged"] is True
     finally:
         await rotated.aclose()
+
+
+async def test_a_failed_delivery_is_not_purged_and_can_still_be_replayed(
+    gateway: Gateway, sd_server: TestServer, settings: Settings
+) -> None:
+    sd_server.app[SD_STATE].fault = "client"
+    await gateway.post(drive())
+    failed = await gateway.wait_for("R-1", {"failed"})
+    done = await retention.purge(gateway.store, settings, time.time() + 14 * MONTH)
+    assert done["versions"] == 0  # it still waits for an operator, who needs its data
+    sd_server.app[SD_STATE].fault = None
+    delivery_id = failed["deliveries"][0]["id"]
+    status, _ = await gateway.ops(
+        "POST", f"deliveries/{delivery_id}/replay", {"reason": "SD fixed"}
+    )
+    assert status == 200
+    await gateway.wait_for("R-1", {"delivered"})

@@ -21,7 +21,7 @@ from .. import deliveries
 from ..audit import event_hmac, legacy_broken, seal
 from ..deliveries import Decision, Delivery
 from ..privacy import DataKeys
-from . import BLOCKING, FINAL, Job, NewReport, Settle, Status
+from . import BLOCKING, Job, NewReport, Settle, Status
 
 
 class Row(Protocol):
@@ -618,13 +618,14 @@ ATTEMPT_ROW = (
     "SELECT id, delivery_id, part, operation, message, started_at, finished_at, outcome,"
     " http_status, latency_ms, error, request_body, response_body FROM attempts"
 )
-FINAL_SQL = ",".join(f"'{s}'" for s in sorted(FINAL))
+#: a failed delivery still waits for an operator (replay needs its body and CPR): only done ones go
+DONE_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.DONE))
 #: report versions whose bodies may go: received before the cut-off, every delivery of
-#: them final and last changed before it, not purged yet (parameters: before, before)
+#: them done and last changed before it, not purged yet (parameters: before, before)
 PURGEABLE = (
     "SELECT v.id FROM report_versions v WHERE v.purged_at IS NULL AND v.received_at < ?"
     " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.version_pk = v.id"
-    f" AND (d.status NOT IN ({FINAL_SQL}) OR d.updated_at >= ?))"
+    f" AND (d.status NOT IN ({DONE_SQL}) OR d.updated_at >= ?))"
 )
 PURGE_BATCH = 500  # versions per transaction (and per audited purge event)
 #: what a purge would drop, counted without touching anything (dry run)
