@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from adapters.base import DeliveredPart, Message
 
 from .. import deliveries
-from ..audit import event_hmac, legacy_broken, seal
+from ..audit import event_hmac, legacy_broken, row_hmac, seal
 from ..deliveries import Decision, Delivery
 from ..privacy import DataKeys
 from . import BLOCKING, Job, NewReport, Settle, Status
@@ -643,17 +643,7 @@ def rechained(key: bytes, events: Sequence[Row]) -> list[tuple[str, str, str, in
     re-chain of migration 8: history is re-anchored from that point)."""
     updates, prev = [], ""
     for e in events:
-        mac = event_hmac(
-            key,
-            prev,
-            int(e["id"]),
-            e["at"],
-            e["actor"],
-            e["event"],
-            e["report_pk"],
-            e["delivery_id"],
-            e["detail"],
-        )
+        mac = row_hmac(key, prev, dict(e))
         updates.append((prev, hashlib.sha256(e["detail"].encode()).hexdigest(), mac, int(e["id"])))
         prev = mac
     return updates
