@@ -305,6 +305,24 @@ def delivery_view(
     return view
 
 
+AT_RISK_FIELDS = (
+    "id",
+    "municipality",
+    "report_id",
+    "adapter",
+    "version",
+    "status",
+    "cutoff_at",
+    "next_attempt_at",
+    "last_error",
+)
+
+
+def at_risk_view(row: Row) -> dict[str, Any]:
+    """A delivery just flagged at risk, as ``flag_at_risk`` returns it (for the alert)."""
+    return {k: row[k] for k in AT_RISK_FIELDS}
+
+
 def list_view(row: Row, blocker: dict[str, Any] | None) -> dict[str, Any]:
     """A delivery as ``list_deliveries`` shows it."""
     view = {

@@ -56,6 +56,7 @@ from .common import (
     RESEAL_TABLES,
     RESEAL_UPDATE,
     WATCHED_SQL,
+    at_risk_view,
     audit_attempt_rows,
     audit_rows,
     blocker_view,
@@ -952,22 +953,7 @@ class PostgresStore:
                     continue
                 decision = deliveries.decide(delivery, Event.AT_RISK, None, now)
                 await _record_decision(tx, row["id"], decision, now, report_pk=row["report_pk"])
-                flagged.append(
-                    {
-                        k: row[k]
-                        for k in (
-                            "id",
-                            "municipality",
-                            "report_id",
-                            "adapter",
-                            "version",
-                            "status",
-                            "cutoff_at",
-                            "next_attempt_at",
-                            "last_error",
-                        )
-                    }
-                )
+                flagged.append(at_risk_view(row))
             return flagged
 
         return await self._write(op)

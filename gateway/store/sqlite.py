@@ -55,6 +55,7 @@ from .common import (
     RESEAL_TABLES,
     RESEAL_UPDATE,
     WATCHED_SQL,
+    at_risk_view,
     audit_attempt_rows,
     audit_rows,
     blocker_view,
@@ -1247,22 +1248,7 @@ class SQLiteStore:
                     continue
                 decision = deliveries.decide(delivery, Event.AT_RISK, None, now)
                 self._record_decision(conn, row["id"], decision, now, report_pk=row["report_pk"])
-                flagged.append(
-                    {
-                        k: row[k]
-                        for k in (
-                            "id",
-                            "municipality",
-                            "report_id",
-                            "adapter",
-                            "version",
-                            "status",
-                            "cutoff_at",
-                            "next_attempt_at",
-                            "last_error",
-                        )
-                    }
-                )
+                flagged.append(at_risk_view(row))
             return flagged
 
         return await self._write(op)
