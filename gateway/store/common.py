@@ -35,7 +35,9 @@ BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
 WATCHED_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.WATCHED))
 #: stored states a blocked lane shows as ``held`` (the state machine says which)
 WAITING_SQL = ",".join(
-    f"'{s}'" for s in sorted(Status) if deliveries.shown_status(s, True) is Status.HELD
+    f"'{s}'"
+    for s in sorted(Status)
+    if s is not Status.HELD and deliveries.shown_status(s, True) is Status.HELD
 )
 #: per stored state, how many deliveries wait behind an earlier one of their lane (blocked)
 COUNT_SHOWN_SQL = (
