@@ -68,6 +68,34 @@ async def correlation(request: web.Request, handler: Handler) -> web.StreamRespo
         correlation_id.reset(token)
 
 
+access_log = logging.getLogger("gateway.access")
+
+
+@web.middleware
+async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request: method, path (never the query), status, duration."""
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        duration = round((time.monotonic() - started) * 1000, 2)
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "duration_ms": duration,
+        }
+        access_log.info(
+            "%s %s %d %.2f ms", request.method, request.path, status, duration, extra=fields
+        )
+
+
 def problem_response(
     status: int, body: dict[str, object], headers: Mapping[str, str] | None = None
 ) -> web.Response:
@@ -297,7 +325,7 @@ def create_app(
     """
     role = parse_role(role if role is not None else settings.role, "role")
     app = web.Application(
-        middlewares=[correlation, problems], client_max_size=settings.max_body_bytes
+        middlewares=[correlation, access, problems], client_max_size=settings.max_body_bytes
     )
     app[APP_SETTINGS] = settings
     app[APP_METRICS] = Metrics()

@@ -38,6 +38,7 @@ from .channels import Channels
 from .deliveries import Decision, Delivery, Detail, Event, decide
 from .endpoints import BreakerState, Endpoints, Key
 from .errors import ConfigError
+from .logs import delivery_fields
 from .metrics import Metrics
 from .privacy import mask_cpr
 from .settings import Settings
@@ -232,7 +233,8 @@ class Dispatcher:
 
     async def _guarded(self, job: Job) -> None:
         try:
-            await self.deliver(job)
+            with delivery_fields(job.municipality, job.adapter, job.delivery_id):
+                await self.deliver(job)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -438,6 +440,7 @@ class Dispatcher:
         )
         if decision is not None:
             self._counted(job, decision)
+            log.info("delivery %s %s", job.delivery_id, decision.status)
 
     async def _record_failure(
         self, run: _Run, attempt_id: int, message: Message, exc: DeliveryError, started: float
