@@ -33,12 +33,15 @@ from .keys import (
     APP_DISPATCHER,
     APP_ENDPOINTS,
     APP_FILE_RUNNER,
+    APP_METRICS,
     APP_SETTINGS,
     APP_SOURCES,
     APP_STORE,
     APP_WATCH,
 )
 from .logs import correlation_id
+from .metrics import Metrics
+from .metrics import snapshot as metrics_snapshot
 from .payroll_calendar import CutoffCalendar
 from .privacy import keys_for, mask_cpr
 from .settings import Settings, parse_role
@@ -63,6 +66,34 @@ async def correlation(request: web.Request, handler: Handler) -> web.StreamRespo
         return response
     finally:
         correlation_id.reset(token)
+
+
+access_log = logging.getLogger("gateway.access")
+
+
+@web.middleware
+async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One line per request: method, path (never the query), status, duration."""
+    started = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        duration = round((time.monotonic() - started) * 1000, 2)
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "duration_ms": duration,
+        }
+        access_log.info(
+            "%s %s %d %.2f ms", request.method, request.path, status, duration, extra=fields
+        )
 
 
 def problem_response(
@@ -219,33 +250,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     metrics_token(request)
-    store = request.app[APP_STORE]
-    counts = await store.count_by_status()
-    lines = [
-        "# HELP payroll_gateway_deliveries Deliveries by state.",
-        "# TYPE payroll_gateway_deliveries gauge",
-    ]
-    lines += [f'payroll_gateway_deliveries{{status="{s}"}} {n}' for s, n in sorted(counts.items())]
-    lines += [
-        "# HELP payroll_gateway_at_risk Undelivered deliveries that will miss their payroll cut-off.",
-        "# TYPE payroll_gateway_at_risk gauge",
-        f"payroll_gateway_at_risk {await store.count_at_risk()}",
-    ]
-    lines += [
-        "# HELP payroll_gateway_endpoint_open 1 when the endpoint's circuit breaker is open or half-open.",
-        "# TYPE payroll_gateway_endpoint_open gauge",
-        "# HELP payroll_gateway_endpoint_paused 1 when an operator paused the endpoint.",
-        "# TYPE payroll_gateway_endpoint_paused gauge",
-    ]
-    for endpoint in request.app[APP_DISPATCHER].endpoints:
-        labels = f'municipality="{endpoint.key[0]}",adapter="{endpoint.key[1]}"'
-        lines.append(
-            f"payroll_gateway_endpoint_open{{{labels}}} {int(endpoint.breaker.state != 'closed')}"
-        )
-        lines.append(
-            f"payroll_gateway_endpoint_paused{{{labels}}} {int(endpoint.paused is not None)}"
-        )
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    app = request.app
+    values = await metrics_snapshot(app[APP_STORE])
+    registry = app[APP_METRICS]
+    sources = app[APP_SOURCES]
+    registry.refresh(values, app[APP_DISPATCHER].endpoints, sources, time.time())
+    body, content_type = registry.exposition(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -314,9 +325,10 @@ def create_app(
     """
     role = parse_role(role if role is not None else settings.role, "role")
     app = web.Application(
-        middlewares=[correlation, problems], client_max_size=settings.max_body_bytes
+        middlewares=[correlation, access, problems], client_max_size=settings.max_body_bytes
     )
     app[APP_SETTINGS] = settings
+    app[APP_METRICS] = Metrics()
     app[APP_AUTH_FAILURES] = AuthFailures(settings.auth_failures_per_minute)
     app.on_response_prepare.append(security_headers)
     app[APP_ADAPTERS] = (
@@ -384,6 +396,7 @@ def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None
             app[APP_SETTINGS],
             channels,
             endpoints=app[APP_ENDPOINTS],
+            metrics=app[APP_METRICS],
         )
         app[APP_DISPATCHER] = dispatcher
         app[APP_FILE_RUNNER] = FileRunner(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS])

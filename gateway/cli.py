@@ -232,7 +232,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    logs.configure()
+    logs.configure(settings.log_level)
     from .app import create_app  # imported here: the adapters load at app creation
 
     try:

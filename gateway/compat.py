@@ -22,6 +22,7 @@ from .errors import FieldError, InvalidReport
 from .intake import (
     MAX_BATCH,
     authenticate,
+    counting_refusals,
     cutoff_finder,
     off_loop,
     read_json,
@@ -158,11 +159,12 @@ def to_new_report(
 @routes.post("/v1/compat/os2indberetning/drive-reports")
 async def post_drive_reports(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    body = await read_json(request, MAX_BATCH)
-    new = await off_loop(
-        to_new_records, tenant, body, cutoff_finder(request, tenant), request.app[APP_ADAPTERS]
-    )
-    return await submit(request, new, "/{}")
+    with counting_refusals(request, tenant):
+        body = await read_json(request, MAX_BATCH)
+        new = await off_loop(
+            to_new_records, tenant, body, cutoff_finder(request, tenant), request.app[APP_ADAPTERS]
+        )
+        return await submit(request, new, "/{}")
 
 
 def to_new_records(

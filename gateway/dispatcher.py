@@ -38,6 +38,8 @@ from .channels import Channels
 from .deliveries import Decision, Delivery, Detail, Event, decide
 from .endpoints import BreakerState, Endpoints, Key
 from .errors import ConfigError
+from .logs import delivery_fields
+from .metrics import Metrics
 from .privacy import mask_cpr
 from .settings import Settings
 from .store import AttemptRecord, Job, LeaseLost, Status, Store
@@ -74,6 +76,7 @@ class Dispatcher:
         channels: Channels,
         clock: Callable[[], float] = time.time,
         endpoints: Endpoints | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.adapters = adapters
@@ -81,6 +84,7 @@ class Dispatcher:
         self.channels = channels
         self.clock = clock
         self.endpoints = endpoints if endpoints is not None else build_endpoints(settings, adapters)
+        self.metrics = metrics if metrics is not None else Metrics()
         self._refreshed_at = 0.0
         self._reclaimed_at = 0.0
         self._rotation = 0
@@ -229,7 +233,8 @@ class Dispatcher:
 
     async def _guarded(self, job: Job) -> None:
         try:
-            await self.deliver(job)
+            with delivery_fields(job.municipality, job.adapter, job.delivery_id):
+                await self.deliver(job)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -274,6 +279,7 @@ class Dispatcher:
                 Detail(error=error),
             )
             await self.store.settle(job.delivery_id, decision.settle(), now, decision.audit)
+            self._counted(job, decision)
             return
         await self._deliver(_Run(job, adapter, report))
 
@@ -377,16 +383,19 @@ class Dispatcher:
         try:
             receipt = await adapter.send(payload, self.channels.get(job.municipality, job.adapter))
         except DeliveryError as exc:
+            self.metrics.observe_attempt(job.adapter, time.monotonic() - started)
             await self._called(
                 run, ok=isinstance(exc, Rejected)
             )  # a refusal is an answer: it is up
             await self._record_failure(run, attempt_id, message, exc, started)
             return False
         except Exception as exc:  # unknown: the request may have left, so never guess "retry"
+            self.metrics.observe_attempt(job.adapter, time.monotonic() - started)
             await self._called(run, ok=False)
             doubt = InDoubt(f"unexpected error while sending: {exc!r}")
             await self._record_failure(run, attempt_id, message, doubt, started)
             return False
+        self.metrics.observe_attempt(job.adapter, time.monotonic() - started)
         await self._called(run, ok=True)
         await self._record_success(run, attempt_id, message, receipt, started, references, last)
         return True
@@ -413,10 +422,10 @@ class Dispatcher:
             vendor_reference=receipt.vendor_reference,
             error=receipt.warning,
         )
-        settle = None
+        decision = None
         if last:
             detail = Detail(vendor_reference=_join(references), warning=receipt.warning)
-            settle = self._decide(run, Event.DELIVERED, detail).settle()
+            decision = self._decide(run, Event.DELIVERED, detail)
         job = run.job
         await self.store.end_attempt(
             attempt_id,
@@ -426,9 +435,12 @@ class Dispatcher:
             job.version,
             record,
             message,
-            settle,
+            decision.settle() if decision is not None else None,
             self.clock(),
         )
+        if decision is not None:
+            self._counted(job, decision)
+            log.info("delivery %s %s", job.delivery_id, decision.status)
 
     async def _record_failure(
         self, run: _Run, attempt_id: int, message: Message, exc: DeliveryError, started: float
@@ -453,6 +465,7 @@ class Dispatcher:
             decision.settle(),
             self.clock(),
         )
+        self._counted(job, decision)
         log.info("delivery %s %s: %s", job.delivery_id, decision.status, record.error)
 
     def _decide(self, run: _Run, event: Event, detail: Detail) -> Decision:
@@ -467,6 +480,11 @@ class Dispatcher:
         await self.store.settle(
             run.job.delivery_id, decision.settle(), self.clock(), decision.audit
         )
+        self._counted(run.job, decision)
+
+    def _counted(self, job: Job, decision: Decision) -> None:
+        """Count a decision once the store has saved it."""
+        self.metrics.count_outcome(job.municipality, job.adapter, str(decision.status))
 
 
 def _facts(job: Job, reads_back: bool) -> Delivery:

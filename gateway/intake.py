@@ -8,7 +8,7 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -18,9 +18,11 @@ from adapters.base import Adapter
 
 from .auth import bearer, refuse
 from .errors import (
+    BadRequest,
     Conflict,
     FieldError,
     Forbidden,
+    GatewayError,
     InvalidReport,
     NotFound,
     PayloadTooLarge,
@@ -28,7 +30,14 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .jsonbody import MAX_RECORDS, TooManyRecords, parse
-from .keys import APP_ADAPTERS, APP_CALENDARS, APP_DISPATCHER, APP_SETTINGS, APP_STORE
+from .keys import (
+    APP_ADAPTERS,
+    APP_CALENDARS,
+    APP_DISPATCHER,
+    APP_METRICS,
+    APP_SETTINGS,
+    APP_STORE,
+)
 from .payroll_calendar import CutoffCalendar
 from .privacy import MASKED_CPR, mask_cpr, mask_strings
 from .settings import Tenant
@@ -207,6 +216,10 @@ async def submit(request: web.Request, new: list[NewReport], pointer: str) -> we
         ) from exc
     if any(r.created for r in results):
         request.app[APP_DISPATCHER].wake()
+    created = sum(r.created for r in results)
+    metrics, municipality = request.app[APP_METRICS], new[0].municipality
+    metrics.count_intake(municipality, "accepted", created)
+    metrics.count_intake(municipality, "duplicate", len(results) - created)
     status = 202 if any(r.created for r in results) else 200
     body = {"reports": [_submitted(r) for r in results]}
     headers = {"Vary": "Prefer"}
@@ -276,19 +289,43 @@ def _submitted(r: Submitted) -> dict[str, Any]:
     }
 
 
+#: the intake metric's result for each refusal (anything else counts as "error")
+REFUSALS: tuple[tuple[type[GatewayError], str], ...] = (
+    (BadRequest, "invalid"),
+    (Conflict, "conflict"),
+    (Forbidden, "forbidden"),
+    (InvalidReport, "invalid"),
+    (PayloadTooLarge, "too_large"),
+    (UnsupportedMediaType, "invalid"),
+    (StoreUnavailable, "unavailable"),
+)
+
+
+@contextlib.contextmanager
+def counting_refusals(request: web.Request, tenant: Tenant) -> Iterator[None]:
+    """Count a refused submission (once per request) by why it was refused, then re-raise."""
+    try:
+        yield
+    except GatewayError as exc:
+        result = next((name for kind, name in REFUSALS if isinstance(exc, kind)), "error")
+        request.app[APP_METRICS].count_intake(tenant.municipality, result)
+        raise
+
+
 @routes.post("/v1/reports")
 async def post_reports(request: web.Request) -> web.Response:
     tenant = authenticate(request)
-    reports, pointer = split_batch(await read_json(request, MAX_BATCH))
-    new = await off_loop(
-        to_new_reports,
-        tenant,
-        reports,
-        pointer,
-        cutoff_finder(request, tenant),
-        request.app[APP_ADAPTERS],
-    )
-    return await submit(request, new, pointer)
+    with counting_refusals(request, tenant):
+        reports, pointer = split_batch(await read_json(request, MAX_BATCH))
+        new = await off_loop(
+            to_new_reports,
+            tenant,
+            reports,
+            pointer,
+            cutoff_finder(request, tenant),
+            request.app[APP_ADAPTERS],
+        )
+        return await submit(request, new, pointer)
 
 
 @routes.get("/v1/reports/{municipality}/{report_id}")

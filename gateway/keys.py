@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .dispatcher import Dispatcher
     from .endpoints import Endpoints
     from .filerun import FileRunner
+    from .metrics import Metrics
     from .payroll_calendar import CutoffCalendar
     from .sources.os2indberetning import Os2Indberetning
     from .watch import AtRiskWatch
@@ -31,3 +32,4 @@ APP_CALENDARS: web.AppKey[Mapping[tuple[str, str], CutoffCalendar]] = web.AppKey
 APP_ENDPOINTS: web.AppKey[Endpoints] = web.AppKey("endpoints")
 APP_SOURCES: web.AppKey[list[Os2Indberetning]] = web.AppKey("sources")
 APP_AUTH_FAILURES: web.AppKey[AuthFailures] = web.AppKey("auth_failures")
+APP_METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

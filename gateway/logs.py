@@ -1,13 +1,52 @@
-"""Logging set-up: one line per event, CPR numbers masked in every record, a correlation id."""
+"""Logging set-up: one JSON object per line, CPR numbers masked, a correlation id in each.
+
+Fields beyond the message come from a fixed list (``FIELDS``), set with ``extra=`` or, for
+everything logged while one delivery is worked on, by :func:`delivery_fields`. Nothing
+else of a record is written: an ``extra`` carrying a secret by mistake is dropped.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import json
 import logging
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from .privacy import mask_cpr
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="-")
+_delivery: contextvars.ContextVar[tuple[tuple[str, Any], ...]] = contextvars.ContextVar(
+    "delivery_fields", default=()
+)
+
+#: the fields a line may carry besides time, level, logger, message and request_id
+FIELDS = (
+    "municipality",
+    "adapter",
+    "delivery_id",
+    "source",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+)
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@contextlib.contextmanager
+def delivery_fields(municipality: str, adapter: str, delivery_id: int) -> Iterator[None]:
+    """Every line logged inside (in this task) names the delivery it is about."""
+    token = _delivery.set(
+        (("municipality", municipality), ("adapter", adapter), ("delivery_id", delivery_id))
+    )
+    try:
+        yield
+    finally:
+        _delivery.reset(token)
 
 
 class MaskingFilter(logging.Filter):
@@ -20,15 +59,46 @@ class MaskingFilter(logging.Filter):
             record.exc_text = mask_cpr(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
         record.correlation_id = correlation_id.get()
+        for name, value in _delivery.get():
+            if not hasattr(record, name):
+                setattr(record, name, value)
         return True
 
 
-def configure(level: str = "INFO") -> None:
-    handler = logging.StreamHandler()
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; string fields are CPR-masked again on the way out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": mask_cpr(record.getMessage()),
+            "request_id": getattr(record, "correlation_id", None) or correlation_id.get(),
+        }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = mask_cpr(value) if isinstance(value, str) else value
+        if record.exc_text:
+            line["exception"] = mask_cpr(record.exc_text)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def parse_level(value: str, where: str = "logging.level") -> str:
+    """A level name (any case) as logging knows it; ValueError names the allowed ones."""
+    level = value.upper() if isinstance(value, str) else ""
+    if level not in LEVELS:
+        raise ValueError(f"{where}: {value!r} is not a log level ({', '.join(LEVELS)})")
+    return level
+
+
+def configure(level: str = "INFO", stream: IO[str] | None = None) -> logging.Handler:
+    """Route every logger to one JSON-lines handler on ``stream`` (stderr by default)."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.addFilter(MaskingFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(correlation_id)s] %(message)s")
-    )
+    handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(parse_level(level))
+    return handler

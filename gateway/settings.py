@@ -22,6 +22,7 @@ from adapters.base import DEFAULT_MAX_REPLY_BYTES, VendorSettings
 
 from .audit import AuditSettings
 from .errors import ConfigError
+from .logs import parse_level
 from .privacy import DataKeys, parse_key, read_key_file
 
 KINDS = ("drive", "vacation")
@@ -174,6 +175,7 @@ class Settings:
     data_keys: DataKeys | None = field(default=None, repr=False)
     audit: AuditSettings = AuditSettings()
     keep_months: int = 13  # [retention]: bodies and CPR numbers kept this long after delivery
+    log_level: str = "INFO"  # [logging] level
 
     def operator_for_token(self, token: str) -> Operator | None:
         """Every operator's hash is compared in constant time; none is skipped by an early match."""
@@ -258,6 +260,7 @@ _ALLOWED_TOP = {
     "privacy",
     "audit",
     "retention",
+    "logging",
 }
 _RETRY_KEYS = {
     "first_delay_seconds": "first_delay",
@@ -376,7 +379,16 @@ class _Reader:
             data_keys=self.privacy(_table(raw, "privacy", "")),
             audit=self.audit(_table(raw, "audit", "")),
             keep_months=self.retention(_table(raw, "retention", "")),
+            log_level=self.logging(_table(raw, "logging", "")),
         )
+
+    def logging(self, raw: dict[str, Any]) -> str:
+        """``[logging]``: ``level`` (DEBUG, INFO, WARNING, ERROR or CRITICAL; INFO by default)."""
+        _no_unknown(raw, {"level"}, "logging")
+        try:
+            return parse_level(_get(raw, "level", str, "logging", "INFO"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
     def privacy(self, raw: dict[str, Any]) -> DataKeys | None:
         """``[privacy]``: the current data key (``data_key_file`` or ``data_key_env``) and the

@@ -192,7 +192,7 @@ async def test_cutoff_at_risk_is_flagged_counted_and_alerted(
     _, rows = await gw.ops("GET", "deliveries?at_risk=true")
     assert rows["count"] == 1 and rows["deliveries"][0]["at_risk"] is True
     metrics = await (await gw.client.get("/metrics")).text()
-    assert "payroll_gateway_at_risk 1" in metrics
+    assert "payroll_gateway_at_risk 1.0" in metrics
     assert await gw.app[APP_WATCH].check() == []  # flagged once, alerted once
 
 

@@ -202,6 +202,8 @@ class Os2Indberetning:
         self.client = Os2Client(source)
         self.failures = 0  # failed pulls in a row
         self.pulls = 0  # pulls that worked
+        self.started_at = clock()
+        self.last_pulled_at: float | None = None  # when a pull last worked (metrics: lag)
 
     @property
     def municipality(self) -> str:
@@ -238,6 +240,7 @@ class Os2Indberetning:
             )
         self.failures = 0
         self.pulls += 1
+        self.last_pulled_at = self.clock()
         return summary
 
     async def pull_once(self) -> PullSummary:

@@ -21,7 +21,7 @@ from .. import deliveries
 from ..audit import event_hmac, legacy_broken, row_hmac, seal
 from ..deliveries import Decision, Delivery
 from ..privacy import DataKeys
-from . import BLOCKING, Job, NewReport, Settle, Status
+from . import BLOCKING, FINAL, Job, NewReport, Settle, Status
 
 
 class Row(Protocol):
@@ -33,6 +33,24 @@ class Row(Protocol):
 
 BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
 WATCHED_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.WATCHED))
+#: stored states a blocked lane shows as ``held`` (the state machine says which)
+WAITING_SQL = ",".join(
+    f"'{s}'"
+    for s in sorted(Status)
+    if s is not Status.HELD and deliveries.shown_status(s, True) is Status.HELD
+)
+#: per stored state, how many deliveries wait behind an earlier one of their lane (blocked)
+COUNT_SHOWN_SQL = (
+    f"SELECT d.status, CASE WHEN d.status IN ({WAITING_SQL}) AND EXISTS (SELECT 1 FROM deliveries e"
+    "   WHERE e.municipality = d.municipality AND e.adapter = d.adapter"
+    f"  AND e.employee_key = d.employee_key AND e.id < d.id AND e.status IN ({BLOCKING_SQL}))"
+    " THEN 1 ELSE 0 END AS blocked, COUNT(*) AS n FROM deliveries d GROUP BY 1, 2"
+)
+OLDEST_UNFINISHED_SQL = (
+    "SELECT MIN(created_at) FROM deliveries WHERE status NOT IN ("
+    + ",".join(f"'{s}'" for s in sorted(FINAL))
+    + ")"
+)
 CONFLICT_ERRORS = (
     (
         "/Id",
@@ -252,6 +270,15 @@ def blocker_view(row: Row | None) -> dict[str, Any] | None:
 def waits_in_lane(row: Row) -> bool:
     """Whether a delivery in this state may be held by an earlier one of its lane."""
     return deliveries.shown_status(Status(row["status"]), True) is Status.HELD
+
+
+def shown_counts(rows: Iterable[Row]) -> dict[str, int]:
+    """Rows of :data:`COUNT_SHOWN_SQL` as counts by the state shown (``held`` included)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        status = str(deliveries.shown_status(Status(row["status"]), bool(row["blocked"])))
+        counts[status] = counts.get(status, 0) + int(row["n"])
+    return counts
 
 
 def shown(row: Row, blocker: dict[str, Any] | None) -> str:

@@ -47,7 +47,9 @@ from .common import (
     BLOCKING_SQL,
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
+    COUNT_SHOWN_SQL,
     CPRS_INSERT,
+    OLDEST_UNFINISHED_SQL,
     OPEN_BREAKER,
     PENDING_OUTCOMES,
     PURGE_BATCH,
@@ -84,6 +86,7 @@ from .common import (
     sealed_run_data,
     sealed_run_deliveries,
     settled,
+    shown_counts,
     version_view,
     waits_in_lane,
 )
@@ -451,6 +454,13 @@ class PostgresStore:
             lambda tx: tx.fetch("SELECT status, COUNT(*) FROM deliveries GROUP BY status")
         )
         return {r[0]: r[1] for r in rows}
+
+    async def count_by_shown_status(self) -> dict[str, int]:
+        return shown_counts(await self._read(lambda tx: tx.fetch(COUNT_SHOWN_SQL)))
+
+    async def oldest_unfinished_at(self) -> float | None:
+        value = await self._read(lambda tx: tx.fetchval(OLDEST_UNFINISHED_SQL))
+        return None if value is None else float(value)
 
     async def deliveries_of(self, version_pks: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
         """The deliveries of these report versions (as intake answered them), by version."""

@@ -46,7 +46,9 @@ from .common import (
     BLOCKING_SQL,
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
+    COUNT_SHOWN_SQL,
     CPRS_INSERT,
+    OLDEST_UNFINISHED_SQL,
     OPEN_BREAKER,
     PENDING_OUTCOMES,
     PURGE_BATCH,
@@ -83,6 +85,7 @@ from .common import (
     sealed_run_data,
     sealed_run_deliveries,
     settled,
+    shown_counts,
     version_view,
     waits_in_lane,
 )
@@ -666,6 +669,13 @@ class SQLiteStore:
             ).fetchall()
         )
         return {r[0]: r[1] for r in rows}
+
+    async def count_by_shown_status(self) -> dict[str, int]:
+        return shown_counts(await self._read(lambda c: c.execute(COUNT_SHOWN_SQL).fetchall()))
+
+    async def oldest_unfinished_at(self) -> float | None:
+        value = await self._read(lambda c: c.execute(OLDEST_UNFINISHED_SQL).fetchone()[0])
+        return None if value is None else float(value)
 
     async def deliveries_of(self, version_pks: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
         """The deliveries of these report versions (as intake answered them), by version."""
