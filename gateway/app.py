@@ -19,7 +19,8 @@ from adapters.base import Adapter
 from adapters.registry import load_adapters
 from adapters.resources import schema_text
 
-from . import compat, intake, ops, retention
+from . import compat, intake, ops, ops_alerts, retention
+from .alerts import Alerts
 from .audit import Anchor, anchor_path, load_key
 from .auth import AuthFailures, metrics_token
 from .channels import Channels
@@ -28,6 +29,7 @@ from .errors import ConfigError, GatewayError
 from .filerun import FileRunner
 from .keys import (
     APP_ADAPTERS,
+    APP_ALERTS,
     APP_AUTH_FAILURES,
     APP_CALENDARS,
     APP_DISPATCHER,
@@ -354,6 +356,7 @@ def create_app(
         app.add_routes(intake.routes)
         app.add_routes(compat.routes)
         app.add_routes(ops.routes)
+        app.add_routes(ops_alerts.routes)
         app.add_routes([web.get("/openapi.json", openapi)])
     app.add_routes(
         [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]
@@ -401,9 +404,20 @@ def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None
         app[APP_DISPATCHER] = dispatcher
         app[APP_FILE_RUNNER] = FileRunner(app[APP_STORE], app[APP_ADAPTERS], app[APP_SETTINGS])
         task = asyncio.create_task(dispatcher.run(), name="dispatcher") if run else None
-        app[APP_WATCH] = AtRiskWatch(app[APP_STORE], app[APP_SETTINGS])
+        alerts = app[APP_ALERTS] = Alerts(
+            app[APP_STORE],
+            app[APP_SETTINGS],
+            app[APP_ENDPOINTS],
+            sources=lambda: app.get(APP_SOURCES, []),
+        )
+        dispatcher.on_alarm = alerts.nudge
+        app[APP_WATCH] = AtRiskWatch(app[APP_STORE], app[APP_SETTINGS], on_flagged=alerts.nudge)
+        if run and app[APP_SETTINGS].alerts.url and app[APP_SETTINGS].alerts.secret is None:
+            log.warning("alerts.url is set without secret_file or secret_env: alerts go unsigned")
         side = (
             [
+                asyncio.create_task(alerts.run(), name="alerts"),
+                asyncio.create_task(alerts.run_sender(), name="alert-sender"),
                 asyncio.create_task(app[APP_FILE_RUNNER].run(), name="file-runs"),
                 asyncio.create_task(app[APP_WATCH].run(), name="at-risk-watch"),
                 asyncio.create_task(
@@ -428,6 +442,7 @@ def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None
                 pass
             except Exception:
                 log.exception("the dispatcher stopped with an error")
+        await alerts.aclose()
         await channels.aclose()
 
     return ctx

@@ -95,6 +95,7 @@ class Dispatcher:
         # IND01 is written by file runs, not by per-message sends
         self._sendable = tuple(n for n, a in adapters.items() if not a.file_based)
         self._readback = tuple(n for n in self._sendable if adapters[n].reads_back)
+        self.on_alarm: Callable[[], None] | None = None  # a failure, a doubt, a breaker opening
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -254,6 +255,8 @@ class Dispatcher:
             "endpoint.breaker_open" if change is BreakerState.OPEN else "endpoint.breaker_closed"
         )
         log.warning("%s/%s: circuit breaker %s", key[0], key[1], change)
+        if change is BreakerState.OPEN:
+            self._alarm()
         with contextlib.suppress(Exception):
             await self.store.record_event(event, {"municipality": key[0], "adapter": key[1]}, now)
         endpoint = self.endpoints.get(key)
@@ -485,6 +488,12 @@ class Dispatcher:
     def _counted(self, job: Job, decision: Decision) -> None:
         """Count a decision once the store has saved it."""
         self.metrics.count_outcome(job.municipality, job.adapter, str(decision.status))
+        if decision.status in (Status.FAILED, Status.IN_DOUBT):
+            self._alarm()
+
+    def _alarm(self) -> None:
+        if self.on_alarm is not None:
+            self.on_alarm()
 
 
 def _facts(job: Job, reads_back: bool) -> Delivery:

@@ -13,6 +13,7 @@ from .settings import Settings
 from .store import Store
 
 if TYPE_CHECKING:
+    from .alerts import Alerts
     from .auth import AuthFailures
     from .dispatcher import Dispatcher
     from .endpoints import Endpoints
@@ -33,3 +34,4 @@ APP_ENDPOINTS: web.AppKey[Endpoints] = web.AppKey("endpoints")
 APP_SOURCES: web.AppKey[list[Os2Indberetning]] = web.AppKey("sources")
 APP_AUTH_FAILURES: web.AppKey[AuthFailures] = web.AppKey("auth_failures")
 APP_METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+APP_ALERTS: web.AppKey[Alerts] = web.AppKey("alerts")

@@ -33,6 +33,9 @@ FIELDS = (
     "path",
     "status",
     "duration_ms",
+    "alert",
+    "cause",
+    "channel",
 )
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

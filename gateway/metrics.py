@@ -7,14 +7,16 @@ generated: prometheus-client collectors are synchronous and must not block the l
 
 from __future__ import annotations
 
+from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as openmetrics
 
+from .alerts import KINDS as ALERT_KINDS
 from .endpoints import Endpoint
 from .store import Status, Store
 
@@ -43,6 +45,7 @@ class Snapshot:
     by_state: Mapping[str, int]
     at_risk: int
     oldest_unfinished_at: float | None
+    alerts_open: Mapping[str, int] = field(default_factory=dict)  # by kind (gateway.alerts)
 
 
 class Metrics:
@@ -110,6 +113,13 @@ class Metrics:
             registry=r,
         )
 
+        self.alerts_open = Gauge(
+            "payroll_gateway_alerts_open",
+            "Open alerts (gateway/alerts.py), by the kind of their cause.",
+            ["cause"],
+            registry=r,
+        )
+
     def count_intake(self, municipality: str, result: str, n: int = 1) -> None:
         if n:
             self.intake.labels(municipality, result).inc(n)
@@ -139,6 +149,8 @@ class Metrics:
         for endpoint in endpoints:
             self.breaker_open.labels(*endpoint.key).set(int(endpoint.breaker.state != "closed"))
             self.paused.labels(*endpoint.key).set(int(endpoint.paused is not None))
+        for kind in ALERT_KINDS:  # every kind, 0 included: no absent() guards
+            self.alerts_open.labels(kind).set(snapshot.alerts_open.get(kind, 0))
         self.source_lag.clear()
         self.source_failures.clear()
         for source in sources:
@@ -163,4 +175,5 @@ async def snapshot(store: Store) -> Snapshot:
         by_state=await store.count_by_shown_status(),
         at_risk=await store.count_at_risk(),
         oldest_unfinished_at=await store.oldest_unfinished_at(),
+        alerts_open=Tally(a["kind"] for a in await store.open_alerts()),
     )

@@ -145,6 +145,43 @@ class SimulatorSettings:
     records_file: Path | None = None  # the records a source simulator starts with
 
 
+#: how alert notifications are retried unless ``[alerts.retry]`` says otherwise
+ALERT_RETRY = RetryPolicy(
+    first_delay=10.0, multiplier=2.0, cap=900.0, jitter=2.0, max_attempts=100, max_age=24 * 3600.0
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    """``[alerts.smtp]``: alerts also go out by e-mail."""
+
+    host: str
+    port: int = 25
+    sender: str = ""  # the config's ``from``
+    to: tuple[str, ...] = ()
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """``[alerts]``: where alert notifications go, how they are signed and retried."""
+
+    url: str | None = None  # a JSON POST per notification
+    secret: str | None = field(default=None, repr=False)  # HMAC key of the signature header
+    no_progress_minutes: float = 60.0
+    retry: RetryPolicy = ALERT_RETRY
+    smtp: SmtpSettings | None = None
+    timeout: float = 10.0  # one POST (or SMTP session)
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels a notification goes out on: ``webhook`` and/or ``email``."""
+        return (("webhook",) if self.url else ()) + (("email",) if self.smtp else ())
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen_host: str = "127.0.0.1"
@@ -161,7 +198,7 @@ class Settings:
     tenants: Mapping[str, Tenant] = field(default_factory=dict)
     simulators: tuple[SimulatorSettings, ...] = ()
     operators: Mapping[str, Operator] = field(default_factory=dict)
-    alert_url: str | None = None  # receives a JSON POST when a delivery becomes at_risk
+    alerts: AlertSettings = AlertSettings()
     at_risk_check_seconds: float = 30.0
     at_risk_margin_seconds: float = 24 * 3600.0  # waiting for an operator this close to cut-off
     role: str = "all"  # intake | dispatch | all (DESIGN.md §5, serve --role)
@@ -176,6 +213,11 @@ class Settings:
     audit: AuditSettings = AuditSettings()
     keep_months: int = 13  # [retention]: bodies and CPR numbers kept this long after delivery
     log_level: str = "INFO"  # [logging] level
+
+    @property
+    def alert_url(self) -> str | None:
+        """``[alerts] url`` (kept for callers from before the alert subsystem)."""
+        return self.alerts.url
 
     def operator_for_token(self, token: str) -> Operator | None:
         """Every operator's hash is compared in constant time; none is skipped by an early match."""
@@ -294,6 +336,17 @@ _VENDOR_KEYS = {
     "total_timeout_seconds",
 }
 _BREAKER_KEYS = {"window_seconds", "min_calls", "failure_rate", "open_seconds"}
+_ALERT_KEYS = {
+    "url",
+    "secret_file",
+    "secret_env",
+    "no_progress_minutes",
+    "timeout_seconds",
+    "retry",
+    "smtp",
+}
+_SMTP_KEYS = {"host", "port", "from", "to", "starttls", "username", "password_env"}
+_MAILBOX = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 
 
 class _Reader:
@@ -368,7 +421,7 @@ class _Reader:
             tenants=MappingProxyType(tenants),
             simulators=self.simulators(_table(raw, "simulators", "")),
             operators=MappingProxyType(self.operators(_table(raw, "operators", ""))),
-            alert_url=self.alerts(_table(raw, "alerts", "")),
+            alerts=self.alerts(_table(raw, "alerts", "")),
             role=parse_role(_get(server, "role", str, "server", "all"), "server.role"),
             tls_cert_file=cert,
             tls_key_file=key,
@@ -493,12 +546,67 @@ class _Reader:
             )
         return frozenset(listed)
 
-    def alerts(self, raw: dict[str, Any]) -> str | None:
-        _no_unknown(raw, {"url"}, "alerts")
+    def alerts(self, raw: dict[str, Any]) -> AlertSettings:
+        """``[alerts]``: url, secret_file/secret_env, no_progress_minutes, timeout_seconds,
+        ``[alerts.retry]`` (the keys of ``[retry]``) and ``[alerts.smtp]``."""
+        if "secret" in raw:
+            raise ConfigError(
+                "alerts.secret: secrets are not accepted inline; use secret_file or secret_env"
+            )
+        _no_unknown(raw, _ALERT_KEYS, "alerts")
         url: str | None = _get(raw, "url", str, "alerts", None)
-        if url is not None and not url.startswith(("http://", "https://")):
+        if url is not None and not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", url):
             raise ConfigError(f"alerts.url: expected an http(s) URL, got {url!r}")
-        return url
+        if "secret_file" in raw and "secret_env" in raw:
+            raise ConfigError("alerts.secret_env: give either secret_file or secret_env, not both")
+        secret = self.secret(raw, "alerts", "secret")
+        if secret is not None and len(secret) < 16:
+            given = "secret_file" if "secret_file" in raw else "secret_env"
+            raise ConfigError(f"alerts.{given}: the secret must be at least 16 characters")
+        smtp = self.smtp(_table(raw, "smtp", "alerts")) if "smtp" in raw else None
+        return AlertSettings(
+            url=url,
+            secret=secret,
+            no_progress_minutes=float(
+                _positive(raw, "no_progress_minutes", (int, float), "alerts", 60)
+            ),
+            retry=self.retry(_table(raw, "retry", "alerts"), "alerts.retry", ALERT_RETRY),
+            smtp=smtp,
+            timeout=float(_positive(raw, "timeout_seconds", (int, float), "alerts", 10)),
+        )
+
+    def smtp(self, raw: dict[str, Any]) -> SmtpSettings:
+        where = "alerts.smtp"
+        if "password" in raw:
+            raise ConfigError(
+                f"{where}.password: secrets are not accepted inline; use password_env"
+            )
+        _no_unknown(raw, _SMTP_KEYS, where)
+        host = _get(raw, "host", str, where, "")
+        if not host:
+            raise ConfigError(f"{where}.host: required, the SMTP server's host name")
+        port = _positive(raw, "port", int, where, 25)
+        if not 0 < port <= 65535:
+            raise ConfigError(f"{where}.port: expected 1-65535, got {port!r}")
+        sender = _get(raw, "from", str, where, "")
+        if not _MAILBOX.fullmatch(sender):
+            raise ConfigError(f"{where}.from: expected an e-mail address, got {sender!r}")
+        to = _get(raw, "to", list, where, [])
+        if not to or not all(isinstance(a, str) and _MAILBOX.fullmatch(a) for a in to):
+            raise ConfigError(f"{where}.to: required, a list of e-mail addresses; got {to!r}")
+        username = _get(raw, "username", str, where, None)
+        password = self.secret(raw, where)
+        if (username is None) != (password is None):
+            raise ConfigError(f"{where}.username: give both username and password_env (or neither)")
+        return SmtpSettings(
+            host=host,
+            port=port,
+            sender=sender,
+            to=tuple(to),
+            starttls=_get(raw, "starttls", bool, where, False),
+            username=username,
+            password=password,
+        )
 
     def path(self, value: str) -> Path:
         """Relative paths in the file are relative to the file's folder, never to the cwd."""

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.keys import APP_WATCH
-from gateway.settings import BreakerPolicy, Settings
+from gateway.settings import AlertSettings, BreakerPolicy, Settings
 from gateway.simulators.sd import STATE as SD_STATE
 from tests.conftest import KEY_746, Gateway, drive, tenant
 
@@ -180,13 +180,20 @@ async def test_cutoff_at_risk_is_flagged_counted_and_alerted(
         settings,
         cutoff={"rule": "business day 5 at 12:00", "dates": [cutoff.strftime("%Y-%m-%dT%H:%M")]},
     )
-    gw = await make_gateway(replace(cfg, alert_url=str(alert_server.make_url("/alert"))))
+    gw = await make_gateway(
+        replace(cfg, alerts=AlertSettings(url=str(alert_server.make_url("/alert"))))
+    )
     sd_server.app[SD_STATE].fault = "unavailable"  # Retry-After 120 s: after the cut-off
     await gw.post(drive())
     await gw.wait_for("R-1", {"retry_scheduled"})
     flagged = await gw.app[APP_WATCH].check()
     assert [f["report_id"] for f in flagged] == ["R-1"]
-    assert received and received[0]["event"] == "deliveries.at_risk"
+    for _ in range(250):  # the watch nudges the alerts, whose sender posts at once
+        if received:
+            break
+        await asyncio.sleep(0.02)
+    assert received and received[0]["event"] == "alert.opened"
+    assert received[0]["cause"] == "deliveries.at_risk:746/sd-koersel"
     assert received[0]["deliveries"][0]["report_id"] == "R-1"
     assert "0101901234" not in str(received)
     _, rows = await gw.ops("GET", "deliveries?at_risk=true")
@@ -194,6 +201,8 @@ async def test_cutoff_at_risk_is_flagged_counted_and_alerted(
     metrics = await (await gw.client.get("/metrics")).text()
     assert "payroll_gateway_at_risk 1.0" in metrics
     assert await gw.app[APP_WATCH].check() == []  # flagged once, alerted once
+    await asyncio.sleep(0.2)
+    assert len(received) == 1
 
 
 async def test_replay_and_cancel_need_a_reason_and_are_audited(

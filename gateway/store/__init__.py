@@ -16,6 +16,7 @@ from adapters.base import DeliveredPart, Message
 
 if TYPE_CHECKING:
     from ..privacy import DataKeys
+    from .alerting import AlertPlan, SendOutcome
 
 
 class Status(enum.StrEnum):
@@ -276,6 +277,17 @@ class Store(Protocol):
     # personal data: seal values stored in clear (done at open), or (``rotate``) re-seal every
     # value under the current data key; the rows changed per table (idempotent)
     async def reseal(self, rotate: bool) -> dict[str, int]: ...
+    # alerts (gateway.alerts): the facts the causes are computed from, then what was decided
+    async def alert_facts(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...
+    async def open_alerts(self) -> list[dict[str, Any]]: ...
+    async def apply_alerts(self, plan: AlertPlan, now: float) -> dict[str, list[str]]: ...
+    async def claim_alert_notifications(
+        self, now: float, owner: str, lease_seconds: float, limit: int
+    ) -> list[dict[str, Any]]: ...
+    async def finish_alert_notification(
+        self, notification_id: int, owner: str, outcome: SendOutcome, now: float
+    ) -> bool: ...
+    async def list_alerts(self, open_only: bool, limit: int = 200) -> list[dict[str, Any]]: ...
 
 
 def open_store(

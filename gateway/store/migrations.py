@@ -205,6 +205,39 @@ INSERT INTO audit_rechain (pending) VALUES (1);
 ALTER TABLE report_versions ADD COLUMN purged_at DOUBLE PRECISION;
 """,
     ),
+    (
+        10,
+        "alerts: one open alert per cause, and its notifications, retried like deliveries",
+        """
+CREATE TABLE alerts (
+    id              INTEGER PRIMARY KEY,
+    uid             TEXT NOT NULL UNIQUE,
+    cause           TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    opened_at       DOUBLE PRECISION NOT NULL,
+    updated_at      DOUBLE PRECISION NOT NULL,
+    resolved_at     DOUBLE PRECISION
+);
+CREATE UNIQUE INDEX alerts_one_open ON alerts (cause) WHERE resolved_at IS NULL;
+CREATE TABLE alert_notifications (
+    id              INTEGER PRIMARY KEY,
+    alert_id        INTEGER NOT NULL REFERENCES alerts(id),
+    notice          TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    created_at      DOUBLE PRECISION NOT NULL,
+    next_attempt_at DOUBLE PRECISION NOT NULL,
+    lease_owner     TEXT,
+    lease_until     DOUBLE PRECISION,
+    last_error      TEXT,
+    finished_at     DOUBLE PRECISION,
+    UNIQUE (alert_id, notice, channel)
+);
+CREATE INDEX alert_notifications_due ON alert_notifications (state, next_attempt_at);
+""",
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -40,6 +40,27 @@ from . import (
     StoreError,
     Submitted,
 )
+from .alerting import (
+    CLAIM_POSTGRES,
+    CLAIMED,
+    FACT_GROUPS,
+    FACT_SAMPLES,
+    FINISH_NOTIFICATION,
+    INSERT_ALERT,
+    INSERT_NOTIFICATION,
+    LIST_ALERTS,
+    NOTIFICATIONS_OF,
+    OPEN_ALERTS,
+    RESOLVE_ALERT,
+    UPDATE_ALERT,
+    AlertPlan,
+    SendOutcome,
+    alert_view,
+    claimed_view,
+    opened_event,
+    payload_json,
+    with_notifications,
+)
 from .common import (
     ATTEMPT_ROW,
     AUDIT_HEAD,
@@ -1031,8 +1052,112 @@ class PostgresStore:
 
         await self._write(op)
 
+    # -- alerts (gateway.alerts decides; the store saves) -------------------------------------
+
+    async def alert_facts(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Deliveries counted per endpoint, state, flag; and the newest ones that need someone."""
+
+        async def read(tx: _Tx) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            groups = [dict(r) for r in await tx.fetch(FACT_GROUPS)]
+            return groups, [dict(r) for r in await tx.fetch(FACT_SAMPLES)]
+
+        return await self._read(read)
+
+    async def open_alerts(self) -> list[dict[str, Any]]:
+        return [alert_view(r) for r in await self._read(lambda tx: tx.fetch(OPEN_ALERTS))]
+
+    async def apply_alerts(self, plan: AlertPlan, now: float) -> dict[str, list[str]]:
+        """Open, refresh and resolve alerts, queue their notifications, audit it: one commit.
+
+        An alert another process opened or resolved first is left as that process left it
+        (the partial unique index keeps one open alert per cause).
+        """
+
+        async def op(tx: _Tx) -> dict[str, list[str]]:
+            done: dict[str, list[str]] = {"opened": [], "resolved": []}
+            for new in plan.opened:
+                row = await tx.fetchrow(
+                    INSERT_ALERT, new.uid, new.cause, new.kind, payload_json(new.payload), now, now
+                )
+                if row is not None:
+                    done["opened"].append(new.uid)
+                    await _notify(tx, row[0], "opened", plan.channels, now)
+                    tx.audit(now, "alert.opened", opened_event(new))
+            for alert_id, payload in plan.updated:
+                await tx.execute(UPDATE_ALERT, payload_json(payload), now, alert_id)
+            for alert_id in plan.resolved:
+                row = await tx.fetchrow(RESOLVE_ALERT, now, now, alert_id)
+                if row is not None:
+                    done["resolved"].append(row["uid"])
+                    if plan.notify_resolved:
+                        await _notify(tx, alert_id, "resolved", plan.channels, now)
+                    detail = {"alert": row["uid"], "cause": row["cause"], "kind": row["kind"]}
+                    tx.audit(now, "alert.resolved", detail)
+            return done
+
+        return await self._write(op)
+
+    async def claim_alert_notifications(
+        self, now: float, owner: str, lease_seconds: float, limit: int
+    ) -> list[dict[str, Any]]:
+        """Due notifications, leased to ``owner``; rows another process is claiming are skipped."""
+
+        async def op(tx: _Tx) -> list[dict[str, Any]]:
+            rows = await tx.fetch(CLAIM_POSTGRES, owner, now + lease_seconds, now, now, limit)
+            ids = [r[0] for r in rows]
+            if not ids:
+                return []
+            sql = CLAIMED.format(ids=",".join("?" * len(ids)))
+            return [claimed_view(r) for r in await tx.fetch(sql, owner, *ids)]
+
+        return await self._write(op, audited=False)
+
+    async def finish_alert_notification(
+        self, notification_id: int, owner: str, outcome: SendOutcome, now: float
+    ) -> bool:
+        """Record one send attempt (audited); False when ``owner`` had lost the lease."""
+
+        async def op(tx: _Tx) -> bool:
+            finished = now if outcome.state != "pending" else None
+            changed = await tx.execute(
+                FINISH_NOTIFICATION,
+                outcome.state,
+                outcome.next_attempt_at,
+                outcome.error,
+                finished,
+                notification_id,
+                owner,
+            )
+            if changed:
+                tx.audit(now, outcome.event, dict(outcome.detail))
+            return bool(changed)
+
+        return await self._write(op)
+
+    async def list_alerts(self, open_only: bool, limit: int = 200) -> list[dict[str, Any]]:
+        """Alerts, newest first, each with its notifications."""
+        where = "WHERE resolved_at IS NULL" if open_only else ""
+
+        async def read(tx: _Tx) -> list[dict[str, Any]]:
+            alerts = [alert_view(r) for r in await tx.fetch(LIST_ALERTS.format(where=where), limit)]
+            ids = [a["id"] for a in alerts]
+            rows = (
+                await tx.fetch(NOTIFICATIONS_OF.format(ids=",".join("?" * len(ids))), *ids)
+                if ids
+                else []
+            )
+            return with_notifications(alerts, rows)
+
+        return await self._read(read)
+
 
 # -- the pieces of a transaction ------------------------------------------------------------
+
+
+async def _notify(tx: _Tx, alert_id: int, notice: str, channels: Sequence[str], now: float) -> None:
+    await tx.executemany(
+        INSERT_NOTIFICATION, [(alert_id, notice, channel, now, now) for channel in channels]
+    )
 
 
 async def _blocker(tx: _Tx, d: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -39,6 +39,27 @@ from . import (
     StoreError,
     Submitted,
 )
+from .alerting import (
+    CLAIM_SQLITE,
+    CLAIMED,
+    FACT_GROUPS,
+    FACT_SAMPLES,
+    FINISH_NOTIFICATION,
+    INSERT_ALERT,
+    INSERT_NOTIFICATION,
+    LIST_ALERTS,
+    NOTIFICATIONS_OF,
+    OPEN_ALERTS,
+    RESOLVE_ALERT,
+    UPDATE_ALERT,
+    AlertPlan,
+    SendOutcome,
+    alert_view,
+    claimed_view,
+    opened_event,
+    payload_json,
+    with_notifications,
+)
 from .common import (
     ATTEMPT_ROW,
     AUDIT_HEAD,
@@ -1442,6 +1463,114 @@ class SQLiteStore:
         detail = purge_detail(before, versions, cprs, dids, bodies, extra or {})
         self._audit(conn, now, PURGE_EVENT, detail, actor="retention")
         return detail
+
+    # -- alerts (gateway.alerts decides; the store saves) -------------------------------------
+
+    async def alert_facts(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Deliveries counted per endpoint, state, flag; and the newest ones that need someone."""
+
+        def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+            groups = [dict(r) for r in conn.execute(FACT_GROUPS).fetchall()]
+            return groups, [dict(r) for r in conn.execute(FACT_SAMPLES).fetchall()]
+
+        return await self._read(read)
+
+    async def open_alerts(self) -> list[dict[str, Any]]:
+        return [
+            alert_view(r) for r in await self._read(lambda c: c.execute(OPEN_ALERTS).fetchall())
+        ]
+
+    async def apply_alerts(self, plan: AlertPlan, now: float) -> dict[str, list[str]]:
+        """Open, refresh and resolve alerts, queue their notifications, audit it: one commit.
+
+        An alert another process opened or resolved first is left as that process left it.
+        """
+
+        def op(conn: sqlite3.Connection) -> dict[str, list[str]]:
+            done: dict[str, list[str]] = {"opened": [], "resolved": []}
+            for new in plan.opened:
+                row = conn.execute(
+                    INSERT_ALERT,
+                    (new.uid, new.cause, new.kind, payload_json(new.payload), now, now),
+                ).fetchone()
+                if row is not None:
+                    done["opened"].append(new.uid)
+                    self._notify(conn, row[0], "opened", plan.channels, now)
+                    self._audit(conn, now, "alert.opened", opened_event(new))
+            for alert_id, payload in plan.updated:
+                conn.execute(UPDATE_ALERT, (payload_json(payload), now, alert_id))
+            for alert_id in plan.resolved:
+                row = conn.execute(RESOLVE_ALERT, (now, now, alert_id)).fetchone()
+                if row is not None:
+                    done["resolved"].append(row["uid"])
+                    if plan.notify_resolved:
+                        self._notify(conn, alert_id, "resolved", plan.channels, now)
+                    detail = {"alert": row["uid"], "cause": row["cause"], "kind": row["kind"]}
+                    self._audit(conn, now, "alert.resolved", detail)
+            return done
+
+        return await self._write(op)
+
+    def _notify(
+        self,
+        conn: sqlite3.Connection,
+        alert_id: int,
+        notice: str,
+        channels: Sequence[str],
+        now: float,
+    ) -> None:
+        conn.executemany(
+            INSERT_NOTIFICATION, [(alert_id, notice, channel, now, now) for channel in channels]
+        )
+
+    async def claim_alert_notifications(
+        self, now: float, owner: str, lease_seconds: float, limit: int
+    ) -> list[dict[str, Any]]:
+        """Due notifications, leased to ``owner`` (one writer: no two claims overlap)."""
+
+        def op(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            params = (owner, now + lease_seconds, now, now, limit)
+            ids = [r[0] for r in conn.execute(CLAIM_SQLITE, params).fetchall()]
+            if not ids:
+                return []
+            sql = CLAIMED.format(ids=",".join("?" * len(ids)))
+            return [claimed_view(r) for r in conn.execute(sql, (owner, *ids)).fetchall()]
+
+        return await self._write(op)
+
+    async def finish_alert_notification(
+        self, notification_id: int, owner: str, outcome: SendOutcome, now: float
+    ) -> bool:
+        """Record one send attempt (audited); False when ``owner`` had lost the lease."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            finished = now if outcome.state != "pending" else None
+            params = (outcome.state, outcome.next_attempt_at, outcome.error, finished)
+            changed = conn.execute(FINISH_NOTIFICATION, (*params, notification_id, owner)).rowcount
+            if changed:
+                self._audit(conn, now, outcome.event, dict(outcome.detail))
+            return bool(changed)
+
+        return await self._write(op)
+
+    async def list_alerts(self, open_only: bool, limit: int = 200) -> list[dict[str, Any]]:
+        """Alerts, newest first, each with its notifications."""
+        where = "WHERE resolved_at IS NULL" if open_only else ""
+
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            alerts = [
+                alert_view(r)
+                for r in conn.execute(LIST_ALERTS.format(where=where), (limit,)).fetchall()
+            ]
+            ids = [a["id"] for a in alerts]
+            rows = (
+                conn.execute(NOTIFICATIONS_OF.format(ids=",".join("?" * len(ids))), ids).fetchall()
+                if ids
+                else []
+            )
+            return with_notifications(alerts, rows)
+
+        return await self._read(read)
 
 
 __all__ = ["SQLiteStore"]
