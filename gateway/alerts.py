@@ -416,6 +416,11 @@ class Alerts:
         """Something changed (a delivery failed, a breaker opened): evaluate soon."""
         self._nudged.set()
 
+    @property
+    def nudged(self) -> bool:
+        """A nudge is waiting for the evaluation loop."""
+        return self._nudged.is_set()
+
     async def snapshot(self, now: float) -> Snapshot:
         groups, samples = await self.store.alert_facts()
         breakers = {key: "open" for key in await self.store.breakers_open(now)}
