@@ -330,11 +330,11 @@ class Webhook:
 class Email:
     """The notification as an e-mail (stdlib ``smtplib`` in a thread)."""
 
-    def __init__(self, smtp: SmtpSettings, secret: str | None) -> None:
-        self.smtp, self.secret = smtp, secret
+    def __init__(self, smtp: SmtpSettings) -> None:
+        self.smtp = smtp
 
     async def send(self, note: Mapping[str, Any], now: float) -> str | None:
-        message = email_message(self.smtp, note, self.secret, now)
+        message = email_message(self.smtp, note)
         try:
             await asyncio.to_thread(self._send, message)
         except (smtplib.SMTPException, OSError) as exc:
@@ -354,18 +354,15 @@ class Email:
         return None
 
 
-def email_message(
-    smtp: SmtpSettings, note: Mapping[str, Any], secret: str | None, now: float
-) -> EmailMessage:
-    body = notification_body(note)
-    payload = json.loads(body)
+def email_message(smtp: SmtpSettings, note: Mapping[str, Any]) -> EmailMessage:
+    """The notice as a plain-text e-mail: the JSON body, indented (no signature: the mail
+    system's own transport security and sender checks apply)."""
+    payload = json.loads(notification_body(note))
     message = EmailMessage()
     state = "resolved" if note["notice"] == "resolved" else "alert"
     message["Subject"] = f"[payroll-gateway] {state}: {payload.get('summary', payload['cause'])}"
     message["From"], message["To"] = smtp.sender, ", ".join(smtp.to)
     message[ID_HEADER] = notification_id(note)
-    if secret is not None:
-        message[SIGNATURE_HEADER] = sign(secret, body, int(now))
     message.set_content(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return message
 
@@ -375,7 +372,7 @@ def build_channels(alerts: AlertSettings) -> dict[str, Channel]:
     if alerts.url:
         channels["webhook"] = Webhook(alerts.url, alerts.secret, alerts.timeout)
     if alerts.smtp is not None:
-        channels["email"] = Email(alerts.smtp, alerts.secret)
+        channels["email"] = Email(alerts.smtp)
     return channels
 
 

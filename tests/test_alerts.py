@@ -10,9 +10,14 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default as email_policy
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import web
@@ -33,18 +38,31 @@ from gateway.alerts import (
     sign,
     verify,
 )
-from gateway.keys import APP_ALERTS
-from gateway.settings import AlertSettings, RetryPolicy, Settings
+from gateway.errors import ConfigError
+from gateway.keys import APP_ALERTS, APP_WATCH
+from gateway.settings import (
+    AlertSettings,
+    BreakerPolicy,
+    PullSource,
+    RetryPolicy,
+    Settings,
+    SmtpSettings,
+    load,
+)
+from gateway.simulators import SimulatorOptions
+from gateway.simulators import os2indberetning as os2_sim
 from gateway.simulators.sd import STATE as SD_STATE
+from gateway.sources.os2indberetning import Os2Indberetning
 from gateway.store import open_store
 from gateway.store.alerting import AlertOpen, AlertPlan
 from tests.conftest import TEST_KEYS, Gateway, drive
-from tests.test_engine import of
+from tests.test_engine import of, with_endpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "alert-test-secret-0123456789"
 CPR = "0101901234"  # the test report's employee: never in an alert
 T0 = 1_900_000_000.0
+CPH = ZoneInfo("Europe/Copenhagen")
 EP = ("746", "sd-koersel")
 #: 1, 2, 4, 8 … seconds apart, no jitter: the spacing of the retries can be checked exactly
 STEADY = RetryPolicy(
@@ -116,6 +134,12 @@ async def dispatching(gw: Gateway) -> AsyncIterator[None]:
 
 async def events(gw: Gateway, prefix: str = "alert.") -> list[dict[str, Any]]:
     return [e for e in await gw.store.audit_chain() if e["event"].startswith(prefix)]
+
+
+def detail(event: dict[str, Any]) -> Any:
+    """An audit event's detail (the SQLite engine returns it as JSON text)."""
+    value = event["detail"]
+    return json.loads(value) if isinstance(value, str) else value
 
 
 async def until(check: Callable[[], Any], within: float = 5.0) -> None:
@@ -435,3 +459,319 @@ async def test_two_senders_on_two_store_connections_never_send_the_same_notice(
             await sender.aclose()
         for store in stores:
             await store.aclose()
+
+
+async def test_a_notice_nobody_takes_is_given_up_after_the_policy_and_audited(
+    store_url: str, settings: Settings, receiver: Receiver
+) -> None:
+    receiver.fail_first = 100
+    cfg = alerting(settings, receiver, retry=replace(STEADY, max_attempts=2))
+    store = open_store(store_url, keys=TEST_KEYS)
+    await store.open()
+    sender = Alerts(store, cfg, clock=(clock := Clock(time.time())))
+    try:
+        opened = AlertOpen("delivery.failed:746/sd-koersel", "delivery.failed", {}, "g1")
+        await store.apply_alerts(AlertPlan(opened=[opened], channels=("webhook",)), clock.now)
+        assert await sender.send_due() == 1
+        clock.now += 1
+        assert await sender.send_due() == 1
+        clock.now += 3600
+        assert await sender.send_due() == 0 and len(receiver.requests) == 2
+        [alert] = await store.list_alerts(open_only=True)
+        [notice] = alert["notifications"]
+        assert (notice["state"], notice["attempts"], notice["last_error"]) == (
+            "given_up",
+            2,
+            "HTTP 503",
+        )
+        audited = [e for e in await store.audit_chain() if e["event"].startswith("alert.")]
+        assert [e["event"] for e in audited] == [
+            "alert.opened",
+            "alert.retry_scheduled",
+            "alert.given_up",
+        ]
+        assert detail(audited[-1])["error"] == "HTTP 503"
+    finally:
+        await sender.aclose()
+        await store.aclose()
+
+
+# -- every kind of cause, opened by a real scenario -----------------------------------------
+
+
+def with_vendor(settings: Settings, **changes: Any) -> Settings:
+    old = settings.tenants["746"]
+    vendors = {**old.vendors, "sd-koersel": replace(old.vendors["sd-koersel"], **changes)}
+    tenants = {**settings.tenants, "746": replace(old, vendors=MappingProxyType(vendors))}
+    return replace(settings, tenants=tenants)
+
+
+async def open_causes(gw: Gateway) -> set[str]:
+    return {a["cause"] for a in await gw.store.open_alerts()}
+
+
+async def test_a_request_that_times_out_opens_an_in_doubt_alert(
+    make_gateway: Any, settings: Settings, sd_server: TestServer
+) -> None:
+    cfg = alerting(with_vendor(settings, read_timeout=0.3), None)
+    gw = await make_gateway(cfg, run_dispatcher=False)
+    sd_server.app[SD_STATE].fault = "timeout"  # no answer: it may have been registered
+    async with dispatching(gw):
+        await gw.post(drive())
+        await gw.wait_for("R-1", {"in_doubt"})
+    assert gw.app[APP_ALERTS].nudged
+    await gw.app[APP_ALERTS].evaluate()
+    assert await open_causes(gw) == {"delivery.in_doubt:746/sd-koersel"}
+
+
+async def test_an_open_breaker_opens_an_alert_resolved_once_it_closes(
+    make_gateway: Any, settings: Settings, sd_server: TestServer
+) -> None:
+    breaker = BreakerPolicy(window_seconds=60, min_calls=3, failure_rate=0.5, open_seconds=0.3)
+    gw = await make_gateway(alerting(with_endpoint(settings, breaker=breaker), None))
+    alerts: Alerts = gw.app[APP_ALERTS]  # its own loops run: nudged by the dispatcher
+    sd_server.app[SD_STATE].fault = "server"
+    await gw.post({"reports": [of(f"E{i}", f"R-{i}") for i in range(6)]})
+    await until(lambda: has_cause(gw, "breaker.open:746/sd-koersel"), 5)
+    sd_server.app[SD_STATE].fault = None
+    for i in range(6):
+        await gw.wait_for(f"R-{i}", {"delivered"})
+    await alerts.evaluate()
+    assert await open_causes(gw) == set()
+    kinds = [detail(e)["kind"] for e in await events(gw, "alert.resolved")]
+    assert "breaker.open" in kinds
+
+
+async def has_cause(gw: Gateway, key: str) -> bool:
+    return key in await open_causes(gw)
+
+
+async def test_a_paused_endpoint_with_work_opens_an_alert_not_a_no_progress_one(
+    make_gateway: Any, settings: Settings, sd_server: TestServer
+) -> None:
+    gw = await make_gateway(alerting(settings, None, no_progress_minutes=1), run_dispatcher=False)
+    alerts: Alerts = gw.app[APP_ALERTS]
+    alerts.clock = lambda: time.time() + 3600  # long past no_progress_minutes
+    async with dispatching(gw):
+        pause = {"reason": "SD maintenance"}
+        assert (await gw.ops("POST", "endpoints/746/sd-koersel/pause", pause))[0] == 200
+        await alerts.evaluate()
+        assert await open_causes(gw) == set()  # paused, nothing waiting
+        await gw.post(drive())
+        await alerts.evaluate()
+        assert await open_causes(gw) == {"endpoint.paused_with_work:746/sd-koersel"}
+        assert (await gw.ops("POST", "endpoints/746/sd-koersel/resume", pause))[0] == 200
+        await gw.wait_for("R-1", {"delivered"})
+    await alerts.evaluate()
+    assert await open_causes(gw) == set()
+
+
+async def test_work_due_and_nothing_delivered_for_the_configured_time_opens_an_alert(
+    make_gateway: Any, settings: Settings, sd_server: TestServer
+) -> None:
+    gw = await make_gateway(alerting(settings, None, no_progress_minutes=1), run_dispatcher=False)
+    alerts: Alerts = gw.app[APP_ALERTS]
+    sd_server.app[SD_STATE].fault = "unavailable"  # 503, Retry-After 120 s
+    async with dispatching(gw):
+        await gw.post(drive())
+        await gw.wait_for("R-1", {"retry_scheduled"})
+    await alerts.evaluate()
+    assert await open_causes(gw) == set()  # due for less than a minute
+    alerts.clock = lambda: time.time() + 61
+    await alerts.evaluate()
+    assert await open_causes(gw) == {"endpoint.no_progress:746/sd-koersel"}
+    [alert] = await gw.store.open_alerts()
+    assert alert["payload"]["count"] == 1 and "nothing delivered" in alert["payload"]["summary"]
+
+
+async def test_a_failing_pull_source_opens_an_alert_only_its_puller_resolves(
+    make_gateway: Any, settings: Settings, aiohttp_server: Any
+) -> None:
+    key = "os2-alert-test-key-0001"
+    os2 = await aiohttp_server(os2_sim.build_app(SimulatorOptions(api_key=key)))
+    os2.app[os2_sim.STATE].fault = "server"
+    gw = await make_gateway(alerting(settings, None), run_dispatcher=False)
+    source = PullSource("os2indberetning", str(os2.make_url("/api/")), key, interval_seconds=60)
+    puller = Os2Indberetning(settings.tenants["746"], source, gw.store, {}, lambda: None)
+    mine = Alerts(gw.store, gw.app[APP_ALERTS].settings, sources=lambda: [puller])
+    other = Alerts(gw.store, gw.app[APP_ALERTS].settings)  # a process that does not pull it
+    try:
+        for expected in (set(), set(), {"source.failing:746/os2indberetning"}):
+            await puller.pull_safely()
+            await mine.evaluate()
+            assert await open_causes(gw) == expected
+        os2.app[os2_sim.STATE].fault = None
+        assert await puller.pull_safely() is not None and puller.failures == 0
+        assert (await other.evaluate())["resolved"] == []
+        assert len((await mine.evaluate())["resolved"]) == 1
+    finally:
+        await puller.aclose()
+
+
+async def test_deliveries_at_risk_open_an_alert_when_the_watch_flags_them(
+    make_gateway: Any, settings: Settings, sd_server: TestServer
+) -> None:
+    cutoff = (datetime.now(CPH) + timedelta(minutes=2)).replace(second=0, microsecond=0)
+    rule = {"rule": "business day 5 at 12:00", "dates": [cutoff.strftime("%Y-%m-%dT%H:%M")]}
+    gw = await make_gateway(
+        alerting(with_endpoint(settings, cutoff=rule), None), run_dispatcher=False
+    )
+    alerts: Alerts = gw.app[APP_ALERTS]
+    sd_server.app[SD_STATE].fault = "unavailable"  # Retry-After 120 s: after the cut-off
+    async with dispatching(gw):
+        await gw.post(drive())
+        await gw.wait_for("R-1", {"retry_scheduled"})
+    await alerts.evaluate()
+    assert await open_causes(gw) == set()
+    assert len(await gw.app[APP_WATCH].check()) == 1
+    assert alerts.nudged
+    await alerts.evaluate()
+    assert await open_causes(gw) == {"deliveries.at_risk:746/sd-koersel"}
+    [alert] = await gw.store.open_alerts()
+    assert alert["payload"]["deliveries"][0]["report_id"] == "R-1"
+
+
+# -- e-mail -------------------------------------------------------------------------------------
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(message_from_bytes(envelope.content, policy=email_policy))
+        return "250 OK"
+
+
+def smtp_login(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"gw", b"pw-1")
+    return AuthResult(success=ok)
+
+
+async def test_alerts_by_e_mail_are_retried_until_the_smtp_server_takes_them(
+    store_url: str, settings: Settings
+) -> None:
+    from aiosmtpd.controller import Controller
+
+    from bench.reliability import free_port
+
+    port = free_port()
+    smtp = SmtpSettings(
+        "127.0.0.1", port, "gateway@example.dk", ("ops@example.dk",), False, "gw", "pw-1", 2.0
+    )
+    cfg = alerting(settings, None, smtp=smtp)
+    assert "pw-1" not in repr(cfg)
+    store = open_store(store_url, keys=TEST_KEYS)
+    await store.open()
+    sender = Alerts(store, cfg, clock=(clock := Clock(time.time())))
+    mailbox = Mailbox()
+    controller = Controller(
+        mailbox, hostname="127.0.0.1", port=port, authenticator=smtp_login, auth_require_tls=False
+    )
+    try:
+        cause = "delivery.failed:746/sd-koersel"
+        payload = {"summary": "746/sd-koersel: 2 deliveries failed", "municipality": "746"}
+        opened = AlertOpen(cause, "delivery.failed", payload, "m1")
+        await store.apply_alerts(AlertPlan(opened=[opened], channels=("email",)), clock.now)
+        assert await sender.send_due() == 1  # nobody listens yet: retried in 1 s
+        controller.start()
+        clock.now += 1
+        assert await sender.send_due() == 1
+        clock.now += 100
+        assert await sender.send_due() == 0
+        [mail] = mailbox.messages
+        assert mail["Subject"] == "[payroll-gateway] alert: 746/sd-koersel: 2 deliveries failed"
+        assert (mail["From"], mail["To"], mail[ID_HEADER]) == (
+            "gateway@example.dk",
+            "ops@example.dk",
+            "m1-opened",
+        )
+        content = json.loads(mail.get_content())
+        assert content["cause"] == cause and content["event"] == "alert.opened"
+        audited = [e["event"] for e in await store.audit_chain()]
+        assert audited[-2:] == ["alert.retry_scheduled", "alert.sent"]
+    finally:
+        with contextlib.suppress(Exception):
+            controller.stop()
+        await sender.aclose()
+        await store.aclose()
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def config(tmp_path: Path, alerts: str) -> Path:
+    from tests.test_settings import BASE, write
+
+    return write(tmp_path, BASE + alerts)
+
+
+def test_the_url_alone_still_configures_alerts(tmp_path: Path) -> None:
+    cfg = load(config(tmp_path, '[alerts]\nurl = "https://mon.example/hook"\n'), {"SD_PW": "x"})
+    assert cfg.alerts.url == cfg.alert_url == "https://mon.example/hook"
+    assert cfg.alerts.secret is None and cfg.alerts.channels == ("webhook",)
+
+
+def test_the_full_alert_settings_and_secrets_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "alert-secret").write_text("from-a-file-0123456789\n")
+    text = """
+[alerts]
+url = "https://mon.example/hook"
+secret_file = "alert-secret"
+no_progress_minutes = 15
+[alerts.retry]
+first_delay_seconds = 5
+max_attempts = 8
+[alerts.smtp]
+host = "smtp.example.dk"
+port = 587
+from = "gw@example.dk"
+to = ["a@example.dk", "b@example.dk"]
+starttls = true
+username = "gw"
+password_env = "SMTP_PW"
+"""
+    cfg = load(config(tmp_path, text), {"SD_PW": "x", "SMTP_PW": "smtp-secret-value"})
+    a = cfg.alerts
+    assert (a.secret, a.no_progress_minutes, a.retry.first_delay, a.retry.max_attempts) == (
+        "from-a-file-0123456789",
+        15.0,
+        5.0,
+        8,
+    )
+    assert a.smtp is not None and a.smtp.to == ("a@example.dk", "b@example.dk")
+    assert a.smtp.password == "smtp-secret-value" and a.smtp.starttls
+    assert a.channels == ("webhook", "email")
+    assert "from-a-file" not in repr(cfg) and "smtp-secret-value" not in repr(cfg)
+
+
+SMTP = '[alerts.smtp]\nhost = "h"\nfrom = "a@b.dk"\nto = ["c@d.dk"]\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[alerts]\nsecret = "inline"\n', "alerts.secret: secrets are not accepted inline"),
+        ('[alerts]\nurl = "ftp://x"\n', "alerts.url: expected an http(s) URL"),
+        ('[alerts]\nsecret_env = "NOPE"\n', "alerts.secret_env: environment variable NOPE"),
+        ('[alerts]\nsecret_env = "SHORT"\n', "alerts.secret_env: the secret must be at least"),
+        ("[alerts]\nno_progress_minutes = 0\n", "alerts.no_progress_minutes: must be positive"),
+        ("[alerts]\nbogus = 1\n", "alerts.bogus: unknown setting"),
+        ('[alerts.retry]\nmultiplier = "x"\n', "alerts.retry.multiplier: expected"),
+        ("[alerts.smtp]\nport = 25\n", "alerts.smtp.host: required"),
+        (SMTP.replace("a@b.dk", "nope"), "alerts.smtp.from: expected an e-mail address"),
+        (SMTP.replace('to = ["c@d.dk"]', "to = []"), "alerts.smtp.to: required"),
+        (SMTP + 'password = "x"\n', "alerts.smtp.password: secrets are not accepted inline"),
+        (SMTP + 'username = "u"\n', "alerts.smtp.username: give both"),
+        (SMTP + "port = 70000\n", "alerts.smtp.port: expected 1-65535"),
+    ],
+)
+def test_alert_settings_errors_are_one_line_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(config(tmp_path, text), {"SD_PW": "x", "SHORT": "abc"})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert "inline" not in str(err.value).split(":", 1)[0]
