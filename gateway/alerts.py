@@ -52,6 +52,7 @@ KINDS = (
 SAMPLE_IDS = 5  # delivery ids named in one alert (never a CPR: ids and report ids only)
 SOURCE_FAILURES = 3  # failed pulls in a row before a source is "failing"
 SEND_POLL_SECONDS = 1.0
+EVALUATION_GAP_SECONDS = 2.0  # at most one evaluation this often, however often nudged
 SEND_BATCH = 20
 LEASE_MARGIN_SECONDS = 30.0
 _WAITING = (Status.QUEUED, Status.IN_FLIGHT, Status.RETRY_SCHEDULED)
@@ -490,12 +491,15 @@ class Alerts:
     async def run(self) -> None:
         """Evaluate now, then every ``at_risk_check_seconds`` or when nudged."""
         while True:
+            started = time.monotonic()
             try:
                 await self.evaluate()
             except Exception:
                 log.exception("evaluating alerts failed; trying again at the next interval")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudged.wait(), self.settings.at_risk_check_seconds)
+            # a burst of failures is one evaluation, not one per delivery
+            await asyncio.sleep(max(0.0, EVALUATION_GAP_SECONDS - (time.monotonic() - started)))
             self._nudged.clear()
 
     async def run_sender(self) -> None:

@@ -532,7 +532,7 @@ async def test_an_open_breaker_opens_an_alert_resolved_once_it_closes(
     alerts: Alerts = gw.app[APP_ALERTS]  # its own loops run: nudged by the dispatcher
     sd_server.app[SD_STATE].fault = "server"
     await gw.post({"reports": [of(f"E{i}", f"R-{i}") for i in range(6)]})
-    await until(lambda: has_cause(gw, "breaker.open:746/sd-koersel"), 5)
+    await until(lambda: has_cause(gw, "breaker.open:746/sd-koersel"), 10)
     sd_server.app[SD_STATE].fault = None
     for i in range(6):
         await gw.wait_for(f"R-{i}", {"delivered"})

@@ -188,7 +188,7 @@ async def test_cutoff_at_risk_is_flagged_counted_and_alerted(
     await gw.wait_for("R-1", {"retry_scheduled"})
     flagged = await gw.app[APP_WATCH].check()
     assert [f["report_id"] for f in flagged] == ["R-1"]
-    for _ in range(250):  # the watch nudges the alerts, whose sender posts at once
+    for _ in range(500):  # the watch nudges the alerts (at most one evaluation per 2 s)
         if received:
             break
         await asyncio.sleep(0.02)
