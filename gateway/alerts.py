@@ -117,22 +117,22 @@ def causes(s: Snapshot) -> dict[str, Cause]:
 def _endpoint_causes(key: Key, f: EndpointFacts, s: Snapshot) -> Iterable[Cause]:
     failed, doubt = f.counts.get(Status.FAILED, 0), f.counts.get(Status.IN_DOUBT, 0)
     if failed:
-        yield _cause("delivery.failed", key, failed, f, f"{failed} deliveries failed")
+        yield _cause("delivery.failed", key, failed, f, f"{_n(failed)} failed")
     if doubt:
-        yield _cause("delivery.in_doubt", key, doubt, f, f"{doubt} deliveries are in doubt")
+        yield _cause("delivery.in_doubt", key, doubt, f, f"{_n(doubt)} in doubt")
     breaker = s.breakers.get(key)
     if breaker == "open" or (breaker == "half_open" and f.waiting):
         yield _cause("breaker.open", key, f.waiting, f, f"the circuit breaker is {breaker}")
     if key in s.paused and f.waiting:
-        text = f"paused ({s.paused[key]}) with {f.waiting} deliveries waiting"
+        text = f"paused ({s.paused[key]}) with {_n(f.waiting)} waiting"
         yield _cause("endpoint.paused_with_work", key, f.waiting, f, text)
     idle = _idle_since(f)
     if key not in s.paused and idle is not None and s.now - idle >= s.no_progress_seconds:
         minutes = int((s.now - idle) // 60)
-        text = f"nothing delivered for {minutes} min while {f.due} deliveries are due"
+        text = f"nothing delivered for {minutes} min while {_n(f.due)} due"
         yield _cause("endpoint.no_progress", key, f.due, f, text, since=_iso(idle))
     if f.at_risk:
-        text = f"{f.at_risk} deliveries will miss their payroll cut-off"
+        text = f"{_n(f.at_risk)} at risk of missing the payroll cut-off"
         yield _cause("deliveries.at_risk", key, f.at_risk, f, text)
 
 
@@ -521,6 +521,10 @@ class Alerts:
 def _plain(payload: Mapping[str, Any]) -> Any:
     """A payload as it reads back from the store (JSON)."""
     return json.loads(json.dumps(payload, sort_keys=True))
+
+
+def _n(count: int) -> str:
+    return f"{count} delivery" if count == 1 else f"{count} deliveries"
 
 
 def _iso(epoch: float) -> str:

@@ -43,10 +43,12 @@ from gateway.keys import APP_ALERTS, APP_WATCH
 from gateway.settings import (
     AlertSettings,
     BreakerPolicy,
+    Operator,
     PullSource,
     RetryPolicy,
     Settings,
     SmtpSettings,
+    hash_api_key,
     load,
 )
 from gateway.simulators import SimulatorOptions
@@ -381,7 +383,9 @@ async def test_receiver_down_for_three_tries_gets_the_alert_once_signed_after_ba
 async def test_one_alert_per_cause_refreshed_then_resolved_and_a_new_one_when_it_returns(
     make_gateway: Any, settings: Settings, sd_server: TestServer, receiver: Receiver
 ) -> None:
-    gw = await make_gateway(alerting(settings, receiver), run_dispatcher=False)
+    viewer = Operator("v840", hash_api_key("token-840"), "viewer", frozenset({"840"}))
+    cfg = replace(settings, operators={**settings.operators, "v840": viewer})
+    gw = await make_gateway(alerting(cfg, receiver), run_dispatcher=False)
     alerts: Alerts = gw.app[APP_ALERTS]
     sd_server.app[SD_STATE].fault = "client"
     async with dispatching(gw):
@@ -419,7 +423,11 @@ async def test_one_alert_per_cause_refreshed_then_resolved_and_a_new_one_when_it
         again = (await alerts.evaluate())["opened"]
     assert len(again) == 1 and again != first
     assert (await gw.ops("GET", "alerts?state=maybe"))[0] == 400
+    assert (await gw.ops("GET", "alerts?limit=0"))[0] == 400
     assert (await gw.ops("GET", "alerts", token="nope"))[0] == 401
+    status, listed = await gw.ops("GET", "alerts?state=all", token="token-840")
+    assert status == 200 and listed["count"] == 0  # 746's alerts are not 840's to see
+    assert len((await gw.ops("GET", "alerts?state=all"))[1]["alerts"]) == 2
 
 
 async def test_two_senders_on_two_store_connections_never_send_the_same_notice(
