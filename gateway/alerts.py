@@ -443,9 +443,15 @@ class Alerts:
         now = self.clock()
         snapshot = await self.snapshot(now)
         pulled = {cause_key("source.failing", s.municipality, s.name) for s in snapshot.sources}
+        configured = {
+            cause_key("source.failing", m, name)
+            for m, tenant in self.settings.tenants.items()
+            for name in tenant.sources
+        }
 
         def observes(key: str) -> bool:
-            return not key.startswith("source.failing:") or key in pulled
+            """Source causes: only the process pulling it knows (a removed source: any)."""
+            return not key.startswith("source.failing:") or key in pulled or key not in configured
 
         current = await self.store.open_alerts()
         change = plan(current, causes(snapshot), observes, tuple(self.channels))

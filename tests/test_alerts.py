@@ -598,11 +598,13 @@ async def test_a_failing_pull_source_opens_an_alert_only_its_puller_resolves(
     key = "os2-alert-test-key-0001"
     os2 = await aiohttp_server(os2_sim.build_app(SimulatorOptions(api_key=key)))
     os2.app[os2_sim.STATE].fault = "server"
-    gw = await make_gateway(alerting(settings, None), run_dispatcher=False)
     source = PullSource("os2indberetning", str(os2.make_url("/api/")), key, interval_seconds=60)
-    puller = Os2Indberetning(settings.tenants["746"], source, gw.store, {}, lambda: None)
-    mine = Alerts(gw.store, gw.app[APP_ALERTS].settings, sources=lambda: [puller])
-    other = Alerts(gw.store, gw.app[APP_ALERTS].settings)  # a process that does not pull it
+    tenant = replace(settings.tenants["746"], sources={"os2indberetning": source})
+    cfg = alerting(replace(settings, tenants={**settings.tenants, "746": tenant}), None)
+    gw = await make_gateway(cfg, run_dispatcher=False)  # its pullers stay stopped
+    puller = Os2Indberetning(tenant, source, gw.store, {}, lambda: None)
+    mine = Alerts(gw.store, cfg, sources=lambda: [puller])
+    other = Alerts(gw.store, cfg)  # a process that does not pull it
     try:
         for expected in (set(), set(), {"source.failing:746/os2indberetning"}):
             await puller.pull_safely()
