@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -345,8 +346,13 @@ def test_retries_back_off_exponentially_capped_then_give_up() -> None:
 
 
 async def test_receiver_down_for_three_tries_gets_the_alert_once_signed_after_backoff(
-    make_gateway: Any, settings: Settings, sd_server: TestServer, receiver: Receiver
+    make_gateway: Any,
+    settings: Settings,
+    sd_server: TestServer,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.alerts")
     receiver.fail_first = 3
     gw = await make_gateway(alerting(settings, receiver), run_dispatcher=False)
     alerts: Alerts = gw.app[APP_ALERTS]
@@ -375,6 +381,10 @@ async def test_receiver_down_for_three_tries_gets_the_alert_once_signed_after_ba
     assert CPR not in str(receiver.requests)
     audited = [e["event"] for e in await events(gw)]
     assert audited == ["alert.opened"] + ["alert.retry_scheduled"] * 3 + ["alert.sent"]
+    logged = [r for r in caplog.records if r.name == "gateway.alerts"]
+    assert [r.levelname for r in logged] == ["WARNING"] * 4 + ["INFO"]  # opened, 3 retries, sent
+    assert {getattr(r, "alert", None) for r in logged} == {opened[0]}
+    assert CPR not in caplog.text
     clock.now += 3600
     assert await alerts.evaluate() == {"opened": [], "resolved": []}  # still the same cause
     assert await alerts.send_due() == 0 and len(receiver.requests) == 4
