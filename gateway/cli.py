@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--store", help="store URL, overrides the file")
     rotate.set_defaults(func=cmd_keys_rotate_data_key)
 
+    hasher = sub.add_parser(
+        "hash-password",
+        help="hash a console password for [accounts.NAME] password_hash (read from stdin or a prompt)",
+    )
+    hasher.set_defaults(func=cmd_hash_password)
+
     migrate = sub.add_parser("migrate", help="apply the store's migrations and exit")
     migrate.add_argument("--config", type=Path)
     migrate.add_argument("--store")
@@ -698,6 +704,23 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "(add the {id, hash} entry to the municipality's api_keys list, or use the same hash as an operator's "
         "token_hash or as [server] metrics_token_hash)"
     )
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """The password is never an argument (it would show in ps and the shell's history): a
+    prompt on a terminal (asked twice), otherwise the first line of standard input."""
+    from .console.passwords import MIN_LENGTH, hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise CliError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_LENGTH:
+        raise CliError(f"a console password has at least {MIN_LENGTH} characters")
+    print(hash_password(password))
     return 0
 
 

@@ -16,12 +16,12 @@ from typing import Any
 from aiohttp import web
 
 from . import deliveries
-from .auth import ACTION_ROLES, operator, require_municipality
+from .auth import ACTION_ROLES, operator, require_municipality, require_role
 from .errors import BadRequest, Conflict, FieldError, InvalidReport, NotFound
 from .intake import _iso_times, read_json
 from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_STORE
 from .settings import ALL_MUNICIPALITIES, Operator
-from .store import Status
+from .store import Status, Store
 from .validation import pointer_token, readable_text
 
 routes = web.RouteTableDef()
@@ -64,9 +64,9 @@ async def gather_scoped(
     return [row for f in scoped(who, filters) for row in await query(f)]
 
 
-async def require_deliveries(request: web.Request, who: Operator, ids: list[int]) -> None:
+async def require_deliveries(store: Store, who: Operator, ids: list[int]) -> None:
     """403 when one of these deliveries belongs to a municipality the operator may not touch."""
-    rows = await request.app[APP_STORE].list_deliveries({"ids": ids}, max(len(ids), 1))
+    rows = await store.list_deliveries({"ids": ids}, max(len(ids), 1))
     for municipality in sorted({r["municipality"] for r in rows}):
         require_municipality(who, municipality)
 
@@ -219,17 +219,30 @@ async def _act(
     vendor_reference: Any = None,
 ) -> dict[str, Any]:
     who = operator(request, ACTION_ROLES.get(action, "admin"))
+    return await act(request.app, who, action, filters, reason, vendor_reference)
+
+
+async def act(
+    app: web.Application,
+    who: Operator,
+    action: str,
+    filters: dict[str, Any],
+    reason: Any,
+    vendor_reference: Any = None,
+) -> dict[str, Any]:
+    """An operator's action on the selected deliveries, for the ops API and the console alike:
+    role, scope and reason checked, the store's state machine applied, the dispatcher woken."""
+    require_role(who, ACTION_ROLES.get(action, "admin"))
     reason = _text(reason, "/reason", "a reason")
     if not filters:
         raise InvalidReport(
             "select deliveries", [FieldError("/filter", "give ids or at least one filter")]
         )
-    app = request.app
     readback = [n for n, a in app[APP_ADAPTERS].items() if a.reads_back]
     if vendor_reference is not None:
         vendor_reference = _text(vendor_reference, "/vendor_reference", "a vendor_reference")
     if filters.get("ids"):
-        await require_deliveries(request, who, filters["ids"])
+        await require_deliveries(app[APP_STORE], who, filters["ids"])
     result: dict[str, list[int]] = {"changed": [], "skipped": []}
     for selection in scoped(who, filters):
         done = await app[APP_STORE].operate(
@@ -304,18 +317,31 @@ async def pause_or_resume(request: web.Request) -> web.Response:
     who = operator(request, ACTION_ROLES[action])
     key = (request.match_info["municipality"], request.match_info["adapter"])
     require_municipality(who, key[0])
-    endpoint = request.app[APP_DISPATCHER].endpoints.get(key)
-    if endpoint is None:
+    if request.app[APP_DISPATCHER].endpoints.get(key) is None:
         raise NotFound(f"no route {key[0]} → {key[1]} is configured")
     body = await read_json(request)
-    reason = _text(body.get("reason") if isinstance(body, dict) else None, "/reason", "a reason")
+    reason = body.get("reason") if isinstance(body, dict) else None
+    return web.json_response(await pause_endpoint(request.app, who, key, action, reason))
+
+
+async def pause_endpoint(
+    app: web.Application, who: Operator, key: tuple[str, str], action: str, reason: Any
+) -> dict[str, Any]:
+    """Pause or resume one endpoint (ops API and console): recorded with the operator's name."""
+    require_role(who, ACTION_ROLES[action])
+    require_municipality(who, key[0])
+    endpoint = app[APP_DISPATCHER].endpoints.get(key)
+    if endpoint is None:
+        raise NotFound(f"no route {key[0]} → {key[1]} is configured")
+    reason = _text(reason, "/reason", "a reason")
     paused = action == "pause"
-    await request.app[APP_STORE].set_paused(*key, paused, reason, who.name, time.time())
+    await app[APP_STORE].set_paused(*key, paused, reason, who.name, time.time())
     endpoint.paused = reason if paused else None
     if not paused:
-        await request.app[APP_STORE].undefer(*key, time.time())  # re-planned against the hours now
-        request.app[APP_DISPATCHER].wake()
-    return web.json_response(endpoint.view(time.time()))
+        await app[APP_STORE].undefer(*key, time.time())  # re-planned against the hours now
+        app[APP_DISPATCHER].wake()
+    view: dict[str, Any] = endpoint.view(time.time())
+    return view
 
 
 @routes.get("/v1/ops/rejections")

@@ -64,6 +64,38 @@ AUDIT_INSERT = (
 )
 #: the head a new event chains onto (read inside the write transaction, under the writer lock)
 AUDIT_HEAD = "SELECT id, hmac FROM audit_events ORDER BY id DESC LIMIT 1"
+# the console's sessions (migration 11); expired rows are removed whenever one is created
+SESSION_SWEEP = "DELETE FROM console_sessions WHERE expires_at <= ?"
+SESSION_INSERT = "INSERT INTO console_sessions (token_hash, username, created_at, expires_at) VALUES (?, ?, ?, ?)"
+SESSION_USER = "SELECT username FROM console_sessions WHERE token_hash = ? AND expires_at > ?"
+SESSION_END = "DELETE FROM console_sessions WHERE token_hash = ?"
+#: audit events newest first, with the municipality of the delivery or report they concern
+AUDIT_PAGE = (
+    "SELECT e.id, e.at, e.actor, e.event, e.delivery_id, e.detail,"
+    " COALESCE(d.municipality, r.municipality) AS municipality FROM audit_events e"
+    " LEFT JOIN deliveries d ON d.id = e.delivery_id LEFT JOIN reports r ON r.id = e.report_pk"
+    " WHERE e.id < ? ORDER BY e.id DESC LIMIT ?"
+)
+
+
+def audit_page_row(row: Row) -> dict[str, Any]:
+    """An event of :data:`AUDIT_PAGE`; an endpoint's event names its municipality in the detail."""
+    detail = json.loads(row["detail"])
+    municipality = row["municipality"]
+    if municipality is None and isinstance(detail, dict):
+        named = detail.get("municipality")
+        municipality = named if isinstance(named, str) else None
+    return {
+        "id": row["id"],
+        "at": row["at"],
+        "actor": row["actor"],
+        "event": row["event"],
+        "delivery_id": row["delivery_id"],
+        "detail": detail,
+        "municipality": municipality,
+    }
+
+
 FILTERS = {
     "id": "d.id = ?",
     "municipality": "d.municipality = ?",

@@ -205,9 +205,22 @@ INSERT INTO audit_rechain (pending) VALUES (1);
 ALTER TABLE report_versions ADD COLUMN purged_at DOUBLE PRECISION;
 """,
     ),
+    (
+        11,
+        "console sessions: a hash of each signed-in browser's random token, its operator and expiry",
+        """
+CREATE TABLE console_sessions (
+    token_hash      TEXT PRIMARY KEY,
+    username        TEXT NOT NULL,
+    created_at      DOUBLE PRECISION NOT NULL,
+    expires_at      DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
+""",
+    ),
 )
 
-LATEST = MIGRATIONS[-1][0]
+LATEST = max(number for number, _, _ in MIGRATIONS)
 SCHEMA_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_migrations "
     "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"

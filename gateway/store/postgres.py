@@ -44,6 +44,7 @@ from .common import (
     ATTEMPT_ROW,
     AUDIT_HEAD,
     AUDIT_INSERT,
+    AUDIT_PAGE,
     BLOCKING_SQL,
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
@@ -57,9 +58,14 @@ from .common import (
     PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
+    SESSION_END,
+    SESSION_INSERT,
+    SESSION_SWEEP,
+    SESSION_USER,
     WATCHED_SQL,
     at_risk_view,
     audit_attempt_rows,
+    audit_page_row,
     audit_rows,
     blocker_view,
     decision_audit,
@@ -534,6 +540,27 @@ class PostgresStore:
                 total[k] += done[k]
             if done["versions"] < PURGE_BATCH:
                 return total
+
+    async def create_session(
+        self, token_hash: str, username: str, now: float, expires_at: float
+    ) -> None:
+        async def op(tx: _Tx) -> None:
+            await tx.execute(SESSION_SWEEP, now)
+            await tx.execute(SESSION_INSERT, token_hash, username, now, expires_at)
+
+        await self._write(op, audited=False)
+
+    async def session_user(self, token_hash: str, now: float) -> str | None:
+        value = await self._read(lambda tx: tx.fetchval(SESSION_USER, token_hash, now))
+        return None if value is None else str(value)
+
+    async def end_session(self, token_hash: str) -> None:
+        await self._write(lambda tx: tx.execute(SESSION_END, token_hash), audited=False)
+
+    async def audit_events(self, before_id: int | None, limit: int) -> list[dict[str, Any]]:
+        start = before_id if before_id is not None else 2**63 - 1
+        rows = await self._read(lambda tx: tx.fetch(AUDIT_PAGE, start, limit))
+        return [audit_page_row(r) for r in rows]
 
     async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]:
         rows = await self._read(

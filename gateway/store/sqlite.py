@@ -43,6 +43,7 @@ from .common import (
     ATTEMPT_ROW,
     AUDIT_HEAD,
     AUDIT_INSERT,
+    AUDIT_PAGE,
     BLOCKING_SQL,
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
@@ -56,9 +57,14 @@ from .common import (
     PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
+    SESSION_END,
+    SESSION_INSERT,
+    SESSION_SWEEP,
+    SESSION_USER,
     WATCHED_SQL,
     at_risk_view,
     audit_attempt_rows,
+    audit_page_row,
     audit_rows,
     blocker_view,
     decision_audit,
@@ -1382,6 +1388,29 @@ class SQLiteStore:
     async def audit_head(self) -> tuple[int, str] | None:
         row = await self._read(lambda c: c.execute(AUDIT_HEAD).fetchone())
         return None if row is None else (int(row["id"]), str(row["hmac"]))
+
+    # -- console sessions ------------------------------------------------------------------
+
+    async def create_session(
+        self, token_hash: str, username: str, now: float, expires_at: float
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(SESSION_SWEEP, (now,))
+            conn.execute(SESSION_INSERT, (token_hash, username, now, expires_at))
+
+        await self._write(op)
+
+    async def session_user(self, token_hash: str, now: float) -> str | None:
+        row = await self._read(lambda c: c.execute(SESSION_USER, (token_hash, now)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def end_session(self, token_hash: str) -> None:
+        await self._write(lambda conn: conn.execute(SESSION_END, (token_hash,)).rowcount)
+
+    async def audit_events(self, before_id: int | None, limit: int) -> list[dict[str, Any]]:
+        start = before_id if before_id is not None else 2**63 - 1
+        rows = await self._read(lambda c: c.execute(AUDIT_PAGE, (start, limit)).fetchall())
+        return [audit_page_row(r) for r in rows]
 
     # -- retention -------------------------------------------------------------------------
 
