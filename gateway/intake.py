@@ -38,6 +38,7 @@ from .keys import (
     APP_SETTINGS,
     APP_STORE,
 )
+from .logs import correlation_id
 from .payroll_calendar import CutoffCalendar
 from .privacy import MASKED_CPR, mask_cpr, mask_strings
 from .settings import Tenant
@@ -193,7 +194,22 @@ def _new_report(
         content_hash=digest,
         adapter=tenant.routes.get(data["kind"]),
         cutoff_at=cutoff(tenant.routes[data["kind"]]) if data["kind"] in tenant.routes else None,
+        period=report_period(data),
+        request_id=current_request_id(),
     )
+
+
+def report_period(data: Mapping[str, Any]) -> str | None:
+    """The payroll period ("YYYY-MM") a report belongs to: the month of its own date (a
+    drive's ``drive_date``, a vacation's ``start_date``), not of when it was received."""
+    day = data.get("drive_date") if data.get("kind") == "drive" else data.get("start_date")
+    return day[:7] if isinstance(day, str) and len(day) >= 7 else None
+
+
+def current_request_id() -> str | None:
+    """The correlation id of the request (or pull) being handled: the sender's X-Request-ID."""
+    rid = correlation_id.get()
+    return None if rid == "-" else rid
 
 
 async def submit(request: web.Request, new: list[NewReport], pointer: str) -> web.Response:

@@ -206,6 +206,22 @@ ALTER TABLE report_versions ADD COLUMN purged_at DOUBLE PRECISION;
 """,
     ),
     (
+        9,
+        "read models: a delivery's payroll period, the sender's request id per version, indexes"
+        " for newest-first lists filtered by municipality, employee, state, period, CPR, time",
+        """
+ALTER TABLE deliveries ADD COLUMN period TEXT;
+ALTER TABLE report_versions ADD COLUMN request_id TEXT;
+CREATE INDEX deliveries_municipality_id ON deliveries (municipality, id);
+CREATE INDEX deliveries_employee_id ON deliveries (employee_key, id);
+CREATE INDEX deliveries_status_id ON deliveries (status, id);
+CREATE INDEX deliveries_period_id ON deliveries (period, id);
+CREATE INDEX deliveries_version ON deliveries (version_pk);
+CREATE INDEX deliveries_created ON deliveries (created_at);
+CREATE INDEX attempts_finished ON attempts (finished_at);
+""",
+    ),
+    (
         11,
         "console sessions: a hash of each signed-in browser's random token, its operator and expiry",
         """

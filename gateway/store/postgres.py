@@ -42,6 +42,7 @@ from . import (
 )
 from .common import (
     ATTEMPT_ROW,
+    AUDIT_FOR_SQL,
     AUDIT_HEAD,
     AUDIT_INSERT,
     AUDIT_PAGE,
@@ -49,9 +50,16 @@ from .common import (
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
     COUNT_SHOWN_SQL,
+    COUNT_SQL,
     CPRS_INSERT,
+    DETAIL_REPORT_SQL,
+    DETAIL_VERSIONS_SQL,
+    LATENCIES_SQL,
+    LATENCY_WINDOW,
+    LIST_SQL,
     OLDEST_UNFINISHED_SQL,
     OPEN_BREAKER,
+    OVERVIEW_SQL,
     PENDING_OUTCOMES,
     PURGE_BATCH,
     PURGE_PREVIEW,
@@ -67,10 +75,13 @@ from .common import (
     audit_attempt_rows,
     audit_page_row,
     audit_rows,
+    audit_view,
     blocker_view,
+    count_filters,
     decision_audit,
     decision_update,
     delivered_part,
+    delivery_detail_view,
     delivery_view,
     facts,
     filter_sql,
@@ -79,6 +90,7 @@ from .common import (
     open_message,
     open_run,
     open_run_deliveries,
+    overview_rows,
     purge_detail,
     rechain_detail,
     rechained,
@@ -563,13 +575,8 @@ class PostgresStore:
         return [audit_page_row(r) for r in rows]
 
     async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]:
-        rows = await self._read(
-            lambda tx: tx.fetch(
-                "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id",
-                delivery_id,
-            )
-        )
-        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+        rows = await self._read(lambda tx: tx.fetch(AUDIT_FOR_SQL, delivery_id))
+        return [audit_view(r) for r in rows]
 
     async def record_event(
         self,
@@ -905,16 +912,48 @@ class PostgresStore:
     async def list_deliveries(
         self, filters: Mapping[str, Any], limit: int = 200
     ) -> list[dict[str, Any]]:
+        """Newest first; ``before_id`` continues a list after its last row (keyset)."""
         where, params = filter_sql(filters)
 
         async def read(tx: _Tx) -> list[dict[str, Any]]:
-            rows = await tx.fetch(
-                "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-                f" WHERE {where} ORDER BY d.id LIMIT ?",
-                *params,
-                limit,
-            )
+            rows = await tx.fetch(LIST_SQL.format(where=where), *params, limit)
             return [list_view(row, await _blocker(tx, row)) for row in rows]
+
+        return await self._read(read)
+
+    async def count_deliveries(self, filters: Mapping[str, Any]) -> int:
+        where, params = filter_sql(count_filters(filters))
+        sql = COUNT_SQL.format(where=where)
+        return int(await self._read(lambda tx: tx.fetchval(sql, *params)))
+
+    async def overview(self, now: float, day_start: float) -> list[dict[str, Any]]:
+        async def read(tx: _Tx) -> list[dict[str, Any]]:
+            counts = await tx.fetch(OVERVIEW_SQL, day_start)
+            spent = await tx.fetch(LATENCIES_SQL, now - LATENCY_WINDOW, now)
+            return overview_rows(counts, spent)
+
+        return await self._read(read)
+
+    async def delivery_detail(self, delivery_id: int) -> dict[str, Any] | None:
+        async def read(tx: _Tx) -> dict[str, Any] | None:
+            row = await tx.fetchrow(LIST_SQL.format(where="d.id = ?"), delivery_id, 1)
+            if row is None:
+                return None
+            report = await tx.fetchrow(DETAIL_REPORT_SQL, row["report_pk"])
+            assert report is not None
+            versions = await tx.fetch(DETAIL_VERSIONS_SQL, row["report_pk"])
+            attempts = await tx.fetch(
+                "SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", delivery_id
+            )
+            audit = [audit_view(r) for r in await tx.fetch(AUDIT_FOR_SQL, delivery_id)]
+            return delivery_detail_view(
+                self.keys,
+                list_view(row, await _blocker(tx, row)),
+                report,
+                versions,
+                attempts,
+                audit,
+            )
 
         return await self._read(read)
 
@@ -1439,6 +1478,7 @@ class _Intake:
                 new.content_hash,
                 sealed_body(self.keys, version_pk, new.body),
                 now,
+                new.request_id,
             )
         )
         self.new_cprs.append((version_pk, *sealed_cprs(self.keys, version_pk, new)))
@@ -1518,14 +1558,14 @@ class _Intake:
         )
         await tx.executemany(
             "INSERT INTO report_versions (id, report_pk, version, content_hash, body,"
-            " received_at) VALUES (?, ?, ?, ?, ?, ?)",
+            " received_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
             self.new_versions,
         )
         await tx.executemany(CPRS_INSERT, self.new_cprs)
         await tx.executemany(
             "INSERT INTO deliveries (id, version_pk, report_pk, municipality, adapter, employee_key, version,"
-            " status, next_attempt_at, created_at, updated_at, cutoff_at, last_error)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " status, next_attempt_at, created_at, updated_at, cutoff_at, last_error, period)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     d["id"],
@@ -1541,6 +1581,7 @@ class _Intake:
                     now,
                     d["new"].cutoff_at,
                     d["last_error"],
+                    d["new"].period,
                 )
                 for d in self.new_deliveries
             ],
