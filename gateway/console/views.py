@@ -129,6 +129,8 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         response = page(request, "error.html", exc.status, title=exc.reason, detail=exc.reason)
     response.headers["Content-Security-Policy"] = CSP
+    # not "no-referrer" (the API's): with it browsers post forms with "Origin: null"
+    response.headers["Referrer-Policy"] = "same-origin"
     response.headers["Cache-Control"] = "no-store"
     return response
 
