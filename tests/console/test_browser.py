@@ -83,14 +83,17 @@ async def test_an_operator_finds_a_failed_delivery_and_replays_it(
     assert cells[0] == "sd-koersel" and cells[4] == "1" and cells[8] == "1"
     await shoot(page, "console-overview.png")
 
-    # the filter form, by keyboard: choose the state, Enter
+    # the filter form by keyboard: type to pick the state, Tab on to the employment id, Enter
     await page.click("nav >> text=Deliveries")
-    await page.select_option("#f-status", "failed")
-    await page.focus("#f-municipality")
-    await page.select_option("#f-municipality", "746")
-    await page.focus("#f-error")
+    await page.focus("#f-status")
+    await page.keyboard.type("failed")
+    await page.keyboard.press("Tab")  # the payroll period
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.id") == "f-employee"
+    await page.keyboard.type("00777")
     await page.keyboard.press("Enter")
     await page.wait_for_url("**/deliveries?*status=failed*")
+    assert "employee=00777" in page.url
     assert await page.locator("table.deliveries tbody tr").count() == 1
     await page.click(f"table.deliveries >> text={ids['FAIL']}")
 

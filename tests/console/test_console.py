@@ -258,3 +258,82 @@ def test_ages_read_at_a_glance() -> None:
         "2 h 1 min",
         "2 d 7 h",
     ]
+
+
+async def test_older_pages_follow_a_cursor_without_gaps_or_repeats(
+    make_gateway: Any, console_settings: Any
+) -> None:
+    from tests.store.test_contract import new
+
+    gw = await make_gateway(console_settings, run_dispatcher=False)
+    await gw.store.submit([new(f"P-{i:03}", employee=f"E{i}") for i in range(120)], 1000.0)
+    await sign_in(gw.client, "vera-viewer")
+    seen: list[int] = []
+    path = "/ui/deliveries?municipality=746"
+    pages_read = 0
+    while path:
+        html = await (await gw.client.get(path)).text()
+        assert "120 deliveries" in html
+        seen += [int(i) for i in re.findall(r'href="/ui/deliveries/([0-9]+)"', html)]
+        older = re.search(r'href="(/ui/deliveries\?[^"]+)" rel="next"', html)
+        path = older.group(1).replace("&amp;", "&") if older else ""
+        pages_read += 1
+    assert pages_read == 3 and len(seen) == 120
+    assert seen == sorted(set(seen), reverse=True)  # newest first, each once
+
+
+async def test_sign_in_failures_share_the_per_address_limit(
+    make_gateway: Any, console_settings: Any
+) -> None:
+    gw = await make_gateway(replace(console_settings, auth_failures_per_minute=2))
+    for _ in range(2):
+        form = await gw.client.get("/ui/signin")
+        token = csrf_of(await form.text())
+        wrong = await gw.client.post(
+            "/ui/signin", data={"username": "vera-viewer", "password": "x", "csrf": token}
+        )
+        assert wrong.status == 401
+    form = await gw.client.get("/ui/signin")
+    right = {"username": "vera-viewer", "password": "vera-viewer-password"}
+    refused = await gw.client.post("/ui/signin", data={**right, "csrf": csrf_of(await form.text())})
+    assert refused.status == 429 and "Retry-After" in refused.headers
+
+
+def test_cookies_are_secure_except_plain_http_on_loopback() -> None:
+    from pathlib import Path
+
+    from gateway.console.sessions import secure_cookies
+    from gateway.settings import Settings
+
+    cases = [
+        ("127.0.0.1", None, False),
+        ("::1", None, False),
+        ("localhost", None, False),
+        ("0.0.0.0", None, True),  # every interface: other machines reach it
+        ("10.0.0.5", None, True),  # behind a TLS proxy
+        ("127.0.0.1", Path("cert.pem"), True),
+    ]
+    for host, cert, secure in cases:
+        assert secure_cookies(Settings(listen_host=host, tls_cert_file=cert)) is secure, host
+
+
+def test_filters_are_checked_and_a_cpr_becomes_its_hash() -> None:
+    import pytest
+
+    from gateway.errors import BadRequest
+
+    def hashed(cpr: str) -> str:
+        return f"h:{cpr[::-1]}"
+
+    assert pages.delivery_filters({"cpr": "111285-1234", "status": "failed"}, hashed) == {
+        "cpr_hash": "h:4321582111",
+        "status": "failed",
+    }
+    assert pages.delivery_filters({"period": "2026-03", "at_risk": "1"}) == {
+        "period": "2026-03",
+        "at_risk": True,
+    }
+    for bad in ({"status": "lost"}, {"period": "2026-13"}, {"municipality": "74"}, {"cpr": "1"}):
+        with pytest.raises(BadRequest):
+            pages.delivery_filters(bad, hashed)
+    assert "cpr" not in pages.link_query({"cpr_hash": "h:1", "status": "failed"})
