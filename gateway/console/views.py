@@ -131,7 +131,9 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     response.headers["Content-Security-Policy"] = CSP
     # not "no-referrer" (the API's): with it browsers post forms with "Origin: null"
     response.headers["Referrer-Policy"] = "same-origin"
-    response.headers["Cache-Control"] = "no-store"
+    # report data never stays in a cache; the stylesheet and script may
+    static = request.path.startswith("/ui/static/")
+    response.headers["Cache-Control"] = "max-age=3600" if static else "no-store"
     return response
 
 
