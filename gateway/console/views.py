@@ -480,6 +480,7 @@ async def pause_or_resume(request: web.Request) -> web.StreamResponse:
 
 AUDIT_PAGE = 100
 AUDIT_SCAN = 5000  # events looked at per page for an operator of some municipalities
+VERIFY_EVERY = 600.0  # seconds a verification result is shown before the page runs it again
 
 
 @routes.get("/audit")
@@ -522,12 +523,22 @@ def _may_see(operator: Operator, municipality: Any) -> bool:
 
 
 async def _chain_status(request: web.Request, again: bool) -> dict[str, Any]:
-    """``audit verify`` for the page: run when asked, or when the head moved since the last."""
-    store, settings = _store(request), _settings(request)
+    """``audit verify`` for the page. It reads the whole trail (seconds for a million events),
+    so it runs when asked, on the first visit, and when the last result is older than
+    :data:`VERIFY_EVERY`; one run at a time, whoever asks."""
     cache = request.app[APP_AUDIT_CACHE]
-    head = await store.audit_head()
-    if not again and cache.get("head") == head and "result" in cache:
-        return dict(cache["result"])
+    lock = cache.setdefault("lock", asyncio.Lock())
+    async with lock:
+        last = cache.get("result")
+        if last is not None and not again and time.time() - last["at"] < VERIFY_EVERY:
+            return dict(last)
+        result = await _verify(request)
+        cache["result"] = result
+        return dict(result)
+
+
+async def _verify(request: web.Request) -> dict[str, Any]:
+    store, settings = _store(request), _settings(request)
     events = await store.audit_chain()
     attempts = await store.audit_attempts()
     try:
@@ -538,5 +549,4 @@ async def _chain_status(request: web.Request, again: bool) -> dict[str, Any]:
     except Exception as exc:  # a missing key file is a status to show, not a broken page
         result = {"ok": False, "text": f"cannot verify: {exc}"}
     result.update(events=len(events), at=time.time())
-    cache.update(head=head, result=result)
     return result

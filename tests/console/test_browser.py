@@ -53,7 +53,7 @@ async def browser() -> AsyncIterator[Any]:
 
 async def open_page(browser: Any, seeded: Seeded) -> tuple[Any, str]:
     gw, _ = seeded
-    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    context = await browser.new_context(viewport={"width": 1500, "height": 900})
     page = await context.new_page()
     page.set_default_timeout(8000)
     return page, str(gw.client.make_url("/ui/")).rstrip("/")

@@ -8,6 +8,8 @@ import re
 from dataclasses import replace
 from typing import Any
 
+import pytest
+
 from gateway.console import pages
 from gateway.settings import Operator
 from tests.conftest import Gateway
@@ -318,7 +320,6 @@ def test_cookies_are_secure_except_plain_http_on_loopback() -> None:
 
 
 def test_filters_are_checked_and_a_cpr_becomes_its_hash() -> None:
-    import pytest
 
     from gateway.errors import BadRequest
 
@@ -337,3 +338,21 @@ def test_filters_are_checked_and_a_cpr_becomes_its_hash() -> None:
         with pytest.raises(BadRequest):
             pages.delivery_filters(bad, hashed)
     assert "cpr" not in pages.link_query({"cpr_hash": "h:1", "status": "failed"})
+
+
+@pytest.mark.sqlite_only
+async def test_the_audit_page_says_when_the_chain_is_broken(seeded: Seeded) -> None:
+    import sqlite3
+
+    gw, _ = seeded
+    await sign_in(gw.client, "anne-admin")
+    page = await (await gw.client.get("/ui/audit")).text()
+    assert "Chain verification" in page and "BROKEN" not in page
+    db = sqlite3.connect(gw.store.path)
+    db.execute("UPDATE audit_events SET actor = 'mallory' WHERE id = 2")
+    db.commit()
+    db.close()
+    cached = await (await gw.client.get("/ui/audit")).text()
+    assert "BROKEN" not in cached  # the last result is shown until asked (or 10 minutes)
+    again = await (await gw.client.get("/ui/audit?verify=1")).text()
+    assert "BROKEN" in again and "audit trail broken at event 2" in again
