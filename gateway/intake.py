@@ -372,7 +372,7 @@ async def get_report(request: web.Request) -> web.Response:
 
 
 def _iso_times(value: Any) -> None:
-    """Store times are epoch seconds; the API shows ISO-8601 UTC."""
+    """Store times are epoch seconds; the API shows ISO-8601 UTC (every ``*_at`` and ``at``)."""
     items = (
         value.items()
         if isinstance(value, dict)
@@ -381,7 +381,12 @@ def _iso_times(value: Any) -> None:
         else ()
     )
     for key, item in list(items):
-        if isinstance(key, str) and key.endswith("_at") and isinstance(item, (int, float)):
+        if (
+            isinstance(key, str)
+            and (key.endswith("_at") or key == "at")
+            and isinstance(item, (int, float))
+            and not isinstance(item, bool)
+        ):
             value[key] = datetime.fromtimestamp(item, UTC).isoformat(timespec="milliseconds")
         else:
             _iso_times(item)
