@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -88,8 +89,12 @@ async def read_json(request: web.Request, max_records: int | None = None) -> Any
 
 async def off_loop(func: Callable[..., T], *args: Any) -> T:
     """CPU work on a request (parsing, validating up to MAX_RECORDS reports) in a worker thread,
-    so that no request delays /healthz or another request's answer."""
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(func, *args))
+    so that no request delays /healthz or another request's answer. The thread sees the
+    request's context (its correlation id: logged, and stored with each report)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(context.run, func, *args)
+    )
 
 
 def split_batch(body: Any) -> tuple[list[Any], str]:

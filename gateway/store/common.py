@@ -477,6 +477,7 @@ def job(
         delivered,
         pending,
         cutoff_at=row["cutoff_at"],
+        request_id=version["request_id"],
     )
 
 
