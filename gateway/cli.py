@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway (intake API and dispatcher)")
     serve.add_argument("--config", required=True, type=Path)
     serve.add_argument("--listen", help="HOST:PORT, overrides the file")
+    serve.add_argument("--port", type=_port, help="PORT only (the host as configured)")
     serve.add_argument("--store", help="store URL, overrides the file")
     serve.add_argument(
         "--role",
@@ -224,11 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
 # -- serve -------------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535 (argparse says which argument was wrong)."""
+    if not (text.isascii() and text.isdecimal() and 0 < int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return int(text)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load(args.config) if getattr(args, "config", None) else Settings()
     if getattr(args, "listen", None):
         host, port = parse_listen(args.listen, "--listen")
         settings = replace(settings, listen_host=host, listen_port=port)
+    if getattr(args, "port", None):
+        settings = replace(settings, listen_port=args.port)
     if getattr(args, "store", None):
         settings = replace(settings, store_url=resolve_store_url(args.store, Path.cwd()))
     if getattr(args, "role", None):

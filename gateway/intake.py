@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -88,8 +89,12 @@ async def read_json(request: web.Request, max_records: int | None = None) -> Any
 
 async def off_loop(func: Callable[..., T], *args: Any) -> T:
     """CPU work on a request (parsing, validating up to MAX_RECORDS reports) in a worker thread,
-    so that no request delays /healthz or another request's answer."""
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(func, *args))
+    so that no request delays /healthz or another request's answer. The thread sees the
+    request's context (its correlation id: logged, and stored with each report)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(context.run, func, *args)
+    )
 
 
 def split_batch(body: Any) -> tuple[list[Any], str]:
@@ -372,7 +377,7 @@ async def get_report(request: web.Request) -> web.Response:
 
 
 def _iso_times(value: Any) -> None:
-    """Store times are epoch seconds; the API shows ISO-8601 UTC."""
+    """Store times are epoch seconds; the API shows ISO-8601 UTC (every ``*_at`` and ``at``)."""
     items = (
         value.items()
         if isinstance(value, dict)
@@ -381,7 +386,12 @@ def _iso_times(value: Any) -> None:
         else ()
     )
     for key, item in list(items):
-        if isinstance(key, str) and key.endswith("_at") and isinstance(item, (int, float)):
+        if (
+            isinstance(key, str)
+            and (key.endswith("_at") or key == "at")
+            and isinstance(item, (int, float))
+            and not isinstance(item, bool)
+        ):
             value[key] = datetime.fromtimestamp(item, UTC).isoformat(timespec="milliseconds")
         else:
             _iso_times(item)

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from .. import deliveries
-from ..errors import BadRequest, FieldError
-from ..privacy import mask_cpr
+from ..errors import BadRequest, FieldError, InvalidReport
+from ..privacy import DataKeys, mask_cpr
 from ..settings import Operator
 from ..store import Status
-from ..validation import readable_text
 
 COPENHAGEN = ZoneInfo("Europe/Copenhagen")
 PAGE_SIZE = 50
@@ -27,8 +26,6 @@ STATES = tuple(str(s) for s in Status)
 TEXT_FILTERS = ("municipality", "adapter", "status", "period", "employee", "error", "report_id")
 #: the filters a list link carries (a CPR never: its keyed hash stands in for it)
 LINK_FILTERS = (*TEXT_FILTERS, "cpr_hash", "at_risk")
-CPR = re.compile(r"[0-9]{6}-?[0-9]{4}")
-PERIOD = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 ID = re.compile(r"[1-9][0-9]{0,18}")
 
 #: how each state reads at a glance: a CSS class (the colour) next to the state's own name
@@ -57,12 +54,6 @@ COUNTS = (
     ("failed", "Failed", "bad"),
     ("at_risk", "At risk", "bad"),
 )
-
-
-def day_start(now: float) -> float:
-    """Midnight today in Copenhagen, as epoch seconds ("delivered today")."""
-    local = datetime.fromtimestamp(now, COPENHAGEN)
-    return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
 def when(epoch: float | None) -> dict[str, str] | None:
@@ -147,34 +138,35 @@ def row_tone(row: Mapping[str, Any]) -> str:
     return "ok"
 
 
-def delivery_filters(query: Mapping[str, str], cpr_hash: Any = None) -> dict[str, Any]:
-    """The list's filters from a query string (or a posted filter form), checked.
+def delivery_filters(
+    query: Mapping[str, str],
+    adapters: Collection[str] | None = None,
+    keys: DataKeys | None = None,
+) -> dict[str, Any]:
+    """The list's filters from a query string (or a posted filter form), checked by the ops
+    API's own rules (``ops.parse_filters``): a 400 naming the field for a bad one.
 
-    ``cpr``, a full CPR number, is never kept: ``cpr_hash(cpr)`` (the store's keyed lookup
-    hash) stands in for it, in the filters and in every link.
+    ``cpr``, a full CPR number, is never kept: its keyed lookup hash (``keys``) stands in for
+    it, in the filters and in every link (``cpr_hash``).
     """
-    filters: dict[str, Any] = {}
+    from ..ops import FILTER_KEYS, parse_filters
+
+    raw: dict[str, Any] = {}
     for key in TEXT_FILTERS:
         value = query.get(key, "").strip()
-        if not value:
-            continue
-        if len(value) > 200 or not readable_text(value):
-            raise _bad(key, "must be a text of at most 200 readable characters")
-        if key == "status" and value not in STATES:
-            raise _bad(key, f"must be one of: {', '.join(STATES)}")
-        if key == "period" and not PERIOD.fullmatch(value):
-            raise _bad(key, "must be a month written YYYY-MM")
-        if key == "municipality" and not re.fullmatch(r"[0-9]{3}", value):
-            raise _bad(key, "must be a 3-digit municipality code")
-        filters[key] = value
+        if value:
+            raw[key] = value
     if query.get("at_risk") in ("1", "on", "true"):
-        filters["at_risk"] = True
+        raw["at_risk"] = True
     cpr = query.get("cpr", "").strip()
     if cpr:
-        if not CPR.fullmatch(cpr) or cpr_hash is None:
-            raise _bad("cpr", "type the full CPR number: 10 digits (DDMMYYXXXX or DDMMYY-XXXX)")
-        filters["cpr_hash"] = cpr_hash(cpr.replace("-", ""))
-    elif query.get("cpr_hash"):
+        raw["cpr"] = cpr.replace("-", "").replace(" ", "")
+    assert set(raw) <= set(FILTER_KEYS)
+    try:
+        filters = parse_filters(raw, "", adapters, keys)
+    except InvalidReport as exc:  # a bad filter is a bad request, as in the ops API
+        raise BadRequest(exc.detail, exc.errors) from exc
+    if not cpr and query.get("cpr_hash"):
         value = query["cpr_hash"]
         if not re.fullmatch(r"[A-Za-z0-9:_=+/-]{8,200}", value):
             raise _bad("cpr_hash", "is not a CPR lookup hash")

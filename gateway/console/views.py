@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,6 @@ from ..keys import (
 )
 from ..privacy import mask_cpr
 from ..settings import ALL_MUNICIPALITIES, Operator
-from ..store.common import cpr_lookup_hash
 from . import pages
 from .passwords import dummy_hash, verify_password
 from .sessions import (
@@ -277,7 +276,7 @@ async def signout(request: web.Request) -> web.StreamResponse:
 async def overview(request: web.Request) -> web.Response:
     now = time.time()
     store = _store(request)
-    rows = await store.overview(now, pages.day_start(now))
+    rows = await store.overview(now, ops.day_start(now))
     endpoints = [e.view(now) for e in _parent(request)[APP_DISPATCHER].endpoints]
     breakers = await store.breakers_open(now)
     shown = pages.overview_rows(rows, endpoints, breakers, who(request), now)
@@ -303,8 +302,7 @@ async def overview(request: web.Request) -> web.Response:
 
 @routes.get("/deliveries")
 async def deliveries(request: web.Request) -> web.Response:
-    store = _store(request)
-    filters = pages.delivery_filters(request.query, lambda cpr: cpr_lookup_hash(store.keys, cpr))
+    filters = _filters(request, request.query)
     before = pages.cursor(request.query)
     rows = await _list(request, filters, before, pages.PAGE_SIZE + 1)
     more = len(rows) > pages.PAGE_SIZE
@@ -335,11 +333,14 @@ async def deliveries(request: web.Request) -> web.Response:
 async def search(request: web.Request) -> web.StreamResponse:
     """The filter form is posted, so that a CPR typed in it never ends up in a URL (history,
     proxies): the list's address carries the CPR's keyed hash instead."""
-    store = _store(request)
     form = await request.post()
-    query = {k: str(v) for k, v in form.items() if k != "csrf"}
-    filters = pages.delivery_filters(query, lambda cpr: cpr_lookup_hash(store.keys, cpr))
+    filters = _filters(request, {k: str(v) for k, v in form.items()})
     raise _redirect("/ui/deliveries?" + urlencode(pages.link_query(filters)))
+
+
+def _filters(request: web.Request, query: Mapping[str, str]) -> dict[str, Any]:
+    adapters = _parent(request)[APP_ADAPTERS]
+    return pages.delivery_filters(query, list(adapters), _store(request).keys)
 
 
 async def _list(
@@ -423,15 +424,12 @@ async def act_on_one(request: web.Request) -> web.StreamResponse:
 async def bulk(request: web.Request) -> web.StreamResponse:
     """Replay or cancel a filtered list: the first post shows how many and asks; the second
     (``confirm``) acts on exactly the deliveries counted then."""
-    store = _store(request)
     form = await request.post()
     action = str(form.get("action", ""))
     if action not in ("replay", "cancel"):
         raise BadRequest("a bulk action is replay or cancel")
     operator = who(request)
-    filters = pages.delivery_filters(
-        {k: str(v) for k, v in form.items()}, lambda cpr: cpr_lookup_hash(store.keys, cpr)
-    )
+    filters = _filters(request, {k: str(v) for k, v in form.items()})
     if form.get("confirm") == "yes":
         ids = _ids(str(form.get("ids", "")))
         result = await ops.act(_parent(request), operator, action, {"ids": ids}, form.get("reason"))

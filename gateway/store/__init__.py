@@ -128,6 +128,7 @@ class Job:
     delivered: tuple[DeliveredPart, ...] = ()
     pending: tuple[Message, ...] = ()  # messages whose outcome is unknown (in doubt)
     cutoff_at: float | None = None
+    request_id: str | None = None  # the correlation id the report version came with
 
 
 @dataclass(frozen=True, slots=True)

@@ -509,6 +509,7 @@ def job(
         delivered,
         pending,
         cutoff_at=row["cutoff_at"],
+        request_id=version["request_id"],
     )
 
 
@@ -872,24 +873,26 @@ def percentile(values: Sequence[float], p: float) -> float | None:
     return float(ordered[int(rank) - 1])
 
 
+def empty_overview_row(municipality: str, adapter: str) -> dict[str, Any]:
+    """An endpoint's overview row before anything is counted."""
+    return {
+        "municipality": municipality,
+        "adapter": adapter,
+        **{str(s): 0 for s in OVERVIEW_STATES},
+        "delivered_today": 0,
+        "at_risk": 0,
+        "oldest_unfinished_at": None,
+        "p95_latency_ms_1h": None,
+    }
+
+
 def overview_rows(counts: Iterable[Row], latencies: Iterable[Row]) -> list[dict[str, Any]]:
     """One row per endpoint (municipality, adapter) from :data:`OVERVIEW_SQL` and
     :data:`LATENCIES_SQL` rows; the states as shown (held included), as ``/metrics`` counts."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for c in counts:
         key = (c["municipality"], c["adapter"])
-        row = rows.setdefault(
-            key,
-            {
-                "municipality": key[0],
-                "adapter": key[1],
-                **{str(s): 0 for s in OVERVIEW_STATES},
-                "delivered_today": 0,
-                "at_risk": 0,
-                "oldest_unfinished_at": None,
-                "p95_latency_ms_1h": None,
-            },
-        )
+        row = rows.get(key) or rows.setdefault(key, empty_overview_row(*key))
         stored = Status(c["status"])
         state = str(deliveries.shown_status(stored, bool(c["blocked"])))
         if state in row:
@@ -986,6 +989,7 @@ def delivery_detail_view(
     known = tuple(dict.fromkeys(cprs))
     return {
         **listed,
+        "attempt_count": listed["attempts"],  # ``attempts`` lists them here
         "report": {
             "municipality": report["municipality"],
             "report_id": report["report_id"],

@@ -1147,7 +1147,7 @@ async def _jobs(tx: _Tx, rows: Sequence[asyncpg.Record], keys: DataKeys) -> list
     versions = {
         v["id"]: v
         for v in await tx.fetch(
-            "SELECT v.id, v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
+            "SELECT v.id, v.body, v.request_id, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
             " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ANY(?::bigint[])",
             [r["version_pk"] for r in rows],
         )

@@ -834,7 +834,7 @@ class SQLiteStore:
 
     def _job(self, conn: sqlite3.Connection, row: sqlite3.Row) -> Job:
         version = conn.execute(
-            "SELECT v.id, v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
+            "SELECT v.id, v.body, v.request_id, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
             " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ?",
             (row["version_pk"],),
         ).fetchone()

@@ -320,23 +320,27 @@ def test_cookies_are_secure_except_plain_http_on_loopback() -> None:
 
 
 def test_filters_are_checked_and_a_cpr_becomes_its_hash() -> None:
-
     from gateway.errors import BadRequest
+    from gateway.store.common import cpr_lookup_hash
+    from tests.conftest import TEST_KEYS
 
-    def hashed(cpr: str) -> str:
-        return f"h:{cpr[::-1]}"
-
-    assert pages.delivery_filters({"cpr": "111285-1234", "status": "failed"}, hashed) == {
-        "cpr_hash": "h:4321582111",
-        "status": "failed",
-    }
-    assert pages.delivery_filters({"period": "2026-03", "at_risk": "1"}) == {
+    adapters = ["sd-koersel"]
+    assert pages.delivery_filters(
+        {"cpr": "111285-1234", "status": "failed"}, adapters, TEST_KEYS
+    ) == {"cpr_hash": cpr_lookup_hash(TEST_KEYS, "1112851234"), "status": "failed"}
+    assert pages.delivery_filters({"period": "2026-03", "at_risk": "1", "x": "y"}) == {
         "period": "2026-03",
         "at_risk": True,
     }
-    for bad in ({"status": "lost"}, {"period": "2026-13"}, {"municipality": "74"}, {"cpr": "1"}):
+    for bad in (
+        {"status": "lost"},
+        {"period": "2026-13"},
+        {"municipality": "74"},
+        {"cpr": "1"},
+        {"adapter": "kmd-nothing"},
+    ):
         with pytest.raises(BadRequest):
-            pages.delivery_filters(bad, hashed)
+            pages.delivery_filters(bad, adapters, TEST_KEYS)
     assert "cpr" not in pages.link_query({"cpr_hash": "h:1", "status": "failed"})
 
 
