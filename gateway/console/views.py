@@ -280,6 +280,10 @@ async def overview(request: web.Request) -> web.Response:
     endpoints = [e.view(now) for e in _parent(request)[APP_DISPATCHER].endpoints]
     breakers = await store.breakers_open(now)
     shown = pages.overview_rows(rows, endpoints, breakers, who(request), now)
+    tenants = _settings(request).tenants
+    for row in shown:
+        tenant = tenants.get(row["municipality"])
+        row["name"] = tenant.name if tenant is not None else ""
     rejections = await ops.gather_scoped(
         who(request), {"unresolved": True}, lambda f: store.list_rejections(f, 20)
     )

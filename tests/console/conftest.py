@@ -45,7 +45,9 @@ def console_settings(settings: Settings) -> Settings:
         name: Account(name, _hashes()[name], role, frozenset(m))
         for name, (role, m) in ACCOUNTS.items()
     }
-    return replace(settings, accounts=MappingProxyType(accounts))
+    # Danish letters in what the pages print: a tenant's name, account names, reasons
+    tenants = {**settings.tenants, "746": replace(settings.tenants["746"], name="Ærø Kommune")}
+    return replace(settings, accounts=MappingProxyType(accounts), tenants=MappingProxyType(tenants))
 
 
 async def seed(gw: Gateway, sd_server: TestServer) -> dict[str, Any]:

@@ -78,6 +78,7 @@ async def test_an_operator_finds_a_failed_delivery_and_replays_it(
     await sign_in(page, base, "ole-operator")
     row = page.locator("table.overview tbody tr", has_text="746")
     assert "ole-operator" in await page.inner_text("header")
+    assert "Ærø Kommune" in await row.locator("th").inner_text()  # UTF-8 end to end
     cells = await row.locator("td").all_inner_texts()
     # Vendor, Queued, Retrying, In flight, Delivered today, Held, In doubt, Correction, Failed
     assert cells[0] == "sd-koersel" and cells[4] == "1" and cells[8] == "1"
@@ -132,7 +133,8 @@ async def test_a_viewer_sees_no_action_buttons(browser: Any, seeded: Seeded) -> 
 async def test_an_operator_of_746_never_sees_840(browser: Any, seeded: Seeded) -> None:
     gw, ids = seeded
     page, base = await open_page(browser, seeded)
-    await sign_in(page, base, "søren-746")
+    await sign_in(page, base, "søren-746")  # typed with an ø
+    assert "søren-746" in await page.inner_text("header")
     assert "840" not in await page.inner_text("table.overview")
     await page.goto(f"{base}/deliveries")
     assert "R-840" not in await page.inner_text("main")
