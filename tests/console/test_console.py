@@ -125,7 +125,7 @@ async def test_an_operator_of_746_never_sees_840(seeded: Seeded) -> None:
     gw, ids = seeded
     csrf = await sign_in(gw.client, "søren-746")
     overview = await (await gw.client.get("/ui/")).text()
-    assert "746" in overview and "840" not in overview
+    assert 'scope="row">746' in overview and 'scope="row">840' not in overview
     listing = await (await gw.client.get("/ui/deliveries")).text()
     assert "R-OK" in listing and "R-840" not in listing
     assert (await gw.client.get(f"/ui/deliveries/{ids['840']}")).status == 404
