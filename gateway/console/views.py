@@ -123,13 +123,18 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await _guarded(request, handler)
     except GatewayError as exc:
-        response = page(request, "error.html", exc.status, title=exc.title, detail=exc.detail)
+        fields = [(e.pointer.lstrip("/").replace("/", " "), e.message) for e in exc.errors]
+        response = page(
+            request, "error.html", exc.status, title=exc.title, detail=exc.detail, fields=fields
+        )
         for name, value in exc.headers.items():
             response.headers[name] = value
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = page(request, "error.html", exc.status, title=exc.reason, detail=exc.reason)
+        response = page(
+            request, "error.html", exc.status, title=exc.reason, detail=exc.reason, fields=[]
+        )
     response.headers["Content-Security-Policy"] = CSP
     # not "no-referrer" (the API's): with it browsers post forms with "Origin: null"
     response.headers["Referrer-Policy"] = "same-origin"

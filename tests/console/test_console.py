@@ -106,7 +106,7 @@ async def test_replay_with_a_reason_records_the_operator(seeded: Seeded) -> None
     missing = await gw.client.post(
         f"/ui/deliveries/{ids['FAIL']}/replay", data={"reason": " ", "csrf": csrf}
     )
-    assert missing.status == 422
+    assert missing.status == 422 and "<strong>reason</strong> is required" in await missing.text()
     done = await gw.client.post(
         f"/ui/deliveries/{ids['FAIL']}/replay",
         data={"reason": "SD rettet fejlen – prøv igen", "csrf": csrf},
