@@ -257,7 +257,8 @@ def check_version(found: int | None) -> None:
 
 
 def pending(done: set[int]) -> list[tuple[int, str, str]]:
-    return [m for m in MIGRATIONS if m[0] not in done]
+    """Not yet applied, by number (branches may list theirs out of order)."""
+    return sorted(m for m in MIGRATIONS if m[0] not in done)
 
 
 def applied_at() -> str:
