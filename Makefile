@@ -5,7 +5,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-DEMO_CURL := curl -sS -X POST http://127.0.0.1:8080/v1/reports -H 'Authorization: Bearer demo-key-746' -H 'Content-Type: application/json' --data @examples/report-drive-746.json
+# make run CONFIG=path/to/gateway.toml PORT=9000 (defaults: the demo config, its port 8080)
+CONFIG ?= examples/demo.toml
+PORT   ?=
+RUN_PORT := $(or $(PORT),8080)
+DEMO_CURL := curl -sS -X POST http://127.0.0.1:$(RUN_PORT)/v1/reports -H 'Authorization: Bearer demo-key-746' -H 'Content-Type: application/json' --data @examples/report-drive-746.json
 
 .PHONY: install run test lint check bench fuzz openapi clean
 
@@ -22,9 +26,9 @@ run: $(STAMP)
 	@echo "Submit the sample report (in another terminal):"
 	@echo "  $(DEMO_CURL)"
 	@echo "Then look at it:"
-	@echo "  curl -sS http://127.0.0.1:8080/v1/reports/746/demo-746-1 -H 'Authorization: Bearer demo-key-746'"
+	@echo "  curl -sS http://127.0.0.1:$(RUN_PORT)/v1/reports/746/demo-746-1 -H 'Authorization: Bearer demo-key-746'"
 	@echo
-	$(PY) -m gateway serve --config examples/demo.toml
+	$(PY) -m gateway serve --config $(CONFIG)$(if $(PORT), --port $(PORT))
 
 # PostgreSQL tests fail (not skip) when this server does not answer; override to point elsewhere
 PAYROLL_GATEWAY_TEST_PG ?= postgresql://postgres@127.0.0.1:5432/test

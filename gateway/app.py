@@ -24,6 +24,7 @@ from .alerts import Alerts
 from .audit import Anchor, anchor_path, load_key
 from .auth import AuthFailures, metrics_token
 from .channels import Channels
+from .console import views as console
 from .dispatcher import Dispatcher, build_endpoints
 from .errors import ConfigError, GatewayError
 from .filerun import FileRunner
@@ -357,6 +358,7 @@ def create_app(
         app.add_routes(compat.routes)
         app.add_routes(ops.routes)
         app.add_routes(ops_alerts.routes)
+        console.mount(app)
         app.add_routes([web.get("/openapi.json", openapi)])
     app.add_routes(
         [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]

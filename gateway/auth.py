@@ -104,12 +104,16 @@ def operator(request: web.Request, role: str = "viewer") -> Operator:
     found = request.app[APP_SETTINGS].operator_for_token(token)
     if found is None:
         raise refuse(request, "unknown operator token")
-    if not found.may(role):
+    require_role(found, role)
+    return found
+
+
+def require_role(who: Operator, role: str) -> None:
+    if not who.may(role):
         raise Forbidden(
-            f"operator {found.name!r} has role {found.role}; this needs role {role}",
+            f"operator {who.name!r} has role {who.role}; this needs role {role}",
             required_role=role,
         )
-    return found
 
 
 def require_municipality(who: Operator, municipality: str) -> None:

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway (intake API and dispatcher)")
     serve.add_argument("--config", required=True, type=Path)
     serve.add_argument("--listen", help="HOST:PORT, overrides the file")
+    serve.add_argument("--port", type=_port, help="PORT only (the host as configured)")
     serve.add_argument("--store", help="store URL, overrides the file")
     serve.add_argument(
         "--role",
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument("--config", type=Path, required=True)
     rotate.add_argument("--store", help="store URL, overrides the file")
     rotate.set_defaults(func=cmd_keys_rotate_data_key)
+
+    hasher = sub.add_parser(
+        "hash-password",
+        help="hash a console password for [accounts.NAME] password_hash (read from stdin or a prompt)",
+    )
+    hasher.set_defaults(func=cmd_hash_password)
 
     migrate = sub.add_parser("migrate", help="apply the store's migrations and exit")
     migrate.add_argument("--config", type=Path)
@@ -218,11 +225,20 @@ def build_parser() -> argparse.ArgumentParser:
 # -- serve -------------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535 (argparse says which argument was wrong)."""
+    if not (text.isascii() and text.isdecimal() and 0 < int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return int(text)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load(args.config) if getattr(args, "config", None) else Settings()
     if getattr(args, "listen", None):
         host, port = parse_listen(args.listen, "--listen")
         settings = replace(settings, listen_host=host, listen_port=port)
+    if getattr(args, "port", None):
+        settings = replace(settings, listen_port=args.port)
     if getattr(args, "store", None):
         settings = replace(settings, store_url=resolve_store_url(args.store, Path.cwd()))
     if getattr(args, "role", None):
@@ -698,6 +714,23 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "(add the {id, hash} entry to the municipality's api_keys list, or use the same hash as an operator's "
         "token_hash or as [server] metrics_token_hash)"
     )
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """The password is never an argument (it would show in ps and the shell's history): a
+    prompt on a terminal (asked twice), otherwise the first line of standard input."""
+    from .console.passwords import MIN_LENGTH, hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise CliError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < MIN_LENGTH:
+        raise CliError(f"a console password has at least {MIN_LENGTH} characters")
+    print(hash_password(password))
     return 0
 
 

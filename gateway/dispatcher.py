@@ -234,7 +234,7 @@ class Dispatcher:
 
     async def _guarded(self, job: Job) -> None:
         try:
-            with delivery_fields(job.municipality, job.adapter, job.delivery_id):
+            with delivery_fields(job.municipality, job.adapter, job.delivery_id, job.request_id):
                 await self.deliver(job)
         except asyncio.CancelledError:
             raise

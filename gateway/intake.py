@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -38,6 +39,7 @@ from .keys import (
     APP_SETTINGS,
     APP_STORE,
 )
+from .logs import correlation_id
 from .payroll_calendar import CutoffCalendar
 from .privacy import MASKED_CPR, mask_cpr, mask_strings
 from .settings import Tenant
@@ -87,8 +89,12 @@ async def read_json(request: web.Request, max_records: int | None = None) -> Any
 
 async def off_loop(func: Callable[..., T], *args: Any) -> T:
     """CPU work on a request (parsing, validating up to MAX_RECORDS reports) in a worker thread,
-    so that no request delays /healthz or another request's answer."""
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(func, *args))
+    so that no request delays /healthz or another request's answer. The thread sees the
+    request's context (its correlation id: logged, and stored with each report)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(context.run, func, *args)
+    )
 
 
 def split_batch(body: Any) -> tuple[list[Any], str]:
@@ -193,7 +199,22 @@ def _new_report(
         content_hash=digest,
         adapter=tenant.routes.get(data["kind"]),
         cutoff_at=cutoff(tenant.routes[data["kind"]]) if data["kind"] in tenant.routes else None,
+        period=report_period(data),
+        request_id=current_request_id(),
     )
+
+
+def report_period(data: Mapping[str, Any]) -> str | None:
+    """The payroll period ("YYYY-MM") a report belongs to: the month of its own date (a
+    drive's ``drive_date``, a vacation's ``start_date``), not of when it was received."""
+    day = data.get("drive_date") if data.get("kind") == "drive" else data.get("start_date")
+    return day[:7] if isinstance(day, str) and len(day) >= 7 else None
+
+
+def current_request_id() -> str | None:
+    """The correlation id of the request (or pull) being handled: the sender's X-Request-ID."""
+    rid = correlation_id.get()
+    return None if rid == "-" else rid
 
 
 async def submit(request: web.Request, new: list[NewReport], pointer: str) -> web.Response:
@@ -356,7 +377,7 @@ async def get_report(request: web.Request) -> web.Response:
 
 
 def _iso_times(value: Any) -> None:
-    """Store times are epoch seconds; the API shows ISO-8601 UTC."""
+    """Store times are epoch seconds; the API shows ISO-8601 UTC (every ``*_at`` and ``at``)."""
     items = (
         value.items()
         if isinstance(value, dict)
@@ -365,7 +386,12 @@ def _iso_times(value: Any) -> None:
         else ()
     )
     for key, item in list(items):
-        if isinstance(key, str) and key.endswith("_at") and isinstance(item, (int, float)):
+        if (
+            isinstance(key, str)
+            and (key.endswith("_at") or key == "at")
+            and isinstance(item, (int, float))
+            and not isinstance(item, bool)
+        ):
             value[key] = datetime.fromtimestamp(item, UTC).isoformat(timespec="milliseconds")
         else:
             _iso_times(item)

@@ -41,15 +41,32 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @contextlib.contextmanager
-def delivery_fields(municipality: str, adapter: str, delivery_id: int) -> Iterator[None]:
-    """Every line logged inside (in this task) names the delivery it is about."""
+def delivery_fields(
+    municipality: str, adapter: str, delivery_id: int, request_id: str | None = None
+) -> Iterator[None]:
+    """Every line logged inside (in this task) names the delivery it is about, and carries
+    as ``request_id`` the one its report version came with (the sender's X-Request-ID)."""
     token = _delivery.set(
         (("municipality", municipality), ("adapter", adapter), ("delivery_id", delivery_id))
     )
+    with correlated(request_id):
+        try:
+            yield
+        finally:
+            _delivery.reset(token)
+
+
+@contextlib.contextmanager
+def correlated(request_id: str | None) -> Iterator[None]:
+    """Lines logged inside (in this task) carry ``request_id`` (None: leave it as it is)."""
+    if request_id is None:
+        yield
+        return
+    token = correlation_id.set(request_id)
     try:
         yield
     finally:
-        _delivery.reset(token)
+        correlation_id.reset(token)
 
 
 class MaskingFilter(logging.Filter):

@@ -8,20 +8,24 @@ trail with every action, and every action needs a reason.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from . import deliveries
-from .auth import ACTION_ROLES, operator, require_municipality
+from .auth import ACTION_ROLES, operator, require_municipality, require_role
 from .errors import BadRequest, Conflict, FieldError, InvalidReport, NotFound
 from .intake import _iso_times, read_json
 from .keys import APP_ADAPTERS, APP_DISPATCHER, APP_STORE
+from .privacy import DataKeys
 from .settings import ALL_MUNICIPALITIES, Operator
-from .store import Status
+from .store import Status, Store
+from .store.common import cpr_lookup_hash, empty_overview_row
 from .validation import pointer_token, readable_text
 
 routes = web.RouteTableDef()
@@ -39,7 +43,16 @@ FILTER_KEYS = (
     "until",
     "error",
     "at_risk",
+    "period",
+    "employee",
+    "cpr",
 )
+MUNICIPALITY = re.compile(r"[0-9]{3}")
+PERIOD = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
+#: a full CPR number as an operator types it (DDMMYYXXXX, DDMMYY-XXXX or DDMMYY XXXX)
+FULL_CPR = re.compile(r"[0-9]{6}[- ]?[0-9]{4}")
+CURSOR = re.compile(r"[0-9a-f]{1,15}")  # the last row's id in hex: opaque to clients
+COPENHAGEN = ZoneInfo("Europe/Copenhagen")
 
 
 def scoped(who: Operator, filters: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,15 +77,24 @@ async def gather_scoped(
     return [row for f in scoped(who, filters) for row in await query(f)]
 
 
-async def require_deliveries(request: web.Request, who: Operator, ids: list[int]) -> None:
+async def require_deliveries(store: Store, who: Operator, ids: list[int]) -> None:
     """403 when one of these deliveries belongs to a municipality the operator may not touch."""
-    rows = await request.app[APP_STORE].list_deliveries({"ids": ids}, max(len(ids), 1))
+    rows = await store.list_deliveries({"ids": ids}, max(len(ids), 1))
     for municipality in sorted({r["municipality"] for r in rows}):
         require_municipality(who, municipality)
 
 
-def parse_filters(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Known filter names only, each of its type; times as ISO-8601 (or epoch seconds)."""
+def parse_filters(
+    raw: Mapping[str, Any],
+    where: str,
+    adapters: Collection[str] | None = None,
+    keys: DataKeys | None = None,
+) -> dict[str, Any]:
+    """Known filter names only, each of its type; times as ISO-8601 (or epoch seconds).
+
+    A municipality is 3 digits, an adapter one of ``adapters`` (the known ones), a period
+    ``YYYY-MM``; a ``cpr`` (a full CPR number) becomes the keyed ``cpr_hash`` the store
+    looks up with (``keys``): it is never stored, echoed or written anywhere."""
     unknown = set(raw) - set(FILTER_KEYS) - {"ids"}
     if unknown:
         raise InvalidReport(
@@ -91,18 +113,66 @@ def parse_filters(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
             filters["ids"] = _ids(value, pointer)
         elif key == "at_risk":
             filters[key] = _flag(value, pointer)
-        elif not isinstance(value, str) or not readable_text(value) or len(value) > 500:
-            raise InvalidReport(
-                f"bad {key}",
-                [FieldError(pointer, "must be a text of at most 500 readable characters")],
-            )
-        elif key == "status" and value not in STATES:
-            raise InvalidReport(
-                "bad status", [FieldError(pointer, f"must be one of: {', '.join(STATES)}")]
-            )
+        elif key == "cpr":
+            filters["cpr_hash"] = _cpr_hash(value, pointer, keys)
         else:
-            filters[key] = value
+            filters[key] = _text_filter(key, value, pointer, adapters)
     return filters
+
+
+#: what a text filter's value must be, beyond readable text: (test, the message saying so)
+TEXT_RULES: dict[str, tuple[Callable[[str], bool], str]] = {
+    "status": (lambda v: v in STATES, f"must be one of: {', '.join(STATES)}"),
+    "municipality": (lambda v: bool(MUNICIPALITY.fullmatch(v)), "must be 3 digits (kommunekode)"),
+    "period": (lambda v: bool(PERIOD.fullmatch(v)), "must be a payroll period YYYY-MM"),
+}
+
+
+def _text_filter(key: str, value: Any, pointer: str, adapters: Collection[str] | None) -> str:
+    if not isinstance(value, str) or not readable_text(value) or len(value) > 500:
+        raise InvalidReport(
+            f"bad {key}",
+            [FieldError(pointer, "must be a text of at most 500 readable characters")],
+        )
+    test, message = TEXT_RULES.get(key, (lambda v: True, ""))
+    if not test(value):
+        raise InvalidReport(f"bad {key}", [FieldError(pointer, message)])
+    if key == "adapter" and adapters is not None and value not in adapters:
+        raise InvalidReport(
+            "bad adapter", [FieldError(pointer, f"must be one of: {', '.join(sorted(adapters))}")]
+        )
+    return value
+
+
+def _cpr_hash(value: Any, pointer: str, keys: DataKeys | None) -> str:
+    """The lookup hash of a full CPR number; the value itself is never echoed."""
+    if not isinstance(value, str) or not FULL_CPR.fullmatch(value) or keys is None:
+        raise InvalidReport(
+            "bad cpr", [FieldError(pointer, "must be a full CPR number (10 digits)")]
+        )
+    return cpr_lookup_hash(keys, value)
+
+
+def encode_cursor(last_id: int) -> str:
+    return format(last_id, "x")
+
+
+def decode_cursor(raw: str | None) -> int | None:
+    """The id a cursor continues after (None: the first page); 400 for one not given by us."""
+    if raw is None:
+        return None
+    if not CURSOR.fullmatch(raw):
+        raise BadRequest(
+            "bad cursor",
+            [FieldError("/cursor", "must be a next_cursor of an earlier answer")],
+        )
+    return int(raw, 16)
+
+
+def day_start(now: float) -> float:
+    """Local midnight (Europe/Copenhagen) of the day ``now`` falls in, as epoch seconds."""
+    local = datetime.fromtimestamp(now, COPENHAGEN)
+    return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
 
 
 def _flag(value: Any, pointer: str) -> bool:
@@ -149,20 +219,73 @@ def _time(value: Any, pointer: str) -> float:
         ) from exc
 
 
-@routes.get("/v1/ops/deliveries")
-async def list_deliveries(request: web.Request) -> web.Response:
-    who = operator(request)
-    raw = {k: v for k, v in request.query.items() if k != "limit"}
+def query_filters(request: web.Request) -> dict[str, Any]:
+    """The list's filters from the query (``limit`` and ``cursor`` are not filters)."""
+    raw = {k: v for k, v in request.query.items() if k not in ("limit", "cursor")}
+    store = request.app[APP_STORE]
     try:
-        filters = parse_filters(raw, "")
+        return parse_filters(raw, "", request.app[APP_ADAPTERS], store.keys)
     except InvalidReport as exc:  # a bad query parameter is a bad request, not a bad body
         raise BadRequest(exc.detail, exc.errors) from exc
+
+
+@routes.get("/v1/ops/deliveries")
+async def list_deliveries(request: web.Request) -> web.Response:
+    """Newest first, a page at a time: ``next_cursor`` continues after the page's last row;
+    ``count`` is the whole result (every page, every municipality the operator sees)."""
+    who = operator(request)
+    filters = query_filters(request)
     limit = _limit(request)
+    before = decode_cursor(request.query.get("cursor"))
     store = request.app[APP_STORE]
-    rows = await gather_scoped(who, filters, lambda f: store.list_deliveries(f, limit))
-    rows = sorted(rows, key=lambda r: r["id"])[:limit]
-    _iso_times(rows)
-    return web.json_response({"deliveries": rows, "count": len(rows)})
+    selections = scoped(who, filters)
+    rows = [
+        row
+        for f in selections
+        for row in await store.list_deliveries({**f, "before_id": before}, limit + 1)
+    ]
+    rows.sort(key=lambda r: r["id"], reverse=True)
+    page = rows[:limit]
+    count = sum([await store.count_deliveries(f) for f in selections])
+    next_cursor = encode_cursor(page[-1]["id"]) if len(rows) > limit else None
+    _iso_times(page)
+    return web.json_response({"deliveries": page, "count": count, "next_cursor": next_cursor})
+
+
+@routes.get("/v1/ops/deliveries/{id}")
+async def delivery_detail(request: web.Request) -> web.Response:
+    """One delivery: its report (CPR masked), versions, attempts as sent, audit events."""
+    who = operator(request)
+    detail = await request.app[APP_STORE].delivery_detail(_id(request))
+    if detail is None:
+        raise NotFound("no such delivery")
+    require_municipality(who, detail["municipality"])
+    _iso_times(detail)
+    return web.json_response(detail)
+
+
+@routes.get("/v1/ops/overview")
+async def overview(request: web.Request) -> web.Response:
+    """Per endpoint the operator sees: deliveries by state shown, delivered today (since
+    midnight Europe/Copenhagen), at risk, the oldest unfinished, the last hour's p95 latency,
+    and the endpoint's breaker and pause (``endpoint``: null when no route is configured now)."""
+    who = operator(request)
+    now = time.time()
+    start = day_start(now)
+    views = {
+        e.key: e.view(now) for e in request.app[APP_DISPATCHER].endpoints if who.covers(e.key[0])
+    }
+    rows = {
+        (r["municipality"], r["adapter"]): r
+        for r in await request.app[APP_STORE].overview(now, start)
+        if who.covers(r["municipality"])
+    }
+    for key in views.keys() - rows.keys():
+        rows[key] = empty_overview_row(*key)
+    listed = [{**rows[k], "endpoint": views.get(k)} for k in sorted(rows)]
+    answer = {"endpoints": listed, "day_start_at": start}
+    _iso_times(answer)
+    return web.json_response(answer)
 
 
 @routes.get("/v1/ops/deliveries/{id}/audit")
@@ -219,17 +342,30 @@ async def _act(
     vendor_reference: Any = None,
 ) -> dict[str, Any]:
     who = operator(request, ACTION_ROLES.get(action, "admin"))
+    return await act(request.app, who, action, filters, reason, vendor_reference)
+
+
+async def act(
+    app: web.Application,
+    who: Operator,
+    action: str,
+    filters: dict[str, Any],
+    reason: Any,
+    vendor_reference: Any = None,
+) -> dict[str, Any]:
+    """An operator's action on the selected deliveries, for the ops API and the console alike:
+    role, scope and reason checked, the store's state machine applied, the dispatcher woken."""
+    require_role(who, ACTION_ROLES.get(action, "admin"))
     reason = _text(reason, "/reason", "a reason")
     if not filters:
         raise InvalidReport(
             "select deliveries", [FieldError("/filter", "give ids or at least one filter")]
         )
-    app = request.app
     readback = [n for n, a in app[APP_ADAPTERS].items() if a.reads_back]
     if vendor_reference is not None:
         vendor_reference = _text(vendor_reference, "/vendor_reference", "a vendor_reference")
     if filters.get("ids"):
-        await require_deliveries(request, who, filters["ids"])
+        await require_deliveries(app[APP_STORE], who, filters["ids"])
     result: dict[str, list[int]] = {"changed": [], "skipped": []}
     for selection in scoped(who, filters):
         done = await app[APP_STORE].operate(
@@ -261,14 +397,9 @@ async def act_on_many(request: web.Request) -> web.Response:
     raw = dict(body.get("filter") or {})
     if "ids" in body:
         raw["ids"] = body["ids"]
+    filters = parse_filters(raw, "/filter", request.app[APP_ADAPTERS], request.app[APP_STORE].keys)
     return web.json_response(
-        await _act(
-            request,
-            action,
-            parse_filters(raw, "/filter"),
-            body.get("reason"),
-            body.get("vendor_reference"),
-        )
+        await _act(request, action, filters, body.get("reason"), body.get("vendor_reference"))
     )
 
 
@@ -304,18 +435,31 @@ async def pause_or_resume(request: web.Request) -> web.Response:
     who = operator(request, ACTION_ROLES[action])
     key = (request.match_info["municipality"], request.match_info["adapter"])
     require_municipality(who, key[0])
-    endpoint = request.app[APP_DISPATCHER].endpoints.get(key)
-    if endpoint is None:
+    if request.app[APP_DISPATCHER].endpoints.get(key) is None:
         raise NotFound(f"no route {key[0]} → {key[1]} is configured")
     body = await read_json(request)
-    reason = _text(body.get("reason") if isinstance(body, dict) else None, "/reason", "a reason")
+    reason = body.get("reason") if isinstance(body, dict) else None
+    return web.json_response(await pause_endpoint(request.app, who, key, action, reason))
+
+
+async def pause_endpoint(
+    app: web.Application, who: Operator, key: tuple[str, str], action: str, reason: Any
+) -> dict[str, Any]:
+    """Pause or resume one endpoint (ops API and console): recorded with the operator's name."""
+    require_role(who, ACTION_ROLES[action])
+    require_municipality(who, key[0])
+    endpoint = app[APP_DISPATCHER].endpoints.get(key)
+    if endpoint is None:
+        raise NotFound(f"no route {key[0]} → {key[1]} is configured")
+    reason = _text(reason, "/reason", "a reason")
     paused = action == "pause"
-    await request.app[APP_STORE].set_paused(*key, paused, reason, who.name, time.time())
+    await app[APP_STORE].set_paused(*key, paused, reason, who.name, time.time())
     endpoint.paused = reason if paused else None
     if not paused:
-        await request.app[APP_STORE].undefer(*key, time.time())  # re-planned against the hours now
-        request.app[APP_DISPATCHER].wake()
-    return web.json_response(endpoint.view(time.time()))
+        await app[APP_STORE].undefer(*key, time.time())  # re-planned against the hours now
+        app[APP_DISPATCHER].wake()
+    view: dict[str, Any] = endpoint.view(time.time())
+    return view
 
 
 @routes.get("/v1/ops/rejections")

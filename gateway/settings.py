@@ -73,6 +73,7 @@ class EndpointPolicy:
 
 OPERATOR_ROLES = ("viewer", "operator", "admin")  # each may do what the one before may, and more
 ALL_MUNICIPALITIES = "*"
+ACCOUNT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,21 @@ class Operator:
 
     def covers(self, municipality: str) -> bool:
         return ALL_MUNICIPALITIES in self.municipalities or municipality in self.municipalities
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """Who may sign in to the console (``[accounts.NAME]``): a password hash (scrypt, see
+    ``gateway.console.passwords``) and the same role and municipalities an operator token has."""
+
+    name: str
+    password_hash: str = field(repr=False)
+    role: str = "viewer"
+    municipalities: frozenset[str] = frozenset()
+
+    def operator(self) -> Operator:
+        """The account as an operator: the ops API's role and scope rules apply unchanged."""
+        return Operator(self.name, "", self.role, self.municipalities)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +215,8 @@ class Settings:
     simulators: tuple[SimulatorSettings, ...] = ()
     operators: Mapping[str, Operator] = field(default_factory=dict)
     alerts: AlertSettings = AlertSettings()
+    accounts: Mapping[str, Account] = field(default_factory=dict)  # console sign-in
+    session_hours: float = 8.0  # [console]: a console session ends this long after sign-in
     at_risk_check_seconds: float = 30.0
     at_risk_margin_seconds: float = 24 * 3600.0  # waiting for an operator this close to cut-off
     role: str = "all"  # intake | dispatch | all (DESIGN.md §5, serve --role)
@@ -298,6 +316,8 @@ _ALLOWED_TOP = {
     "tenants",
     "simulators",
     "operators",
+    "accounts",
+    "console",
     "alerts",
     "privacy",
     "audit",
@@ -422,6 +442,8 @@ class _Reader:
             simulators=self.simulators(_table(raw, "simulators", "")),
             operators=MappingProxyType(self.operators(_table(raw, "operators", ""))),
             alerts=self.alerts(_table(raw, "alerts", "")),
+            accounts=MappingProxyType(self.accounts(_table(raw, "accounts", ""))),
+            session_hours=self.console(_table(raw, "console", "")),
             role=parse_role(_get(server, "role", str, "server", "all"), "server.role"),
             tls_cert_file=cert,
             tls_key_file=key,
@@ -534,6 +556,36 @@ class _Reader:
                 )
             operators[name] = Operator(name, digest, role, self.municipalities(table, where))
         return operators
+
+    def accounts(self, raw: dict[str, Any]) -> dict[str, Account]:
+        from .console.passwords import valid_hash
+
+        accounts = {}
+        for name, table in raw.items():
+            where = f"accounts.{name}"
+            if not isinstance(table, dict):
+                raise ConfigError(
+                    f"{where}: must be a table with password_hash, role and municipalities"
+                )
+            if not ACCOUNT_NAME.fullmatch(name):
+                raise ConfigError(f"{where}: a name is 1-64 letters, digits, '.', '_' or '-'")
+            _no_unknown(table, {"password_hash", "role", "municipalities"}, where)
+            digest = _get(table, "password_hash", str, where, "")
+            if not valid_hash(digest):
+                raise ConfigError(
+                    f"{where}.password_hash: expected 'scrypt$...' (payroll-gateway hash-password)"
+                )
+            role = _get(table, "role", str, where, None)
+            if role not in OPERATOR_ROLES:
+                raise ConfigError(
+                    f"{where}.role: required, one of {', '.join(OPERATOR_ROLES)}; got {role!r}"
+                )
+            accounts[name] = Account(name, digest, role, self.municipalities(table, where))
+        return accounts
+
+    def console(self, raw: dict[str, Any]) -> float:
+        _no_unknown(raw, {"session_hours"}, "console")
+        return float(_positive(raw, "session_hours", (int, float), "console", 8))
 
     def municipalities(self, table: dict[str, Any], where: str) -> frozenset[str]:
         listed = _get(table, "municipalities", list, where, None)

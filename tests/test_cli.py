@@ -410,3 +410,27 @@ def test_keys_list_and_revoke_show_ids_never_secrets(
     assert "0a0b0c0d     revoked" in capsys.readouterr().out
     assert main(["keys", "revoke", "--config", str(cfg), "--id", "ffffffff"]) == 1
     assert "no municipality" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "port"),
+    [
+        ([], 8080),  # the demo config's
+        (["--port", "9123"], 9123),
+        (["--listen", "127.0.0.1:9000", "--port", "9124"], 9124),  # the port wins; host kept
+    ],
+)
+def test_serve_takes_a_port(argv: list[str], port: int) -> None:
+    """`make run PORT=...` passes --port; the host stays as configured."""
+    from gateway.cli import _settings, build_parser
+
+    args = build_parser().parse_args(["serve", "--config", str(REPO / "examples/demo.toml"), *argv])
+    settings = _settings(args)
+    assert (settings.listen_host, settings.listen_port) == ("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("bad", ["0", "65536", "http", "-1"])
+def test_serve_refuses_a_bad_port(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--config", str(REPO / "examples/demo.toml"), "--port", bad])
+    assert "--port" in capsys.readouterr().err

@@ -154,7 +154,9 @@ class Rig:
         return len(jobs)
 
     async def deliveries(self, report_id: str) -> list[dict[str, Any]]:
-        return [d for d in await self.store.list_deliveries({}) if d["report_id"] == report_id]
+        """Oldest first (the store lists newest first)."""
+        rows = await self.store.list_deliveries({"report_id": report_id})
+        return sorted(rows, key=lambda d: d["id"])
 
     async def latest(self, report_id: str) -> dict[str, Any]:
         return (await self.deliveries(report_id))[-1]

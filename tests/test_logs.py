@@ -15,7 +15,7 @@ import pytest
 from gateway import logs
 from gateway.errors import ConfigError
 from gateway.settings import load
-from tests.conftest import Gateway, drive
+from tests.conftest import KEY_746, KEY_840, OPS_TOKEN, SD_PASSWORD, Gateway, drive
 
 # a 10-digit word (not digits inside a made-up hex request id)
 CPR = re.compile(r"\b\d{10}\b")
@@ -96,3 +96,66 @@ def test_extras_outside_the_field_list_are_not_written(captured: io.StringIO) ->
     line = json.loads(captured.getvalue())
     assert line["municipality"] == "746" and "password" not in line
     assert "hunter2" not in captured.getvalue() and "0101901234" not in captured.getvalue()
+
+
+async def test_a_full_scenario_carries_the_senders_request_id_and_no_secret(
+    gateway: Gateway, captured: io.StringIO
+) -> None:
+    """Intake with X-Request-ID, a 422, a 409, a pause and resume through the ops API, a
+    delivery to the SD simulator and a failure: every line JSON; each delivery's lines carry
+    the request id its report came with; no CPR and no configured secret in the logs or in
+    any answer of the ops API."""
+    answers: list[str] = []
+    status, paused = await gateway.ops("POST", "endpoints/746/sd-koersel/pause", {"reason": "x"})
+    assert status == 200
+    answers.append(json.dumps(paused))
+    ok = drive(report_id="S-1")
+    assert (await gateway.post(ok, headers={"X-Request-ID": "req-sender-ok"}))[0] == 202
+    failing = drive(report_id="S-2")
+    failing["employee"]["employment_id"] = "00000000"  # SD: "does not exist": failed
+    assert (await gateway.post(failing, headers={"X-Request-ID": "req-sender-fail"}))[0] == 202
+    bad = drive(report_id="S-3", distance_km="far")
+    assert (await gateway.post(bad, headers={"X-Request-ID": "req-422"}))[0] == 422
+    changed = drive(report_id="S-1", distance_km=99)
+    assert (await gateway.post(changed, headers={"X-Request-ID": "req-409"}))[0] == 409
+    status, resumed = await gateway.ops("POST", "endpoints/746/sd-koersel/resume", {"reason": "y"})
+    assert status == 200
+    answers.append(json.dumps(resumed))
+    await gateway.wait_for("S-1", {"delivered"})
+    await gateway.wait_for("S-2", {"failed"})
+    await gateway.dispatcher.drain()
+
+    status, listed = await gateway.ops("GET", "deliveries")
+    assert status == 200
+    ids = {d["report_id"]: d["id"] for d in listed["deliveries"]}
+    answers.append(json.dumps(listed))
+    for path in (
+        f"deliveries/{ids['S-1']}",
+        f"deliveries/{ids['S-2']}",
+        f"deliveries/{ids['S-2']}/audit",
+        "overview",
+        "endpoints",
+        "rejections",
+    ):
+        status, body = await gateway.ops("GET", path)
+        assert status == 200, (path, body)
+        answers.append(json.dumps(body))
+    _, detail = await gateway.ops("GET", f"deliveries/{ids['S-1']}")
+    assert detail["versions"][0]["request_id"] == "req-sender-ok"
+
+    text = captured.getvalue()
+    lines = [json.loads(line) for line in text.splitlines()]  # every line is one JSON object
+    by_delivery: dict[int, set[str]] = {}
+    for line in lines:
+        if "delivery_id" in line:
+            by_delivery.setdefault(line["delivery_id"], set()).add(line["request_id"])
+    assert by_delivery[ids["S-1"]] == {"req-sender-ok"}
+    assert by_delivery[ids["S-2"]] == {"req-sender-fail"}
+    assert any(x.get("status") == 409 and x["request_id"] == "req-409" for x in lines)
+    secrets = (KEY_746, KEY_840, OPS_TOKEN, SD_PASSWORD)
+    for where, written in (("logs", text), *(("ops answer", a) for a in answers)):
+        for cpr in ("0101901234", "0202802345"):  # the report's and the approver's
+            assert cpr not in written and f"{cpr[:6]}-{cpr[6:]}" not in written, where
+        assert not CPR.search(written), (where, CPR.findall(written))
+        for secret in secrets:
+            assert secret not in written, where

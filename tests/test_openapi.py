@@ -74,3 +74,29 @@ async def test_unknown_status_is_400(gateway: Gateway) -> None:
         headers={"Authorization": "Bearer ops-test-token"},
     )
     assert resp.status == 400 and resp.content_type == "application/problem+json"
+
+
+def test_adapter_filters_are_the_registered_adapters() -> None:
+    """A schema-valid adapter is never 400 (the fuzzer holds the API to its document)."""
+    from adapters.registry import load_adapters
+
+    doc = json.loads(openapi.PATH.read_text(encoding="utf-8"))
+    [adapter] = [
+        p for p in doc["paths"]["/v1/ops/deliveries"]["get"]["parameters"] if p["name"] == "adapter"
+    ]
+    action = doc["paths"]["/v1/ops/deliveries/{action}"]["post"]["requestBody"]["content"]
+    in_body = action["application/json"]["schema"]["properties"]["filter"]["properties"]["adapter"]
+    assert adapter["schema"]["enum"] == in_body["enum"] == sorted(load_adapters())
+
+
+def test_every_ops_answer_has_a_schema() -> None:
+    doc = json.loads(openapi.PATH.read_text(encoding="utf-8"))
+    for path, operations in doc["paths"].items():
+        if not path.startswith("/v1/ops/"):
+            continue
+        for method, operation in operations.items():
+            schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+            assert schema != {"type": "object"} and ("$ref" in schema or "properties" in schema), (
+                method,
+                path,
+            )

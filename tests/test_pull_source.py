@@ -554,3 +554,22 @@ async def test_simulator_faults_apply_nothing(os2_server: TestServer) -> None:
             assert resp.status == 400
         async with http.post(base + "AcknowledgeReportsProcessed", json=[1]) as resp:
             assert resp.status == 200 and state.processed == {1}
+
+
+async def test_pulled_reports_keep_the_id_of_their_pull(
+    make_gateway: Any, settings: Settings, os2_server: TestServer, sd_server: TestServer
+) -> None:
+    """A pull has a correlation id of its own (no sender's X-Request-ID): stored with each
+    report it took, and carried by the log lines of their deliveries."""
+    state = os2(os2_server)
+    state.page_size = 2
+    state.add(record(i) for i in range(1, 5))
+    gw = await make_gateway(with_source(settings, os2_server))
+    await wait_until(lambda: len(state.processed) == 4, 10, "all 4 acknowledged")
+    rows = await gw.store.list_deliveries({"municipality": "746"}, 10)
+    pulls = []
+    for row in rows:
+        detail = await gw.store.delivery_detail(row["id"])
+        pulls.append(detail["versions"][0]["request_id"])
+    assert len(pulls) == 4 and all(re.fullmatch(r"pull-[0-9a-f]{32}", p) for p in pulls)
+    assert len(set(pulls)) == 2  # two records per GET: two pulls, one id each

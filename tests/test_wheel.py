@@ -216,6 +216,11 @@ def test_serve_delivers_a_report_to_the_built_in_simulator(venv: Path, workdir: 
             assert status == 202, body
             view = _poll_delivered(f"{base}/v1/reports/746/demo-746-1")
             assert view["status"] == "delivered", (view, log.read_text())
+            # the console's templates and static files come from the installed wheel
+            with urllib.request.urlopen(f"{base}/ui/signin", timeout=5) as page:
+                assert 'name="username"' in page.read().decode("utf-8")
+            with urllib.request.urlopen(f"{base}/ui/static/console.css", timeout=5) as css:
+                assert css.status == 200
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=30)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from adapters.base import Adapter
 from ..compat import to_new_report
 from ..errors import FieldError, GatewayError
 from ..intake import cutoffs
+from ..logs import correlated
 from ..privacy import mask_cpr
 from ..settings import PullSource, Tenant
 from ..store import PulledRecord, PullOutcome, Store, StoreError
@@ -218,7 +220,12 @@ class Os2Indberetning:
             due = next_pull_at(self.source, self.clock(), self.failures)
 
     async def pull_safely(self) -> PullSummary | None:
-        """One pull; every failure is logged and audited, never raised."""
+        """One pull; every failure is logged and audited, never raised. The pull has an id
+        of its own: every line it logs carries it, and every report it stores keeps it."""
+        with correlated(f"pull-{uuid.uuid4().hex}"):
+            return await self._pull_safely()
+
+    async def _pull_safely(self) -> PullSummary | None:
         try:
             summary = await self.pull_once()
         except PullError as exc:

@@ -80,6 +80,8 @@ class NewReport:
     content_hash: str
     adapter: str | None  # the routed adapter, None when the tenant has no route for the kind
     cutoff_at: float | None = None  # the payroll run's cut-off this delivery targets
+    period: str | None = None  # "YYYY-MM" of the report's own date (drive_date, start_date)
+    request_id: str | None = None  # the sender's X-Request-ID (or one made per pull)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,7 @@ class Job:
     delivered: tuple[DeliveredPart, ...] = ()
     pending: tuple[Message, ...] = ()  # messages whose outcome is unknown (in doubt)
     cutoff_at: float | None = None
+    request_id: str | None = None  # the correlation id the report version came with
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,8 @@ class Settle:
 
 
 class Store(Protocol):
+    keys: DataKeys  # seals personal data; ``common.cpr_lookup_hash(store.keys, cpr)`` for a filter
+
     async def open(self) -> None: ...
     async def aclose(self) -> None: ...
     async def ping(self) -> bool: ...
@@ -243,9 +248,20 @@ class Store(Protocol):
     ) -> None: ...
     async def defer_due(self, municipality: str, adapter: str, until: float, now: float) -> int: ...
     async def undefer(self, municipality: str | None, adapter: str | None, now: float) -> int: ...
+    # newest first (``before_id``: the rows after a page's last one); filters: ``ids``,
+    # ``municipality``, ``adapter``, ``status`` (as shown: ``held`` included), ``report_id``,
+    # ``since``/``until`` (created), ``error`` (substring), ``at_risk``, ``period`` ("YYYY-MM" of
+    # the report's own date), ``employee`` (employment id), ``cpr_hash`` (``cpr_lookup_hash``)
     async def list_deliveries(
         self, filters: Mapping[str, Any], limit: int = 200
     ) -> list[dict[str, Any]]: ...
+    # the number of deliveries the filters select (the whole list: ``before_id`` ignored)
+    async def count_deliveries(self, filters: Mapping[str, Any]) -> int: ...
+    # one row per endpoint with deliveries: counts by state shown, delivered since
+    # ``day_start``, at risk, the oldest unfinished, p95 latency of the last hour's attempts
+    async def overview(self, now: float, day_start: float) -> list[dict[str, Any]]: ...
+    # one delivery with its report (CPR masked), versions, attempts and audit (None: no such)
+    async def delivery_detail(self, delivery_id: int) -> dict[str, Any] | None: ...
     async def count_at_risk(self) -> int: ...
     async def operate(
         self,
@@ -274,6 +290,15 @@ class Store(Protocol):
     ) -> list[dict[str, Any]]: ...
     # several processes: only one writes a file (IND01) at a time
     def file_lock(self, key: str) -> AbstractAsyncContextManager[None]: ...
+    # the console (gateway/console): sessions by the SHA-256 of their random token
+    async def create_session(
+        self, token_hash: str, username: str, now: float, expires_at: float
+    ) -> None: ...
+    # the session's operator name; None when unknown or expired
+    async def session_user(self, token_hash: str, now: float) -> str | None: ...
+    async def end_session(self, token_hash: str) -> None: ...
+    # audit events newest first, each with the municipality of its delivery or report (if any)
+    async def audit_events(self, before_id: int | None, limit: int) -> list[dict[str, Any]]: ...
     # personal data: seal values stored in clear (done at open), or (``rotate``) re-seal every
     # value under the current data key; the rows changed per table (idempotent)
     async def reseal(self, rotate: bool) -> dict[str, int]: ...

@@ -20,7 +20,7 @@ from adapters.base import DeliveredPart, Message
 from .. import deliveries
 from ..audit import event_hmac, legacy_broken, row_hmac, seal
 from ..deliveries import Decision, Delivery
-from ..privacy import DataKeys
+from ..privacy import MASKED_CPR, DataKeys, mask_cpr, mask_strings
 from . import BLOCKING, FINAL, Job, NewReport, Settle, Status
 
 
@@ -39,12 +39,29 @@ WAITING_SQL = ",".join(
     for s in sorted(Status)
     if s is not Status.HELD and deliveries.shown_status(s, True) is Status.HELD
 )
-#: per stored state, how many deliveries wait behind an earlier one of their lane (blocked)
-COUNT_SHOWN_SQL = (
-    f"SELECT d.status, CASE WHEN d.status IN ({WAITING_SQL}) AND EXISTS (SELECT 1 FROM deliveries e"
+#: an earlier unfinished delivery of the same lane (employee at one endpoint) holds ``d`` back
+LANE_BLOCKED_SQL = (
+    "EXISTS (SELECT 1 FROM deliveries e"
     "   WHERE e.municipality = d.municipality AND e.adapter = d.adapter"
     f"  AND e.employee_key = d.employee_key AND e.id < d.id AND e.status IN ({BLOCKING_SQL}))"
-    " THEN 1 ELSE 0 END AS blocked, COUNT(*) AS n FROM deliveries d GROUP BY 1, 2"
+)
+BLOCKED_SQL = f"CASE WHEN d.status IN ({WAITING_SQL}) AND {LANE_BLOCKED_SQL} THEN 1 ELSE 0 END"
+#: per stored state, how many deliveries wait behind an earlier one of their lane (blocked)
+COUNT_SHOWN_SQL = (
+    f"SELECT d.status, {BLOCKED_SQL} AS blocked, COUNT(*) AS n FROM deliveries d GROUP BY 1, 2"
+)
+#: the overview's counts per endpoint, stored state and blocked (parameter: the day's start)
+OVERVIEW_SQL = (
+    f"SELECT d.municipality, d.adapter, d.status, {BLOCKED_SQL} AS blocked, COUNT(*) AS n,"
+    " SUM(CASE WHEN d.at_risk = 1 THEN 1 ELSE 0 END) AS at_risk,"
+    " SUM(CASE WHEN d.updated_at >= ? THEN 1 ELSE 0 END) AS changed_today,"
+    " MIN(d.created_at) AS oldest FROM deliveries d GROUP BY 1, 2, 3, 4"
+)
+#: latencies of attempts that ended in a window (parameters: from, to)
+LATENCIES_SQL = (
+    "SELECT d.municipality, d.adapter, a.latency_ms FROM attempts a"
+    " JOIN deliveries d ON d.id = a.delivery_id"
+    " WHERE a.finished_at >= ? AND a.finished_at <= ? AND a.latency_ms IS NOT NULL"
 )
 OLDEST_UNFINISHED_SQL = (
     "SELECT MIN(created_at) FROM deliveries WHERE status NOT IN ("
@@ -64,16 +81,54 @@ AUDIT_INSERT = (
 )
 #: the head a new event chains onto (read inside the write transaction, under the writer lock)
 AUDIT_HEAD = "SELECT id, hmac FROM audit_events ORDER BY id DESC LIMIT 1"
+# the console's sessions (migration 11); expired rows are removed whenever one is created
+SESSION_SWEEP = "DELETE FROM console_sessions WHERE expires_at <= ?"
+SESSION_INSERT = "INSERT INTO console_sessions (token_hash, username, created_at, expires_at) VALUES (?, ?, ?, ?)"
+SESSION_USER = "SELECT username FROM console_sessions WHERE token_hash = ? AND expires_at > ?"
+SESSION_END = "DELETE FROM console_sessions WHERE token_hash = ?"
+#: audit events newest first, with the municipality of the delivery or report they concern
+AUDIT_PAGE = (
+    "SELECT e.id, e.at, e.actor, e.event, e.delivery_id, e.detail,"
+    " COALESCE(d.municipality, r.municipality) AS municipality FROM audit_events e"
+    " LEFT JOIN deliveries d ON d.id = e.delivery_id LEFT JOIN reports r ON r.id = e.report_pk"
+    " WHERE e.id < ? ORDER BY e.id DESC LIMIT ?"
+)
+
+
+def audit_page_row(row: Row) -> dict[str, Any]:
+    """An event of :data:`AUDIT_PAGE`; an endpoint's event names its municipality in the detail."""
+    detail = json.loads(row["detail"])
+    municipality = row["municipality"]
+    if municipality is None and isinstance(detail, dict):
+        named = detail.get("municipality")
+        municipality = named if isinstance(named, str) else None
+    return {
+        "id": row["id"],
+        "at": row["at"],
+        "actor": row["actor"],
+        "event": row["event"],
+        "delivery_id": row["delivery_id"],
+        "detail": detail,
+        "municipality": municipality,
+    }
+
+
 FILTERS = {
     "id": "d.id = ?",
+    "before_id": "d.id < ?",  # the cursor of a newest-first list
+    "status": "d.status = ?",
     "municipality": "d.municipality = ?",
     "adapter": "d.adapter = ?",
-    "status": "d.status = ?",
     "report_id": "r.report_id = ?",
     "since": "d.created_at >= ?",
     "until": "d.created_at < ?",
     "error": "d.last_error LIKE '%' || ? || '%' ESCAPE '\\'",  # a substring, never a pattern
     "at_risk": "d.at_risk = ?",
+    "period": "d.period = ?",
+    "employee": "d.employee_key = ?",
+    # the keyed lookup hash of the employee's full CPR (cpr_lookup_hash), any version
+    "cpr_hash": "d.version_pk IN (SELECT c.version_pk FROM report_cprs c"
+    " WHERE c.employee_cpr_hash = ?)",
 }
 
 
@@ -190,8 +245,22 @@ BREAKERS_OPEN = (
 )
 
 
+#: deliveries shown as ``held``: waiting behind an earlier unfinished one of their lane
+HELD_SQL = f"(d.status IN ({WAITING_SQL}) AND {LANE_BLOCKED_SQL})"
+
+
+def cpr_lookup_hash(keys: DataKeys, cpr: str) -> str:
+    """The ``cpr_hash`` filter's value for a full CPR number (the keyed lookup hash stored
+    next to each sealed CPR since migration 7): the CPR itself never reaches the SQL."""
+    return keys.lookup_hash(cpr)
+
+
 def filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
-    """A WHERE clause from known filter names only (values are always parameters)."""
+    """A WHERE clause from known filter names only (values are always parameters).
+
+    ``status`` is the stored state (a waiting one includes those shown as held: what an
+    action selects), or ``held``: only those an earlier delivery of their lane holds back.
+    """
     clauses, params = ["1 = 1"], []
     for name, value in filters.items():
         if value is None:
@@ -199,6 +268,9 @@ def filter_sql(filters: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]]:
         if name == "ids":
             clauses.append(f"d.id IN ({','.join('?' * len(value)) or 'NULL'})")
             params.extend(value)
+            continue
+        if name == "status" and value == Status.HELD:  # a state shown, never stored
+            clauses.append(HELD_SQL)
             continue
         clauses.append(FILTERS[name])
         if name == "error":  # the text as typed: % and _ are not wildcards
@@ -372,6 +444,8 @@ def list_view(row: Row, blocker: dict[str, Any] | None) -> dict[str, Any]:
         )
     }
     view["at_risk"] = bool(row["at_risk"])
+    view["employee"] = row["employee_key"]
+    view["period"] = row["period"]
     if row["deferred_from"] is not None and waits_in_lane(row):
         view["waiting_for_opening_at"] = row["next_attempt_at"]  # the endpoint is closed until then
     view["status"] = shown(row, blocker)
@@ -435,6 +509,7 @@ def job(
         delivered,
         pending,
         cutoff_at=row["cutoff_at"],
+        request_id=version["request_id"],
     )
 
 
@@ -760,3 +835,182 @@ def version_view(keys: DataKeys, v: Row) -> dict[str, Any]:
         "purged": False,
         "report": open_body(keys, v["id"], v["body"]),
     }
+
+
+# -- read models (the console, the ops API) -----------------------------------------------
+
+#: a list's rows: the delivery, its report's id (newest first: the keyset cursor is the id)
+LIST_SQL = (
+    "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
+    " WHERE {where} ORDER BY d.id DESC LIMIT ?"
+)
+COUNT_SQL = "SELECT COUNT(*) FROM deliveries d JOIN reports r ON r.id = d.report_pk WHERE {where}"
+
+
+#: the filters of a count: the whole result, whatever page a cursor points at
+def count_filters(filters: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in filters.items() if k != "before_id"}
+
+
+OVERVIEW_STATES = (
+    Status.QUEUED,
+    Status.RETRY_SCHEDULED,
+    Status.IN_FLIGHT,
+    Status.HELD,
+    Status.IN_DOUBT,
+    Status.FAILED,
+    Status.CORRECTION_REQUIRED,
+)
+LATENCY_WINDOW = 3600.0  # p95 over the attempts that ended in the last hour
+
+
+def percentile(values: Sequence[float], p: float) -> float | None:
+    """The nearest-rank ``p``-th percentile (None without values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * p // 100))  # ceil(n * p / 100), at least the first
+    return float(ordered[int(rank) - 1])
+
+
+def empty_overview_row(municipality: str, adapter: str) -> dict[str, Any]:
+    """An endpoint's overview row before anything is counted."""
+    return {
+        "municipality": municipality,
+        "adapter": adapter,
+        **{str(s): 0 for s in OVERVIEW_STATES},
+        "delivered_today": 0,
+        "at_risk": 0,
+        "oldest_unfinished_at": None,
+        "p95_latency_ms_1h": None,
+    }
+
+
+def overview_rows(counts: Iterable[Row], latencies: Iterable[Row]) -> list[dict[str, Any]]:
+    """One row per endpoint (municipality, adapter) from :data:`OVERVIEW_SQL` and
+    :data:`LATENCIES_SQL` rows; the states as shown (held included), as ``/metrics`` counts."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in counts:
+        key = (c["municipality"], c["adapter"])
+        row = rows.get(key) or rows.setdefault(key, empty_overview_row(*key))
+        stored = Status(c["status"])
+        state = str(deliveries.shown_status(stored, bool(c["blocked"])))
+        if state in row:
+            row[state] += int(c["n"])
+        if stored is Status.DELIVERED:
+            row["delivered_today"] += int(c["changed_today"] or 0)
+        row["at_risk"] += int(c["at_risk"] or 0)
+        if stored not in FINAL and c["oldest"] is not None:
+            oldest = float(c["oldest"])
+            before = row["oldest_unfinished_at"]
+            row["oldest_unfinished_at"] = oldest if before is None else min(before, oldest)
+    spent: dict[tuple[str, str], list[float]] = {}
+    for a in latencies:
+        spent.setdefault((a["municipality"], a["adapter"]), []).append(float(a["latency_ms"]))
+    for key, values in spent.items():
+        if key in rows:
+            rows[key]["p95_latency_ms_1h"] = percentile(values, 95)
+    return [rows[k] for k in sorted(rows)]
+
+
+ANSWER_LIMIT = 2000  # characters of a vendor's answer shown
+
+
+def _masked(text: str | None, cprs: Sequence[str], limit: int | None = None) -> str | None:
+    if text is None:
+        return None
+    return mask_cpr(text if limit is None else text[:limit], cprs)
+
+
+def detail_attempt(a: Row, version: int, cprs: Sequence[str]) -> dict[str, Any]:
+    """An attempt as the delivery's detail shows it: bodies CPR-masked (purged: null), the
+    vendor's answer cut to :data:`ANSWER_LIMIT` characters."""
+    answer = a["response_body"]
+    return {
+        "id": a["id"],
+        "version": version,
+        "part": a["part"],
+        "operation": a["operation"],
+        "started_at": a["started_at"],
+        "ended_at": a["finished_at"],
+        "latency_ms": a["latency_ms"],
+        "outcome": a["outcome"],
+        "http_status": a["http_status"],
+        "error": _masked(a["error"], cprs),
+        "request_body": _masked(a["request_body"], cprs),
+        "response_body": _masked(answer, cprs, ANSWER_LIMIT),
+        "response_truncated": answer is not None and len(answer) > ANSWER_LIMIT,
+    }
+
+
+def detail_version(keys: DataKeys, v: Row, cprs: Sequence[str]) -> dict[str, Any]:
+    """A report version in the detail: its body with every CPR masked (purged: null)."""
+    purged = v["purged_at"] is not None
+    return {
+        "version": v["version"],
+        "received_at": v["received_at"],
+        "content_hash": v["content_hash"],
+        "request_id": v["request_id"],
+        "purged_at": v["purged_at"],
+        "body": None if purged else mask_strings(open_body(keys, v["id"], v["body"]), cprs),
+    }
+
+
+#: a report's versions with their CPR columns (sealed), for the detail
+DETAIL_VERSIONS_SQL = (
+    "SELECT v.id, v.version, v.received_at, v.content_hash, v.request_id, v.purged_at, v.body,"
+    " c.employee_cpr, c.approved_by_cpr FROM report_versions v"
+    " LEFT JOIN report_cprs c ON c.version_pk = v.id WHERE v.report_pk = ? ORDER BY v.version"
+)
+DETAIL_REPORT_SQL = (
+    "SELECT id, municipality, report_id, kind, employee_key FROM reports WHERE id = ?"
+)
+
+
+def delivery_detail_view(
+    keys: DataKeys,
+    listed: dict[str, Any],
+    report: Row,
+    versions: Sequence[Row],
+    attempts: Iterable[Row],
+    audit: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The console's (and ``GET /v1/ops/deliveries/{id}``'s) view of one delivery: the list row,
+    its report (the CPR masked only), every version's body (CPRs masked), its attempts (bodies
+    as sent, masked) and its audit events. No CPR number appears in clear anywhere in it."""
+    cprs: list[str] = []
+    for v in versions:
+        if v["employee_cpr"] is not None:
+            cprs.extend(
+                c
+                for c in open_cprs(keys, v["id"], v["employee_cpr"], v["approved_by_cpr"])
+                if c is not None
+            )
+    known = tuple(dict.fromkeys(cprs))
+    return {
+        **listed,
+        "attempt_count": listed["attempts"],  # ``attempts`` lists them here
+        "report": {
+            "municipality": report["municipality"],
+            "report_id": report["report_id"],
+            "kind": report["kind"],
+            "employee": {
+                "employment_id": report["employee_key"],
+                "cpr": MASKED_CPR if known else None,
+            },
+        },
+        "versions": [detail_version(keys, v, known) for v in versions],
+        "attempts": [detail_attempt(a, listed["version"], known) for a in attempts],
+        # written masked by the dispatcher; masked again here, as every text of this view
+        "audit": [{**e, "detail": mask_strings(e["detail"], known)} for e in audit],
+    }
+
+
+AUDIT_FOR_SQL = (
+    "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id"
+)
+
+
+def audit_view(r: Row) -> dict[str, Any]:
+    """An audit event of one delivery as ``audit_for`` returns it (detail parsed)."""
+    return {**{k: r[k] for k in ("id", "at", "actor", "event")}, "detail": json.loads(r["detail"])}

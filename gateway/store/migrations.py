@@ -206,6 +206,22 @@ ALTER TABLE report_versions ADD COLUMN purged_at DOUBLE PRECISION;
 """,
     ),
     (
+        9,
+        "read models: a delivery's payroll period, the sender's request id per version, indexes"
+        " for newest-first lists filtered by municipality, employee, state, period, CPR, time",
+        """
+ALTER TABLE deliveries ADD COLUMN period TEXT;
+ALTER TABLE report_versions ADD COLUMN request_id TEXT;
+CREATE INDEX deliveries_municipality_id ON deliveries (municipality, id);
+CREATE INDEX deliveries_employee_id ON deliveries (employee_key, id);
+CREATE INDEX deliveries_status_id ON deliveries (status, id);
+CREATE INDEX deliveries_period_id ON deliveries (period, id);
+CREATE INDEX deliveries_version ON deliveries (version_pk);
+CREATE INDEX deliveries_created ON deliveries (created_at);
+CREATE INDEX attempts_finished ON attempts (finished_at);
+""",
+    ),
+    (
         10,
         "alerts: one open alert per cause, and its notifications, retried like deliveries",
         """
@@ -238,9 +254,22 @@ CREATE TABLE alert_notifications (
 CREATE INDEX alert_notifications_due ON alert_notifications (state, next_attempt_at);
 """,
     ),
+    (
+        11,
+        "console sessions: a hash of each signed-in browser's random token, its operator and expiry",
+        """
+CREATE TABLE console_sessions (
+    token_hash      TEXT PRIMARY KEY,
+    username        TEXT NOT NULL,
+    created_at      DOUBLE PRECISION NOT NULL,
+    expires_at      DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
+""",
+    ),
 )
 
-LATEST = MIGRATIONS[-1][0]
+LATEST = max(number for number, _, _ in MIGRATIONS)
 SCHEMA_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_migrations "
     "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
@@ -261,7 +290,8 @@ def check_version(found: int | None) -> None:
 
 
 def pending(done: set[int]) -> list[tuple[int, str, str]]:
-    return [m for m in MIGRATIONS if m[0] not in done]
+    """Not yet applied, by number (branches may list theirs out of order)."""
+    return sorted(m for m in MIGRATIONS if m[0] not in done)
 
 
 def applied_at() -> str:

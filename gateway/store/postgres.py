@@ -63,29 +63,46 @@ from .alerting import (
 )
 from .common import (
     ATTEMPT_ROW,
+    AUDIT_FOR_SQL,
     AUDIT_HEAD,
     AUDIT_INSERT,
+    AUDIT_PAGE,
     BLOCKING_SQL,
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
     COUNT_SHOWN_SQL,
+    COUNT_SQL,
     CPRS_INSERT,
+    DETAIL_REPORT_SQL,
+    DETAIL_VERSIONS_SQL,
+    LATENCIES_SQL,
+    LATENCY_WINDOW,
+    LIST_SQL,
     OLDEST_UNFINISHED_SQL,
     OPEN_BREAKER,
+    OVERVIEW_SQL,
     PENDING_OUTCOMES,
     PURGE_BATCH,
     PURGE_PREVIEW,
     PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
+    SESSION_END,
+    SESSION_INSERT,
+    SESSION_SWEEP,
+    SESSION_USER,
     WATCHED_SQL,
     at_risk_view,
     audit_attempt_rows,
+    audit_page_row,
     audit_rows,
+    audit_view,
     blocker_view,
+    count_filters,
     decision_audit,
     decision_update,
     delivered_part,
+    delivery_detail_view,
     delivery_view,
     facts,
     filter_sql,
@@ -94,6 +111,7 @@ from .common import (
     open_message,
     open_run,
     open_run_deliveries,
+    overview_rows,
     purge_detail,
     rechain_detail,
     rechained,
@@ -556,14 +574,30 @@ class PostgresStore:
             if done["versions"] < PURGE_BATCH:
                 return total
 
+    async def create_session(
+        self, token_hash: str, username: str, now: float, expires_at: float
+    ) -> None:
+        async def op(tx: _Tx) -> None:
+            await tx.execute(SESSION_SWEEP, now)
+            await tx.execute(SESSION_INSERT, token_hash, username, now, expires_at)
+
+        await self._write(op, audited=False)
+
+    async def session_user(self, token_hash: str, now: float) -> str | None:
+        value = await self._read(lambda tx: tx.fetchval(SESSION_USER, token_hash, now))
+        return None if value is None else str(value)
+
+    async def end_session(self, token_hash: str) -> None:
+        await self._write(lambda tx: tx.execute(SESSION_END, token_hash), audited=False)
+
+    async def audit_events(self, before_id: int | None, limit: int) -> list[dict[str, Any]]:
+        start = before_id if before_id is not None else 2**63 - 1
+        rows = await self._read(lambda tx: tx.fetch(AUDIT_PAGE, start, limit))
+        return [audit_page_row(r) for r in rows]
+
     async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]:
-        rows = await self._read(
-            lambda tx: tx.fetch(
-                "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id",
-                delivery_id,
-            )
-        )
-        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+        rows = await self._read(lambda tx: tx.fetch(AUDIT_FOR_SQL, delivery_id))
+        return [audit_view(r) for r in rows]
 
     async def record_event(
         self,
@@ -899,16 +933,48 @@ class PostgresStore:
     async def list_deliveries(
         self, filters: Mapping[str, Any], limit: int = 200
     ) -> list[dict[str, Any]]:
+        """Newest first; ``before_id`` continues a list after its last row (keyset)."""
         where, params = filter_sql(filters)
 
         async def read(tx: _Tx) -> list[dict[str, Any]]:
-            rows = await tx.fetch(
-                "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-                f" WHERE {where} ORDER BY d.id LIMIT ?",
-                *params,
-                limit,
-            )
+            rows = await tx.fetch(LIST_SQL.format(where=where), *params, limit)
             return [list_view(row, await _blocker(tx, row)) for row in rows]
+
+        return await self._read(read)
+
+    async def count_deliveries(self, filters: Mapping[str, Any]) -> int:
+        where, params = filter_sql(count_filters(filters))
+        sql = COUNT_SQL.format(where=where)
+        return int(await self._read(lambda tx: tx.fetchval(sql, *params)))
+
+    async def overview(self, now: float, day_start: float) -> list[dict[str, Any]]:
+        async def read(tx: _Tx) -> list[dict[str, Any]]:
+            counts = await tx.fetch(OVERVIEW_SQL, day_start)
+            spent = await tx.fetch(LATENCIES_SQL, now - LATENCY_WINDOW, now)
+            return overview_rows(counts, spent)
+
+        return await self._read(read)
+
+    async def delivery_detail(self, delivery_id: int) -> dict[str, Any] | None:
+        async def read(tx: _Tx) -> dict[str, Any] | None:
+            row = await tx.fetchrow(LIST_SQL.format(where="d.id = ?"), delivery_id, 1)
+            if row is None:
+                return None
+            report = await tx.fetchrow(DETAIL_REPORT_SQL, row["report_pk"])
+            assert report is not None
+            versions = await tx.fetch(DETAIL_VERSIONS_SQL, row["report_pk"])
+            attempts = await tx.fetch(
+                "SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", delivery_id
+            )
+            audit = [audit_view(r) for r in await tx.fetch(AUDIT_FOR_SQL, delivery_id)]
+            return delivery_detail_view(
+                self.keys,
+                list_view(row, await _blocker(tx, row)),
+                report,
+                versions,
+                attempts,
+                audit,
+            )
 
         return await self._read(read)
 
@@ -1206,7 +1272,7 @@ async def _jobs(tx: _Tx, rows: Sequence[asyncpg.Record], keys: DataKeys) -> list
     versions = {
         v["id"]: v
         for v in await tx.fetch(
-            "SELECT v.id, v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
+            "SELECT v.id, v.body, v.request_id, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
             " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ANY(?::bigint[])",
             [r["version_pk"] for r in rows],
         )
@@ -1537,6 +1603,7 @@ class _Intake:
                 new.content_hash,
                 sealed_body(self.keys, version_pk, new.body),
                 now,
+                new.request_id,
             )
         )
         self.new_cprs.append((version_pk, *sealed_cprs(self.keys, version_pk, new)))
@@ -1616,14 +1683,14 @@ class _Intake:
         )
         await tx.executemany(
             "INSERT INTO report_versions (id, report_pk, version, content_hash, body,"
-            " received_at) VALUES (?, ?, ?, ?, ?, ?)",
+            " received_at, request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
             self.new_versions,
         )
         await tx.executemany(CPRS_INSERT, self.new_cprs)
         await tx.executemany(
             "INSERT INTO deliveries (id, version_pk, report_pk, municipality, adapter, employee_key, version,"
-            " status, next_attempt_at, created_at, updated_at, cutoff_at, last_error)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " status, next_attempt_at, created_at, updated_at, cutoff_at, last_error, period)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     d["id"],
@@ -1639,6 +1706,7 @@ class _Intake:
                     now,
                     d["new"].cutoff_at,
                     d["last_error"],
+                    d["new"].period,
                 )
                 for d in self.new_deliveries
             ],

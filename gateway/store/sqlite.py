@@ -62,29 +62,46 @@ from .alerting import (
 )
 from .common import (
     ATTEMPT_ROW,
+    AUDIT_FOR_SQL,
     AUDIT_HEAD,
     AUDIT_INSERT,
+    AUDIT_PAGE,
     BLOCKING_SQL,
     BREAKERS_OPEN,
     CONFLICT_ERRORS,
     COUNT_SHOWN_SQL,
+    COUNT_SQL,
     CPRS_INSERT,
+    DETAIL_REPORT_SQL,
+    DETAIL_VERSIONS_SQL,
+    LATENCIES_SQL,
+    LATENCY_WINDOW,
+    LIST_SQL,
     OLDEST_UNFINISHED_SQL,
     OPEN_BREAKER,
+    OVERVIEW_SQL,
     PENDING_OUTCOMES,
     PURGE_BATCH,
     PURGE_PREVIEW,
     PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
+    SESSION_END,
+    SESSION_INSERT,
+    SESSION_SWEEP,
+    SESSION_USER,
     WATCHED_SQL,
     at_risk_view,
     audit_attempt_rows,
+    audit_page_row,
     audit_rows,
+    audit_view,
     blocker_view,
+    count_filters,
     decision_audit,
     decision_update,
     delivered_part,
+    delivery_detail_view,
     delivery_view,
     facts,
     filter_sql,
@@ -93,6 +110,7 @@ from .common import (
     open_message,
     open_run,
     open_run_deliveries,
+    overview_rows,
     purge_detail,
     rechain_detail,
     rechained,
@@ -546,9 +564,9 @@ class SQLiteStore:
             report_pk, latest = report["id"], max(report["latest_version"], new.version)
             conn.execute("UPDATE reports SET latest_version = ? WHERE id = ?", (latest, report_pk))
         version_pk = conn.execute(
-            "INSERT INTO report_versions (report_pk, version, content_hash, body, received_at)"
-            " VALUES (?, ?, ?, '', ?)",
-            (report_pk, new.version, new.content_hash, now),
+            "INSERT INTO report_versions (report_pk, version, content_hash, body, received_at,"
+            " request_id) VALUES (?, ?, ?, '', ?, ?)",
+            (report_pk, new.version, new.content_hash, now, new.request_id),
         ).lastrowid
         assert version_pk is not None
         conn.execute(
@@ -583,8 +601,8 @@ class SQLiteStore:
         status = deliveries.initial_status(new.version, latest)
         delivery_id = conn.execute(
             "INSERT INTO deliveries (version_pk, report_pk, municipality, adapter, employee_key, version,"
-            " status, next_attempt_at, created_at, updated_at, cutoff_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " status, next_attempt_at, created_at, updated_at, cutoff_at, period)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 version_pk,
                 report_pk,
@@ -597,6 +615,7 @@ class SQLiteStore:
                 now,
                 now,
                 new.cutoff_at,
+                new.period,
             ),
         ).lastrowid
         self._audit(
@@ -836,7 +855,7 @@ class SQLiteStore:
 
     def _job(self, conn: sqlite3.Connection, row: sqlite3.Row) -> Job:
         version = conn.execute(
-            "SELECT v.id, v.body, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
+            "SELECT v.id, v.body, v.request_id, c.employee_cpr, c.approved_by_cpr FROM report_versions v"
             " JOIN report_cprs c ON c.version_pk = v.id WHERE v.id = ?",
             (row["version_pk"],),
         ).fetchone()
@@ -1160,15 +1179,47 @@ class SQLiteStore:
     async def list_deliveries(
         self, filters: Mapping[str, Any], limit: int = 200
     ) -> list[dict[str, Any]]:
+        """Newest first; ``before_id`` continues a list after its last row (keyset)."""
         where, params = filter_sql(filters)
-        sql = (
-            "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"
-            f" WHERE {where} ORDER BY d.id LIMIT ?"
-        )
+        sql = LIST_SQL.format(where=where)
 
         def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = conn.execute(sql, (*params, limit)).fetchall()
             return [self._list_view(conn, row) for row in rows]
+
+        return await self._read(read)
+
+    async def count_deliveries(self, filters: Mapping[str, Any]) -> int:
+        where, params = filter_sql(count_filters(filters))
+        sql = COUNT_SQL.format(where=where)
+        return int(await self._read(lambda c: c.execute(sql, params).fetchone()[0]))
+
+    async def overview(self, now: float, day_start: float) -> list[dict[str, Any]]:
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            counts = conn.execute(OVERVIEW_SQL, (day_start,)).fetchall()
+            spent = conn.execute(LATENCIES_SQL, (now - LATENCY_WINDOW, now)).fetchall()
+            return overview_rows(counts, spent)
+
+        return await self._read(read)
+
+    async def delivery_detail(self, delivery_id: int) -> dict[str, Any] | None:
+        def read(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            row = conn.execute(LIST_SQL.format(where="d.id = ?"), (delivery_id, 1)).fetchone()
+            if row is None:
+                return None
+            report = conn.execute(DETAIL_REPORT_SQL, (row["report_pk"],)).fetchone()
+            versions = conn.execute(DETAIL_VERSIONS_SQL, (row["report_pk"],)).fetchall()
+            attempts = conn.execute(
+                "SELECT * FROM attempts WHERE delivery_id = ? ORDER BY id", (delivery_id,)
+            ).fetchall()
+            return delivery_detail_view(
+                self.keys,
+                self._list_view(conn, row),
+                report,
+                versions,
+                attempts,
+                self._audit_rows(conn, delivery_id),
+            )
 
         return await self._read(read)
 
@@ -1285,13 +1336,11 @@ class SQLiteStore:
         return await self._write(op)
 
     async def audit_for(self, delivery_id: int) -> list[dict[str, Any]]:
-        rows = await self._read(
-            lambda c: c.execute(
-                "SELECT id, at, actor, event, detail FROM audit_events WHERE delivery_id = ? ORDER BY id",
-                (delivery_id,),
-            ).fetchall()
-        )
-        return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+        return await self._read(lambda c: self._audit_rows(c, delivery_id))
+
+    def _audit_rows(self, conn: sqlite3.Connection, delivery_id: int) -> list[dict[str, Any]]:
+        rows = conn.execute(AUDIT_FOR_SQL, (delivery_id,)).fetchall()
+        return [audit_view(r) for r in rows]
 
     # -- file runs (IND01) -----------------------------------------------------------------
 
@@ -1403,6 +1452,29 @@ class SQLiteStore:
     async def audit_head(self) -> tuple[int, str] | None:
         row = await self._read(lambda c: c.execute(AUDIT_HEAD).fetchone())
         return None if row is None else (int(row["id"]), str(row["hmac"]))
+
+    # -- console sessions ------------------------------------------------------------------
+
+    async def create_session(
+        self, token_hash: str, username: str, now: float, expires_at: float
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(SESSION_SWEEP, (now,))
+            conn.execute(SESSION_INSERT, (token_hash, username, now, expires_at))
+
+        await self._write(op)
+
+    async def session_user(self, token_hash: str, now: float) -> str | None:
+        row = await self._read(lambda c: c.execute(SESSION_USER, (token_hash, now)).fetchone())
+        return None if row is None else str(row[0])
+
+    async def end_session(self, token_hash: str) -> None:
+        await self._write(lambda conn: conn.execute(SESSION_END, (token_hash,)).rowcount)
+
+    async def audit_events(self, before_id: int | None, limit: int) -> list[dict[str, Any]]:
+        start = before_id if before_id is not None else 2**63 - 1
+        rows = await self._read(lambda c: c.execute(AUDIT_PAGE, (start, limit)).fetchall())
+        return [audit_page_row(r) for r in rows]
 
     # -- retention -------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""The operations console under ``/ui/``: server-rendered pages, sign-in, sessions, CSRF."""
