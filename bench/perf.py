@@ -32,6 +32,7 @@ import base64
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -975,7 +976,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile of sorted ``values``."""
     if not values:
         return None
-    k = max(0, min(len(values) - 1, int(round(q / 100 * len(values) + 0.5)) - 1))
+    k = max(0, min(len(values) - 1, math.ceil(q / 100 * len(values)) - 1))
     return float(values[k])
 
 
