@@ -596,8 +596,8 @@ class Bench:
     scenarios: dict[str, list[dict[str, float | None]]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    profile: dict[str, Any] | None = None
-    profile_raw: str = ""  # py-spy's collapsed stacks (flamegraph/speedscope read them)
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)  # delivery, intake
+    profile_raw: dict[str, str] = field(default_factory=dict)  # py-spy's collapsed stacks
     log: Callable[[str], None] = print
 
     def say(self, text: str) -> None:
@@ -885,56 +885,60 @@ class Bench:
             )
         return done.rate
 
-    async def profile_delivery(self) -> None:
-        """py-spy on the gateway while it delivers a stored batch to SD (not a timed run)."""
+    async def profile(self) -> None:
+        """py-spy on the gateway, not in a timed run: while it delivers a stored batch to SD
+        (the delivery path), and while wrk and batch posts load its intake (SD paused)."""
         p = self.plan
-        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
-        if not Path(spy).exists():
-            self.errors.append("profile: py-spy is not installed")
-            return
         folder = self.root / "profile"
         sims = await start_sims(folder / "sims")
-        gw = await start_gateway(folder / "gateway", sims)
-        raw = folder / "profile.collapsed"
         try:
-            await gw.control("pause")
-            await self.store_paused(
-                gw, [drive_report("p", i, 1000) for i in range(p.profile_reports)]
-            )
-            recorder = await Proc(
-                "py-spy",
-                [
-                    spy,
-                    "record",
-                    "--pid",
-                    str(gw.procs[0].pid),
-                    "--rate",
-                    "200",
-                    "--format",
-                    "raw",
-                    "--output",
-                    str(raw),
-                    "--nonblocking",
-                ],
-                folder / "py-spy.log",
-                folder,
-            ).start()
-            await asyncio.sleep(1.0)
-            await self.drain(gw, sims, p.profile_reports, cap=p.cap)
-            assert recorder.proc is not None
-            recorder.proc.send_signal(signal.SIGINT)
-            await recorder.wait(60)
-            text = raw.read_text() if raw.exists() else ""
-            if not text:
-                self.errors.append(f"profile: py-spy wrote nothing: {recorder.tail()}")
-                return
-            self.profile_raw = text
-            self.profile = figures.top_costs(text, 15)
-            self.profile["top_three"] = figures.top_three(self.profile)
-            self.say("profile: " + "; ".join(self.profile["top_three"]))
+            gw = await start_gateway(folder / "delivery", sims)
+            try:
+                await gw.control("pause")
+                reports = [drive_report("p", i, 1000) for i in range(p.profile_reports)]
+                await self.store_paused(gw, reports)
+                async with self.spy("delivery", gw, folder):
+                    await self.drain(gw, sims, p.profile_reports, cap=p.cap)
+            finally:
+                await gw.aclose()
+            gw = await start_gateway(folder / "intake", sims)
+            try:
+                await gw.control("pause")
+                reports = [drive_report("pb", i, 1000) for i in range(p.batch_reports // 2)]
+                async with self.spy("intake", gw, folder):
+                    await run_wrk(gw.url, p.wrk_seconds, 64, "pi", 0)
+                    await self.store_paused(gw, reports, workers=2)
+            finally:
+                await gw.aclose()
         finally:
-            await gw.aclose()
             await sims.aclose()
+
+    @contextlib.asynccontextmanager
+    async def spy(self, name: str, gw: Gateway, folder: Path) -> Any:
+        """Record the gateway's process with py-spy (all threads, 200 Hz) around the block."""
+        spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+        if not Path(spy).exists():
+            raise RuntimeError("py-spy is not installed (make bench installs the bench extra)")
+        raw = folder / f"{name}.collapsed"
+        args = ["record", "--pid", str(gw.procs[0].pid), "--rate", "200", "--format", "raw"]
+        recorder = await Proc(
+            "py-spy",
+            [spy, *args, "--output", str(raw), "--nonblocking"],
+            folder / f"py-spy-{name}.log",
+            folder,
+        ).start()
+        await asyncio.sleep(1.0)  # attached
+        yield
+        assert recorder.proc is not None
+        recorder.proc.send_signal(signal.SIGINT)
+        await recorder.wait(60)
+        text = raw.read_text() if raw.exists() else ""
+        if not text:
+            raise RuntimeError(f"py-spy wrote nothing: {recorder.tail()}")
+        self.profile_raw[name] = text
+        self.profiles[name] = costs = figures.top_costs(text, 15)
+        costs["top_three"] = figures.top_three(costs)
+        self.say(f"profile of {name}: " + "; ".join(costs["top_three"]))
 
 
 def rates(run: dict[str, float | None]) -> str:
@@ -1094,12 +1098,13 @@ def markdown(doc: dict[str, Any]) -> str:
         figures.table(doc),
         "",
     ]
-    if doc["profile"]:
+    for name, costs in (doc["profile"] or {}).items():
+        what = {"delivery": "the delivery path", "intake": "intake"}.get(name, name)
         lines.append(
-            "Top three costs of the delivery path (py-spy, self time, "
+            f"Top three costs of {what} (py-spy, self time, "
             f"`bench/results/{doc['date']}-profile.txt`):"
         )
-        lines += [f"{i}. {t}" for i, t in enumerate(doc["profile"].get("top_three", []), 1)]
+        lines += [f"{i}. {t}" for i, t in enumerate(costs.get("top_three", []), 1)]
         lines.append("")
     missed = figures.not_met(doc)
     if missed:
@@ -1140,7 +1145,7 @@ async def run(
             ("backlog", bench.backlog),
             ("latency", lambda: _both_latencies(bench)),
             ("peers", bench.peers),
-            ("profile", bench.profile_delivery),
+            ("profile", bench.profile),
         ]
         for name, step in steps:
             if only and name not in only:
@@ -1156,16 +1161,19 @@ async def run(
             mode="quick" if quick else "full",
             machine=host,
             scenarios=bench.scenarios,
-            profile=bench.profile,
+            profile=bench.profiles,
             seconds=time.monotonic() - began,
             errors=bench.errors,
             notes=bench.notes,
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{date}.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-    if bench.profile:
-        (out / f"{date}-profile.txt").write_text(figures.profile_text(bench.profile))
-        (out / f"{date}-profile.collapsed").write_text(bench.profile_raw)
+    if bench.profiles:
+        (out / f"{date}-profile.txt").write_text(
+            "\n".join(f"## {k}\n\n{figures.profile_text(v)}" for k, v in bench.profiles.items())
+        )
+    for name, raw in bench.profile_raw.items():
+        (out / f"{date}-profile-{name}.collapsed").write_text(raw)
     text = markdown(doc)
     (out / f"{date}.md").write_text(text)
     try:

@@ -103,7 +103,7 @@ def sample_doc() -> dict[str, object]:
             ],
             "latency_1000": [{"p50_ms": 5.0, "p95_ms": 20.0, "p99_ms": 40.0}],
         },
-        profile={"samples": 10, "top_three": ["f (a.py): 50% of the busy samples"]},
+        profile={"delivery": {"samples": 10, "top_three": ["f (a.py): 50% of the busy samples"]}},
         seconds=123.4,
         errors=["one"],
         notes=["capped"],
@@ -237,5 +237,6 @@ def test_readme_table_goes_between_the_markers_only(tmp_path: Path) -> None:
 def test_markdown_names_unmet_targets_profile_notes_and_errors() -> None:
     text = perf.markdown(sample_doc())  # type: ignore[arg-type]
     assert "Targets not met in this run: Durable intake" in text
+    assert "Top three costs of the delivery path" in text
     assert "1. f (a.py): 50% of the busy samples" in text
     assert "- capped" in text and "- one" in text
