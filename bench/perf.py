@@ -1112,6 +1112,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc["notes"]:
         lines += ["", "Measurements cut short by their time cap (rates are of what arrived):"]
         lines += [f"- {n}" for n in doc["notes"][:20]]
+        if len(doc["notes"]) > 20:
+            lines.append(f"- and {len(doc['notes']) - 20} more in the results JSON")
     if doc["errors"]:
         lines += ["", "Errors during the run:"]
         lines += [f"- {e}" for e in doc["errors"][:20]]
