@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from gateway import validation
 from gateway.errors import FieldError
-from gateway.validation import schema_valid, validate_report
+from gateway.validation import quick_valid, schema_valid, validate_report
 
 REPORTS = Path(__file__).resolve().parent / "data" / "reports"
 SAMPLES = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(REPORTS.glob("*.json"))] + [
@@ -206,6 +206,8 @@ def test_near_valid_reports_get_the_same_verdict_and_errors(report: dict[str, An
     assert not (fast and not python)  # never a "valid" the Python validator refuses
     if python and not fast:  # the one known difference: "$" before a final newline
         assert "\n" in "".join(validation._texts(report, []))
+    if quick_valid(report):  # what intake may validate on the event loop: no error to word
+        assert python and validation.readable_text("".join(validation._texts(report, [])))
 
 
 @pytest.mark.parametrize("report", SAMPLES, ids=lambda r: str(r["report_id"]))
@@ -233,3 +235,22 @@ def test_errors_are_still_worded_by_the_python_path() -> None:
             "surrogates and non-characters cannot reach a vendor",
         ),
     ]
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        (SAMPLES[0], True),
+        (SAMPLES[-1], True),
+        ({**SAMPLES[-1], "wage_code": "0201\n"}, False),
+        ({**SAMPLES[-1], "purpose": "a\x00"}, False),
+        ({**SAMPLES[-1], "purpose": "\ud800"}, False),
+        ({**SAMPLES[-1], "extra": 1}, False),
+        ({**SAMPLES[-1], "kind": "other"}, False),
+        ({**SAMPLES[-1], "kind": ["drive"]}, False),
+        ([SAMPLES[-1]], False),
+        ("drive", False),
+    ],
+)
+def test_quick_valid(report: Any, expected: bool) -> None:
+    assert quick_valid(report) is expected
