@@ -300,13 +300,18 @@ def _distance(value: Any) -> Decimal:
 
 def interpret(resp: Response) -> Receipt:
     """A receipt for SD's answer, or the error that says what the dispatcher does next."""
-    error = classify_status(resp, "SD Løn", hint=_hint(resp.status), body_rules=_body_error)
+    envelope = _parse_or_none(resp.body)  # once: the fault check and the receipt read it
+
+    def body_rules(resp: Response) -> Transient | Rejected | None:
+        return _body_error(resp, envelope)
+
+    error = classify_status(resp, "SD Løn", hint=_hint(resp.status), body_rules=body_rules)
     if error is not None:
         raise error
-    return _receipt(_parse_or_none(resp.body), resp)
+    return _receipt(envelope, resp)
 
 
-def _body_error(resp: Response) -> Transient | Rejected | None:
+def _body_error(resp: Response, envelope: etree._Element | None) -> Transient | Rejected | None:
     """SD's answers that say more than their status: the closed page, a SOAP fault."""
     if CLOSED_TEXT.encode() in resp.body:
         return Transient(
@@ -314,7 +319,6 @@ def _body_error(resp: Response) -> Transient | Rejected | None:
             status=resp.status,
             body=resp.body,
         )
-    envelope = _parse_or_none(resp.body)
     fault = None if envelope is None else find_fault(envelope)
     return None if fault is None else fault_error(fault, resp)
 
