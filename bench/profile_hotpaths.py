@@ -94,6 +94,17 @@ async def hammer(url: str, seconds: float, data: Any, headers: dict[str, str]) -
     return ok, bad
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process used so far (Linux ``/proc``; 0 elsewhere).
+
+    CPU per request is steadier than requests per second on a shared, busy machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _bare_app() -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         body = json.loads(await request.read())
@@ -143,12 +154,15 @@ async def intake(folder: Path, seconds: float) -> dict[str, float]:
     try:
         await start_gateway(gateway)
         spy = await _spy(gateway, "PROFILE_GATEWAY", seconds)
+        assert gateway.proc is not None
+        cpu = cpu_seconds(gateway.proc.pid)
         ok, bad = await hammer(
             f"http://{HOST}:{port}/v1/reports",
             seconds,
             lambda i: json.dumps(_body(i)).encode(),
             headers,
         )
+        cpu = cpu_seconds(gateway.proc.pid) - cpu
         if spy is not None:
             await spy.wait()
     finally:
@@ -157,12 +171,14 @@ async def intake(folder: Path, seconds: float) -> dict[str, float]:
     bare_port = free_port()
     bare = await _bare_process(bare_port)
     try:
+        bare_cpu = cpu_seconds(bare.pid)
         bok, _ = await hammer(
             f"http://{HOST}:{bare_port}/v1/reports",
             seconds,
             lambda i: json.dumps(_body(i)).encode(),
             headers,
         )
+        bare_cpu = cpu_seconds(bare.pid) - bare_cpu
     finally:
         bare.terminate()
         await bare.wait()
@@ -171,6 +187,9 @@ async def intake(folder: Path, seconds: float) -> dict[str, float]:
         "intake errors": float(bad),
         "bare/s": bok / seconds,
         "intake / bare": ok / max(bok, 1),
+        "intake cpu us/report": cpu / max(ok, 1) * 1e6,
+        "bare cpu us/request": bare_cpu / max(bok, 1) * 1e6,
+        "bare / intake cpu": (bare_cpu / max(bok, 1)) / max(cpu / max(ok, 1), 1e-9),
     }
 
 
@@ -184,6 +203,8 @@ async def end_to_end(folder: Path, seconds: float) -> dict[str, float]:
     try:
         await start_gateway(gateway)
         spy = await _spy(gateway, "PROFILE_E2E", seconds)
+        assert gateway.proc is not None
+        cpu = cpu_seconds(gateway.proc.pid)
         started = time.monotonic()
         batches = [
             json.dumps({"reports": [p.body() for p in reports[i : i + BATCH]]}).encode()
@@ -195,6 +216,7 @@ async def end_to_end(folder: Path, seconds: float) -> dict[str, float]:
                     await resp.read()
         settled, _ = await wait_settled(folder / "gateway.db", 300, final_only=True)
         took = time.monotonic() - started
+        cpu = cpu_seconds(gateway.proc.pid) - cpu
         if spy is not None:
             await spy.wait()
     finally:
@@ -211,6 +233,7 @@ async def end_to_end(folder: Path, seconds: float) -> dict[str, float]:
         "delivered/s": E2E_REPORTS / took if settled else 0.0,
         "raw client/s": raw_ok / (seconds / 2),
         "delivered / raw": (E2E_REPORTS / took) / max(raw_ok / (seconds / 2), 1),
+        "e2e cpu us/report": cpu / E2E_REPORTS * 1e6,
     }
 
 
