@@ -62,6 +62,7 @@ from adapters.base import (
 )
 from adapters.resources import schema_path
 from adapters.soap import (
+    RequestTemplate,
     UnsafeXML,
     ZeepCodec,
     body_payload,
@@ -512,6 +513,8 @@ class KmdAbsence:
         self._set = ZeepCodec(schema_path("kmd/SetAbsenceAttendance_OS_SI.wsdl"))
         self._read = ZeepCodec(schema_path("kmd/GetAbsenceAttendanceByPeriod_OS_SI.wsdl"))
         self._schema = load_schema(schema_path("kmd/vacab.xsd"))
+        self._set_template = RequestTemplate(self._set, SET_INTERFACE, self._schema)
+        self._read_template = RequestTemplate(self._read, READ_INTERFACE, self._schema)
 
     # -- plan -------------------------------------------------------------------------
 
@@ -540,7 +543,10 @@ class KmdAbsence:
     def render(self, report: Report, message: Message, settings: VendorSettings) -> Payload:
         try:
             values = _set_values(message)
-            body, headers = self._set.build(SET_INTERFACE, **values)
+            body = self._set_template.build(values)  # lxml, schema-checked
+            if body is not None:
+                return self._payload(body, self._set_template.soap_action)
+            body, headers = self._set.build(SET_INTERFACE, **values)  # zeep says why
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidPayload(
                 mask_cpr(f"cannot build {message.operation}: {exc!r}", report.cprs)
@@ -554,19 +560,26 @@ class KmdAbsence:
         return self._read_payload(report.employee.employment_id, period_start, period_end, report)
 
     def _read_payload(self, personnel: str, start: date, end: date, report: Report) -> Payload:
-        body, headers = self._read.build(
-            READ_INTERFACE,
-            StartDate=start.isoformat(),
-            EndDate=end.isoformat(),
-            PersonnelNumber=personnel,
-        )
+        values = {
+            "StartDate": start.isoformat(),
+            "EndDate": end.isoformat(),
+            "PersonnelNumber": personnel,
+        }
+        body = self._read_template.build(values)
+        if body is not None:
+            return self._payload(body, self._read_template.soap_action)
+        body, headers = self._read.build(READ_INTERFACE, **values)
         return self._checked(body, headers, report)
 
     def _checked(self, body: bytes, headers: Mapping[str, str], report: Report) -> Payload:
+        """zeep's envelope, checked against the schema (the template's fallback)."""
         errors = schema_errors(self._schema, body_payload(parse_xml(body)))
         if errors:
             raise InvalidPayload(mask_cpr("; ".join(errors), report.cprs), body=body)
-        action = headers.get("SOAPAction", SOAP_ACTION)
+        return self._payload(body, headers.get("SOAPAction", SOAP_ACTION))
+
+    @staticmethod
+    def _payload(body: bytes, action: str) -> Payload:
         return Payload(body=body, content_type=CONTENT_TYPE, headers={"SOAPAction": action})
 
     # -- send -------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from adapters.base import (
 )
 from adapters.resources import schema_path
 from adapters.soap import (
+    RequestTemplate,
     SoapFault,
     UnsafeXML,
     ZeepCodec,
@@ -94,6 +95,7 @@ class SdKoersel:
     def __init__(self) -> None:
         self._codec = ZeepCodec(schema_path(WSDL_FILE))
         self._schema = load_schema(schema_path(XSD_FILE))
+        self._template = RequestTemplate(self._codec, OPERATION, self._schema)
 
     # -- plan -------------------------------------------------------------------------
 
@@ -127,8 +129,18 @@ class SdKoersel:
 
     def render(self, report: Report, message: Message, settings: VendorSettings) -> Payload:
         values = _request_values(report, message.fields, settings)
+        body = self._template.build(values)  # lxml, schema-checked; None: zeep says why
+        if body is None:
+            body = self._zeep_body(values, report)
+        action = settings.endpoint or self._template.soap_action.strip('"')
+        # SOAP 1.1 quotes the action; SD expects the endpoint URL there
+        return Payload(body=body, content_type=CONTENT_TYPE, headers={"SOAPAction": f'"{action}"'})
+
+    def _zeep_body(self, values: Mapping[str, Any], report: Report) -> bytes:
+        """zeep's envelope for values the template would not write: the error that says why,
+        or (should the two ever disagree) zeep's envelope when it passes the schema."""
         try:
-            body, headers = self._codec.build(OPERATION, **values)
+            body, _ = self._codec.build(OPERATION, **values)
         except (TypeError, ValueError, ZeepError) as exc:
             raise InvalidPayload(
                 mask_cpr(f"cannot build the SD request: {exc}", report.cprs)
@@ -137,9 +149,7 @@ class SdKoersel:
         if errors:
             text = "; ".join(errors)
             raise InvalidPayload(mask_cpr(f"SD request fails the schema: {text}", report.cprs))
-        action = settings.endpoint or headers["SOAPAction"].strip('"')
-        # SOAP 1.1 quotes the action; SD expects the endpoint URL there
-        return Payload(body=body, content_type=CONTENT_TYPE, headers={"SOAPAction": f'"{action}"'})
+        return body
 
     # -- send -------------------------------------------------------------------------
 
@@ -290,13 +300,18 @@ def _distance(value: Any) -> Decimal:
 
 def interpret(resp: Response) -> Receipt:
     """A receipt for SD's answer, or the error that says what the dispatcher does next."""
-    error = classify_status(resp, "SD Løn", hint=_hint(resp.status), body_rules=_body_error)
+    envelope = _parse_or_none(resp.body)  # once: the fault check and the receipt read it
+
+    def body_rules(resp: Response) -> Transient | Rejected | None:
+        return _body_error(resp, envelope)
+
+    error = classify_status(resp, "SD Løn", hint=_hint(resp.status), body_rules=body_rules)
     if error is not None:
         raise error
-    return _receipt(_parse_or_none(resp.body), resp)
+    return _receipt(envelope, resp)
 
 
-def _body_error(resp: Response) -> Transient | Rejected | None:
+def _body_error(resp: Response, envelope: etree._Element | None) -> Transient | Rejected | None:
     """SD's answers that say more than their status: the closed page, a SOAP fault."""
     if CLOSED_TEXT.encode() in resp.body:
         return Transient(
@@ -304,7 +319,6 @@ def _body_error(resp: Response) -> Transient | Rejected | None:
             status=resp.status,
             body=resp.body,
         )
-    envelope = _parse_or_none(resp.body)
     fault = None if envelope is None else find_fault(envelope)
     return None if fault is None else fault_error(fault, resp)
 

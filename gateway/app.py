@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from http import HTTPStatus
 
@@ -61,7 +61,8 @@ LEASE_MARGIN_SECONDS = 10.0
 @web.middleware
 async def correlation(request: web.Request, handler: Handler) -> web.StreamResponse:
     # a caller's id is logged and echoed: a CPR number in it is masked in both
-    rid = mask_cpr((request.headers.get("X-Request-ID") or uuid.uuid4().hex)[:64])
+    # 32 random hex digits, as uuid4().hex gave, at a fifth of its cost (a hot path)
+    rid = mask_cpr((request.headers.get("X-Request-ID") or os.urandom(16).hex())[:64])
     token = correlation_id.set(rid)
     try:
         response = await handler(request)

@@ -17,6 +17,10 @@ from .errors import BadRequest, PayloadTooLarge
 
 MAX_RECORDS = 1000  # reports per request, batch and compat alike (DESIGN.md §3)
 MAX_DEPTH = 32  # a canonical report nests 4 deep; deeper is an attack, not a report
+#: a text this short is decoded whole first (C speed, a few hundred µs at worst) and its
+#: records counted after; only when that fails does the record-by-record read run, so
+#: every error is worded exactly as before
+WHOLE_BELOW = 4096
 
 _WS = re.compile(r"[ \t\n\r]*")
 
@@ -63,7 +67,7 @@ def parse(raw: bytes, max_records: int | None = None) -> Any:
     if text.startswith("\ufeff"):
         raise BadRequest("the body starts with a byte order mark: send UTF-8 JSON without one")
     try:
-        value = _records(text, max_records) if max_records is not None else _DECODER.decode(text)
+        value = _DECODER.decode(text) if max_records is None else _bounded(text, max_records)
     except RecursionError as exc:
         raise BadRequest("the body is nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError says where, never what: no value is echoed
@@ -71,6 +75,21 @@ def parse(raw: bytes, max_records: int | None = None) -> Any:
     if _too_deep(value):
         raise BadRequest(f"the body is nested more than {MAX_DEPTH} levels deep")
     return value
+
+
+def _bounded(text: str, limit: int) -> Any:
+    """The value of a text whose records are limited (see ``_records``)."""
+    if len(text) < WHOLE_BELOW:
+        try:
+            value = _DECODER.decode(text)
+        except (ValueError, RecursionError):
+            pass  # the record-by-record read finds the same fault and words it as ever
+        else:
+            records = value.get("reports") if isinstance(value, dict) else value
+            if isinstance(records, list) and len(records) > limit:
+                raise TooManyRecords(limit)
+            return value
+    return _records(text, limit)
 
 
 def _records(text: str, limit: int) -> Any:

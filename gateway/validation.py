@@ -14,6 +14,7 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
@@ -73,6 +74,39 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 _VALIDATORS = _load_validators()
 #: each kind's schema as validated (flat, self-contained): inlined in the OpenAPI document
 REPORT_SCHEMAS: dict[str, dict[str, Any]] = {kind: v.schema for kind, v in _VALIDATORS.items()}
+#: the same schemas compiled (Rust): a verdict in about 1 µs instead of 100 µs. Only its
+#: "valid" is trusted; for anything else the Python validator above finds the errors, so the
+#: answers are the ones it has always given. Formats are not asserted by either (as before).
+_FAST = {
+    kind: jsonschema_rs.Draft202012Validator(schema, validate_formats=False)
+    for kind, schema in REPORT_SCHEMAS.items()
+}
+
+
+def schema_valid(kind: str, data: Any) -> bool:
+    """True only when the compiled validator finds ``data`` valid for ``kind``'s schema.
+
+    False also when it cannot tell (a value it cannot convert): the caller then asks the
+    Python validator, whose verdict is the one that counts.
+    """
+    try:
+        return bool(_FAST[kind].is_valid(data))
+    except (ValueError, TypeError, OverflowError):
+        return False
+
+
+def quick_valid(data: Any) -> bool:
+    """True when a report passes its schema and holds no unwritable character, as decided by
+    the compiled validator (microseconds; False may still be valid: ask ``validate_report``)."""
+    if not isinstance(data, dict):
+        return False
+    kind = data.get("kind")
+    return (
+        isinstance(kind, str)
+        and kind in _FAST
+        and readable_text("".join(_texts(data, [])))
+        and schema_valid(kind, data)
+    )
 
 
 def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
@@ -82,13 +116,16 @@ def validate_report(data: Any, pointer: str = "") -> list[FieldError]:
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in _VALIDATORS:
         return [FieldError(f"{pointer}/kind", "must be 'drive' or 'vacation'")]
-    unwritable = _unwritable(data, pointer)
-    spoken = {e.pointer for e in unwritable}  # the character is the cause: say that alone
-    errors = [
-        FieldError(pointer + _pointer(e), _message(e))
-        for e in _leaves(_VALIDATORS[kind].iter_errors(data))
-        if pointer + _pointer(e) not in spoken
-    ] + unwritable
+    unwritable = [] if readable_text("".join(_texts(data, []))) else _unwritable(data, pointer)
+    if not unwritable and schema_valid(kind, data):
+        errors = []  # the Python validator would find none either (tests/test_fast_validation.py)
+    else:
+        spoken = {e.pointer for e in unwritable}  # the character is the cause: say that alone
+        errors = [
+            FieldError(pointer + _pointer(e), _message(e))
+            for e in _leaves(_VALIDATORS[kind].iter_errors(data))
+            if pointer + _pointer(e) not in spoken
+        ] + unwritable
     if isinstance(data.get("report_id"), str) and mask_cpr(data["report_id"]) != data["report_id"]:
         # an identifier is stored and shown as it is: a CPR number has no place in it
         errors.append(FieldError(f"{pointer}/report_id", "must not contain a CPR number"))
@@ -107,6 +144,19 @@ _UNWRITABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 def readable_text(text: str) -> bool:
     """True when ``text`` holds no character that a report text may not hold (see above)."""
     return _UNWRITABLE.search(text) is None
+
+
+def _texts(value: Any, into: list[str]) -> list[str]:
+    """Every text in a JSON value (not the keys), for one search over all of them."""
+    if isinstance(value, str):
+        into.append(value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _texts(item, into)
+    elif isinstance(value, list):
+        for item in value:
+            _texts(item, into)
+    return into
 
 
 def _unwritable(value: Any, pointer: str) -> list[FieldError]:
