@@ -48,6 +48,9 @@ from .common import (
     CONFLICT_ERRORS,
     COUNT_SHOWN_SQL,
     CPRS_INSERT,
+    LANE_HEAD_CANDIDATE,
+    LANE_HEAD_DELETE,
+    LANE_HEAD_UPSERT,
     OLDEST_UNFINISHED_SQL,
     OPEN_BREAKER,
     PENDING_OUTCOMES,
@@ -56,6 +59,8 @@ from .common import (
     PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
+    RETURNING_LANE,
+    UNDEFER_HEADS,
     WATCHED_SQL,
     at_risk_view,
     audit_attempt_rows,
@@ -65,6 +70,7 @@ from .common import (
     decision_update,
     delivered_part,
     delivery_view,
+    due_heads,
     facts,
     filter_sql,
     lease_refusal,
@@ -586,6 +592,11 @@ class SQLiteStore:
             report_pk=report_pk,
             delivery_id=delivery_id,
         )
+        if deliveries.blocks_lane(status):  # the last of its lane: its head if nothing blocks it
+            conn.execute(
+                LANE_HEAD_UPSERT.split(" DO UPDATE")[0] + " DO NOTHING",
+                (new.municipality, new.adapter, new.employee_key, delivery_id, status, now),
+            )
         if status == Status.QUEUED:
             self._supersede_older(conn, report_pk, new.adapter or "", new.version, now)
         return status
@@ -777,30 +788,31 @@ class SQLiteStore:
         municipality: str | None,
         lane_order: bool,
     ) -> list[Job]:
-        """Due deliveries; with ``lane_order``, only the first unfinished one per employee."""
+        """Due deliveries; with ``lane_order``, only the first unfinished one per employee
+        (the lane heads due, by the ``lane_heads_due`` index: as many rows read as claimed)."""
         if not adapters:
             return []
-        marks = ",".join("?" * len(adapters))
-        rb_marks = ",".join("?" * len(readback_adapters)) or "''"
-        rows = conn.execute(
-            f"SELECT d.* FROM deliveries d WHERE d.next_attempt_at <= ? AND d.adapter IN ({marks})"
-            f" AND (? IS NULL OR d.municipality = ?)"
-            f" AND (d.status IN ('queued', 'retry_scheduled')"
-            f"      OR (d.status = 'in_doubt' AND d.adapter IN ({rb_marks})))"
-            f" AND (? = 0 OR NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.municipality = d.municipality"
-            f"   AND e.adapter = d.adapter AND e.employee_key = d.employee_key AND e.id < d.id"
-            f"   AND e.status IN ({BLOCKING_SQL})))"
-            f" ORDER BY d.next_attempt_at, d.id LIMIT ?",
-            (
-                now,
-                *adapters,
-                municipality,
-                municipality,
-                *readback_adapters,
-                int(lane_order),
-                limit,
-            ),
-        ).fetchall()
+        if lane_order:
+            sql, params = due_heads(now, limit, adapters, readback_adapters, municipality)
+            ids = [r[0] for r in conn.execute(sql, params)]
+            found = {
+                r["id"]: r
+                for r in conn.execute(
+                    f"SELECT * FROM deliveries WHERE id IN ({','.join('?' * len(ids))})", ids
+                )
+            }
+            rows = [found[i] for i in ids]
+        else:  # a file run takes every due one of its endpoint, in any lane
+            marks = ",".join("?" * len(adapters))
+            rb_marks = ",".join("?" * len(readback_adapters)) or "''"
+            rows = conn.execute(
+                f"SELECT d.* FROM deliveries d WHERE d.next_attempt_at <= ? AND d.adapter IN ({marks})"
+                f" AND (? IS NULL OR d.municipality = ?)"
+                f" AND (d.status IN ('queued', 'retry_scheduled')"
+                f"      OR (d.status = 'in_doubt' AND d.adapter IN ({rb_marks})))"
+                f" ORDER BY d.next_attempt_at, d.id LIMIT ?",
+                (now, *adapters, municipality, municipality, *readback_adapters, limit),
+            ).fetchall()
         jobs = []
         for row in rows:
             delivery = facts(row, reads_back=row["adapter"] in readback_adapters)
@@ -809,6 +821,11 @@ class SQLiteStore:
                 "UPDATE deliveries SET status = ?, lease_owner = ?, lease_until = ?, updated_at = ?"
                 " WHERE id = ?",
                 (decision.status, owner, now + lease_seconds, now, row["id"]),
+            )
+            # the head stays the head (both states block its lane): only its state changes
+            conn.execute(
+                "UPDATE lane_heads SET status = ? WHERE delivery_id = ?",
+                (decision.status, row["id"]),
             )
             jobs.append(self._job(conn, row))
         return jobs
@@ -975,7 +992,13 @@ class SQLiteStore:
         extra: dict[str, Any] | None = None,
     ) -> None:
         """Persist what the state machine decided, and audit it (no deciding here)."""
-        conn.execute(*decision_update(delivery_id, decision, now))
+        sql, params = decision_update(delivery_id, decision, now)
+        if decision.changes_state:
+            lane = conn.execute(sql + RETURNING_LANE, params).fetchone()
+            if lane is not None:
+                self._rehead(conn, tuple(lane))
+        else:
+            conn.execute(sql, params)
         self._audit(
             conn,
             now,
@@ -985,6 +1008,15 @@ class SQLiteStore:
             report_pk=report_pk,
             delivery_id=delivery_id,
         )
+
+    def _rehead(self, conn: sqlite3.Connection, lane: tuple[str, ...]) -> None:
+        """Bring the lane's head up to date after a change to one of its deliveries."""
+        candidate = conn.execute(LANE_HEAD_CANDIDATE, lane).fetchall()
+        head = deliveries.lane_head((r[0], r[1], r[2]) for r in candidate)
+        if head is None:
+            conn.execute(LANE_HEAD_DELETE, lane)
+        else:
+            conn.execute(LANE_HEAD_UPSERT, (*lane, *head))
 
     async def replace_parts(
         self,
@@ -1104,11 +1136,17 @@ class SQLiteStore:
         """Move due deliveries of a closed endpoint to its opening: waiting, not a burned retry."""
 
         def op(conn: sqlite3.Connection) -> int:
+            waiting = (Status.QUEUED, Status.RETRY_SCHEDULED)
+            conn.execute(  # the same rows, where they head their lane
+                "UPDATE lane_heads SET due_at = ? WHERE municipality = ? AND adapter = ?"
+                " AND status IN (?, ?) AND due_at < ?",
+                (until, municipality, adapter, *waiting, until),
+            )
             return conn.execute(
                 "UPDATE deliveries SET deferred_from = COALESCE(deferred_from, next_attempt_at),"
                 " next_attempt_at = ?, updated_at = ? WHERE municipality = ?"
                 " AND adapter = ? AND status IN (?, ?) AND next_attempt_at < ?",
-                (until, now, municipality, adapter, Status.QUEUED, Status.RETRY_SCHEDULED, until),
+                (until, now, municipality, adapter, *waiting, until),
             ).rowcount
 
         return await self._write(op)
@@ -1119,18 +1157,21 @@ class SQLiteStore:
         Called when the opening hours may have changed (at start) or an endpoint was resumed;
         the dispatcher defers it again if the endpoint is still closed.
         """
-        where = "deferred_from IS NOT NULL AND status IN (?, ?)"
+        endpoint = ""
         params: list[str] = [Status.QUEUED, Status.RETRY_SCHEDULED]
         if municipality is not None and adapter is not None:
-            where += " AND municipality = ? AND adapter = ?"
+            endpoint = " AND municipality = ? AND adapter = ?"
             params += [municipality, adapter]
 
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
+            count = conn.execute(
                 "UPDATE deliveries SET next_attempt_at = deferred_from, deferred_from = NULL,"
-                f" updated_at = ? WHERE {where}",
+                f" updated_at = ? WHERE deferred_from IS NOT NULL AND status IN (?, ?){endpoint}",
                 (now, *params),
             ).rowcount
+            if count:
+                conn.execute(UNDEFER_HEADS + endpoint, params)
+            return count
 
         return await self._write(op)
 
