@@ -159,7 +159,8 @@ def due_heads(
     a few times ``limit`` index entries, however many deliveries wait. ``lock`` is appended
     to each range (PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
     """
-    arms, params = [], []
+    arms: list[str] = []
+    params: list[Any] = []
     where = "adapter = ? AND status = ? AND due_at <= ?"
     if municipality is not None:
         where = "municipality = ? AND " + where

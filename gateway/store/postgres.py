@@ -200,7 +200,8 @@ class _Tx:
         """
         if not self.lanes:
             return
-        lanes, heads = sorted(self.lanes), {}
+        lanes = sorted(self.lanes)
+        heads: dict[Lane, list[tuple[int, str, float]]] = {}
         self.lanes.clear()
         for r in await self.fetch(
             "SELECT k.m, k.a, k.e, h.id, h.status, h.next_attempt_at"
