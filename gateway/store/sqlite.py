@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -158,6 +159,9 @@ class SQLiteStore:
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._wpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        # in an intake batch (writer thread only): its audit events and version ids
+        self._events: list[tuple[Any, ...]] | None = None
+        self._version_ids: Iterator[int] | None = None
         self._rpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
 
     # -- life cycle ----------------------------------------------------------------------
@@ -363,15 +367,37 @@ class SQLiteStore:
         report_pk: int | None = None,
         delivery_id: int | None = None,
     ) -> None:
-        """Append to the hash-chained audit trail, inside the caller's transaction."""
+        """Append to the hash-chained audit trail, inside the caller's transaction (or, in an
+        intake batch, at its end: :meth:`_batched`)."""
+        record = (now, actor, event, report_pk, delivery_id, detail)
+        if self._events is not None:
+            self._events.append(record)
+            return
         # read inside the write transaction: another process (the CLI) may have appended
         head = conn.execute(AUDIT_HEAD).fetchone()
-        conn.execute(
-            AUDIT_INSERT,
-            audit_rows(self.audit_key, head, [(now, actor, event, report_pk, delivery_id, detail)])[
-                0
-            ],
-        )
+        conn.execute(AUDIT_INSERT, audit_rows(self.audit_key, head, [record])[0])
+
+    @contextlib.contextmanager
+    def _batched(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """An intake batch: its audit events chained and inserted at its end in one go (one
+        head read, one ``executemany``), and its versions numbered from one ``MAX(id)``."""
+        self._events, self._version_ids = [], None
+        try:
+            yield
+            if self._events:
+                head = conn.execute(AUDIT_HEAD).fetchone()
+                conn.executemany(AUDIT_INSERT, audit_rows(self.audit_key, head, self._events))
+        finally:
+            self._events, self._version_ids = None, None
+
+    def _next_version_pk(self, conn: sqlite3.Connection) -> int:
+        """The id the next report version gets (the writer's transaction holds the lock)."""
+        if self._version_ids is None:
+            last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM report_versions").fetchone()[0]
+            if self._events is None:  # not in a batch: nothing to remember
+                return int(last) + 1
+            self._version_ids = itertools.count(int(last) + 1)
+        return next(self._version_ids)
 
     def _seals(self, conn: sqlite3.Connection, where: str, *params: Any) -> list[dict[str, Any]]:
         rows = conn.execute(f"{ATTEMPT_ROW} WHERE {where} ORDER BY id", params).fetchall()
@@ -390,24 +416,28 @@ class SQLiteStore:
     ) -> list[Submitted]:
         results: list[Submitted] = []
         conflicts: list[int] = []
-        for index, new in enumerate(reports):
-            existing = self._stored_version(conn, new)
-            if existing is not None:
-                if existing["content_hash"] != new.content_hash:
-                    conflicts.append(index)
+        with self._batched(conn):
+            for index, new in enumerate(reports):
+                report = self._stored_report(conn, new)
+                if report is not None and report["id"] is not None:  # this version is stored
+                    if report["content_hash"] != new.content_hash:
+                        conflicts.append(index)
+                        continue
+                    results.append(self._existing(conn, report["id"], new))
                     continue
-                results.append(self._existing(conn, existing["id"], new))
-                continue
-            results.append(self._insert(conn, new, now))
-        if conflicts:
-            raise ConflictingReport(conflicts)  # the savepoint rolls the whole batch back
+                results.append(self._insert(conn, new, now, report))
+            if conflicts:
+                raise ConflictingReport(conflicts)  # the savepoint rolls the whole batch back
         return results
 
-    def _stored_version(self, conn: sqlite3.Connection, new: NewReport) -> sqlite3.Row | None:
+    def _stored_report(self, conn: sqlite3.Connection, new: NewReport) -> sqlite3.Row | None:
+        """The stored report (``report_pk``, ``latest_version``) with this version of it
+        (``id``, ``content_hash``; NULL when not stored), or None (a new report)."""
         return conn.execute(  # type: ignore[no-any-return]
-            "SELECT v.id, v.content_hash FROM report_versions v JOIN reports r ON r.id = v.report_pk"
-            " WHERE r.municipality = ? AND r.report_id = ? AND v.version = ?",
-            (new.municipality, new.report_id, new.version),
+            "SELECT r.id AS report_pk, r.latest_version, v.id, v.content_hash FROM reports r"
+            " LEFT JOIN report_versions v ON v.report_pk = r.id AND v.version = ?"
+            " WHERE r.municipality = ? AND r.report_id = ?",
+            (new.version, new.municipality, new.report_id),
         ).fetchone()
 
     # -- pull sources ----------------------------------------------------------------------
@@ -416,9 +446,12 @@ class SQLiteStore:
         self, municipality: str, source: str, records: Sequence[PulledRecord], now: float
     ) -> list[PullOutcome]:
         """Store the valid records and record the rejected ones, all in one transaction."""
-        return await self._write(
-            lambda conn: [self._take_one(conn, municipality, source, r, now) for r in records]
-        )
+
+        def op(conn: sqlite3.Connection) -> list[PullOutcome]:
+            with self._batched(conn):
+                return [self._take_one(conn, municipality, source, r, now) for r in records]
+
+        return await self._write(op)
 
     def _take_one(
         self,
@@ -433,13 +466,14 @@ class SQLiteStore:
                 conn, municipality, source, record, PullOutcome.INVALID, record.errors, now
             )
             return PullOutcome.INVALID
-        existing = self._stored_version(conn, record.report)
+        report = self._stored_report(conn, record.report)
+        existing = report if report is not None and report["id"] is not None else None
         if existing is not None and existing["content_hash"] != record.report.content_hash:
             errors = CONFLICT_ERRORS
             self._reject(conn, municipality, source, record, PullOutcome.CONFLICT, errors, now)
             return PullOutcome.CONFLICT
         if existing is None:
-            self._insert(conn, record.report, now)
+            self._insert(conn, record.report, now, report)
         conn.execute(
             "UPDATE intake_rejections SET resolved_at = ? WHERE municipality = ? AND source = ?"
             " AND record_id = ? AND resolved_at IS NULL",
@@ -515,11 +549,10 @@ class SQLiteStore:
             created=False,
         )
 
-    def _insert(self, conn: sqlite3.Connection, new: NewReport, now: float) -> Submitted:
-        report = conn.execute(
-            "SELECT id, latest_version FROM reports WHERE municipality = ? AND report_id = ?",
-            (new.municipality, new.report_id),
-        ).fetchone()
+    def _insert(
+        self, conn: sqlite3.Connection, new: NewReport, now: float, report: sqlite3.Row | None
+    ) -> Submitted:
+        """A new version (of a new report when ``report`` is None: see :meth:`_stored_report`)."""
         if report is None:
             report_pk = conn.execute(
                 "INSERT INTO reports (municipality, report_id, kind, employee_key, latest_version, created_at)"
@@ -528,17 +561,23 @@ class SQLiteStore:
             ).lastrowid
             latest = new.version
         else:
-            report_pk, latest = report["id"], max(report["latest_version"], new.version)
-            conn.execute("UPDATE reports SET latest_version = ? WHERE id = ?", (latest, report_pk))
-        version_pk = conn.execute(
-            "INSERT INTO report_versions (report_pk, version, content_hash, body, received_at)"
-            " VALUES (?, ?, ?, '', ?)",
-            (report_pk, new.version, new.content_hash, now),
-        ).lastrowid
-        assert version_pk is not None
+            report_pk, latest = report["report_pk"], max(report["latest_version"], new.version)
+            if latest != report["latest_version"]:
+                conn.execute(
+                    "UPDATE reports SET latest_version = ? WHERE id = ?", (latest, report_pk)
+                )
+        version_pk = self._next_version_pk(conn)  # the body is sealed to its id
         conn.execute(
-            "UPDATE report_versions SET body = ? WHERE id = ?",
-            (sealed_body(self.keys, version_pk, new.body), version_pk),
+            "INSERT INTO report_versions (id, report_pk, version, content_hash, body, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                version_pk,
+                report_pk,
+                new.version,
+                new.content_hash,
+                sealed_body(self.keys, version_pk, new.body),
+                now,
+            ),
         )
         conn.execute(CPRS_INSERT, (version_pk, *sealed_cprs(self.keys, version_pk, new)))
         self._audit(
