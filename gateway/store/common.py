@@ -43,6 +43,8 @@ LANE_HEAD_UPSERT = (
     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (municipality, adapter, employee_key) DO UPDATE SET"
     " delivery_id = excluded.delivery_id, status = excluded.status, due_at = excluded.due_at"
 )
+#: a new delivery, the last of its lane, heads it if nothing else blocks it
+LANE_HEAD_IF_FIRST = LANE_HEAD_UPSERT.split(" DO UPDATE", 1)[0] + " DO NOTHING"
 LANE_HEAD_DELETE = (
     "DELETE FROM lane_heads WHERE municipality = ? AND adapter = ? AND employee_key = ?"
 )

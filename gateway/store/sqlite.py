@@ -51,6 +51,7 @@ from .common import (
     CPRS_INSERT,
     LANE_HEAD_CANDIDATE,
     LANE_HEAD_DELETE,
+    LANE_HEAD_IF_FIRST,
     LANE_HEAD_UPSERT,
     OLDEST_UNFINISHED_SQL,
     OPEN_BREAKER,
@@ -633,7 +634,7 @@ class SQLiteStore:
         )
         if deliveries.blocks_lane(status):  # the last of its lane: its head if nothing blocks it
             conn.execute(
-                LANE_HEAD_UPSERT.split(" DO UPDATE")[0] + " DO NOTHING",
+                LANE_HEAD_IF_FIRST,
                 (new.municipality, new.adapter, new.employee_key, delivery_id, status, now),
             )
         if status == Status.QUEUED:
