@@ -181,6 +181,15 @@ def due_heads(
     return sql, [*params, limit]
 
 
+def still_claimable(row: Row, now: float, readback_adapters: Sequence[str]) -> bool:
+    """A due head, read again in the claim's transaction, may still be claimed (a head that
+    moved meanwhile is left to the next claim)."""
+    delivery = facts(row, row["adapter"] in readback_adapters)
+    return bool(row["next_attempt_at"] <= now) and deliveries.allowed(
+        delivery, deliveries.Event.CLAIMED
+    )
+
+
 def decision_update(
     delivery_id: int, decision: Decision, now: float
 ) -> tuple[str, tuple[Any, ...]]:

@@ -93,6 +93,7 @@ from .common import (
     sealed_run_deliveries,
     settled,
     shown_counts,
+    still_claimable,
     version_view,
     waits_in_lane,
 )
@@ -757,12 +758,10 @@ class PostgresStore:
                 "SELECT * FROM deliveries WHERE id = ANY(?::bigint[]) FOR UPDATE SKIP LOCKED", ids
             )
         }
-        rows = [found[i] for i in ids if i in found]
         return [
-            r
-            for r in rows
-            if r["next_attempt_at"] <= now
-            and deliveries.allowed(facts(r, r["adapter"] in readback_adapters), Event.CLAIMED)
+            found[i]
+            for i in ids
+            if i in found and still_claimable(found[i], now, readback_adapters)
         ]
 
     async def begin_attempt(

@@ -94,6 +94,7 @@ from .common import (
     sealed_run_deliveries,
     settled,
     shown_counts,
+    still_claimable,
     version_view,
     waits_in_lane,
 )
@@ -841,7 +842,7 @@ class SQLiteStore:
                     f"SELECT * FROM deliveries WHERE id IN ({','.join('?' * len(ids))})", ids
                 )
             }
-            rows = [found[i] for i in ids]
+            rows = [found[i] for i in ids if still_claimable(found[i], now, readback_adapters)]
         else:  # a file run takes every due one of its endpoint, in any lane
             marks = ",".join("?" * len(adapters))
             rb_marks = ",".join("?" * len(readback_adapters)) or "''"
@@ -1034,8 +1035,7 @@ class SQLiteStore:
         """Persist what the state machine decided, and audit it (no deciding here)."""
         sql, params = decision_update(delivery_id, decision, now)
         if decision.changes_state:
-            lane = conn.execute(sql + RETURNING_LANE, params).fetchone()
-            if lane is not None:
+            for lane in conn.execute(sql + RETURNING_LANE, params).fetchall():  # run to its end
                 self._rehead(conn, tuple(lane))
         else:
             conn.execute(sql, params)
