@@ -17,7 +17,7 @@ operator before the payroll cut-off, so entering it leaves the ``at_risk`` flag 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -192,6 +192,27 @@ def shown_status(status: Status, held: bool) -> Status:
 def blocks_lane(status: Status) -> bool:
     """Whether an earlier delivery in this state holds back later ones of the same employee."""
     return status in BLOCKING
+
+
+def lane_head(
+    candidates: Iterable[tuple[int, str, float]],
+) -> tuple[int, Status, float] | None:
+    """The head of an employee lane: of its deliveries ``(id, status, due time)``, the first
+    (lowest id) that holds back the later ones; ``None`` when nothing blocks the lane.
+
+    Only the head of a lane may be claimed (in lane order), and only while it waits
+    (:func:`claimable`): the stores keep one row per lane with its head, indexed by due time.
+    """
+    blocking = [(i, Status(s), due) for i, s, due in candidates if blocks_lane(Status(s))]
+    return min(blocking, key=lambda c: c[0], default=None)
+
+
+def claimable(reads_back: bool) -> frozenset[Status]:
+    """The stored states from which a delivery of an adapter that (does not) read back can
+    be claimed: the ones :data:`Event.CLAIMED` is allowed in."""
+    return frozenset(
+        s for s in STORED if allowed(Delivery(s, reads_back=reads_back), Event.CLAIMED)
+    )
 
 
 def is_at_risk(delivery: Delivery, now: float, margin: float) -> bool:
@@ -461,8 +482,10 @@ __all__ = [
     "WATCHED",
     "allowed",
     "blocks_lane",
+    "claimable",
     "decide",
     "initial_status",
     "is_at_risk",
+    "lane_head",
     "shown_status",
 ]

@@ -32,6 +32,29 @@ class Row(Protocol):
 
 
 BLOCKING_SQL = ",".join(f"'{s}'" for s in sorted(BLOCKING))
+#: a lane's head candidate: its first blocking delivery (the partial index
+#: ``deliveries_lane_open`` of migration 12 has exactly this ``status IN`` list)
+LANE_HEAD_CANDIDATE = (
+    "SELECT id, status, next_attempt_at FROM deliveries WHERE municipality = ? AND adapter = ?"
+    f" AND employee_key = ? AND status IN ({BLOCKING_SQL}) ORDER BY id LIMIT 1"
+)
+LANE_HEAD_UPSERT = (
+    "INSERT INTO lane_heads (municipality, adapter, employee_key, delivery_id, status, due_at)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (municipality, adapter, employee_key) DO UPDATE SET"
+    " delivery_id = excluded.delivery_id, status = excluded.status, due_at = excluded.due_at"
+)
+#: a new delivery, the last of its lane, heads it if nothing else blocks it
+LANE_HEAD_IF_FIRST = LANE_HEAD_UPSERT.split(" DO UPDATE", 1)[0] + " DO NOTHING"
+LANE_HEAD_DELETE = (
+    "DELETE FROM lane_heads WHERE municipality = ? AND adapter = ? AND employee_key = ?"
+)
+#: after ``undefer``: the waiting heads take their deliveries' due times back (``AND`` an endpoint)
+UNDEFER_HEADS = (
+    "UPDATE lane_heads SET due_at = (SELECT d.next_attempt_at FROM deliveries d"
+    " WHERE d.id = lane_heads.delivery_id) WHERE status IN (?, ?)"
+)
+#: ``decision_update`` (a state change) says which lane the delivery is in
+RETURNING_LANE = " RETURNING municipality, adapter, employee_key"
 WATCHED_SQL = ",".join(f"'{s}'" for s in sorted(deliveries.WATCHED))
 #: stored states a blocked lane shows as ``held`` (the state machine says which)
 WAITING_SQL = ",".join(
@@ -175,6 +198,50 @@ def settled(settle: Settle, event: str) -> Decision:
         warning=settle.warning,
         count_attempt=settle.count_attempt,
         at_risk=settle.at_risk,
+    )
+
+
+def due_heads(
+    now: float,
+    limit: int,
+    adapters: Sequence[str],
+    readback_adapters: Sequence[str],
+    municipality: str | None,
+    lock: str = "",
+) -> tuple[str, list[Any]]:
+    """The claim's read: the ids of due lane heads, oldest due first, at most ``limit``.
+
+    One index range of ``lane_heads_due`` per (adapter, claimable state), each ``LIMIT n``,
+    merged: with a municipality (the dispatcher claims endpoint by endpoint) it reads at most
+    a few times ``limit`` index entries, however many deliveries wait. ``lock`` is appended
+    to each range (PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
+    """
+    arms: list[str] = []
+    params: list[Any] = []
+    where = "adapter = ? AND status = ? AND due_at <= ?"
+    if municipality is not None:
+        where = "municipality = ? AND " + where
+    for adapter in dict.fromkeys(adapters):
+        for status in sorted(deliveries.claimable(adapter in readback_adapters)):
+            arms.append(
+                f"SELECT * FROM (SELECT delivery_id, due_at FROM lane_heads WHERE {where}"
+                f" ORDER BY due_at, delivery_id LIMIT ?{lock}) h{len(arms)}"
+            )
+            params += [*([municipality] if municipality is not None else []), adapter]
+            params += [str(status), now, limit]
+    sql = (
+        f"SELECT delivery_id FROM ({' UNION ALL '.join(arms)}) h"
+        " ORDER BY due_at, delivery_id LIMIT ?"
+    )
+    return sql, [*params, limit]
+
+
+def still_claimable(row: Row, now: float, readback_adapters: Sequence[str]) -> bool:
+    """A due head, read again in the claim's transaction, may still be claimed (a head that
+    moved meanwhile is left to the next claim)."""
+    delivery = facts(row, row["adapter"] in readback_adapters)
+    return bool(row["next_attempt_at"] <= now) and deliveries.allowed(
+        delivery, deliveries.Event.CLAIMED
     )
 
 

@@ -267,6 +267,33 @@ CREATE TABLE console_sessions (
 CREATE INDEX console_sessions_expiry ON console_sessions (expires_at);
 """,
     ),
+    (
+        12,
+        "lane heads: the first unfinished delivery of each employee lane, indexed by due time, "
+        "so a claim reads as many rows as it claims whatever the backlog",
+        """
+CREATE TABLE lane_heads (
+    municipality    TEXT NOT NULL,
+    adapter         TEXT NOT NULL,
+    employee_key    TEXT NOT NULL,
+    delivery_id     INTEGER NOT NULL,
+    status          TEXT NOT NULL,
+    due_at          DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (municipality, adapter, employee_key)
+);
+CREATE UNIQUE INDEX lane_heads_delivery ON lane_heads (delivery_id);
+CREATE INDEX lane_heads_due ON lane_heads (municipality, adapter, status, due_at, delivery_id);
+CREATE INDEX deliveries_lane_open ON deliveries (municipality, adapter, employee_key, id)
+    WHERE status IN ('failed','in_doubt','in_flight','queued','retry_scheduled');
+INSERT INTO lane_heads (municipality, adapter, employee_key, delivery_id, status, due_at)
+SELECT d.municipality, d.adapter, d.employee_key, d.id, d.status, d.next_attempt_at
+FROM deliveries d WHERE d.id IN (
+    SELECT MIN(e.id) FROM deliveries e
+    WHERE e.status IN ('failed','in_doubt','in_flight','queued','retry_scheduled')
+    GROUP BY e.municipality, e.adapter, e.employee_key
+);
+""",
+    ),
 )
 
 LATEST = max(number for number, _, _ in MIGRATIONS)

@@ -75,6 +75,9 @@ from .common import (
     CPRS_INSERT,
     DETAIL_REPORT_SQL,
     DETAIL_VERSIONS_SQL,
+    LANE_HEAD_CANDIDATE,
+    LANE_HEAD_DELETE,
+    LANE_HEAD_UPSERT,
     LATENCIES_SQL,
     LATENCY_WINDOW,
     LIST_SQL,
@@ -87,10 +90,12 @@ from .common import (
     PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
+    RETURNING_LANE,
     SESSION_END,
     SESSION_INSERT,
     SESSION_SWEEP,
     SESSION_USER,
+    UNDEFER_HEADS,
     WATCHED_SQL,
     at_risk_view,
     audit_attempt_rows,
@@ -104,6 +109,7 @@ from .common import (
     delivered_part,
     delivery_detail_view,
     delivery_view,
+    due_heads,
     facts,
     filter_sql,
     lease_refusal,
@@ -126,6 +132,7 @@ from .common import (
     sealed_run_deliveries,
     settled,
     shown_counts,
+    still_claimable,
     version_view,
     waits_in_lane,
 )
@@ -134,6 +141,7 @@ from .migrations import SCHEMA_TABLE, applied_at, check_version, pending, statem
 
 T = TypeVar("T")
 AuditEvent = tuple[float, str, str, int | None, int | None, dict[str, Any]]
+Lane = tuple[str, str, str]  # (municipality, adapter, employee_key)
 _WRITE_LOCK = 0x5047_5731  # advisory lock key: writers that append to the audit trail
 _MIGRATE_LOCK = 0x5047_5732
 _FILE_LOCK_SPACE = 0x5047  # two-key advisory locks: (space, hash of the file key)
@@ -191,6 +199,8 @@ class _Tx:
         self.keys = keys  # seal and open personal data (gateway.privacy)
         self.audit_key = audit_key
         self.events: list[AuditEvent] = []
+        self.lanes: set[Lane] = set()  # lanes whose head may have changed
+        self.locked = False  # this transaction holds the writers' lock
 
     async def execute(self, sql: str, *args: Any) -> int:
         return _count(await self.conn.execute(_q(sql), *args))
@@ -220,11 +230,57 @@ class _Tx:
     ) -> None:
         self.events.append((now, actor, event, report_pk, delivery_id, detail))
 
+    def touch(self, lane: Lane) -> None:
+        """A delivery of ``lane`` changed state: its head is brought up to date at commit."""
+        self.lanes.add(lane)
+
+    async def flush_lanes(self) -> None:
+        """The heads of the touched lanes, from their deliveries, in three statements.
+
+        The head deliveries are locked (``FOR UPDATE``) before they are read: a claim that
+        holds one commits first, so its new state is what is written here.
+        """
+        if not self.lanes:
+            return
+        lanes = sorted(self.lanes)
+        heads: dict[Lane, list[tuple[int, str, float]]] = {}
+        self.lanes.clear()
+        if len(lanes) == 1:  # a settle: the plain query plans faster
+            found = [
+                (*lanes[0], *r)
+                for r in await self.fetch(LANE_HEAD_CANDIDATE + " FOR UPDATE", *lanes[0])
+            ]
+        else:
+            found = await self.fetch(
+                "SELECT k.m, k.a, k.e, h.id, h.status, h.next_attempt_at"
+                " FROM unnest(?::text[], ?::text[], ?::text[]) AS k(m, a, e)"
+                " CROSS JOIN LATERAL (SELECT d.id, d.status, d.next_attempt_at FROM deliveries d"
+                "   WHERE d.municipality = k.m AND d.adapter = k.a AND d.employee_key = k.e"
+                f"  AND d.status IN ({BLOCKING_SQL}) ORDER BY d.id LIMIT 1 FOR UPDATE) h",
+                *map(list, zip(*lanes, strict=True)),
+            )
+        for m, a, e, delivery_id, status, due in found:
+            heads.setdefault((m, a, e), []).append((delivery_id, status, due))
+        upserts, gone = [], []
+        for lane in lanes:
+            head = deliveries.lane_head(heads.get(lane, []))
+            if head is None:
+                gone.append(lane)
+            else:
+                upserts.append((*lane, head[0], str(head[1]), head[2]))
+        for sql, rows in ((LANE_HEAD_DELETE, gone), (LANE_HEAD_UPSERT, upserts)):
+            if len(rows) == 1:
+                await self.execute(sql, *rows[0])
+            else:
+                await self.executemany(sql, rows)
+
     async def flush_audit(self) -> None:
         if not self.events:
             return
-        # ids and links are taken under the writer lock (idempotent if the caller holds it)
-        await self.execute("SELECT pg_advisory_xact_lock(?)", _WRITE_LOCK)
+        # ids and links are taken under the writer lock (held to the commit once taken)
+        if not self.locked:
+            await self.execute("SELECT pg_advisory_xact_lock(?)", _WRITE_LOCK)
+            self.locked = True
         head = await self.fetchrow(AUDIT_HEAD)
         await self.executemany(AUDIT_INSERT, audit_rows(self.audit_key, head, self.events))
         self.events.clear()
@@ -339,7 +395,9 @@ class PostgresStore:
                 if audited:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", _WRITE_LOCK)
                 tx = _Tx(conn, self.keys, self.audit_key)
+                tx.locked = audited
                 result = await fn(tx)
+                await tx.flush_lanes()
                 await tx.flush_audit()
                 return result
 
@@ -675,33 +733,32 @@ class PostgresStore:
     ) -> list[Job]:
         """Due deliveries; with ``lane_order``, only the first unfinished one per employee.
 
-        Rows are locked with ``SKIP LOCKED`` (another process is claiming them); then, with a
-        fresh snapshot, each lane is re-checked under a transaction-level advisory lock, so
-        two processes never claim two deliveries of one lane, even from stale snapshots.
+        In lane order, the due rows of ``lane_heads`` are read by its index and locked with
+        ``SKIP LOCKED`` (one row per lane: two processes never claim in one lane), then their
+        deliveries (:meth:`_due_heads`); a file run locks due deliveries of any lane.
         """
         if not adapters:
             return []
 
         async def op(tx: _Tx) -> list[Job]:
-            rows = await tx.fetch(
-                "SELECT d.* FROM deliveries d WHERE d.next_attempt_at <= ? AND d.adapter = ANY(?::text[])"
-                " AND (?::text IS NULL OR d.municipality = ?::text)"
-                " AND (d.status IN ('queued', 'retry_scheduled')"
-                "      OR (d.status = 'in_doubt' AND d.adapter = ANY(?::text[])))"
-                " AND (NOT ?::boolean OR NOT EXISTS (SELECT 1 FROM deliveries e"
-                "   WHERE e.municipality = d.municipality AND e.adapter = d.adapter"
-                f"   AND e.employee_key = d.employee_key AND e.id < d.id AND e.status IN ({BLOCKING_SQL})))"
-                " ORDER BY d.next_attempt_at, d.id LIMIT ? FOR UPDATE OF d SKIP LOCKED",
-                now,
-                list(adapters),
-                municipality,
-                municipality,
-                list(readback_adapters),
-                lane_order,
-                limit,
-            )
             if lane_order:
-                rows = await _lane_heads(tx, rows)
+                rows = await self._due_heads(
+                    tx, now, limit, adapters, readback_adapters, municipality
+                )
+            else:  # a file run takes every due one of its endpoint, in any lane
+                rows = await tx.fetch(
+                    "SELECT d.* FROM deliveries d WHERE d.next_attempt_at <= ?"
+                    " AND d.adapter = ANY(?::text[]) AND (?::text IS NULL OR d.municipality = ?::text)"
+                    " AND (d.status IN ('queued', 'retry_scheduled')"
+                    "      OR (d.status = 'in_doubt' AND d.adapter = ANY(?::text[])))"
+                    " ORDER BY d.next_attempt_at, d.id LIMIT ? FOR UPDATE OF d SKIP LOCKED",
+                    now,
+                    list(adapters),
+                    municipality,
+                    municipality,
+                    list(readback_adapters),
+                    limit,
+                )
             if not rows:
                 return []
             claimed = [
@@ -717,9 +774,50 @@ class PostgresStore:
                     for d, r in zip(claimed, rows, strict=True)
                 ],
             )
+            # a head stays its lane's head (both states block the lane): only its state changes
+            by_status: dict[str, list[int]] = {}
+            for d, r in zip(claimed, rows, strict=True):
+                by_status.setdefault(str(d.status), []).append(r["id"])
+            for status, ids in by_status.items():  # one status: in_flight
+                await tx.execute(
+                    "UPDATE lane_heads SET status = ? WHERE delivery_id = ANY(?::bigint[])",
+                    status,
+                    ids,
+                )
             return await _jobs(tx, rows, self.keys)
 
         return await self._write(op, audited=False)
+
+    @staticmethod
+    async def _due_heads(
+        tx: _Tx,
+        now: float,
+        limit: int,
+        adapters: Sequence[str],
+        readback_adapters: Sequence[str],
+        municipality: str | None,
+    ) -> list[asyncpg.Record]:
+        """The due heads' deliveries, oldest due first. The ``lane_heads`` rows are locked
+        (``SKIP LOCKED``: another process claims from that lane, or a writer changes its head),
+        so two processes never claim in one lane; the deliveries are then read in a fresh
+        snapshot, and only those still waiting and due are taken."""
+        sql, params = due_heads(
+            now, limit, adapters, readback_adapters, municipality, " FOR UPDATE SKIP LOCKED"
+        )
+        ids = [r[0] for r in await tx.fetch(sql, *params)]
+        if not ids:
+            return []
+        found = {
+            r["id"]: r
+            for r in await tx.fetch(
+                "SELECT * FROM deliveries WHERE id = ANY(?::bigint[]) FOR UPDATE SKIP LOCKED", ids
+            )
+        }
+        return [
+            found[i]
+            for i in ids
+            if i in found and still_claimable(found[i], now, readback_adapters)
+        ]
 
     async def begin_attempt(
         self,
@@ -894,9 +992,14 @@ class PostgresStore:
         await self._write(op)
 
     async def defer_due(self, municipality: str, adapter: str, until: float, now: float) -> int:
-        """Move due deliveries of a closed endpoint to its opening: waiting, not a burned retry."""
-        return await self._write(
-            lambda tx: tx.execute(
+        """Move due deliveries of a closed endpoint to its opening: waiting, not a burned retry.
+
+        Under the writers' lock (no audit event): writers lock a lane's head delivery
+        before its ``lane_heads`` row, and this one would take them the other way round."""
+        waiting = (Status.QUEUED, Status.RETRY_SCHEDULED)
+
+        async def op(tx: _Tx) -> int:
+            count = await tx.execute(
                 "UPDATE deliveries SET deferred_from = COALESCE(deferred_from, next_attempt_at),"
                 " next_attempt_at = ?, updated_at = ? WHERE municipality = ?"
                 " AND adapter = ? AND status IN (?, ?) AND next_attempt_at < ?",
@@ -904,29 +1007,42 @@ class PostgresStore:
                 now,
                 municipality,
                 adapter,
-                Status.QUEUED,
-                Status.RETRY_SCHEDULED,
+                *waiting,
                 until,
-            ),
-            audited=False,
-        )
+            )
+            await tx.execute(  # the same rows, where they head their lane
+                "UPDATE lane_heads SET due_at = ? WHERE municipality = ? AND adapter = ?"
+                " AND status IN (?, ?) AND due_at < ?",
+                until,
+                municipality,
+                adapter,
+                *waiting,
+                until,
+            )
+            return count
+
+        return await self._write(op)
 
     async def undefer(self, municipality: str | None, adapter: str | None, now: float) -> int:
         """Give work deferred to an opening its own due time back (all endpoints, or one)."""
-        where = "deferred_from IS NOT NULL AND status IN (?, ?)"
+        endpoint = ""
         params: list[str] = [Status.QUEUED, Status.RETRY_SCHEDULED]
         if municipality is not None and adapter is not None:
-            where += " AND municipality = ? AND adapter = ?"
+            endpoint = " AND municipality = ? AND adapter = ?"
             params += [municipality, adapter]
-        return await self._write(
-            lambda tx: tx.execute(
-                f"UPDATE deliveries SET next_attempt_at = deferred_from, deferred_from = NULL, updated_at = ?"
-                f" WHERE {where}",
+
+        async def op(tx: _Tx) -> int:
+            count = await tx.execute(
+                "UPDATE deliveries SET next_attempt_at = deferred_from, deferred_from = NULL,"
+                f" updated_at = ? WHERE deferred_from IS NOT NULL AND status IN (?, ?){endpoint}",
                 now,
                 *params,
-            ),
-            audited=False,
-        )
+            )
+            if count:
+                await tx.execute(UNDEFER_HEADS + endpoint, *params)
+            return count
+
+        return await self._write(op)
 
     # -- operations ------------------------------------------------------------------------
 
@@ -1242,31 +1358,6 @@ async def _blocker(tx: _Tx, d: Mapping[str, Any]) -> dict[str, Any] | None:
     )
 
 
-async def _lane_heads(tx: _Tx, rows: list[asyncpg.Record]) -> list[asyncpg.Record]:
-    """Of the locked candidates, those still first in their lane (a new snapshot), one per lane,
-    each lane held by this transaction's advisory lock (skipped when another claim holds it)."""
-    if not rows:
-        return []
-    ok = await tx.fetch(
-        "SELECT d.id FROM deliveries d WHERE d.id = ANY(?::bigint[])"
-        " AND pg_try_advisory_xact_lock(hashtextextended(d.municipality || '/' || d.adapter || '/'"
-        "   || d.employee_key, 0))"
-        " AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.municipality = d.municipality"
-        "   AND e.adapter = d.adapter AND e.employee_key = d.employee_key AND e.id < d.id"
-        f"   AND e.status IN ({BLOCKING_SQL}))",
-        [r["id"] for r in rows],
-    )
-    keep = {r["id"] for r in ok}
-    lanes: set[tuple[str, str, str]] = set()
-    heads = []
-    for row in rows:
-        lane = (row["municipality"], row["adapter"], row["employee_key"])
-        if row["id"] in keep and lane not in lanes:
-            lanes.add(lane)
-            heads.append(row)
-    return heads
-
-
 async def _jobs(tx: _Tx, rows: Sequence[asyncpg.Record], keys: DataKeys) -> list[Job]:
     """The claimed rows as jobs, with three queries for all of them."""
     versions = {
@@ -1355,7 +1446,12 @@ async def _record_decision(
 ) -> None:
     """Persist what the state machine decided, and audit it (no deciding here)."""
     sql, params = decision_update(delivery_id, decision, now)
-    await tx.execute(sql, *params)
+    if decision.changes_state:
+        lane = await tx.fetchrow(sql + RETURNING_LANE, *params)
+        if lane is not None:
+            tx.touch((lane[0], lane[1], lane[2]))
+    else:
+        await tx.execute(sql, *params)
     tx.audit(
         now,
         decision.audit,
@@ -1662,6 +1758,7 @@ class _Intake:
                 "new" not in d
             ):  # a stored one is written by the writer at flush; a new one is inserted so
                 self.superseded.append((d["id"], decision))
+                self.tx.touch((d["municipality"], d["adapter"], d["employee_key"]))
             self.tx.audit(
                 self.now,
                 decision.audit,
@@ -1714,6 +1811,9 @@ class _Intake:
         for delivery_id, decision in self.superseded:
             sql, params = decision_update(delivery_id, decision, now)
             await tx.execute(sql, *params)
+        for d in self.new_deliveries:
+            if deliveries.blocks_lane(d["status"]):
+                tx.touch((d["new"].municipality, d["adapter"], d["new"].employee_key))
 
 
 __all__ = ["PostgresStore", "store_error"]

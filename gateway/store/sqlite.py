@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -74,6 +75,10 @@ from .common import (
     CPRS_INSERT,
     DETAIL_REPORT_SQL,
     DETAIL_VERSIONS_SQL,
+    LANE_HEAD_CANDIDATE,
+    LANE_HEAD_DELETE,
+    LANE_HEAD_IF_FIRST,
+    LANE_HEAD_UPSERT,
     LATENCIES_SQL,
     LATENCY_WINDOW,
     LIST_SQL,
@@ -86,10 +91,12 @@ from .common import (
     PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
+    RETURNING_LANE,
     SESSION_END,
     SESSION_INSERT,
     SESSION_SWEEP,
     SESSION_USER,
+    UNDEFER_HEADS,
     WATCHED_SQL,
     at_risk_view,
     audit_attempt_rows,
@@ -103,6 +110,7 @@ from .common import (
     delivered_part,
     delivery_detail_view,
     delivery_view,
+    due_heads,
     facts,
     filter_sql,
     lease_refusal,
@@ -125,6 +133,7 @@ from .common import (
     sealed_run_deliveries,
     settled,
     shown_counts,
+    still_claimable,
     version_view,
     waits_in_lane,
 )
@@ -191,6 +200,9 @@ class SQLiteStore:
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._wpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        # in an intake batch (writer thread only): its audit events and version ids
+        self._events: list[tuple[Any, ...]] | None = None
+        self._version_ids: Iterator[int] | None = None
         self._rpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
 
     # -- life cycle ----------------------------------------------------------------------
@@ -396,15 +408,37 @@ class SQLiteStore:
         report_pk: int | None = None,
         delivery_id: int | None = None,
     ) -> None:
-        """Append to the hash-chained audit trail, inside the caller's transaction."""
+        """Append to the hash-chained audit trail, inside the caller's transaction (or, in an
+        intake batch, at its end: :meth:`_batched`)."""
+        record = (now, actor, event, report_pk, delivery_id, detail)
+        if self._events is not None:
+            self._events.append(record)
+            return
         # read inside the write transaction: another process (the CLI) may have appended
         head = conn.execute(AUDIT_HEAD).fetchone()
-        conn.execute(
-            AUDIT_INSERT,
-            audit_rows(self.audit_key, head, [(now, actor, event, report_pk, delivery_id, detail)])[
-                0
-            ],
-        )
+        conn.execute(AUDIT_INSERT, audit_rows(self.audit_key, head, [record])[0])
+
+    @contextlib.contextmanager
+    def _batched(self, conn: sqlite3.Connection) -> Iterator[None]:
+        """An intake batch: its audit events chained and inserted at its end in one go (one
+        head read, one ``executemany``), and its versions numbered from one ``MAX(id)``."""
+        self._events, self._version_ids = [], None
+        try:
+            yield
+            if self._events:
+                head = conn.execute(AUDIT_HEAD).fetchone()
+                conn.executemany(AUDIT_INSERT, audit_rows(self.audit_key, head, self._events))
+        finally:
+            self._events, self._version_ids = None, None
+
+    def _next_version_pk(self, conn: sqlite3.Connection) -> int:
+        """The id the next report version gets (the writer's transaction holds the lock)."""
+        if self._version_ids is None:
+            last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM report_versions").fetchone()[0]
+            if self._events is None:  # not in a batch: nothing to remember
+                return int(last) + 1
+            self._version_ids = itertools.count(int(last) + 1)
+        return next(self._version_ids)
 
     def _seals(self, conn: sqlite3.Connection, where: str, *params: Any) -> list[dict[str, Any]]:
         rows = conn.execute(f"{ATTEMPT_ROW} WHERE {where} ORDER BY id", params).fetchall()
@@ -423,24 +457,28 @@ class SQLiteStore:
     ) -> list[Submitted]:
         results: list[Submitted] = []
         conflicts: list[int] = []
-        for index, new in enumerate(reports):
-            existing = self._stored_version(conn, new)
-            if existing is not None:
-                if existing["content_hash"] != new.content_hash:
-                    conflicts.append(index)
+        with self._batched(conn):
+            for index, new in enumerate(reports):
+                report = self._stored_report(conn, new)
+                if report is not None and report["id"] is not None:  # this version is stored
+                    if report["content_hash"] != new.content_hash:
+                        conflicts.append(index)
+                        continue
+                    results.append(self._existing(conn, report["id"], new))
                     continue
-                results.append(self._existing(conn, existing["id"], new))
-                continue
-            results.append(self._insert(conn, new, now))
-        if conflicts:
-            raise ConflictingReport(conflicts)  # the savepoint rolls the whole batch back
+                results.append(self._insert(conn, new, now, report))
+            if conflicts:
+                raise ConflictingReport(conflicts)  # the savepoint rolls the whole batch back
         return results
 
-    def _stored_version(self, conn: sqlite3.Connection, new: NewReport) -> sqlite3.Row | None:
+    def _stored_report(self, conn: sqlite3.Connection, new: NewReport) -> sqlite3.Row | None:
+        """The stored report (``report_pk``, ``latest_version``) with this version of it
+        (``id``, ``content_hash``; NULL when not stored), or None (a new report)."""
         return conn.execute(  # type: ignore[no-any-return]
-            "SELECT v.id, v.content_hash FROM report_versions v JOIN reports r ON r.id = v.report_pk"
-            " WHERE r.municipality = ? AND r.report_id = ? AND v.version = ?",
-            (new.municipality, new.report_id, new.version),
+            "SELECT r.id AS report_pk, r.latest_version, v.id, v.content_hash FROM reports r"
+            " LEFT JOIN report_versions v ON v.report_pk = r.id AND v.version = ?"
+            " WHERE r.municipality = ? AND r.report_id = ?",
+            (new.version, new.municipality, new.report_id),
         ).fetchone()
 
     # -- pull sources ----------------------------------------------------------------------
@@ -449,9 +487,12 @@ class SQLiteStore:
         self, municipality: str, source: str, records: Sequence[PulledRecord], now: float
     ) -> list[PullOutcome]:
         """Store the valid records and record the rejected ones, all in one transaction."""
-        return await self._write(
-            lambda conn: [self._take_one(conn, municipality, source, r, now) for r in records]
-        )
+
+        def op(conn: sqlite3.Connection) -> list[PullOutcome]:
+            with self._batched(conn):
+                return [self._take_one(conn, municipality, source, r, now) for r in records]
+
+        return await self._write(op)
 
     def _take_one(
         self,
@@ -466,13 +507,14 @@ class SQLiteStore:
                 conn, municipality, source, record, PullOutcome.INVALID, record.errors, now
             )
             return PullOutcome.INVALID
-        existing = self._stored_version(conn, record.report)
+        report = self._stored_report(conn, record.report)
+        existing = report if report is not None and report["id"] is not None else None
         if existing is not None and existing["content_hash"] != record.report.content_hash:
             errors = CONFLICT_ERRORS
             self._reject(conn, municipality, source, record, PullOutcome.CONFLICT, errors, now)
             return PullOutcome.CONFLICT
         if existing is None:
-            self._insert(conn, record.report, now)
+            self._insert(conn, record.report, now, report)
         conn.execute(
             "UPDATE intake_rejections SET resolved_at = ? WHERE municipality = ? AND source = ?"
             " AND record_id = ? AND resolved_at IS NULL",
@@ -548,11 +590,10 @@ class SQLiteStore:
             created=False,
         )
 
-    def _insert(self, conn: sqlite3.Connection, new: NewReport, now: float) -> Submitted:
-        report = conn.execute(
-            "SELECT id, latest_version FROM reports WHERE municipality = ? AND report_id = ?",
-            (new.municipality, new.report_id),
-        ).fetchone()
+    def _insert(
+        self, conn: sqlite3.Connection, new: NewReport, now: float, report: sqlite3.Row | None
+    ) -> Submitted:
+        """A new version (of a new report when ``report`` is None: see :meth:`_stored_report`)."""
         if report is None:
             report_pk = conn.execute(
                 "INSERT INTO reports (municipality, report_id, kind, employee_key, latest_version, created_at)"
@@ -561,17 +602,24 @@ class SQLiteStore:
             ).lastrowid
             latest = new.version
         else:
-            report_pk, latest = report["id"], max(report["latest_version"], new.version)
-            conn.execute("UPDATE reports SET latest_version = ? WHERE id = ?", (latest, report_pk))
-        version_pk = conn.execute(
-            "INSERT INTO report_versions (report_pk, version, content_hash, body, received_at,"
-            " request_id) VALUES (?, ?, ?, '', ?, ?)",
-            (report_pk, new.version, new.content_hash, now, new.request_id),
-        ).lastrowid
-        assert version_pk is not None
+            report_pk, latest = report["report_pk"], max(report["latest_version"], new.version)
+            if latest != report["latest_version"]:
+                conn.execute(
+                    "UPDATE reports SET latest_version = ? WHERE id = ?", (latest, report_pk)
+                )
+        version_pk = self._next_version_pk(conn)  # the body is sealed to its id
         conn.execute(
-            "UPDATE report_versions SET body = ? WHERE id = ?",
-            (sealed_body(self.keys, version_pk, new.body), version_pk),
+            "INSERT INTO report_versions (id, report_pk, version, content_hash, body, received_at,"
+            " request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                version_pk,
+                report_pk,
+                new.version,
+                new.content_hash,
+                sealed_body(self.keys, version_pk, new.body),
+                now,
+                new.request_id,
+            ),
         )
         conn.execute(CPRS_INSERT, (version_pk, *sealed_cprs(self.keys, version_pk, new)))
         self._audit(
@@ -626,6 +674,11 @@ class SQLiteStore:
             report_pk=report_pk,
             delivery_id=delivery_id,
         )
+        if deliveries.blocks_lane(status):  # the last of its lane: its head if nothing blocks it
+            conn.execute(
+                LANE_HEAD_IF_FIRST,
+                (new.municipality, new.adapter, new.employee_key, delivery_id, status, now),
+            )
         if status == Status.QUEUED:
             self._supersede_older(conn, report_pk, new.adapter or "", new.version, now)
         return status
@@ -817,30 +870,31 @@ class SQLiteStore:
         municipality: str | None,
         lane_order: bool,
     ) -> list[Job]:
-        """Due deliveries; with ``lane_order``, only the first unfinished one per employee."""
+        """Due deliveries; with ``lane_order``, only the first unfinished one per employee
+        (the lane heads due, by the ``lane_heads_due`` index: as many rows read as claimed)."""
         if not adapters:
             return []
-        marks = ",".join("?" * len(adapters))
-        rb_marks = ",".join("?" * len(readback_adapters)) or "''"
-        rows = conn.execute(
-            f"SELECT d.* FROM deliveries d WHERE d.next_attempt_at <= ? AND d.adapter IN ({marks})"
-            f" AND (? IS NULL OR d.municipality = ?)"
-            f" AND (d.status IN ('queued', 'retry_scheduled')"
-            f"      OR (d.status = 'in_doubt' AND d.adapter IN ({rb_marks})))"
-            f" AND (? = 0 OR NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.municipality = d.municipality"
-            f"   AND e.adapter = d.adapter AND e.employee_key = d.employee_key AND e.id < d.id"
-            f"   AND e.status IN ({BLOCKING_SQL})))"
-            f" ORDER BY d.next_attempt_at, d.id LIMIT ?",
-            (
-                now,
-                *adapters,
-                municipality,
-                municipality,
-                *readback_adapters,
-                int(lane_order),
-                limit,
-            ),
-        ).fetchall()
+        if lane_order:
+            sql, params = due_heads(now, limit, adapters, readback_adapters, municipality)
+            ids = [r[0] for r in conn.execute(sql, params)]
+            found = {
+                r["id"]: r
+                for r in conn.execute(
+                    f"SELECT * FROM deliveries WHERE id IN ({','.join('?' * len(ids))})", ids
+                )
+            }
+            rows = [found[i] for i in ids if still_claimable(found[i], now, readback_adapters)]
+        else:  # a file run takes every due one of its endpoint, in any lane
+            marks = ",".join("?" * len(adapters))
+            rb_marks = ",".join("?" * len(readback_adapters)) or "''"
+            rows = conn.execute(
+                f"SELECT d.* FROM deliveries d WHERE d.next_attempt_at <= ? AND d.adapter IN ({marks})"
+                f" AND (? IS NULL OR d.municipality = ?)"
+                f" AND (d.status IN ('queued', 'retry_scheduled')"
+                f"      OR (d.status = 'in_doubt' AND d.adapter IN ({rb_marks})))"
+                f" ORDER BY d.next_attempt_at, d.id LIMIT ?",
+                (now, *adapters, municipality, municipality, *readback_adapters, limit),
+            ).fetchall()
         jobs = []
         for row in rows:
             delivery = facts(row, reads_back=row["adapter"] in readback_adapters)
@@ -849,6 +903,11 @@ class SQLiteStore:
                 "UPDATE deliveries SET status = ?, lease_owner = ?, lease_until = ?, updated_at = ?"
                 " WHERE id = ?",
                 (decision.status, owner, now + lease_seconds, now, row["id"]),
+            )
+            # the head stays the head (both states block its lane): only its state changes
+            conn.execute(
+                "UPDATE lane_heads SET status = ? WHERE delivery_id = ?",
+                (decision.status, row["id"]),
             )
             jobs.append(self._job(conn, row))
         return jobs
@@ -1015,7 +1074,12 @@ class SQLiteStore:
         extra: dict[str, Any] | None = None,
     ) -> None:
         """Persist what the state machine decided, and audit it (no deciding here)."""
-        conn.execute(*decision_update(delivery_id, decision, now))
+        sql, params = decision_update(delivery_id, decision, now)
+        if decision.changes_state:
+            for lane in conn.execute(sql + RETURNING_LANE, params).fetchall():  # run to its end
+                self._rehead(conn, tuple(lane))
+        else:
+            conn.execute(sql, params)
         self._audit(
             conn,
             now,
@@ -1025,6 +1089,15 @@ class SQLiteStore:
             report_pk=report_pk,
             delivery_id=delivery_id,
         )
+
+    def _rehead(self, conn: sqlite3.Connection, lane: tuple[str, ...]) -> None:
+        """Bring the lane's head up to date after a change to one of its deliveries."""
+        candidate = conn.execute(LANE_HEAD_CANDIDATE, lane).fetchall()
+        head = deliveries.lane_head((r[0], r[1], r[2]) for r in candidate)
+        if head is None:
+            conn.execute(LANE_HEAD_DELETE, lane)
+        else:
+            conn.execute(LANE_HEAD_UPSERT, (*lane, *head))
 
     async def replace_parts(
         self,
@@ -1144,11 +1217,17 @@ class SQLiteStore:
         """Move due deliveries of a closed endpoint to its opening: waiting, not a burned retry."""
 
         def op(conn: sqlite3.Connection) -> int:
+            waiting = (Status.QUEUED, Status.RETRY_SCHEDULED)
+            conn.execute(  # the same rows, where they head their lane
+                "UPDATE lane_heads SET due_at = ? WHERE municipality = ? AND adapter = ?"
+                " AND status IN (?, ?) AND due_at < ?",
+                (until, municipality, adapter, *waiting, until),
+            )
             return conn.execute(
                 "UPDATE deliveries SET deferred_from = COALESCE(deferred_from, next_attempt_at),"
                 " next_attempt_at = ?, updated_at = ? WHERE municipality = ?"
                 " AND adapter = ? AND status IN (?, ?) AND next_attempt_at < ?",
-                (until, now, municipality, adapter, Status.QUEUED, Status.RETRY_SCHEDULED, until),
+                (until, now, municipality, adapter, *waiting, until),
             ).rowcount
 
         return await self._write(op)
@@ -1159,18 +1238,21 @@ class SQLiteStore:
         Called when the opening hours may have changed (at start) or an endpoint was resumed;
         the dispatcher defers it again if the endpoint is still closed.
         """
-        where = "deferred_from IS NOT NULL AND status IN (?, ?)"
+        endpoint = ""
         params: list[str] = [Status.QUEUED, Status.RETRY_SCHEDULED]
         if municipality is not None and adapter is not None:
-            where += " AND municipality = ? AND adapter = ?"
+            endpoint = " AND municipality = ? AND adapter = ?"
             params += [municipality, adapter]
 
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
+            count = conn.execute(
                 "UPDATE deliveries SET next_attempt_at = deferred_from, deferred_from = NULL,"
-                f" updated_at = ? WHERE {where}",
+                f" updated_at = ? WHERE deferred_from IS NOT NULL AND status IN (?, ?){endpoint}",
                 (now, *params),
             ).rowcount
+            if count:
+                conn.execute(UNDEFER_HEADS + endpoint, params)
+            return count
 
         return await self._write(op)
 
