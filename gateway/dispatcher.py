@@ -244,6 +244,7 @@ class Dispatcher:
             log.exception("delivery %s: could not record its outcome", job.delivery_id)
         finally:
             self.endpoints.finished((job.municipality, job.adapter))
+            self._wake.set()  # its lane's next delivery may be due now: look without waiting
 
     async def _called(self, run: _Run, ok: bool) -> None:
         """Count one vendor call for the endpoint's breaker (ok: the vendor answered)."""

@@ -4,6 +4,7 @@ moves: retry schedule, in doubt, supersede, holds, at-risk, retry exhaustion. No
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -368,3 +369,25 @@ def test_the_fake_adapter_is_an_adapter() -> None:
     assert isinstance(FakeAdapter(), Adapter)
     assert replace(FakeAdapter(), name="other").name == "other"
     assert Status.DELIVERED == "delivered"
+
+
+async def test_a_finished_delivery_lets_its_lanes_next_one_go_without_waiting_for_the_poll(
+    rig: Rig,
+) -> None:
+    """One employee's three reports go one after another, each as soon as the one before it is
+    settled: the loop does not sit out its poll interval (30 s here) between them."""
+    rig.dispatcher.settings = replace(rig.settings, poll_seconds=30)
+    for n in (1, 2, 3):
+        await rig.submit(f"L-{n}", km=f"{n}.00")
+    loop = asyncio.create_task(rig.dispatcher.run())
+    try:
+        for _ in range(1000):  # 10 s at most, a third of one poll interval
+            if len(rig.adapter.sent) == 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await rig.dispatcher.aclose()
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert [r for r, _ in rig.adapter.sent] == ["L-1", "L-2", "L-3"]
