@@ -60,16 +60,19 @@ from .common import (
     OPEN_BREAKER,
     OVERVIEW_SQL,
     PENDING_OUTCOMES,
+    PERIODLESS_SQL,
     PURGE_BATCH,
     PURGE_PREVIEW,
     PURGEABLE,
     RESEAL_TABLES,
     RESEAL_UPDATE,
+    SET_PERIOD_SQL,
     WATCHED_SQL,
     at_risk_view,
     audit_attempt_rows,
     audit_rows,
     audit_view,
+    backfilled_periods,
     blocker_view,
     count_filters,
     decision_audit,
@@ -230,6 +233,7 @@ class PostgresStore:
             await self._guard(self._migrate())
             if not self.keys.missing:  # values stored in clear before migration 7
                 await self.reseal(rotate=False)
+                await self._write(self._backfill_periods, audited=False)
         except BaseException:
             await self.aclose()  # a refused schema leaves no connection behind
             raise
@@ -270,6 +274,13 @@ class PostgresStore:
             )
             tx.audit(time.time(), "audit.rechained", rechain_detail(events, attempts))
         await tx.execute("DELETE FROM audit_rechain")
+
+    async def _backfill_periods(self, tx: _Tx) -> int:
+        """Give deliveries stored before migration 9 the period of their report (once: the
+        rows that get one are not looked at again; several processes may do it at once)."""
+        found = backfilled_periods(self.keys, await tx.fetch(PERIODLESS_SQL))
+        await tx.executemany(SET_PERIOD_SQL, found)
+        return len(found)
 
     async def reseal(self, rotate: bool) -> dict[str, int]:
         """Seal what is stored in clear (``rotate``: re-seal all under the current key), in one
