@@ -106,6 +106,7 @@ async def test_pages_follow_the_cursor_newest_first_and_count_everything(gw: Gat
         ("since=yesterday", "/since"),
         ("cursor=zz", "/cursor"),
         ("cursor=", "/cursor"),
+        ("cursor=8000000000000000", "/cursor"),  # past the largest id
         ("color=red", "/color"),
     ],
 )
@@ -236,6 +237,6 @@ def test_the_day_starts_at_midnight_in_copenhagen(now: str, midnight: str) -> No
     )
 
 
-@pytest.mark.parametrize("last_id", [1, 15, 16, 2**40, 2**59])
+@pytest.mark.parametrize("last_id", [1, 15, 16, 2**40, 2**59, 2**63 - 1])
 def test_a_cursor_gives_back_its_id(last_id: int) -> None:
     assert decode_cursor(encode_cursor(last_id)) == last_id
