@@ -44,6 +44,7 @@ from .payroll_calendar import CutoffCalendar
 from .privacy import MASKED_CPR, mask_cpr, mask_strings
 from .settings import Tenant
 from .store import SETTLED, ConflictingReport, NewReport, Store, StoreError, Submitted
+from .store.common import report_period
 from .validation import normalise, quick_valid, readable_text, validate_report, vendor_fields
 
 MAX_BATCH = MAX_RECORDS
@@ -213,13 +214,6 @@ def _new_report(
         period=report_period(data),
         request_id=current_request_id(),
     )
-
-
-def report_period(data: Mapping[str, Any]) -> str | None:
-    """The payroll period ("YYYY-MM") a report belongs to: the month of its own date (a
-    drive's ``drive_date``, a vacation's ``start_date``), not of when it was received."""
-    day = data.get("drive_date") if data.get("kind") == "drive" else data.get("start_date")
-    return day[:7] if isinstance(day, str) and len(day) >= 7 else None
 
 
 def current_request_id() -> str | None:

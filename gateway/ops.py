@@ -51,7 +51,8 @@ MUNICIPALITY = re.compile(r"[0-9]{3}")
 PERIOD = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 #: a full CPR number as an operator types it (DDMMYYXXXX, DDMMYY-XXXX or DDMMYY XXXX)
 FULL_CPR = re.compile(r"[0-9]{6}[- ]?[0-9]{4}")
-CURSOR = re.compile(r"[0-9a-f]{1,15}")  # the last row's id in hex: opaque to clients
+#: the last row's id in hex (at most 2**63 - 1): opaque to clients
+CURSOR = re.compile(r"[0-9a-f]{1,15}|[0-7][0-9a-f]{15}")
 COPENHAGEN = ZoneInfo("Europe/Copenhagen")
 
 

@@ -906,6 +906,33 @@ def version_view(keys: DataKeys, v: Row) -> dict[str, Any]:
 
 # -- read models (the console, the ops API) -----------------------------------------------
 
+
+def report_period(report: Mapping[str, Any]) -> str | None:
+    """The payroll period ("YYYY-MM") a report belongs to: the month of its own date (a
+    drive's ``drive_date``, a vacation's ``start_date``), not of when it was received."""
+    day = report.get("drive_date") if report.get("kind") == "drive" else report.get("start_date")
+    return day[:7] if isinstance(day, str) and len(day) >= 7 else None
+
+
+#: deliveries stored before migration 9 without a period, whose report body is still there
+PERIODLESS_SQL = (
+    "SELECT d.id, v.id AS version_pk, v.body FROM deliveries d"
+    " JOIN report_versions v ON v.id = d.version_pk"
+    " WHERE d.period IS NULL AND v.purged_at IS NULL ORDER BY d.id"
+)
+SET_PERIOD_SQL = "UPDATE deliveries SET period = ? WHERE id = ?"
+
+
+def backfilled_periods(keys: DataKeys, rows: Iterable[Row]) -> list[tuple[str, int]]:
+    """(period, delivery id) for :data:`PERIODLESS_SQL` rows whose body has a date."""
+    found = []
+    for row in rows:
+        period = report_period(open_body(keys, row["version_pk"], row["body"]))
+        if period is not None:
+            found.append((period, int(row["id"])))
+    return found
+
+
 #: a list's rows: the delivery, its report's id (newest first: the keyset cursor is the id)
 LIST_SQL = (
     "SELECT d.*, r.report_id FROM deliveries d JOIN reports r ON r.id = d.report_pk"

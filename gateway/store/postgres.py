@@ -85,6 +85,7 @@ from .common import (
     OPEN_BREAKER,
     OVERVIEW_SQL,
     PENDING_OUTCOMES,
+    PERIODLESS_SQL,
     PURGE_BATCH,
     PURGE_PREVIEW,
     PURGEABLE,
@@ -95,6 +96,7 @@ from .common import (
     SESSION_INSERT,
     SESSION_SWEEP,
     SESSION_USER,
+    SET_PERIOD_SQL,
     UNDEFER_HEADS,
     WATCHED_SQL,
     at_risk_view,
@@ -102,6 +104,7 @@ from .common import (
     audit_page_row,
     audit_rows,
     audit_view,
+    backfilled_periods,
     blocker_view,
     count_filters,
     decision_audit,
@@ -313,6 +316,7 @@ class PostgresStore:
             await self._guard(self._migrate())
             if not self.keys.missing:  # values stored in clear before migration 7
                 await self.reseal(rotate=False)
+                await self._write(self._backfill_periods, audited=False)
         except BaseException:
             await self.aclose()  # a refused schema leaves no connection behind
             raise
@@ -353,6 +357,13 @@ class PostgresStore:
             )
             tx.audit(time.time(), "audit.rechained", rechain_detail(events, attempts))
         await tx.execute("DELETE FROM audit_rechain")
+
+    async def _backfill_periods(self, tx: _Tx) -> int:
+        """Give deliveries stored before migration 9 the period of their report (once: the
+        rows that get one are not looked at again; several processes may do it at once)."""
+        found = backfilled_periods(self.keys, await tx.fetch(PERIODLESS_SQL))
+        await tx.executemany(SET_PERIOD_SQL, found)
+        return len(found)
 
     async def reseal(self, rotate: bool) -> dict[str, int]:
         """Seal what is stored in clear (``rotate``: re-seal all under the current key), in one

@@ -86,6 +86,7 @@ from .common import (
     OPEN_BREAKER,
     OVERVIEW_SQL,
     PENDING_OUTCOMES,
+    PERIODLESS_SQL,
     PURGE_BATCH,
     PURGE_PREVIEW,
     PURGEABLE,
@@ -96,6 +97,7 @@ from .common import (
     SESSION_INSERT,
     SESSION_SWEEP,
     SESSION_USER,
+    SET_PERIOD_SQL,
     UNDEFER_HEADS,
     WATCHED_SQL,
     at_risk_view,
@@ -103,6 +105,7 @@ from .common import (
     audit_page_row,
     audit_rows,
     audit_view,
+    backfilled_periods,
     blocker_view,
     count_filters,
     decision_audit,
@@ -215,6 +218,7 @@ class SQLiteStore:
         self._wconn = await loop.run_in_executor(self._wpool, _connect, self.path)
         await loop.run_in_executor(self._wpool, self._migrate)
         await loop.run_in_executor(self._wpool, self._reseal_now, False)
+        await loop.run_in_executor(self._wpool, self._backfill_periods)
         await loop.run_in_executor(self._wpool, _private_files, self.path)  # -wal, -shm now exist
         self._rconn = await loop.run_in_executor(self._rpool, _connect, self.path)
         self._queue = asyncio.Queue()
@@ -292,6 +296,21 @@ class SQLiteStore:
             conn.execute("ROLLBACK")
             raise
         return counts
+
+    def _backfill_periods(self) -> int:
+        """Give deliveries stored before migration 9 the period of their report (once: the
+        rows that get one are not looked at again)."""
+        conn = self._wconn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            found = backfilled_periods(self.keys, conn.execute(PERIODLESS_SQL).fetchall())
+            conn.executemany(SET_PERIOD_SQL, found)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return len(found)
 
     def _reseal(self, conn: sqlite3.Connection, rotate: bool) -> dict[str, int]:
         counts = {}

@@ -8,13 +8,14 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from adapters.base import Message
 from gateway.store import AttemptRecord, NewReport, Settle, Status, Store, open_store
-from gateway.store.common import cpr_lookup_hash, percentile
+from gateway.store.common import cpr_lookup_hash, percentile, report_period
 from tests.conftest import TEST_KEYS
 
 SD = "sd-koersel"
@@ -100,13 +101,15 @@ async def test_pages_of_a_thousand_rows_return_each_once_newest_first(store: Sto
     await store.submit([new(f"R{i}", employee=f"E{i}") for i in range(1000)], now)
     seen: list[int] = []
     cursor: int | None = None
-    while True:
+    for _ in range(12):  # 1000 rows at 97 a page: 11 pages and an empty one, never more
         page = await store.list_deliveries({"before_id": cursor}, 97)
         assert len(page) <= 97
         if not page:
             break
         seen += [row["id"] for row in page]
         cursor = page[-1]["id"]
+    else:
+        raise AssertionError(f"the cursor did not come to an end: {len(seen)} rows read")
     assert len(seen) == 1000 and len(set(seen)) == 1000
     assert seen == sorted(seen, reverse=True)  # newest (highest id) first
     # the count is the whole result, wherever the cursor points
@@ -324,3 +327,39 @@ async def test_a_purged_version_shows_no_body(store: Store) -> None:
     assert detail["report"]["employee"]["cpr"] is None  # the CPR is gone, nothing to mask
     [a] = detail["attempts"]
     assert a["request_body"] is None and a["response_body"] is None
+
+
+@pytest.mark.parametrize(
+    ("report", "period"),
+    [
+        ({"kind": "drive", "drive_date": "2026-03-29"}, "2026-03"),
+        ({"kind": "vacation", "start_date": "2026-12-30", "end_date": "2027-01-02"}, "2026-12"),
+        ({"kind": "drive", "start_date": "2026-12-30"}, None),  # a drive's date is drive_date
+        ({"kind": "drive"}, None),
+    ],
+)
+def test_the_period_is_the_month_of_the_reports_own_date(
+    report: dict[str, Any], period: str | None
+) -> None:
+    assert report_period(report) == period
+
+
+async def test_deliveries_stored_without_a_period_get_it_at_the_next_start(
+    store_url: str,
+) -> None:
+    """Rows from before migration 9 have no period: the next open fills it from the body."""
+    now = time.time()
+    s = open_store(store_url, keys=TEST_KEYS)
+    await s.open()
+    dated = replace(new("A"), body={"kind": "drive", "drive_date": "2026-05-31"}, period=None)
+    undated = replace(new("B", employee="E2"), period=None)  # nothing to take it from
+    await s.submit([dated, undated], now)
+    assert await s.count_deliveries({"period": "2026-05"}) == 0
+    await s.aclose()
+    s = open_store(store_url, keys=TEST_KEYS)
+    await s.open()
+    try:
+        assert [r["report_id"] for r in await s.list_deliveries({"period": "2026-05"})] == ["A"]
+        assert {r["report_id"]: r["period"] for r in await s.list_deliveries({})}["B"] is None
+    finally:
+        await s.aclose()
