@@ -33,6 +33,7 @@ from .endpoints import Endpoints, Key
 from .privacy import mask_cpr
 from .retry import exhausted, next_delay
 from .settings import AlertSettings, RetryPolicy, Settings, SmtpSettings
+from .sources import PullerState
 from .store import Status, Store
 from .store.alerting import AlertOpen, AlertPlan, SendOutcome
 
@@ -380,17 +381,6 @@ def build_channels(alerts: AlertSettings) -> dict[str, Channel]:
 # -- the service ------------------------------------------------------------------------------
 
 
-class PullSourceView(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def municipality(self) -> str: ...
-    @property
-    def failures(self) -> int: ...
-    @property
-    def last_pulled_at(self) -> float | None: ...
-
-
 class Alerts:
     """Evaluates the causes (periodically, and when nudged) and sends the notifications."""
 
@@ -399,7 +389,7 @@ class Alerts:
         store: Store,
         settings: Settings,
         endpoints: Endpoints | None = None,
-        sources: Callable[[], Sequence[PullSourceView]] = lambda: (),
+        sources: Callable[[], Sequence[PullerState]] = lambda: (),
         clock: Callable[[], float] = time.time,
         channels: Mapping[str, Channel] | None = None,
     ) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter as Tally
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import exposition as text_format
@@ -18,24 +17,10 @@ from prometheus_client.openmetrics import exposition as openmetrics
 
 from .alerts import KINDS as ALERT_KINDS
 from .endpoints import Endpoint
+from .sources import PullerState
 from .store import Status, Store
 
 ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class PullSource(Protocol):
-    """What the metrics read of a pull source (``sources.os2indberetning``)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def municipality(self) -> str: ...
-    @property
-    def failures(self) -> int: ...
-    @property
-    def started_at(self) -> float: ...
-    @property
-    def last_pulled_at(self) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +119,7 @@ class Metrics:
         self,
         snapshot: Snapshot,
         endpoints: Iterable[Endpoint],
-        sources: Iterable[PullSource],
+        sources: Iterable[PullerState],
         now: float,
     ) -> None:
         """Set every scrape-time gauge (no I/O, no await: a scrape sees one consistent set)."""

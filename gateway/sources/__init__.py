@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from zoneinfo import ZoneInfo
 
 from adapters.base import Adapter
@@ -28,6 +28,21 @@ COPENHAGEN = ZoneInfo("Europe/Copenhagen")
 BACKOFF_CAP_SECONDS = 900.0
 #: the first backoff of a source pulled on a cron schedule
 CRON_FIRST_BACKOFF_SECONDS = 60.0
+
+
+class PullerState(Protocol):
+    """What the metrics and the alerts read of a running pull source."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def municipality(self) -> str: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def last_pulled_at(self) -> float | None: ...
 
 
 class PullError(Exception):
