@@ -10,6 +10,7 @@ and :func:`_record_decision` writes it (the SQL of both engines' writer is in ``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -148,6 +149,7 @@ Lane = tuple[str, str, str]  # (municipality, adapter, employee_key)
 _WRITE_LOCK = 0x5047_5731  # advisory lock key: writers that append to the audit trail
 _MIGRATE_LOCK = 0x5047_5732
 _FILE_LOCK_SPACE = 0x5047  # two-key advisory locks: (space, hash of the file key)
+_MAX_GROUP = 256  # operations one group commit takes at most
 _RETRYABLE_STATES = (
     "08",
     "40",
@@ -302,6 +304,12 @@ class PostgresStore:
         self.audit_key = audit_key
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        # group commit (:meth:`_grouped`): queued operations and the task committing them,
+        # one of each for audited writes (under the writers' lock) and for the others
+        self._queued: dict[bool, list[tuple[Callable[[_Tx], Awaitable[Any]], asyncio.Future[Any]]]]
+        self._queued = {True: [], False: []}
+        self._committers: dict[bool, asyncio.Task[None]] = {}
+        self.commits = 0  # write transactions committed (group commit's tests count them)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -322,6 +330,8 @@ class PostgresStore:
             raise
 
     async def aclose(self) -> None:
+        # what callers queued is committed (or fails) before the connections go
+        await asyncio.gather(*self._committers.values(), return_exceptions=True)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -410,9 +420,67 @@ class PostgresStore:
                 result = await fn(tx)
                 await tx.flush_lanes()
                 await tx.flush_audit()
-                return result
+            self.commits += 1
+            return result
 
         return await self._guard(run())
+
+    async def _grouped(self, fn: Callable[[_Tx], Awaitable[T]], *, audited: bool = True) -> T:
+        """``fn`` committed before this returns, as :meth:`_write`, but in a group commit:
+        the operations concurrent callers queue run in one transaction (one writers' lock,
+        one lane-heads flush, one audit append, one commit) in the order they were queued.
+
+        If any of them fails, nothing of the group is committed and each runs again in a
+        transaction of its own, so one failure reaches only its own caller.
+        """
+        if self._pool is None:
+            raise StoreError("store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued[audited].append((fn, future))
+        if audited not in self._committers:
+            task = asyncio.create_task(self._commit_queued(audited), name="pg-group-commit")
+            self._committers[audited] = task
+        return await future
+
+    async def _commit_queued(self, audited: bool) -> None:
+        queued = self._queued[audited]
+        try:
+            while queued:
+                group = queued[:_MAX_GROUP]
+                del queued[:_MAX_GROUP]
+                await self._commit_group(group, audited)
+        finally:
+            del self._committers[audited]
+
+    async def _commit_group(
+        self,
+        group: Sequence[tuple[Callable[[_Tx], Awaitable[Any]], asyncio.Future[Any]]],
+        audited: bool,
+    ) -> None:
+        live = [(fn, fut) for fn, fut in group if not fut.done()]  # a cancelled caller: skip
+        if len(live) > 1:
+
+            async def all_of(tx: _Tx) -> list[Any]:
+                return [await fn(tx) for fn, _ in live]
+
+            try:
+                results = await self._write(all_of, audited=audited)
+            except Exception:  # rolled back: each on its own, below
+                pass
+            else:
+                for (_, fut), result in zip(live, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+                return
+        for fn, fut in live:
+            try:
+                result = await self._write(fn, audited=audited)
+            except Exception as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
 
     async def _read(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
         async def run() -> T:
@@ -861,7 +929,7 @@ class PostgresStore:
                 )
             )
 
-        return await self._write(op, audited=False)
+        return await self._grouped(op, audited=False)
 
     async def end_attempt(
         self,
@@ -906,10 +974,10 @@ class PostgresStore:
             if settle is not None:
                 await _settle(tx, delivery_id, settle, now, f"delivery.{settle.status}", report_pk)
 
-        await self._write(op)
+        await self._grouped(op)
 
     async def settle(self, delivery_id: int, settle: Settle, now: float, event: str) -> None:
-        await self._write(lambda tx: _settle(tx, delivery_id, settle, now, event, None))
+        await self._grouped(lambda tx: _settle(tx, delivery_id, settle, now, event, None))
 
     async def replace_parts(
         self,

@@ -207,6 +207,7 @@ class SQLiteStore:
         self._events: list[tuple[Any, ...]] | None = None
         self._version_ids: Iterator[int] | None = None
         self._rpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self.commits = 0  # write transactions committed (group commit's tests count them)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -375,6 +376,7 @@ class SQLiteStore:
             for op in ops:
                 results.append(self._run_one(conn, op))
             self._commit(conn)
+            self.commits += 1
         except Exception as exc:  # the commit (or BEGIN) failed: nothing of the batch is durable
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
