@@ -76,6 +76,7 @@ from .common import (
     CPRS_INSERT,
     DETAIL_REPORT_SQL,
     DETAIL_VERSIONS_SQL,
+    END_ATTEMPT,
     LANE_HEAD_CANDIDATE,
     LANE_HEAD_DELETE,
     LANE_HEAD_UPSERT,
@@ -944,9 +945,8 @@ class PostgresStore:
         now: float,
     ) -> None:
         async def op(tx: _Tx) -> None:
-            await tx.execute(
-                "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, latency_ms = ?,"
-                " response_body = ?, error = ? WHERE id = ?",
+            ended = await tx.fetch(
+                END_ATTEMPT,
                 now,
                 record.outcome,
                 record.http_status,
@@ -955,7 +955,7 @@ class PostgresStore:
                 record.error,
                 attempt_id,
             )
-            [sealed] = await _seals(tx, "id = ?", attempt_id)
+            [sealed] = [seal(a) for a in audit_attempt_rows(tx.keys, tx.audit_key, ended)]
             tx.audit(
                 now,
                 f"attempt.{record.outcome}",

@@ -1002,6 +1002,8 @@ class SQLiteStore:
         now: float,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
+            # not END_ATTEMPT: SQLite's RETURNING gives values before the column's affinity
+            # (3, not the 3.0 stored), and the seal must be of the row as it is stored
             conn.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, latency_ms = ?,"
                 " response_body = ?, error = ? WHERE id = ?",

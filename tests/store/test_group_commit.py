@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from adapters.base import Message
-from gateway.audit import verify_chain
+from gateway.audit import attempt_problem, verify_chain
 from gateway.store import AttemptRecord, LeaseLost, Settle, Status, Store, open_store
 from tests.conftest import TEST_KEYS
 from tests.store.test_contract import SD, claim, new
@@ -46,7 +46,7 @@ def end(store: Store, job: Any, attempt: int, message: Message, now: float) -> A
         job.report_pk,
         SD,
         job.version,
-        AttemptRecord("delivered", 200, 1.0, "<ok/>", vendor_reference=f"V{job.delivery_id}"),
+        AttemptRecord("delivered", 200, 1, "<ok/>", vendor_reference=f"V{job.delivery_id}"),
         message,
         Settle(Status.DELIVERED, vendor_reference=f"V{job.delivery_id}", count_attempt=True),
         now,
@@ -89,6 +89,8 @@ async def test_concurrent_attempts_and_settles_share_commits(store_url: str, sto
     assert {shown[j.report["report_id"]] for j in jobs} == {"delivered"}
     events = await store.audit_chain()
     assert verify_chain(events) == (len(events), None)
+    # each seal is of the attempt as stored (an int latency is stored as a float)
+    assert attempt_problem(events, await store.audit_attempts()) is None
     delivered = [e for e in events if e["event"] == "delivery.delivered"]
     assert sorted(e["delivery_id"] for e in delivered) == [j.delivery_id for j in jobs]
 
