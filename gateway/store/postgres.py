@@ -189,6 +189,16 @@ def _q(sql: str) -> str:
     return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
 
 
+def _answer(fut: asyncio.Future[Any], result: Any = None, error: Exception | None = None) -> None:
+    """Hand a group commit's caller its result (unless it stopped waiting)."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
 def _count(status: str) -> int:
     """Rows touched, from asyncpg's command tag ("UPDATE 3")."""
     return int(status.rsplit(" ", 1)[-1]) if status and status[-1].isdigit() else 0
@@ -445,11 +455,19 @@ class PostgresStore:
 
     async def _commit_queued(self, audited: bool) -> None:
         queued = self._queued[audited]
+        group: list[tuple[Callable[[_Tx], Awaitable[Any]], asyncio.Future[Any]]] = []
         try:
             while queued:
                 group = queued[:_MAX_GROUP]
                 del queued[:_MAX_GROUP]
                 await self._commit_group(group, audited)
+        except BaseException:  # cancelled (the loop ends): no caller waits forever
+            group.extend(queued)
+            queued.clear()
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_exception(StoreError("store closed before commit"))
+            raise
         finally:
             del self._committers[audited]
 
@@ -459,29 +477,41 @@ class PostgresStore:
         audited: bool,
     ) -> None:
         live = [(fn, fut) for fn, fut in group if not fut.done()]  # a cancelled caller: skip
-        if len(live) > 1:
-
-            async def all_of(tx: _Tx) -> list[Any]:
-                return [await fn(tx) for fn, _ in live]
-
+        if len(live) > 1 and await self._all_in_one(live, audited):
+            return
+        for fn, fut in live:  # alone, or a member failed and the group rolled back
             try:
-                results = await self._write(all_of, audited=audited)
-            except Exception:  # rolled back: each on its own, below
-                pass
-            else:
-                for (_, fut), result in zip(live, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
-                return
-        for fn, fut in live:
-            try:
-                result = await self._write(fn, audited=audited)
+                _answer(fut, await self._write(fn, audited=audited))
             except Exception as exc:
-                if not fut.done():
-                    fut.set_exception(exc)
-            else:
-                if not fut.done():
-                    fut.set_result(result)
+                _answer(fut, error=exc)
+
+    async def _all_in_one(
+        self,
+        live: Sequence[tuple[Callable[[_Tx], Awaitable[Any]], asyncio.Future[Any]]],
+        audited: bool,
+    ) -> bool:
+        """The group in one transaction; False if a member failed (nothing committed)."""
+        committing = False
+
+        async def all_of(tx: _Tx) -> list[Any]:
+            nonlocal committing
+            results = [await fn(tx) for fn, _ in live]
+            await tx.flush_lanes()
+            await tx.flush_audit()
+            committing = True
+            return results
+
+        try:
+            results = await self._write(all_of, audited=audited)
+        except Exception as exc:
+            if not committing:
+                return False
+            for _, fut in live:  # the commit failed: it may have committed, so never redo
+                _answer(fut, error=exc)
+            return True
+        for (_, fut), result in zip(live, results, strict=True):
+            _answer(fut, result)
+        return True
 
     async def _read(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
         async def run() -> T:
