@@ -10,6 +10,7 @@ and :func:`_record_decision` writes it (the SQL of both engines' writer is in ``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -75,6 +76,7 @@ from .common import (
     CPRS_INSERT,
     DETAIL_REPORT_SQL,
     DETAIL_VERSIONS_SQL,
+    END_ATTEMPT,
     LANE_HEAD_CANDIDATE,
     LANE_HEAD_DELETE,
     LANE_HEAD_UPSERT,
@@ -148,6 +150,7 @@ Lane = tuple[str, str, str]  # (municipality, adapter, employee_key)
 _WRITE_LOCK = 0x5047_5731  # advisory lock key: writers that append to the audit trail
 _MIGRATE_LOCK = 0x5047_5732
 _FILE_LOCK_SPACE = 0x5047  # two-key advisory locks: (space, hash of the file key)
+_MAX_GROUP = 256  # operations one group commit takes at most
 _RETRYABLE_STATES = (
     "08",
     "40",
@@ -184,6 +187,16 @@ def _q(sql: str) -> str:
     """``?`` placeholders (the SQL both engines share) as PostgreSQL's ``$1, $2, …``."""
     counter = iter(range(1, 10_000))
     return re.sub(r"\?", lambda _: f"${next(counter)}", sql)
+
+
+def _answer(fut: asyncio.Future[Any], result: Any = None, error: Exception | None = None) -> None:
+    """Hand a group commit's caller its result (unless it stopped waiting)."""
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 def _count(status: str) -> int:
@@ -302,6 +315,12 @@ class PostgresStore:
         self.audit_key = audit_key
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
+        # group commit (:meth:`_grouped`): queued operations and the task committing them,
+        # one of each for audited writes (under the writers' lock) and for the others
+        self._queued: dict[bool, list[tuple[Callable[[_Tx], Awaitable[Any]], asyncio.Future[Any]]]]
+        self._queued = {True: [], False: []}
+        self._committers: dict[bool, asyncio.Task[None]] = {}
+        self.commits = 0  # write transactions committed (group commit's tests count them)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -322,6 +341,8 @@ class PostgresStore:
             raise
 
     async def aclose(self) -> None:
+        # what callers queued is committed (or fails) before the connections go
+        await asyncio.gather(*self._committers.values(), return_exceptions=True)
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -410,9 +431,87 @@ class PostgresStore:
                 result = await fn(tx)
                 await tx.flush_lanes()
                 await tx.flush_audit()
-                return result
+            self.commits += 1
+            return result
 
         return await self._guard(run())
+
+    async def _grouped(self, fn: Callable[[_Tx], Awaitable[T]], *, audited: bool = True) -> T:
+        """``fn`` committed before this returns, as :meth:`_write`, but in a group commit:
+        the operations concurrent callers queue run in one transaction (one writers' lock,
+        one lane-heads flush, one audit append, one commit) in the order they were queued.
+
+        If any of them fails, nothing of the group is committed and each runs again in a
+        transaction of its own, so one failure reaches only its own caller.
+        """
+        if self._pool is None:
+            raise StoreError("store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queued[audited].append((fn, future))
+        if audited not in self._committers:
+            task = asyncio.create_task(self._commit_queued(audited), name="pg-group-commit")
+            self._committers[audited] = task
+        return await future
+
+    async def _commit_queued(self, audited: bool) -> None:
+        queued = self._queued[audited]
+        group: list[tuple[Callable[[_Tx], Awaitable[Any]], asyncio.Future[Any]]] = []
+        try:
+            while queued:
+                group = queued[:_MAX_GROUP]
+                del queued[:_MAX_GROUP]
+                await self._commit_group(group, audited)
+        except BaseException:  # cancelled (the loop ends): no caller waits forever
+            group.extend(queued)
+            queued.clear()
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_exception(StoreError("store closed before commit"))
+            raise
+        finally:
+            del self._committers[audited]
+
+    async def _commit_group(
+        self,
+        group: Sequence[tuple[Callable[[_Tx], Awaitable[Any]], asyncio.Future[Any]]],
+        audited: bool,
+    ) -> None:
+        live = [(fn, fut) for fn, fut in group if not fut.done()]  # a cancelled caller: skip
+        if len(live) > 1 and await self._all_in_one(live, audited):
+            return
+        for fn, fut in live:  # alone, or a member failed and the group rolled back
+            try:
+                _answer(fut, await self._write(fn, audited=audited))
+            except Exception as exc:
+                _answer(fut, error=exc)
+
+    async def _all_in_one(
+        self,
+        live: Sequence[tuple[Callable[[_Tx], Awaitable[Any]], asyncio.Future[Any]]],
+        audited: bool,
+    ) -> bool:
+        """The group in one transaction; False if a member failed (nothing committed)."""
+        committing = False
+
+        async def all_of(tx: _Tx) -> list[Any]:
+            nonlocal committing
+            results = [await fn(tx) for fn, _ in live]
+            await tx.flush_lanes()
+            await tx.flush_audit()
+            committing = True
+            return results
+
+        try:
+            results = await self._write(all_of, audited=audited)
+        except Exception as exc:
+            if not committing:
+                return False
+            for _, fut in live:  # the commit failed: it may have committed, so never redo
+                _answer(fut, error=exc)
+            return True
+        for (_, fut), result in zip(live, results, strict=True):
+            _answer(fut, result)
+        return True
 
     async def _read(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
         async def run() -> T:
@@ -861,7 +960,7 @@ class PostgresStore:
                 )
             )
 
-        return await self._write(op, audited=False)
+        return await self._grouped(op, audited=False)
 
     async def end_attempt(
         self,
@@ -876,9 +975,8 @@ class PostgresStore:
         now: float,
     ) -> None:
         async def op(tx: _Tx) -> None:
-            await tx.execute(
-                "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, latency_ms = ?,"
-                " response_body = ?, error = ? WHERE id = ?",
+            ended = await tx.fetch(
+                END_ATTEMPT,
                 now,
                 record.outcome,
                 record.http_status,
@@ -887,7 +985,7 @@ class PostgresStore:
                 record.error,
                 attempt_id,
             )
-            [sealed] = await _seals(tx, "id = ?", attempt_id)
+            [sealed] = [seal(a) for a in audit_attempt_rows(tx.keys, tx.audit_key, ended)]
             tx.audit(
                 now,
                 f"attempt.{record.outcome}",
@@ -906,10 +1004,10 @@ class PostgresStore:
             if settle is not None:
                 await _settle(tx, delivery_id, settle, now, f"delivery.{settle.status}", report_pk)
 
-        await self._write(op)
+        await self._grouped(op)
 
     async def settle(self, delivery_id: int, settle: Settle, now: float, event: str) -> None:
-        await self._write(lambda tx: _settle(tx, delivery_id, settle, now, event, None))
+        await self._grouped(lambda tx: _settle(tx, delivery_id, settle, now, event, None))
 
     async def replace_parts(
         self,

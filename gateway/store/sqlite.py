@@ -207,6 +207,7 @@ class SQLiteStore:
         self._events: list[tuple[Any, ...]] | None = None
         self._version_ids: Iterator[int] | None = None
         self._rpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        self.commits = 0  # write transactions committed (group commit's tests count them)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -375,6 +376,7 @@ class SQLiteStore:
             for op in ops:
                 results.append(self._run_one(conn, op))
             self._commit(conn)
+            self.commits += 1
         except Exception as exc:  # the commit (or BEGIN) failed: nothing of the batch is durable
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -1000,6 +1002,8 @@ class SQLiteStore:
         now: float,
     ) -> None:
         def op(conn: sqlite3.Connection) -> None:
+            # not END_ATTEMPT: SQLite's RETURNING gives values before the column's affinity
+            # (3, not the 3.0 stored), and the seal must be of the row as it is stored
             conn.execute(
                 "UPDATE attempts SET finished_at = ?, outcome = ?, http_status = ?, latency_ms = ?,"
                 " response_body = ?, error = ? WHERE id = ?",
