@@ -14,7 +14,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -54,14 +54,6 @@ async def fill(store: Store, municipality: str, start: int, stop: int, lane_size
         stop_at = min(stop, first + 1000)
         batch = [report(municipality, n, lane_size) for n in range(first, stop_at)]
         await store.submit(batch, PAST)
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url, keys=TEST_KEYS)
-    await s.open()
-    yield s
-    await s.aclose()
 
 
 # -- the pure rules ---------------------------------------------------------------------

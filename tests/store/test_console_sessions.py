@@ -3,20 +3,8 @@ expire, ended; two store instances (two processes on PostgreSQL) see the same se
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
-
 from gateway.store import Store, open_store
 from tests.conftest import TEST_KEYS
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url, keys=TEST_KEYS)
-    await s.open()
-    yield s
-    await s.aclose()
 
 
 async def test_a_session_is_found_until_it_expires(store: Store) -> None:

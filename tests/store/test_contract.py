@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -50,14 +49,6 @@ def new(
         f"{report_id}-{version}-{content}",
         adapter,
     )
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url, keys=TEST_KEYS)
-    await s.open()
-    yield s
-    await s.aclose()
 
 
 async def claim(

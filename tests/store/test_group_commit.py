@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
-
-import pytest
 
 from adapters.base import Message
 from gateway.audit import attempt_problem, verify_chain
@@ -18,14 +15,6 @@ from tests.conftest import TEST_KEYS
 from tests.store.test_contract import SD, claim, new
 
 N = 20
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url, keys=TEST_KEYS)
-    await s.open()
-    yield s
-    await s.aclose()
 
 
 def commits(store: Store) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -58,14 +57,6 @@ def new(
         period=period,
         request_id=f"req-{report_id}",
     )
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = open_store(store_url, keys=TEST_KEYS)
-    await s.open()
-    yield s
-    await s.aclose()
 
 
 async def claim(store: Store, now: float) -> list[Any]:
