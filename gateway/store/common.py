@@ -359,6 +359,10 @@ def message(data: dict[str, Any]) -> Message:
     return Message(data["part"], data["operation"], data["fields"], data["deletes"])
 
 
+#: ``json.dumps(detail, sort_keys=True, default=str)`` without an encoder built per call
+_DETAIL_JSON = json.JSONEncoder(sort_keys=True, default=str).encode
+
+
 def audit_rows(
     key: bytes,
     head: Row | None,
@@ -373,7 +377,7 @@ def audit_rows(
     rows = []
     last_id, prev = (int(head["id"]), head["hmac"] or "") if head is not None else (0, "")
     for now, actor, event, report_pk, delivery_id, detail in events:
-        text = json.dumps(detail, sort_keys=True, default=str)
+        text = _DETAIL_JSON(detail)
         last_id += 1
         mac = event_hmac(key, prev, last_id, now, actor, event, report_pk, delivery_id, text)
         rows.append(
