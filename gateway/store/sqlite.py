@@ -674,7 +674,9 @@ class SQLiteStore:
         assert report_pk is not None and version_pk is not None
         status = "not_routed"
         if new.adapter is not None:
-            status = self._add_delivery(conn, new, report_pk, version_pk, latest, now)
+            status = self._add_delivery(
+                conn, new, report_pk, version_pk, latest, now, older=report is not None
+            )
         return Submitted(
             version_pk, new.municipality, new.report_id, new.version, status, created=True
         )
@@ -687,7 +689,10 @@ class SQLiteStore:
         version_pk: int,
         latest: int,
         now: float,
+        older: bool = True,
     ) -> str:
+        """``older``: the report may have deliveries of earlier versions (False: the report
+        row was created by this call, and reports and deliveries are never deleted)."""
         status = deliveries.initial_status(new.version, latest)
         delivery_id = conn.execute(
             "INSERT INTO deliveries (version_pk, report_pk, municipality, adapter, employee_key, version,"
@@ -721,7 +726,7 @@ class SQLiteStore:
                 LANE_HEAD_IF_FIRST,
                 (new.municipality, new.adapter, new.employee_key, delivery_id, status, now),
             )
-        if status == Status.QUEUED:
+        if status == Status.QUEUED and older:
             self._supersede_older(conn, report_pk, new.adapter or "", new.version, now)
         return status
 
