@@ -67,11 +67,12 @@ def canonical(
     delivery_id: int | None,
     detail: str,
 ) -> str:
-    return json.dumps(
-        [event_id, at, actor, event, report_pk, delivery_id, detail],
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
+    return _CANONICAL([event_id, at, actor, event, report_pk, delivery_id, detail])
+
+
+#: ``json.dumps(..., separators=(",", ":"), ensure_ascii=True)`` without building an encoder
+#: per call (the same text: ``dumps`` is exactly this)
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
 
 
 def event_hmac(

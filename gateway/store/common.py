@@ -359,6 +359,10 @@ def message(data: dict[str, Any]) -> Message:
     return Message(data["part"], data["operation"], data["fields"], data["deletes"])
 
 
+#: ``json.dumps(detail, sort_keys=True, default=str)`` without an encoder built per call
+_DETAIL_JSON = json.JSONEncoder(sort_keys=True, default=str).encode
+
+
 def audit_rows(
     key: bytes,
     head: Row | None,
@@ -373,7 +377,7 @@ def audit_rows(
     rows = []
     last_id, prev = (int(head["id"]), head["hmac"] or "") if head is not None else (0, "")
     for now, actor, event, report_pk, delivery_id, detail in events:
-        text = json.dumps(detail, sort_keys=True, default=str)
+        text = _DETAIL_JSON(detail)
         last_id += 1
         mac = event_hmac(key, prev, last_id, now, actor, event, report_pk, delivery_id, text)
         rows.append(
@@ -662,7 +666,19 @@ def sealed_part(
 
 
 def sealed_message(keys: DataKeys, delivery_id: int, msg: Message) -> str:
-    return sealed_json(keys, message_json(msg), message_context(delivery_id))
+    return keys.seal(message_text(msg), message_context(delivery_id))
+
+
+def message_text(msg: Message) -> str:
+    """What a sealed message says: the plaintext :func:`sealed_message` seals."""
+    return json.dumps(message_json(msg), sort_keys=True)
+
+
+def message_seal(audit_key: bytes, text: str) -> str:
+    """The audit trail's keyed digest of a message whose sealed plaintext is ``text``: what
+    :func:`audit_attempt_rows` computes from the stored row, without opening the seal."""
+    said = json.dumps(message_json(message(json.loads(text))), sort_keys=True)
+    return hmac.new(audit_key, said.encode(), hashlib.sha256).hexdigest()
 
 
 def open_message(keys: DataKeys, delivery_id: int, text: str) -> Message:
@@ -844,19 +860,23 @@ def rechained(key: bytes, events: Sequence[Row]) -> list[tuple[str, str, str, in
 
 
 def audit_attempt_rows(
-    keys: DataKeys, audit_key: bytes, rows: Sequence[Row]
+    keys: DataKeys, audit_key: bytes, rows: Sequence[Row], known: Mapping[int, str] = {}
 ) -> list[dict[str, Any]]:
     """Attempt rows as the audit trail seals them: the sealed message replaced by an HMAC (audit
     key) of what it says. Its ciphertext changes with every rotation of the data key, what it
     says does not; and a keyed digest of a text that may hold a CPR cannot be guessed from the
-    database alone."""
+    database alone. ``known``: attempt id to :func:`message_seal` of the plaintext its caller
+    sealed (saves opening the seal again)."""
     out = []
     for row in rows:
         a = dict(row)
-        said = json.dumps(
-            message_json(open_message(keys, a["delivery_id"], a["message"])), sort_keys=True
-        )
-        a["message"] = hmac.new(audit_key, said.encode(), hashlib.sha256).hexdigest()
+        digest = known.get(int(a["id"]))
+        if digest is None:
+            said = json.dumps(
+                message_json(open_message(keys, a["delivery_id"], a["message"])), sort_keys=True
+            )
+            digest = hmac.new(audit_key, said.encode(), hashlib.sha256).hexdigest()
+        a["message"] = digest
         out.append(a)
     return out
 

@@ -118,6 +118,9 @@ from .common import (
     filter_sql,
     lease_refusal,
     list_view,
+    message_context,
+    message_seal,
+    message_text,
     open_message,
     open_run,
     open_run_deliveries,
@@ -130,7 +133,6 @@ from .common import (
     resealed,
     sealed_body,
     sealed_cprs,
-    sealed_message,
     sealed_part,
     sealed_run_data,
     sealed_run_deliveries,
@@ -146,6 +148,8 @@ from .migrations import SCHEMA_TABLE, applied_at, check_version, pending, statem
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 _MAX_BATCH = 512
+#: attempts begun and not yet ended whose audit digest is kept (more: opened from the row)
+_SAID_LIMIT = 10_000
 
 
 def store_error(exc: BaseException) -> StoreError | None:
@@ -206,6 +210,13 @@ class SQLiteStore:
         # in an intake batch (writer thread only): its audit events and version ids
         self._events: list[tuple[Any, ...]] | None = None
         self._version_ids: Iterator[int] | None = None
+        # the audit trail's head (id, HMAC) as this transaction left it (writer thread only;
+        # None: read it): saves re-reading it for every event of a batch
+        self._head: dict[str, Any] | None = None
+        # attempt id -> message_seal of what begin_attempt sealed (event loop only): its end
+        # seals the row without opening the message again; absent (another process, a
+        # restart): opened from the row as before
+        self._said: dict[int, str] = {}
         self._rpool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
         self.commits = 0  # write transactions committed (group commit's tests count them)
 
@@ -373,6 +384,7 @@ class SQLiteStore:
         results: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            self._head = None  # another process (the CLI) may have appended since
             for op in ops:
                 results.append(self._run_one(conn, op))
             self._commit(conn)
@@ -391,6 +403,7 @@ class SQLiteStore:
         except Exception as exc:
             conn.execute("ROLLBACK TO op")
             conn.execute("RELEASE op")
+            self._head = None  # its events are gone
             return False, store_error(exc) or exc
         conn.execute("RELEASE op")
         return True, value
@@ -435,22 +448,28 @@ class SQLiteStore:
         if self._events is not None:
             self._events.append(record)
             return
-        # read inside the write transaction: another process (the CLI) may have appended
-        head = conn.execute(AUDIT_HEAD).fetchone()
-        conn.execute(AUDIT_INSERT, audit_rows(self.audit_key, head, [record])[0])
+        # read inside the write transaction (another process, the CLI, may have appended),
+        # once: the transaction holds the lock, and its own events move the head on
+        head = self._head
+        if head is None:
+            last = conn.execute(AUDIT_HEAD).fetchone()
+            head = {"id": 0, "hmac": ""} if last is None else {"id": last[0], "hmac": last[1]}
+        [row] = audit_rows(self.audit_key, head, [record])
+        conn.execute(AUDIT_INSERT, row)
+        self._head = {"id": row[0], "hmac": row[-1]}
 
     @contextlib.contextmanager
     def _batched(self, conn: sqlite3.Connection) -> Iterator[None]:
         """An intake batch: its audit events chained and inserted at its end in one go (one
         head read, one ``executemany``), and its versions numbered from one ``MAX(id)``."""
-        self._events, self._version_ids = [], None
+        self._events, self._version_ids, self._head = [], None, None
         try:
             yield
             if self._events:
                 head = conn.execute(AUDIT_HEAD).fetchone()
                 conn.executemany(AUDIT_INSERT, audit_rows(self.audit_key, head, self._events))
         finally:
-            self._events, self._version_ids = None, None
+            self._events, self._version_ids, self._head = None, None, None
 
     def _next_version_pk(self, conn: sqlite3.Connection) -> int:
         """The id the next report version gets (the writer's transaction holds the lock)."""
@@ -461,9 +480,11 @@ class SQLiteStore:
             self._version_ids = itertools.count(int(last) + 1)
         return next(self._version_ids)
 
-    def _seals(self, conn: sqlite3.Connection, where: str, *params: Any) -> list[dict[str, Any]]:
+    def _seals(
+        self, conn: sqlite3.Connection, where: str, *params: Any, known: Mapping[int, str] = {}
+    ) -> list[dict[str, Any]]:
         rows = conn.execute(f"{ATTEMPT_ROW} WHERE {where} ORDER BY id", params).fetchall()
-        return [seal(a) for a in audit_attempt_rows(self.keys, self.audit_key, rows)]
+        return [seal(a) for a in audit_attempt_rows(self.keys, self.audit_key, rows, known)]
 
     # -- intake --------------------------------------------------------------------------
 
@@ -653,7 +674,9 @@ class SQLiteStore:
         assert report_pk is not None and version_pk is not None
         status = "not_routed"
         if new.adapter is not None:
-            status = self._add_delivery(conn, new, report_pk, version_pk, latest, now)
+            status = self._add_delivery(
+                conn, new, report_pk, version_pk, latest, now, older=report is not None
+            )
         return Submitted(
             version_pk, new.municipality, new.report_id, new.version, status, created=True
         )
@@ -666,7 +689,10 @@ class SQLiteStore:
         version_pk: int,
         latest: int,
         now: float,
+        older: bool = True,
     ) -> str:
+        """``older``: the report may have deliveries of earlier versions (False: the report
+        row was created by this call, and reports and deliveries are never deleted)."""
         status = deliveries.initial_status(new.version, latest)
         delivery_id = conn.execute(
             "INSERT INTO deliveries (version_pk, report_pk, municipality, adapter, employee_key, version,"
@@ -700,7 +726,7 @@ class SQLiteStore:
                 LANE_HEAD_IF_FIRST,
                 (new.municipality, new.adapter, new.employee_key, delivery_id, status, now),
             )
-        if status == Status.QUEUED:
+        if status == Status.QUEUED and older:
             self._supersede_older(conn, report_pk, new.adapter or "", new.version, now)
         return status
 
@@ -963,6 +989,11 @@ class SQLiteStore:
         now: float,
         owner: str | None = None,
     ) -> int:
+        # sealed (and its audit digest taken) here, not in the writer thread
+        said = message_text(message)
+        sealed = self.keys.seal(said, message_context(delivery_id))
+        digest = message_seal(self.audit_key, said)
+
         def op(conn: sqlite3.Connection) -> int:
             if owner is not None:
                 lease = conn.execute(
@@ -979,7 +1010,7 @@ class SQLiteStore:
                     delivery_id,
                     message.part,
                     message.operation,
-                    sealed_message(self.keys, delivery_id, message),
+                    sealed,
                     now,
                     request_body,
                 ),
@@ -987,7 +1018,11 @@ class SQLiteStore:
             assert cur.lastrowid is not None
             return cur.lastrowid
 
-        return await self._write(op)
+        attempt_id = await self._write(op)
+        if len(self._said) >= _SAID_LIMIT:  # attempts begun and never ended: forget them
+            self._said.clear()
+        self._said[attempt_id] = digest  # committed: the id is this row's
+        return attempt_id
 
     async def end_attempt(
         self,
@@ -1001,6 +1036,12 @@ class SQLiteStore:
         settle: Settle | None,
         now: float,
     ) -> None:
+        said = self._said.pop(attempt_id, None)
+        known = {} if said is None else {attempt_id: said}
+        part = None
+        if record.outcome == "delivered" and not message.deletes:
+            part = sealed_part(self.keys, report_pk, adapter, message.part, message.fields)
+
         def op(conn: sqlite3.Connection) -> None:
             # not END_ATTEMPT: SQLite's RETURNING gives values before the column's affinity
             # (3, not the 3.0 stored), and the seal must be of the row as it is stored
@@ -1017,7 +1058,7 @@ class SQLiteStore:
                     attempt_id,
                 ),
             )
-            [sealed] = self._seals(conn, "id = ?", attempt_id)
+            [sealed] = self._seals(conn, "id = ?", attempt_id, known=known)
             self._audit(
                 conn,
                 now,
@@ -1033,7 +1074,7 @@ class SQLiteStore:
                 delivery_id=delivery_id,
             )
             if record.outcome == "delivered":
-                self._record_part(conn, report_pk, adapter, version, message, record, now)
+                self._record_part(conn, report_pk, adapter, version, message, record, now, part)
             if settle is not None:
                 self._settle(conn, delivery_id, settle, now, f"delivery.{settle.status}", report_pk)
 
@@ -1048,6 +1089,7 @@ class SQLiteStore:
         message: Message,
         record: AttemptRecord,
         now: float,
+        sealed: str | None = None,
     ) -> None:
         if message.deletes:
             conn.execute(
@@ -1065,7 +1107,7 @@ class SQLiteStore:
                 adapter,
                 message.part,
                 version,
-                sealed_part(self.keys, report_pk, adapter, message.part, message.fields),
+                sealed or sealed_part(self.keys, report_pk, adapter, message.part, message.fields),
                 record.vendor_reference,
                 now,
             ),
