@@ -40,6 +40,7 @@ class Breaker:
     opened_at: float = 0.0
     probing: bool = False
     calls: deque[tuple[float, bool]] = field(default_factory=deque)
+    failures: int = 0  # the failed calls in ``calls``, kept with it (not recounted per call)
 
     def allowance(self, now: float) -> int | None:
         """How many calls may start now (None: no limit from the breaker)."""
@@ -63,12 +64,12 @@ class Breaker:
         if self.state is BreakerState.OPEN:
             return None  # a call that started before the breaker opened
         self.calls.append((now, ok))
+        self.failures += not ok
         while self.calls and self.calls[0][0] < now - self.policy.window_seconds:
-            self.calls.popleft()
-        failures = sum(1 for _, good in self.calls if not good)
+            self.failures -= not self.calls.popleft()[1]
         if (
             len(self.calls) >= self.policy.min_calls
-            and failures / len(self.calls) >= self.policy.failure_rate
+            and self.failures / len(self.calls) >= self.policy.failure_rate
         ):
             return self._open(now)
         return None
@@ -92,11 +93,13 @@ class Breaker:
     def _open(self, now: float) -> BreakerState:
         self.state, self.opened_at = BreakerState.OPEN, now
         self.calls.clear()
+        self.failures = 0
         return self.state
 
     def _close(self) -> BreakerState:
         self.state = BreakerState.CLOSED
         self.calls.clear()
+        self.failures = 0
         return self.state
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gateway.endpoints import Breaker, BreakerState, Endpoints
 from gateway.settings import BreakerPolicy, EndpointPolicy
 
@@ -78,3 +81,20 @@ def test_an_opening_shared_by_another_process_holds_back_then_probes() -> None:
     breaker.started(1)
     assert not breaker.open_until(30, now=20)  # a running probe decides
     assert breaker.record(True, 21) is BreakerState.CLOSED
+
+
+@given(st.lists(st.tuples(st.floats(0, 3), st.booleans()), max_size=60))
+def test_the_breaker_opens_exactly_when_a_recount_of_its_window_says_so(
+    steps: list[tuple[float, bool]],
+) -> None:
+    """The failure count kept as calls come and leave equals a recount of the window."""
+    policy = BreakerPolicy(window_seconds=5, min_calls=4, failure_rate=0.5, open_seconds=1000)
+    breaker, now, window = Breaker(policy), 0.0, []
+    for gap, ok in steps:
+        now += gap
+        window = [(t, good) for t, good in [*window, (now, ok)] if t >= now - 5]
+        failed = sum(not good for _, good in window)
+        expected = len(window) >= 4 and failed / len(window) >= 0.5
+        assert (breaker.record(ok, now) is BreakerState.OPEN) == expected
+        if expected:
+            return  # open: what follows is the probe's business
