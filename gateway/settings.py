@@ -548,13 +548,9 @@ class _Reader:
                 raise ConfigError(
                     f"{where}.token_hash: expected 'sha256:<64 hex>' (payroll-gateway keys create)"
                 )
-            # no default: a table written before roles existed must not silently become admin for all
-            role = _get(table, "role", str, where, None)
-            if role not in OPERATOR_ROLES:
-                raise ConfigError(
-                    f"{where}.role: required, one of {', '.join(OPERATOR_ROLES)}; got {role!r}"
-                )
-            operators[name] = Operator(name, digest, role, self.municipalities(table, where))
+            operators[name] = Operator(
+                name, digest, _role(table, where), self.municipalities(table, where)
+            )
         return operators
 
     def accounts(self, raw: dict[str, Any]) -> dict[str, Account]:
@@ -575,12 +571,9 @@ class _Reader:
                 raise ConfigError(
                     f"{where}.password_hash: expected 'scrypt$...' (payroll-gateway hash-password)"
                 )
-            role = _get(table, "role", str, where, None)
-            if role not in OPERATOR_ROLES:
-                raise ConfigError(
-                    f"{where}.role: required, one of {', '.join(OPERATOR_ROLES)}; got {role!r}"
-                )
-            accounts[name] = Account(name, digest, role, self.municipalities(table, where))
+            accounts[name] = Account(
+                name, digest, _role(table, where), self.municipalities(table, where)
+            )
         return accounts
 
     def console(self, raw: dict[str, Any]) -> float:
@@ -1005,6 +998,17 @@ def _table(raw: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where + '.' if where else ''}{key}: must be a table")
     return value
+
+
+def _role(table: dict[str, Any], where: str) -> str:
+    """An operator's or an account's role. No default: a table written before roles existed
+    must not silently become admin for all."""
+    role = _get(table, "role", str, where, None)
+    if role not in OPERATOR_ROLES:
+        raise ConfigError(
+            f"{where}.role: required, one of {', '.join(OPERATOR_ROLES)}; got {role!r}"
+        )
+    return str(role)
 
 
 def _get(raw: Mapping[str, Any], key: str, kind: Any, where: str, default: Any) -> Any:
