@@ -9,10 +9,12 @@ the median of those ratios is reported, never a ratio of two medians.
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -315,13 +317,23 @@ def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
     return stacks
 
 
+REPO = Path(__file__).resolve().parent.parent
+# where a frame's file lives on this machine: the checkout, a site-packages, the standard library
+_MACHINE_PREFIX = re.compile(
+    "|".join((re.escape(f"{REPO}/"), r"/[^ ;()]*/site-packages/", r"/[^ ;()]*/lib/python3\.\d+/"))
+)
+
+
+def relative_paths(text: str) -> str:
+    """Frames named by their path inside the repository or the Python installation, so that a
+    saved profile holds no path of the machine it was taken on."""
+    return _MACHINE_PREFIX.sub("", text)
+
+
 def function_name(frame: str) -> str:
     """``handle (gateway/dispatcher.py:120)`` → ``handle (gateway/dispatcher.py)``: lines merged."""
-    name, _, where = frame.partition(" (")
+    name, _, where = relative_paths(frame).partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "python3.11/", "/wt-bench/", "/work/"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
     return f"{name} ({path})" if path else name
 
 

@@ -1181,7 +1181,7 @@ async def run(
             "\n".join(f"## {k}\n\n{figures.profile_text(v)}" for k, v in bench.profiles.items())
         )
     for name, raw in bench.profile_raw.items():
-        (out / f"{date}-profile-{name}.collapsed").write_text(raw)
+        (out / f"{date}-profile-{name}.collapsed").write_text(figures.relative_paths(raw))
     text = markdown(doc)
     (out / f"{date}.md").write_text(text)
     try:

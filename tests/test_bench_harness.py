@@ -191,12 +191,24 @@ def test_top_costs_merge_lines_and_leave_idle_waiting_out() -> None:
     [
         ("f (gateway/x.py:12)", "f (gateway/x.py)"),
         ("g (/v/lib/python3.11/site-packages/zeep/a.py:3)", "g (zeep/a.py)"),
+        ("h (/usr/lib/python3.11/asyncio/events.py:80)", "h (asyncio/events.py)"),
+        (f"d ({figures.REPO}/gateway/dispatcher.py:9)", "d (gateway/dispatcher.py)"),
         ("<module> (<string>)", "<module> (<string>)"),
         ("bare", "bare"),
     ],
 )
 def test_function_name(frame: str, name: str) -> None:
     assert figures.function_name(frame) == name
+
+
+def test_a_saved_profile_holds_no_path_of_this_machine() -> None:
+    raw = (
+        f"main ({figures.REPO}/gateway/cli.py:3);send (/opt/venv/lib/python3.11/site-packages/"
+        "aiohttp/client.py:9);select (/usr/lib/python3.11/selectors.py:4) 7\n"
+    )
+    assert figures.relative_paths(raw) == (
+        "main (gateway/cli.py:3);send (aiohttp/client.py:9);select (selectors.py:4) 7\n"
+    )
 
 
 @pytest.mark.parametrize(
