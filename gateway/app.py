@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -383,14 +383,33 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await anchor.check(force=True)
     task = asyncio.create_task(anchor.run(), name="audit-anchor")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_tasks([task])
     try:
         await anchor.check(force=True)
     except Exception as exc:  # the store may be gone already: say so, close anyway
         log.error("could not anchor the audit head at shutdown: %s", exc)
     await store.aclose()
+
+
+STOP_SECONDS = 15.0  # how long a background task may take to end once cancelled
+
+
+async def stop_tasks(tasks: Sequence[asyncio.Task[Any]], within: float = STOP_SECONDS) -> None:
+    """Cancel ``tasks`` and wait for them, at most ``within`` seconds in all: a task that does
+    not end (it swallowed its cancellation, or waits on something that never comes) is named
+    in the log and left behind, so that shutting down never hangs."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=within)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s stopped with an error: %r", task.get_name(), task.exception())
+    for task in pending:
+        log.error(
+            "%s did not stop within %.0f s of being cancelled; left behind", task.get_name(), within
+        )
 
 
 def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -433,18 +452,7 @@ def _dispatcher_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None
         )
         yield
         await dispatcher.aclose()
-        for side_task in side:
-            side_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await side_task
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("the dispatcher stopped with an error")
+        await stop_tasks(side + ([task] if task is not None else []))
         await alerts.aclose()
         await channels.aclose()
 
@@ -469,10 +477,7 @@ def _sources_ctx(run: bool) -> Callable[[web.Application], AsyncIterator[None]]:
             asyncio.create_task(p.run(), name=f"source-{p.municipality}-{p.name}") for p in pullers
         ]
         yield
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_tasks(tasks)
         for puller in pullers:
             await puller.aclose()
 

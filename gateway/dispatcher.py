@@ -225,7 +225,10 @@ class Dispatcher:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
             for task in pending:
                 task.cancel()  # left in_flight: reclaimed (or in_doubt) at the next start
-            await asyncio.gather(*pending, return_exceptions=True)
+            if pending:
+                _, stuck = await asyncio.wait(pending, timeout=grace)
+                if stuck:
+                    log.error("%d deliveries did not stop once cancelled; left behind", len(stuck))
 
     async def drain(self) -> None:
         """Wait until every running delivery task is done (for tests and tools)."""

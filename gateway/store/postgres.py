@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -145,6 +146,7 @@ from .common import job as build_job
 from .migrations import SCHEMA_TABLE, applied_at, check_version, pending, statements
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 AuditEvent = tuple[float, str, str, int | None, int | None, dict[str, Any]]
 Lane = tuple[str, str, str]  # (municipality, adapter, employee_key)
 _WRITE_LOCK = 0x5047_5731  # advisory lock key: writers that append to the audit trail
@@ -340,12 +342,18 @@ class PostgresStore:
             await self.aclose()  # a refused schema leaves no connection behind
             raise
 
-    async def aclose(self) -> None:
-        # what callers queued is committed (or fails) before the connections go
-        await asyncio.gather(*self._committers.values(), return_exceptions=True)
+    async def aclose(self, within: float = 30.0) -> None:
+        # what callers queued is committed (or fails) before the connections go; a connection
+        # still held after ``within`` seconds (a task that never released it) is cut
+        if self._committers:
+            await asyncio.wait(set(self._committers.values()), timeout=within)
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), within)
+            except TimeoutError:
+                log.error("PostgreSQL connections still in use %.0f s after closing: cut", within)
+                pool.terminate()
 
     async def _migrate(self) -> None:
         async with self._acquire() as conn, conn.transaction():
